@@ -1,0 +1,353 @@
+//! The admin HTTP API (JSON): health, readiness, metrics, the queue and replay controls.
+//! Paths and shapes are the contract in DESIGN.md; mutating calls need the bearer token.
+
+pub mod auth;
+
+use std::sync::{
+    Arc,
+    atomic::{AtomicBool, Ordering},
+};
+
+use axum::{
+    Json, Router,
+    extract::{Path, Query, State},
+    http::{HeaderMap, StatusCode, header::CONTENT_TYPE},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    config::Config,
+    metrics::Metrics,
+    queue::{
+        Queue, QueueError,
+        message::{QueueId, RcptStatus, now_micros},
+    },
+    replay::{Replay, ReplaySettings},
+};
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct AdminState {
+    pub config: Arc<Config>,
+    pub queue: Queue,
+    pub replay: Replay,
+    pub metrics: Arc<Metrics>,
+    pub token: Option<Arc<str>>,
+    pub ready: Arc<AtomicBool>,
+    pub draining: Arc<AtomicBool>,
+    /// Cancelled to stop accepting SMTP (drain or shutdown).
+    pub smtp_stop: CancellationToken,
+}
+
+/// The router with every route.
+pub fn router(state: AdminState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/v1/queue", get(queue_summary))
+        .route("/v1/queue/messages", get(list_messages))
+        .route("/v1/queue/messages/{id}", get(show_message).delete(delete_message))
+        .route("/v1/queue/hold", post(hold))
+        .route("/v1/queue/release", post(release))
+        .route("/v1/queue/flush", post(flush))
+        .route("/v1/replay", get(get_replay).put(put_replay))
+        .route("/v1/drain", post(drain))
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint".into()) })
+        .with_state(state)
+}
+
+fn error(status: StatusCode, message: String) -> Response {
+    (status, Json(json!({ "error": message }))).into_response()
+}
+
+fn queue_error(e: QueueError) -> Response {
+    let status = match e {
+        QueueError::NotFound(_) => StatusCode::NOT_FOUND,
+        QueueError::Full { .. } => StatusCode::INSUFFICIENT_STORAGE,
+        QueueError::Storage(_) => StatusCode::CONFLICT,
+    };
+    error(status, e.to_string())
+}
+
+macro_rules! authorized {
+    ($state:expr, $headers:expr) => {
+        if let Err((status, msg)) = auth::check($state.token.as_deref(), &$headers) {
+            return error(status, msg);
+        }
+    };
+}
+
+async fn readyz(State(s): State<AdminState>) -> Response {
+    if !s.ready.load(Ordering::Relaxed) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "starting\n").into_response();
+    }
+    if s.draining.load(Ordering::Relaxed) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response();
+    }
+    (StatusCode::OK, "ready\n").into_response()
+}
+
+async fn metrics(State(s): State<AdminState>) -> Response {
+    let domains: Vec<String> = s.config.domains.iter().map(|d| d.name.to_ascii_lowercase()).collect();
+    let body = s.metrics.render(&s.queue, &domains);
+    ([(CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body).into_response()
+}
+
+/// Per-domain queue figures.
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+pub struct DomainSummary {
+    pub domain: String,
+    pub messages: usize,
+    pub bytes: u64,
+    pub oldest_age_seconds: u64,
+    pub held: bool,
+}
+
+/// `GET /v1/queue`.
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+pub struct QueueSummary {
+    pub messages: usize,
+    pub bytes: u64,
+    pub disk_bytes: u64,
+    pub held: bool,
+    pub draining: bool,
+    pub domains: Vec<DomainSummary>,
+}
+
+async fn queue_summary(State(s): State<AdminState>) -> Response {
+    let now = now_micros();
+    let stats = s.queue.stats();
+    let mut domains: Vec<DomainSummary> = s
+        .config
+        .domains
+        .iter()
+        .map(|d| d.name.to_ascii_lowercase())
+        .filter(|d| !stats.iter().any(|st| st.route == *d))
+        .map(|domain| DomainSummary { domain, messages: 0, bytes: 0, oldest_age_seconds: 0, held: false })
+        .collect();
+    domains.extend(stats.into_iter().map(|st| DomainSummary {
+        domain: st.route,
+        messages: st.messages,
+        bytes: st.bytes,
+        oldest_age_seconds: st.oldest_arrival.map_or(0, |a| now.saturating_sub(a) / 1_000_000),
+        held: st.held,
+    }));
+    domains.sort_by(|a, b| a.domain.cmp(&b.domain));
+    let (messages, bytes) = s.queue.totals();
+    Json(QueueSummary {
+        messages,
+        bytes,
+        disk_bytes: s.queue.disk_bytes(),
+        held: s.queue.all_held(),
+        draining: s.draining.load(Ordering::Relaxed),
+        domains,
+    })
+    .into_response()
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    domain: Option<String>,
+    limit: Option<usize>,
+}
+
+/// One message in a listing.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct MessageSummary {
+    pub id: String,
+    pub arrival: String,
+    pub age_seconds: u64,
+    pub size: u64,
+    pub sender: String,
+    pub held: bool,
+    pub kind: String,
+    pub recipients: Vec<RecipientSummary>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RecipientSummary {
+    pub address: String,
+    pub status: String,
+    pub attempts: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+fn summary(env: &crate::queue::message::Envelope, now: u64) -> MessageSummary {
+    MessageSummary {
+        id: env.id.to_string(),
+        arrival: chrono::DateTime::from_timestamp_micros(env.arrival as i64)
+            .unwrap_or_default()
+            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        age_seconds: now.saturating_sub(env.arrival) / 1_000_000,
+        size: env.size,
+        sender: env.sender.clone(),
+        held: env.held,
+        kind: format!("{:?}", env.kind).to_lowercase(),
+        recipients: env
+            .recipients
+            .iter()
+            .map(|r| RecipientSummary {
+                address: r.address.clone(),
+                status: match r.status {
+                    RcptStatus::Pending => "pending",
+                    RcptStatus::Delivered { .. } => "delivered",
+                    RcptStatus::Failed { .. } => "failed",
+                }
+                .into(),
+                attempts: r.attempts,
+                last_error: r.last_error.clone(),
+            })
+            .collect(),
+    }
+}
+
+async fn list_messages(State(s): State<AdminState>, Query(q): Query<ListQuery>) -> Response {
+    let now = now_micros();
+    let limit = q.limit.unwrap_or(100).min(10_000);
+    let list: Vec<MessageSummary> = s.queue.list(q.domain.as_deref(), limit).iter().map(|e| summary(e, now)).collect();
+    Json(list).into_response()
+}
+
+fn parse_id(id: &str) -> Result<QueueId, Response> {
+    id.parse().map_err(|e: String| error(StatusCode::BAD_REQUEST, e))
+}
+
+async fn show_message(State(s): State<AdminState>, Path(id): Path<String>) -> Response {
+    let id = match parse_id(&id) {
+        Ok(id) => id,
+        Err(r) => return r,
+    };
+    match s.queue.get(id) {
+        Some(env) => Json(env).into_response(),
+        None => queue_error(QueueError::NotFound(id)),
+    }
+}
+
+async fn delete_message(State(s): State<AdminState>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    authorized!(s, headers);
+    let id = match parse_id(&id) {
+        Ok(id) => id,
+        Err(r) => return r,
+    };
+    match s.queue.remove(id).await {
+        Ok(env) => {
+            tracing::warn!(id = %id, from = %env.sender, "message deleted by admin");
+            Json(json!({"deleted": id.to_string()})).into_response()
+        }
+        Err(e) => queue_error(e),
+    }
+}
+
+/// Body of hold, release and flush: all optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Selector {
+    pub domain: Option<String>,
+    pub id: Option<String>,
+}
+
+fn selector(body: &[u8]) -> Result<Selector, Response> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Selector::default());
+    }
+    serde_json::from_slice(body).map_err(|e| error(StatusCode::BAD_REQUEST, format!("bad request body: {e}")))
+}
+
+async fn set_hold(s: AdminState, headers: HeaderMap, body: axum::body::Bytes, held: bool) -> Response {
+    authorized!(s, headers);
+    let sel = match selector(&body) {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    let id = match sel.id.as_deref().map(parse_id).transpose() {
+        Ok(id) => id,
+        Err(r) => return r,
+    };
+    match s.queue.set_hold(held, sel.domain.as_deref(), id).await {
+        Ok(n) => {
+            tracing::info!(held, domain = ?sel.domain, id = ?sel.id, messages = n, "hold changed by admin");
+            Json(json!({"held": held, "domain": sel.domain, "id": sel.id, "messages": n})).into_response()
+        }
+        Err(e) => queue_error(e),
+    }
+}
+
+async fn hold(State(s): State<AdminState>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
+    set_hold(s, headers, body, true).await
+}
+
+async fn release(State(s): State<AdminState>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
+    set_hold(s, headers, body, false).await
+}
+
+async fn flush(State(s): State<AdminState>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
+    authorized!(s, headers);
+    let sel = match selector(&body) {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    let n = s.queue.flush(sel.domain.as_deref());
+    s.replay.reset_backoff(sel.domain.as_deref());
+    Json(json!({"flushed": n, "domain": sel.domain})).into_response()
+}
+
+/// `GET /v1/replay`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ReplayStatusBody {
+    pub workers: usize,
+    pub rate_per_second: u32,
+    pub auto: bool,
+    #[serde(default)]
+    pub routes: Vec<serde_json::Value>,
+}
+
+async fn get_replay(State(s): State<AdminState>) -> Response {
+    let st = s.replay.settings();
+    let routes = s.replay.routes().into_iter().map(|r| serde_json::to_value(r).unwrap_or_default()).collect();
+    Json(ReplayStatusBody { workers: st.workers, rate_per_second: st.rate_per_second, auto: s.config.replay.auto, routes }).into_response()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReplayPatch {
+    workers: Option<usize>,
+    rate_per_second: Option<u32>,
+}
+
+const MAX_WORKERS: usize = 1024;
+
+async fn put_replay(State(s): State<AdminState>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
+    authorized!(s, headers);
+    let patch: ReplayPatch = match serde_json::from_slice(&body) {
+        Ok(p) => p,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("bad request body: {e}; expected {{\"workers\":N,\"rate_per_second\":R}}")),
+    };
+    let mut st = s.replay.settings();
+    if let Some(w) = patch.workers {
+        if w > MAX_WORKERS {
+            return error(StatusCode::UNPROCESSABLE_ENTITY, format!("workers must be at most {MAX_WORKERS}"));
+        }
+        st.workers = w;
+    }
+    if let Some(r) = patch.rate_per_second {
+        st.rate_per_second = r;
+    }
+    s.replay.set_settings(ReplaySettings { ..st });
+    get_replay(State(s)).await
+}
+
+async fn drain(State(s): State<AdminState>, headers: HeaderMap) -> Response {
+    authorized!(s, headers);
+    if !s.draining.swap(true, Ordering::Relaxed) {
+        tracing::warn!("drain requested: no longer accepting SMTP; delivering what is queued");
+        s.smtp_stop.cancel();
+    }
+    let (messages, bytes) = s.queue.totals();
+    Json(json!({"draining": true, "messages": messages, "bytes": bytes})).into_response()
+}

@@ -1,0 +1,489 @@
+//! The mx-pod configuration: TOML in, validated [`Config`] out.
+//!
+//! The operator renders this same struct into a ConfigMap, so the schema cannot drift between
+//! the two. Parsing is strict: unknown keys are errors that name the key and its line, and
+//! humane values (`30s`, `5d`, `8GiB`) are parsed during deserialization so a bad value is
+//! reported with its position too. Checks that span several keys run in [`Config::validate`]
+//! and name the key path.
+
+use std::{fmt, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// A configuration error, with the position or key path it concerns.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// The whole mx-pod configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Name used in the SMTP banner, EHLO and `Received:` headers.
+    pub hostname: String,
+    #[serde(default)]
+    pub smtp: SmtpConfig,
+    pub queue: QueueConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default)]
+    pub replay: ReplayConfig,
+    #[serde(default)]
+    pub dsn: DsnConfig,
+    /// The domains this backup MX accepts mail for.
+    pub domains: Vec<DomainConfig>,
+}
+
+/// Inbound SMTP settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SmtpConfig {
+    pub listen: Vec<SocketAddr>,
+    /// Largest message accepted, in bytes (advertised with SIZE).
+    pub max_message_size: Size,
+    /// Recipients per transaction; more get `452 4.5.3`.
+    pub max_recipients: usize,
+    /// Concurrent SMTP connections; more get `421 4.7.0`.
+    pub max_connections: usize,
+    /// `Received:` headers beyond this mean a mail loop: `554 5.4.6`.
+    pub max_received_headers: usize,
+    /// How long a client may stay silent before the session is closed (RFC 5321 4.5.3.2).
+    pub idle_timeout: HumanDuration,
+    /// How long in-flight sessions may take to finish after SIGTERM.
+    pub shutdown_grace: HumanDuration,
+}
+
+impl Default for SmtpConfig {
+    fn default() -> Self {
+        Self {
+            listen: vec!["0.0.0.0:25".parse().expect("static address")],
+            max_message_size: Size(50 * 1024 * 1024),
+            max_recipients: 100,
+            max_connections: 1000,
+            max_received_headers: 50,
+            idle_timeout: HumanDuration(Duration::from_secs(300)),
+            shutdown_grace: HumanDuration(Duration::from_secs(60)),
+        }
+    }
+}
+
+/// Queue storage settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueConfig {
+    /// Directory on the persistent volume; created when missing.
+    pub dir: PathBuf,
+    /// How long undelivered mail is kept before it is bounced (DSN) to the sender.
+    #[serde(default = "default_retention")]
+    pub retention: HumanDuration,
+    /// After this long undelivered, the sender gets one delay warning (DSN).
+    #[serde(default = "default_delay_warning")]
+    pub delay_warning: HumanDuration,
+    /// Queue size limit; beyond it new mail gets `452 4.3.1`.
+    #[serde(default = "default_max_bytes")]
+    pub max_bytes: Size,
+    /// Size at which the queue log starts a new segment file.
+    #[serde(default = "default_segment_size")]
+    pub segment_size: Size,
+}
+
+fn default_retention() -> HumanDuration {
+    HumanDuration(Duration::from_secs(5 * 86400))
+}
+fn default_delay_warning() -> HumanDuration {
+    HumanDuration(Duration::from_secs(4 * 3600))
+}
+fn default_max_bytes() -> Size {
+    Size(8 * 1024 * 1024 * 1024)
+}
+fn default_segment_size() -> Size {
+    Size(64 * 1024 * 1024)
+}
+
+/// Admin HTTP API settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+    /// File holding the bearer token required by mutating calls. Without it they are refused.
+    pub token_file: Option<PathBuf>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8025".parse().expect("static address"),
+            token_file: None,
+        }
+    }
+}
+
+/// Replay (delivery to the primaries) settings; `workers` and `rate_per_second` change at run time.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReplayConfig {
+    /// Concurrent delivery sessions; 0 holds everything.
+    pub workers: usize,
+    /// Probe the primaries and deliver only while they answer (standalone use).
+    pub auto: bool,
+    /// Messages per second for the whole pod (token bucket); 0 means unlimited.
+    pub rate_per_second: u32,
+    /// Messages sent over one SMTP connection before it is closed and reopened.
+    pub max_messages_per_connection: usize,
+    /// How often `auto` probes the primaries.
+    pub probe_interval: HumanDuration,
+    /// Connect and per-reply timeout for delivery sessions.
+    pub timeout: HumanDuration,
+    /// First retry delay after a temporary failure; doubles up to `max_backoff`.
+    pub min_backoff: HumanDuration,
+    pub max_backoff: HumanDuration,
+}
+
+impl Default for ReplayConfig {
+    fn default() -> Self {
+        Self {
+            workers: 0,
+            auto: false,
+            rate_per_second: 50,
+            max_messages_per_connection: 100,
+            probe_interval: HumanDuration(Duration::from_secs(5)),
+            timeout: HumanDuration(Duration::from_secs(60)),
+            min_backoff: HumanDuration(Duration::from_secs(30)),
+            max_backoff: HumanDuration(Duration::from_secs(3600)),
+        }
+    }
+}
+
+/// Where delivery status notifications go.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DsnConfig {
+    /// Send every DSN through this host:port instead of the sender domain's MX.
+    pub relay: Option<String>,
+    /// Resolver (ip:port) for MX lookups of sender domains; the system's when unset.
+    pub resolver: Option<SocketAddr>,
+}
+
+/// One domain this backup MX serves.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DomainConfig {
+    pub name: String,
+    /// `host:port` of the primary mail server; replay delivers there.
+    pub primary: String,
+}
+
+impl Config {
+    /// Reads, parses and validates a configuration file.
+    pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates configuration text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_owned(),
+            message: e.to_string(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Renders the configuration as TOML (used by the operator for its ConfigMap).
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("config serializes")
+    }
+
+    /// Checks that span several keys; every problem found is reported with its key path.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        if !is_domain_name(&self.hostname) {
+            problems.push(format!(
+                "hostname: {:?} is not a valid host name",
+                self.hostname
+            ));
+        }
+        if self.smtp.listen.is_empty() {
+            problems.push("smtp.listen: at least one address is needed".into());
+        }
+        if self.smtp.max_recipients == 0 {
+            problems.push("smtp.max_recipients: must be at least 1".into());
+        }
+        if self.smtp.max_connections == 0 {
+            problems.push("smtp.max_connections: must be at least 1".into());
+        }
+        if self.smtp.max_message_size.0 < 1024 {
+            problems.push("smtp.max_message_size: must be at least 1KiB".into());
+        }
+        if self.queue.delay_warning.0 > self.queue.retention.0 {
+            problems.push(format!(
+                "queue.delay_warning: {} is longer than queue.retention {}",
+                self.queue.delay_warning, self.queue.retention
+            ));
+        }
+        if self.queue.retention.0.is_zero() {
+            problems.push("queue.retention: must be more than 0s".into());
+        }
+        if self.queue.segment_size.0 < 64 * 1024 {
+            problems.push("queue.segment_size: must be at least 64KiB".into());
+        }
+        if self.replay.max_messages_per_connection == 0 {
+            problems.push("replay.max_messages_per_connection: must be at least 1".into());
+        }
+        if self.replay.min_backoff.0 > self.replay.max_backoff.0 {
+            problems.push("replay.min_backoff: longer than replay.max_backoff".into());
+        }
+        if let Some(relay) = &self.dsn.relay
+            && let Err(e) = parse_host_port(relay)
+        {
+            problems.push(format!("dsn.relay: {e}"));
+        }
+        if self.domains.is_empty() {
+            problems.push("domains: at least one [[domains]] entry is needed".into());
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, d) in self.domains.iter().enumerate() {
+            if !is_domain_name(&d.name) {
+                problems.push(format!(
+                    "domains[{i}].name: {:?} is not a valid domain name",
+                    d.name
+                ));
+            }
+            if !seen.insert(d.name.to_ascii_lowercase()) {
+                problems.push(format!("domains[{i}].name: {:?} is listed twice", d.name));
+            }
+            if let Err(e) = parse_host_port(&d.primary) {
+                problems.push(format!("domains[{i}].primary: {e}"));
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(problems.join("; ")))
+        }
+    }
+
+    /// The configured domain an address' domain part names (ASCII case-insensitive, exact
+    /// otherwise: a trailing dot or an IP literal is not a configured domain).
+    pub fn domain(&self, name: &str) -> Option<&DomainConfig> {
+        self.domains.iter().find(|d| d.name.eq_ignore_ascii_case(name))
+    }
+}
+
+/// Splits `host:port` (or `[v6]:port`); the port is required.
+pub fn parse_host_port(s: &str) -> Result<(String, u16), String> {
+    let (host, port) = s
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{s:?} is not host:port"))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return Err(format!("{s:?} has no host"));
+    }
+    let port = port
+        .parse::<u16>()
+        .map_err(|_| format!("{s:?} has no valid port"))?;
+    Ok((host.to_owned(), port))
+}
+
+/// True for an LDH host name (`a.b.c`), optionally in punycode; no trailing dot, no IP literal.
+pub fn is_domain_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
+/// A duration written the humane way (`30s`, `4h`, `5d`, `1h 30m`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct HumanDuration(pub Duration);
+
+impl FromStr for HumanDuration {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        humantime::parse_duration(s.trim())
+            .map(HumanDuration)
+            .map_err(|e| format!("invalid duration {s:?} ({e}); write e.g. \"30s\", \"4h\", \"5d\""))
+    }
+}
+
+impl fmt::Display for HumanDuration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", humantime::format_duration(self.0))
+    }
+}
+
+impl Serialize for HumanDuration {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// A byte size: a plain integer or a string with a unit (`512KiB`, `50MiB`, `8GiB`, `1GB`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Size(pub u64);
+
+impl FromStr for Size {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let t = s.trim();
+        let split = t
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(t.len());
+        let (num, unit) = t.split_at(split);
+        let n: u64 = num.parse().map_err(|_| {
+            format!("invalid size {s:?}; write e.g. \"52428800\", \"50MiB\", \"8GiB\"")
+        })?;
+        let mult: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "KiB" | "K" => 1 << 10,
+            "MiB" | "M" => 1 << 20,
+            "GiB" | "G" => 1 << 30,
+            "TiB" | "T" => 1 << 40,
+            "KB" | "kB" => 1_000,
+            "MB" => 1_000_000,
+            "GB" => 1_000_000_000,
+            "TB" => 1_000_000_000_000,
+            other => {
+                return Err(format!(
+                    "invalid size unit {other:?} in {s:?}; use B, KiB, MiB, GiB, TiB (or KB, MB, GB, TB)"
+                ));
+            }
+        };
+        n.checked_mul(mult)
+            .map(Size)
+            .ok_or_else(|| format!("size {s:?} is too large"))
+    }
+}
+
+impl fmt::Display for Size {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const UNITS: [(&str, u64); 4] = [("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)];
+        for (unit, mult) in UNITS {
+            if self.0 >= mult && self.0.is_multiple_of(mult) {
+                return write!(f, "{}{unit}", self.0 / mult);
+            }
+        }
+        write!(f, "{}", self.0)
+    }
+}
+
+impl Serialize for Size {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Size {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Int(n) => Ok(Size(n)),
+            Raw::Text(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+hostname = "mx2.example.com"
+[queue]
+dir = "/tmp/q"
+[[domains]]
+name = "example.com"
+primary = "mail.example.com:25"
+"#;
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = Config::parse(MINIMAL, "t").unwrap();
+        assert_eq!(c.queue.retention.0, Duration::from_secs(5 * 86400));
+        assert_eq!(c.queue.max_bytes, Size(8 << 30));
+        assert_eq!(c.replay.workers, 0);
+        assert_eq!(c.smtp.max_message_size, Size(52428800));
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let text = MINIMAL.replace("[queue]\n", "[queue]\nretension = \"5d\"\n");
+        let err = Config::parse(&text, "mx-pod.toml").unwrap_err().to_string();
+        assert!(err.contains("retension"), "{err}");
+        assert!(err.contains("line 4"), "{err}");
+    }
+
+    #[test]
+    fn bad_duration_names_value_and_line() {
+        let text = MINIMAL.replace("[queue]\n", "[queue]\nretention = \"5 fortnights\"\n");
+        let err = Config::parse(&text, "mx-pod.toml").unwrap_err().to_string();
+        assert!(err.contains("5 fortnights"), "{err}");
+        assert!(err.contains("line 4"), "{err}");
+    }
+
+    #[test]
+    fn sizes_parse_with_units() {
+        assert_eq!("8GiB".parse::<Size>().unwrap(), Size(8 << 30));
+        assert_eq!("512 KiB".parse::<Size>().unwrap(), Size(512 << 10));
+        assert_eq!("1MB".parse::<Size>().unwrap(), Size(1_000_000));
+        assert!("8 gigs".parse::<Size>().is_err());
+        assert_eq!(Size(8 << 30).to_string(), "8GiB");
+    }
+
+    #[test]
+    fn cross_key_checks_report_every_problem() {
+        let text = MINIMAL
+            .replace("[queue]\n", "[queue]\nretention = \"1h\"\ndelay_warning = \"4h\"\n")
+            .replace("mail.example.com:25", "mail.example.com");
+        let err = Config::parse(&text, "t").unwrap_err().to_string();
+        assert!(err.contains("queue.delay_warning"), "{err}");
+        assert!(err.contains("domains[0].primary"), "{err}");
+    }
+
+    #[test]
+    fn renders_back_to_equal_config() {
+        let c = Config::parse(MINIMAL, "t").unwrap();
+        let again = Config::parse(&c.to_toml(), "rendered").unwrap();
+        assert_eq!(c, again);
+    }
+
+    #[test]
+    fn domain_lookup_ignores_case_only() {
+        let c = Config::parse(MINIMAL, "t").unwrap();
+        assert!(c.domain("EXAMPLE.com").is_some());
+        assert!(c.domain("example.com.").is_none());
+        assert!(c.domain("example.org").is_none());
+    }
+}

@@ -1,0 +1,25 @@
+//! mx-pod: a backup MX queue server.
+//!
+//! Mail flows one way: [`smtp`] accepts a message after the [`policy`] checks and hands it to
+//! the [`queue`], which answers only once it is durable; [`replay`] takes it from the queue,
+//! oldest first, and delivers it to the domain's primary, throttled; [`dsn`] tells senders about
+//! failures. [`admin`] exposes the queue and the replay controls over HTTP, [`metrics`] the
+//! counters. [`config`] and [`probe`] are shared with the operator.
+//!
+//! ```text
+//! client ──SMTP──▶ smtp ─▶ policy ─▶ queue (log on disk) ─▶ replay ──SMTP──▶ primary
+//!                                        ▲                     │
+//!                                   admin API            dsn (to senders)
+//! ```
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod config;
+pub mod dsn;
+pub mod metrics;
+pub mod policy;
+pub mod probe;
+pub mod queue;
+pub mod replay;
+pub mod server;
+pub mod smtp;

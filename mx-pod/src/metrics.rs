@@ -1,0 +1,118 @@
+//! Prometheus metrics, named as in the design (`mxpod_` prefix). Labels are bounded: a
+//! configured domain (or `_dsn`) or a fixed reason, never free text.
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+
+use crate::{queue::Queue, smtp::reply::RejectReason};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DomainLabel {
+    pub domain: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: String,
+}
+
+/// Every metric mx-pod exports; clone the handles where they are counted.
+pub struct Metrics {
+    registry: Registry,
+    pub queue_messages: Family<DomainLabel, Gauge>,
+    pub queue_bytes: Family<DomainLabel, Gauge>,
+    pub queue_oldest_age_seconds: Family<DomainLabel, Gauge<f64, AtomicU64>>,
+    pub queue_disk_bytes: Gauge,
+    pub accepted: Counter,
+    pub rejected: Family<ReasonLabel, Counter>,
+    pub delivered: Family<DomainLabel, Counter>,
+    pub deferred: Family<DomainLabel, Counter>,
+    pub bounced: Family<ReasonLabel, Counter>,
+    pub replay_workers: Gauge,
+    pub smtp_sessions: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("mxpod");
+        let m = Metrics {
+            queue_messages: Family::default(),
+            queue_bytes: Family::default(),
+            queue_oldest_age_seconds: Family::default(),
+            queue_disk_bytes: Gauge::default(),
+            accepted: Counter::default(),
+            rejected: Family::default(),
+            delivered: Family::default(),
+            deferred: Family::default(),
+            bounced: Family::default(),
+            replay_workers: Gauge::default(),
+            smtp_sessions: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register("queue_messages", "Messages queued, per domain", m.queue_messages.clone());
+        registry.register("queue_bytes", "Bytes queued, per domain", m.queue_bytes.clone());
+        registry.register(
+            "queue_oldest_age_seconds",
+            "Age of the oldest queued message, per domain",
+            m.queue_oldest_age_seconds.clone(),
+        );
+        registry.register("queue_disk_bytes", "Bytes the queue log takes on disk", m.queue_disk_bytes.clone());
+        registry.register("accepted", "Messages accepted (250 after DATA)", m.accepted.clone());
+        registry.register("rejected", "Commands or messages refused, by reason", m.rejected.clone());
+        registry.register("delivered", "Recipients delivered to the primary, per domain", m.delivered.clone());
+        registry.register("deferred", "Recipient delivery attempts that failed temporarily, per domain", m.deferred.clone());
+        registry.register("bounced", "Recipients bounced to the sender (DSN), by reason", m.bounced.clone());
+        registry.register("replay_workers", "Replay workers currently allowed to deliver", m.replay_workers.clone());
+        registry.register("smtp_sessions", "Open inbound SMTP sessions", m.smtp_sessions.clone());
+        for r in RejectReason::ALL {
+            let _ = m.rejected.get_or_create(&ReasonLabel { reason: r.as_str().into() });
+        }
+        Metrics { registry, ..m }
+    }
+
+    /// Counts a refusal.
+    pub fn reject(&self, reason: RejectReason) {
+        self.rejected
+            .get_or_create(&ReasonLabel { reason: reason.as_str().into() })
+            .inc();
+    }
+
+    /// Refreshes the queue gauges and renders the Prometheus text format.
+    pub fn render(&self, queue: &Queue, domains: &[String]) -> String {
+        self.queue_messages.clear();
+        self.queue_bytes.clear();
+        self.queue_oldest_age_seconds.clear();
+        let now = crate::queue::message::now_micros();
+        for d in domains {
+            let l = DomainLabel { domain: d.clone() };
+            self.queue_messages.get_or_create(&l).set(0);
+            self.queue_bytes.get_or_create(&l).set(0);
+            self.queue_oldest_age_seconds.get_or_create(&l).set(0.0);
+        }
+        for s in queue.stats() {
+            let l = DomainLabel { domain: s.route.clone() };
+            self.queue_messages.get_or_create(&l).set(s.messages as i64);
+            self.queue_bytes.get_or_create(&l).set(s.bytes as i64);
+            let age = s
+                .oldest_arrival
+                .map(|a| now.saturating_sub(a) as f64 / 1e6)
+                .unwrap_or(0.0);
+            self.queue_oldest_age_seconds.get_or_create(&l).set(age);
+        }
+        self.queue_disk_bytes.set(queue.disk_bytes() as i64);
+        let mut out = String::new();
+        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}

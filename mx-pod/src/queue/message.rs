@@ -1,0 +1,262 @@
+//! What a queued message is: its envelope, its recipients and their delivery state.
+//!
+//! These types are written to the queue log as JSON (see `store`), so field changes must stay
+//! backward compatible: add fields with `#[serde(default)]`, never rename.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// A message's queue id: unique across restarts, increasing with time (16 hex digits).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct QueueId(pub u64);
+
+impl fmt::Display for QueueId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016X}", self.0)
+    }
+}
+
+impl std::str::FromStr for QueueId {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        u64::from_str_radix(s, 16)
+            .map(QueueId)
+            .map_err(|_| format!("{s:?} is not a queue id (16 hex digits)"))
+    }
+}
+
+/// Microseconds since the Unix epoch.
+pub type Micros = u64;
+
+/// Now, in microseconds since the Unix epoch.
+pub fn now_micros() -> Micros {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+/// Why a message is in the queue: mail for a served domain, or a DSN we generated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MessageKind {
+    #[default]
+    Mail,
+    /// A delivery status notification, sent with the null sender to the original sender.
+    Dsn,
+}
+
+/// RFC 3461 `RET=` of MAIL FROM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DsnRet {
+    Full,
+    Hdrs,
+}
+
+/// RFC 3461 NOTIFY flags of one recipient; `None` of all three means the default (failures).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Notify {
+    #[serde(default)]
+    pub success: bool,
+    #[serde(default)]
+    pub failure: bool,
+    #[serde(default)]
+    pub delay: bool,
+    #[serde(default)]
+    pub never: bool,
+    /// True when the client sent an explicit NOTIFY parameter.
+    #[serde(default)]
+    pub explicit: bool,
+}
+
+impl Notify {
+    /// Whether a failure DSN should be sent for this recipient.
+    pub fn on_failure(&self) -> bool {
+        !self.never && (!self.explicit || self.failure)
+    }
+    /// Whether a delay DSN should be sent for this recipient.
+    pub fn on_delay(&self) -> bool {
+        !self.never && (!self.explicit || self.delay)
+    }
+}
+
+/// Where a recipient stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "lowercase")]
+pub enum RcptStatus {
+    /// Not yet delivered; retried until it is delivered, fails or expires.
+    Pending,
+    /// The primary accepted it (`2xx`).
+    Delivered { at: Micros, reply: String },
+    /// Permanently failed (`5xx` or expired); the sender was notified if it asked to be.
+    Failed { at: Micros, reply: String },
+}
+
+impl RcptStatus {
+    pub fn is_final(&self) -> bool {
+        !matches!(self, RcptStatus::Pending)
+    }
+}
+
+/// One recipient of a message with its own delivery state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Recipient {
+    /// The address as given in RCPT TO (without angle brackets).
+    pub address: String,
+    /// The lowercased domain: the route to its primary.
+    pub domain: String,
+    /// RFC 3461 ORCPT, kept for the replay and for DSNs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub orcpt: Option<String>,
+    #[serde(default)]
+    pub notify: Notify,
+    pub status: RcptStatus,
+    /// Delivery attempts that ended in a temporary failure.
+    #[serde(default)]
+    pub attempts: u32,
+    /// When this recipient may be tried again after a temporary failure.
+    #[serde(default)]
+    pub next_attempt: Micros,
+    /// The last temporary failure, for `queue show` and DSNs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+impl Recipient {
+    pub fn new(address: String, orcpt: Option<String>, notify: Notify) -> Self {
+        let domain = address
+            .rsplit_once('@')
+            .map(|(_, d)| d.to_ascii_lowercase())
+            .unwrap_or_default();
+        Self {
+            address,
+            domain,
+            orcpt,
+            notify,
+            status: RcptStatus::Pending,
+            attempts: 0,
+            next_attempt: 0,
+            last_error: None,
+        }
+    }
+}
+
+/// Facts about the SMTP client, for `Received:` and logs.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ClientInfo {
+    pub ip: String,
+    pub helo: String,
+}
+
+/// Everything about a message but its body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Envelope {
+    pub id: QueueId,
+    #[serde(default)]
+    pub kind: MessageKind,
+    /// When the message was accepted.
+    pub arrival: Micros,
+    /// Reverse path; empty for the null sender.
+    pub sender: String,
+    pub recipients: Vec<Recipient>,
+    /// Body size in bytes (including our `Received:` header).
+    pub size: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ret: Option<DsnRet>,
+    /// MAIL FROM had `SMTPUTF8`.
+    #[serde(default)]
+    pub smtputf8: bool,
+    /// MAIL FROM had `BODY=8BITMIME`.
+    #[serde(default)]
+    pub eight_bit: bool,
+    #[serde(default)]
+    pub client: ClientInfo,
+    /// Held by an admin: not delivered until released.
+    #[serde(default)]
+    pub held: bool,
+    /// The one delay warning was sent.
+    #[serde(default)]
+    pub delay_warned: bool,
+}
+
+impl Envelope {
+    /// True when every recipient is delivered or failed.
+    pub fn is_done(&self) -> bool {
+        self.recipients.iter().all(|r| r.status.is_final())
+    }
+
+    /// The domains that still have pending recipients, each once, in recipient order.
+    pub fn pending_domains(&self) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for r in &self.recipients {
+            if !r.status.is_final() && !out.contains(&r.domain) {
+                out.push(r.domain.clone());
+            }
+        }
+        out
+    }
+}
+
+/// The part of an envelope that changes after acceptance, written as a state record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageState {
+    pub id: QueueId,
+    pub recipients: Vec<Recipient>,
+    pub held: bool,
+    pub delay_warned: bool,
+}
+
+impl MessageState {
+    pub fn of(env: &Envelope) -> Self {
+        Self {
+            id: env.id,
+            recipients: env.recipients.clone(),
+            held: env.held,
+            delay_warned: env.delay_warned,
+        }
+    }
+
+    /// Applies this snapshot to an envelope read from the log.
+    pub fn apply_to(self, env: &mut Envelope) {
+        if self.recipients.len() == env.recipients.len() {
+            env.recipients = self.recipients;
+        }
+        env.held = self.held;
+        env.delay_warned = self.delay_warned;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queue_id_round_trips() {
+        let id = QueueId(0x0123_4567_89AB_CDEF);
+        assert_eq!(id.to_string(), "0123456789ABCDEF");
+        assert_eq!("0123456789abcdef".parse::<QueueId>().unwrap(), id);
+        assert!("xyz".parse::<QueueId>().is_err());
+    }
+
+    #[test]
+    fn notify_defaults_follow_rfc3461() {
+        let default = Notify::default();
+        assert!(default.on_failure() && default.on_delay());
+        let never = Notify { never: true, explicit: true, ..Default::default() };
+        assert!(!never.on_failure() && !never.on_delay());
+        let success_only = Notify { success: true, explicit: true, ..Default::default() };
+        assert!(!success_only.on_failure());
+    }
+
+    #[test]
+    fn recipient_domain_is_lowercased() {
+        let r = Recipient::new("User@Example.COM".into(), None, Notify::default());
+        assert_eq!(r.domain, "example.com");
+        assert_eq!(r.address, "User@Example.COM");
+    }
+}

@@ -1,0 +1,524 @@
+//! The durable queue: what the SMTP side hands over and the replay side takes from.
+//!
+//! # Implementation summary
+//! - [`Queue::enqueue`] returns only when the message is durable (see [`store`]); only then
+//!   does the session answer `250`. The queue id is the message's identity; its position in the
+//!   log is its arrival order.
+//! - Every message has per-recipient state. Replay takes a *job*: one message on one route (a
+//!   domain's primary, or the DSN route), oldest first ([`index`]). Its result per recipient is
+//!   `Delivered` (done), `Failed` (done; the caller has already queued the DSN) or `Deferred`
+//!   (retried after an exponential backoff chosen by the caller). A route-level failure
+//!   (primary unreachable, `421`) puts the job back at the head, untouched, keeping the order.
+//! - When every recipient is final the message is removed from the log. State changes are
+//!   written without waiting for the disk: a crash can only repeat a delivery, never lose one.
+//! - The queue is bounded by `max_bytes` (accepted but undelivered bytes): beyond it
+//!   [`Queue::reserve`] fails and the session answers `452 4.3.1`; a full disk does the same.
+//! - Holds: an admin can hold everything, one domain, or one message. Domain and global holds
+//!   are kept in `DIR/holds.json`, message holds in the log, so both survive restarts.
+
+pub mod index;
+pub mod message;
+pub mod store;
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+
+use crate::config::QueueConfig;
+use index::{Entry, Index, RouteStats};
+use message::{Envelope, MessageState, Micros, QueueId, RcptStatus, now_micros};
+use store::{BodyRef, Record, RecoveryReport, Store, StoreError};
+
+/// A queue error, as the SMTP and admin sides see it.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("queue is full ({used} of {limit} bytes used)")]
+    Full { used: u64, limit: u64 },
+    #[error(transparent)]
+    Storage(#[from] StoreError),
+    #[error("no message {0} in the queue")]
+    NotFound(QueueId),
+}
+
+impl QueueError {
+    /// True when the cause is lack of space (the client should try again later or elsewhere).
+    pub fn is_full(&self) -> bool {
+        matches!(
+            self,
+            QueueError::Full { .. } | QueueError::Storage(StoreError::Full(_))
+        )
+    }
+}
+
+/// The result of one recipient's delivery attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RcptResult {
+    Delivered(String),
+    Deferred(String),
+    Failed(String),
+}
+
+/// One message on one route, taken for delivery.
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub route: String,
+    pub env: Envelope,
+    pub body: BodyRef,
+}
+
+impl Job {
+    /// The recipients this job delivers: pending ones on its route, with their index.
+    pub fn recipients(&self) -> Vec<(usize, &message::Recipient)> {
+        let dsn = self.env.kind == message::MessageKind::Dsn;
+        self.env
+            .recipients
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| !r.status.is_final() && (dsn || r.domain == self.route))
+            .collect()
+    }
+}
+
+/// Holds that survive restarts.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+struct Holds {
+    #[serde(default)]
+    all: bool,
+    #[serde(default)]
+    domains: Vec<String>,
+}
+
+/// Handle to the queue; cheap to clone.
+#[derive(Clone)]
+pub struct Queue {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Store,
+    state: Mutex<State>,
+    work: Notify,
+    max_bytes: u64,
+    next_id: AtomicU64,
+    dir: PathBuf,
+}
+
+struct State {
+    index: Index,
+    reserved: u64,
+    holds: Holds,
+}
+
+/// Space set aside for a message being received; released when dropped.
+pub struct Reservation {
+    queue: Queue,
+    bytes: u64,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        let mut st = self.queue.lock();
+        st.reserved = st.reserved.saturating_sub(self.bytes);
+    }
+}
+
+/// Messages the expiry sweep found.
+#[derive(Debug, Default)]
+pub struct ExpiryWork {
+    /// Past `retention`: bounce the pending recipients, then remove.
+    pub expired: Vec<Job>,
+    /// Past `delay_warning` and not yet warned.
+    pub delayed: Vec<Job>,
+}
+
+impl Queue {
+    /// Opens the queue directory (creating it when missing) and rebuilds the index from disk.
+    pub fn open(cfg: &QueueConfig) -> Result<(Queue, RecoveryReport), QueueError> {
+        let (store, recovered, report) = Store::open(&cfg.dir, cfg.segment_size.0)?;
+        let holds = read_holds(&cfg.dir);
+        let now = now_micros();
+        let mut index = Index::default();
+        let mut max_id = 0;
+        for r in recovered {
+            max_id = max_id.max(r.envelope.id.0);
+            index.insert(
+                Entry {
+                    env: r.envelope,
+                    body: r.body,
+                    pos: r.pos,
+                },
+                now,
+            );
+        }
+        for d in &holds.domains {
+            index.route_mut(d).route_held = true;
+        }
+        let queue = Queue {
+            inner: Arc::new(Inner {
+                store,
+                state: Mutex::new(State {
+                    index,
+                    reserved: 0,
+                    holds,
+                }),
+                work: Notify::new(),
+                max_bytes: cfg.max_bytes.0,
+                next_id: AtomicU64::new(max_id.saturating_add(1).max(now)),
+                dir: cfg.dir.clone(),
+            }),
+        };
+        Ok((queue, report))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // a panic while holding the lock leaves consistent data (no partial updates)
+        self.inner.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A fresh queue id.
+    pub fn new_id(&self) -> QueueId {
+        QueueId(self.inner.next_id.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// Sets aside `bytes` for a message; fails when the queue would exceed `max_bytes`.
+    pub fn reserve(&self, bytes: u64) -> Result<Reservation, QueueError> {
+        let mut st = self.lock();
+        let used = st.index.bytes() + st.reserved;
+        if used + bytes > self.inner.max_bytes {
+            return Err(QueueError::Full {
+                used,
+                limit: self.inner.max_bytes,
+            });
+        }
+        st.reserved += bytes;
+        drop(st);
+        Ok(Reservation {
+            queue: self.clone(),
+            bytes,
+        })
+    }
+
+    /// Stores a message durably and makes it available for replay.
+    pub async fn enqueue(
+        &self,
+        env: Envelope,
+        body: Vec<u8>,
+        mut reservation: Reservation,
+    ) -> Result<QueueId, QueueError> {
+        let id = env.id;
+        let appended = self
+            .inner
+            .store
+            .append(Record::Message {
+                envelope: env.clone(),
+                body,
+            })
+            .await?;
+        let body = appended.body.expect("message records have a body");
+        {
+            let mut st = self.lock();
+            st.index.insert(
+                Entry {
+                    env,
+                    body,
+                    pos: appended.pos,
+                },
+                now_micros(),
+            );
+            // hand the reserved bytes over to the index in one step (never under-counted)
+            st.reserved = st.reserved.saturating_sub(reservation.bytes);
+            reservation.bytes = 0;
+        }
+        self.inner.work.notify_waiters();
+        Ok(id)
+    }
+
+    /// Takes the oldest deliverable message, preferring route `prefer`; `can_take(route,
+    /// in_flight)` lets the caller apply per-route limits and backoff.
+    pub fn take(&self, prefer: Option<&str>, can_take: impl FnMut(&str, usize) -> bool) -> Option<Job> {
+        let mut st = self.lock();
+        if st.holds.all {
+            return None;
+        }
+        st.index
+            .take(now_micros(), prefer, can_take)
+            .map(|(route, e)| Job {
+                route,
+                env: e.env,
+                body: e.body,
+            })
+    }
+
+    /// Reads a job's body, checking it against its checksum.
+    pub fn read_body(&self, job: &Job) -> Result<Vec<u8>, StoreError> {
+        self.inner.store.read_body(job.env.id, job.body)
+    }
+
+    /// Puts a job back untouched (route failure): it stays at the head of its route.
+    pub fn put_back(&self, job: &Job) {
+        self.lock()
+            .index
+            .put_back(&job.route, job.env.id, now_micros());
+        self.inner.work.notify_waiters();
+    }
+
+    /// Records the per-recipient results of a job. `backoff(attempts)` gives the retry delay
+    /// of a deferred recipient. Returns the updated envelope.
+    pub fn complete(
+        &self,
+        job: &Job,
+        results: &[(usize, RcptResult)],
+        backoff: impl Fn(u32) -> Duration,
+    ) -> Option<Envelope> {
+        let now = now_micros();
+        let mut st = self.lock();
+        let mut env = st.index.get(job.env.id)?.env.clone();
+        for (i, result) in results {
+            let Some(r) = env.recipients.get_mut(*i) else {
+                continue;
+            };
+            match result {
+                RcptResult::Delivered(reply) => {
+                    r.status = RcptStatus::Delivered {
+                        at: now,
+                        reply: reply.clone(),
+                    }
+                }
+                RcptResult::Failed(reply) => {
+                    r.status = RcptStatus::Failed {
+                        at: now,
+                        reply: reply.clone(),
+                    }
+                }
+                RcptResult::Deferred(reply) => {
+                    r.attempts += 1;
+                    r.next_attempt = now + backoff(r.attempts).as_micros() as u64;
+                    r.last_error = Some(reply.clone());
+                }
+            }
+        }
+        let record = if env.is_done() {
+            st.index.remove(env.id);
+            Record::Remove(env.id)
+        } else {
+            st.index.update(env.clone(), now);
+            st.index.put_back(&job.route, env.id, now);
+            Record::State(MessageState::of(&env))
+        };
+        drop(st);
+        if let Err(e) = self.inner.store.append_nowait(record) {
+            tracing::error!(id = %env.id, error = %e, "cannot record delivery state");
+        }
+        self.inner.work.notify_waiters();
+        Some(env)
+    }
+
+    /// Removes a message (admin delete, expiry, damaged body); `Err` when it is unknown or a
+    /// worker is delivering it right now.
+    pub async fn remove(&self, id: QueueId) -> Result<Envelope, QueueError> {
+        let env = {
+            let mut st = self.lock();
+            if !st.index.in_flight_routes(id).is_empty() {
+                return Err(QueueError::Storage(StoreError::Io(format!(
+                    "message {id} is being delivered right now; try again"
+                ))));
+            }
+            st.index.remove(id).ok_or(QueueError::NotFound(id))?.env
+        };
+        self.inner.store.append(Record::Remove(id)).await?;
+        self.inner.work.notify_waiters();
+        Ok(env)
+    }
+
+    /// Holds or releases mail: one message (`id`), one domain, or everything.
+    pub async fn set_hold(
+        &self,
+        held: bool,
+        domain: Option<&str>,
+        id: Option<QueueId>,
+    ) -> Result<usize, QueueError> {
+        if let Some(id) = id {
+            let state = {
+                let mut st = self.lock();
+                let mut env = st.index.get(id).ok_or(QueueError::NotFound(id))?.env.clone();
+                env.held = held;
+                st.index.update(env.clone(), now_micros());
+                MessageState::of(&env)
+            };
+            self.inner.store.append(Record::State(state)).await?;
+            self.inner.work.notify_waiters();
+            return Ok(1);
+        }
+        let holds = {
+            let mut st = self.lock();
+            match domain {
+                Some(d) => {
+                    let d = d.to_ascii_lowercase();
+                    st.index.route_mut(&d).route_held = held;
+                    st.holds.domains.retain(|x| *x != d);
+                    if held {
+                        st.holds.domains.push(d);
+                    }
+                }
+                None => {
+                    st.holds.all = held;
+                    if !held {
+                        for d in std::mem::take(&mut st.holds.domains) {
+                            st.index.route_mut(&d).route_held = false;
+                        }
+                    }
+                }
+            }
+            st.holds.clone()
+        };
+        write_holds(&self.inner.dir, &holds)
+            .map_err(|e| QueueError::Storage(StoreError::Io(format!("cannot save holds: {e}"))))?;
+        self.inner.work.notify_waiters();
+        Ok(self.stats().iter().filter(|s| domain.is_none_or(|d| s.route.eq_ignore_ascii_case(d))).map(|s| s.messages).sum())
+    }
+
+    /// Makes deferred mail of a domain (or all) due now. Returns how many messages moved.
+    pub fn flush(&self, domain: Option<&str>) -> usize {
+        let lower = domain.map(str::to_ascii_lowercase);
+        let n = self.lock().index.flush(lower.as_deref());
+        self.inner.work.notify_waiters();
+        n
+    }
+
+    /// Whether everything is held.
+    pub fn all_held(&self) -> bool {
+        self.lock().holds.all
+    }
+
+    /// Per-route figures.
+    pub fn stats(&self) -> Vec<RouteStats> {
+        self.lock().index.stats()
+    }
+
+    /// Total messages and bytes queued.
+    pub fn totals(&self) -> (usize, u64) {
+        let st = self.lock();
+        (st.index.len(), st.index.bytes())
+    }
+
+    /// Bytes of the log's files on disk.
+    pub fn disk_bytes(&self) -> u64 {
+        self.inner.store.disk_bytes()
+    }
+
+    /// Envelopes of a route (or all), oldest first.
+    pub fn list(&self, route: Option<&str>, limit: usize) -> Vec<Envelope> {
+        let lower = route.map(str::to_ascii_lowercase);
+        self.lock()
+            .index
+            .list(lower.as_deref(), limit)
+            .into_iter()
+            .map(|e| e.env.clone())
+            .collect()
+    }
+
+    /// One message's envelope.
+    pub fn get(&self, id: QueueId) -> Option<Envelope> {
+        self.lock().index.get(id).map(|e| e.env.clone())
+    }
+
+    /// Finds messages past retention or past the delay warning, skipping those in flight.
+    pub fn expiry_scan(&self, now: Micros, retention: Duration, delay_warning: Duration) -> ExpiryWork {
+        let st = self.lock();
+        let mut work = ExpiryWork::default();
+        let retention = retention.as_micros() as u64;
+        let warn = delay_warning.as_micros() as u64;
+        let ids: Vec<QueueId> = st.index.ids().copied().collect();
+        for id in ids {
+            let Some(e) = st.index.get(id) else { continue };
+            if !st.index.in_flight_routes(id).is_empty() {
+                continue;
+            }
+            let age = now.saturating_sub(e.env.arrival);
+            let job = || Job {
+                route: String::new(),
+                env: e.env.clone(),
+                body: e.body,
+            };
+            if age >= retention {
+                work.expired.push(job());
+            } else if age >= warn && !e.env.delay_warned {
+                work.delayed.push(job());
+            }
+        }
+        work
+    }
+
+    /// Marks the delay warning of a message as sent.
+    pub async fn mark_delay_warned(&self, id: QueueId) -> Result<(), QueueError> {
+        let state = {
+            let mut st = self.lock();
+            let mut env = st.index.get(id).ok_or(QueueError::NotFound(id))?.env.clone();
+            env.delay_warned = true;
+            st.index.update(env.clone(), now_micros());
+            MessageState::of(&env)
+        };
+        self.inner.store.append(Record::State(state)).await?;
+        Ok(())
+    }
+
+    /// Reads a message's body for a DSN or an admin (`Job` from [`Queue::expiry_scan`]).
+    pub fn read_body_of(&self, id: QueueId) -> Result<Vec<u8>, QueueError> {
+        let body = self.lock().index.get(id).ok_or(QueueError::NotFound(id))?.body;
+        Ok(self.inner.store.read_body(id, body)?)
+    }
+
+    /// Waits until new work may be available, or `max` passes.
+    pub async fn wait_for_work(&self, max: Duration) {
+        let due = self.lock().index.next_due();
+        let wait = match due {
+            Some(d) => Duration::from_micros(d.saturating_sub(now_micros())).min(max),
+            None => max,
+        };
+        let _ = tokio::time::timeout(wait, self.inner.work.notified()).await;
+    }
+
+    /// Wakes every waiting worker (settings changed).
+    pub fn wake(&self) {
+        self.inner.work.notify_waiters();
+    }
+
+    /// Waits until everything appended so far is durable.
+    pub async fn sync(&self) -> Result<(), QueueError> {
+        Ok(self.inner.store.sync().await?)
+    }
+
+    /// The queue directory.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+}
+
+fn read_holds(dir: &Path) -> Holds {
+    let path = dir.join("holds.json");
+    match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+            tracing::error!(path = %path.display(), error = %e, "unreadable holds file; holding everything to be safe");
+            Holds { all: true, domains: vec![] }
+        }),
+        Err(_) => Holds::default(),
+    }
+}
+
+fn write_holds(dir: &Path, holds: &Holds) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = dir.join("holds.json.tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(&serde_json::to_vec_pretty(holds).expect("holds serialize"))?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, dir.join("holds.json"))?;
+    std::fs::File::open(dir)?.sync_all()
+}

@@ -1,0 +1,617 @@
+//! Replay: delivering the queue to the primaries, in arrival order, throttled.
+//!
+//! `workers` concurrent delivery tasks take jobs oldest first (see `queue::index`); 0 holds
+//! everything. A worker keeps its connection for the next job of the same route, up to
+//! `max_messages_per_connection`. All workers share one rate limiter (`rate_per_second`).
+//! With one worker the primary receives the mail exactly in arrival order; with N workers the
+//! jobs are *started* in arrival order, so a message can overtake at most N-1 older ones.
+//!
+//! Failures: a route-level failure (connection refused, timeout, bad greeting) puts the job
+//! back at the head and backs the route off exponentially; a `421` also halves the number of
+//! concurrent deliveries the route gets. A recipient's `4xx` defers that recipient with its own
+//! backoff; its `5xx` fails it and the sender gets a DSN, queued durably before the original
+//! is updated. Retention and delay warnings are handled by the expiry sweep.
+//!
+//! DSNs travel on their own route, served by one extra worker that does not count against
+//! `workers` (so bounces still go out while the primary is down): to `[dsn] relay` when set,
+//! else to the MX of the sender's domain.
+
+pub mod client;
+pub mod throttle;
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::{debug, error, info, warn};
+
+use crate::{
+    config::Config,
+    dsn::{self, DsnKind, DsnRecipient},
+    metrics::{DomainLabel, Metrics, ReasonLabel},
+    queue::{Job, Queue, RcptResult, index::DSN_ROUTE, message::now_micros},
+};
+use client::{ClientError, SmtpClient};
+use throttle::{RateLimiter, RouteHealth, backoff};
+
+/// The replay knobs that change at run time (`PUT /v1/replay`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplaySettings {
+    pub workers: usize,
+    pub rate_per_second: u32,
+}
+
+/// One route's state, for `GET /v1/replay`.
+#[derive(Debug, Clone, Serialize)]
+pub struct RouteStatus {
+    pub route: String,
+    /// In `auto` mode: whether the last probe found the primary up.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub primary_up: Option<bool>,
+    pub backing_off: bool,
+    /// Concurrency limit after `421`s; absent when unlimited.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub concurrency_limit: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+/// The replay engine; cheap to clone.
+#[derive(Clone)]
+pub struct Replay {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: Arc<Config>,
+    queue: Queue,
+    metrics: Arc<Metrics>,
+    settings: watch::Sender<ReplaySettings>,
+    limiter: Mutex<RateLimiter>,
+    routes: Mutex<HashMap<String, RouteHealth>>,
+    primary_up: Mutex<HashMap<String, bool>>,
+}
+
+impl Replay {
+    pub fn new(config: Arc<Config>, queue: Queue, metrics: Arc<Metrics>) -> Self {
+        let s = ReplaySettings {
+            workers: config.replay.workers,
+            rate_per_second: config.replay.rate_per_second,
+        };
+        metrics.replay_workers.set(s.workers as i64);
+        let (settings, _) = watch::channel(s);
+        Replay {
+            inner: Arc::new(Inner {
+                limiter: Mutex::new(RateLimiter::new(s.rate_per_second)),
+                config,
+                queue,
+                metrics,
+                settings,
+                routes: Mutex::new(HashMap::new()),
+                primary_up: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    pub fn settings(&self) -> ReplaySettings {
+        *self.inner.settings.borrow()
+    }
+
+    /// Changes workers and rate; takes effect at the next message boundary.
+    pub fn set_settings(&self, s: ReplaySettings) {
+        lock(&self.inner.limiter).set_rate(s.rate_per_second);
+        self.inner.metrics.replay_workers.set(s.workers as i64);
+        self.inner.settings.send_replace(s);
+        self.inner.queue.wake();
+        info!(workers = s.workers, rate_per_second = s.rate_per_second, "replay settings changed");
+    }
+
+    /// Clears the backoff of a domain's route (or all): an admin flush tries at once.
+    pub fn reset_backoff(&self, domain: Option<&str>) {
+        let mut routes = lock(&self.inner.routes);
+        for (name, h) in routes.iter_mut() {
+            if domain.is_none_or(|d| d.eq_ignore_ascii_case(name)) {
+                h.reset();
+            }
+        }
+        drop(routes);
+        self.inner.queue.wake();
+    }
+
+    /// Per-route state.
+    pub fn routes(&self) -> Vec<RouteStatus> {
+        let now = Instant::now();
+        let health = lock(&self.inner.routes).clone();
+        let up = lock(&self.inner.primary_up).clone();
+        let mut out: Vec<RouteStatus> = self
+            .inner
+            .config
+            .domains
+            .iter()
+            .map(|d| d.name.to_ascii_lowercase())
+            .map(|route| {
+                let h = health.get(&route).cloned().unwrap_or_default();
+                RouteStatus {
+                    primary_up: self.inner.config.replay.auto.then(|| up.get(&route).copied().unwrap_or(false)),
+                    backing_off: h.backing_off(now),
+                    concurrency_limit: h.limit(),
+                    last_error: h.last_error().map(str::to_owned),
+                    route,
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.route.cmp(&b.route));
+        out
+    }
+
+    /// Starts the workers, the DSN worker, the expiry sweep and (with `auto`) the prober.
+    pub fn spawn(&self, tracker: &TaskTracker, shutdown: CancellationToken) {
+        let r = self.clone();
+        let t = tracker.clone();
+        let s = shutdown.clone();
+        tracker.spawn(async move { r.supervise(t, s).await });
+        let r = self.clone();
+        let s = shutdown.clone();
+        tracker.spawn(async move { r.dsn_worker(s).await });
+        let r = self.clone();
+        let s = shutdown.clone();
+        tracker.spawn(async move { r.expiry_loop(s).await });
+        if self.inner.config.replay.auto {
+            let r = self.clone();
+            tracker.spawn(async move { r.probe_loop(shutdown).await });
+        }
+    }
+
+    /// Spawns workers as the setting grows; workers above the setting park themselves.
+    async fn supervise(self, tracker: TaskTracker, shutdown: CancellationToken) {
+        let mut rx = self.inner.settings.subscribe();
+        let mut spawned = 0usize;
+        loop {
+            let want = rx.borrow_and_update().workers;
+            while spawned < want {
+                let r = self.clone();
+                let s = shutdown.clone();
+                let index = spawned;
+                tracker.spawn(async move { r.worker(index, s).await });
+                spawned += 1;
+            }
+            tokio::select! {
+                changed = rx.changed() => if changed.is_err() { return },
+                _ = shutdown.cancelled() => return,
+            }
+        }
+    }
+
+    /// Whether a worker may start a delivery on `route` now.
+    fn may_take(&self, route: &str, in_flight: usize) -> bool {
+        if route == DSN_ROUTE {
+            return false;
+        }
+        if self.inner.config.replay.auto
+            && !lock(&self.inner.primary_up).get(route).copied().unwrap_or(false)
+        {
+            return false;
+        }
+        lock(&self.inner.routes)
+            .get(route)
+            .is_none_or(|h| h.can_take(in_flight, Instant::now()))
+    }
+
+    async fn worker(self, index: usize, shutdown: CancellationToken) {
+        let mut rx = self.inner.settings.subscribe();
+        let mut conn: Option<(String, SmtpClient)> = None;
+        debug!(worker = index, "replay worker started");
+        loop {
+            if shutdown.is_cancelled() {
+                break;
+            }
+            if index >= rx.borrow_and_update().workers {
+                close(&mut conn).await;
+                tokio::select! {
+                    _ = rx.changed() => {}
+                    _ = shutdown.cancelled() => break,
+                }
+                continue;
+            }
+            let prefer = conn.as_ref().map(|(r, _)| r.clone());
+            let job = self
+                .inner
+                .queue
+                .take(prefer.as_deref(), |route, n| self.may_take(route, n));
+            let Some(job) = job else {
+                close(&mut conn).await;
+                tokio::select! {
+                    _ = self.inner.queue.wait_for_work(Duration::from_secs(1)) => {}
+                    _ = rx.changed() => {}
+                    _ = shutdown.cancelled() => break,
+                }
+                continue;
+            };
+            self.deliver(job, &mut conn).await;
+        }
+        close(&mut conn).await;
+        debug!(worker = index, "replay worker stopped");
+    }
+
+    /// Delivers one job to its route's primary and records the outcome.
+    async fn deliver(&self, job: Job, conn: &mut Option<(String, SmtpClient)>) {
+        let cfg = &self.inner.config;
+        let Some(domain) = cfg.domain(&job.route) else {
+            error!(id = %job.env.id, route = %job.route, "no configured domain for queued mail; holding it");
+            self.route_failed(&job, "domain no longer configured".into(), false);
+            return;
+        };
+        let at = lock(&self.inner.limiter).reserve(Instant::now());
+        tokio::time::sleep_until(at.into()).await;
+        let body = match self.inner.queue.read_body(&job) {
+            Ok(b) => b,
+            Err(e) => return self.damaged(&job, &e.to_string()).await,
+        };
+        let rcpts = job.recipients();
+        let mut attempt = 0;
+        let outcome = loop {
+            attempt += 1;
+            let reused = conn.as_ref().is_some_and(|(r, c)| {
+                *r == job.route && c.usable() && c.sent < cfg.replay.max_messages_per_connection
+            });
+            if !reused {
+                close(conn).await;
+                match SmtpClient::connect(&domain.primary, &cfg.hostname, cfg.replay.timeout.0).await {
+                    Ok(c) => *conn = Some((job.route.clone(), c)),
+                    Err(e) => break Err(e),
+                }
+            }
+            let (_, client) = conn.as_mut().expect("connected above");
+            match client.send(&job.env, &rcpts, &body).await {
+                // a reused connection the primary had already closed: retry once on a new one
+                Err(e) if reused && attempt == 1 && !e.is_throttle() => {
+                    debug!(id = %job.env.id, error = %e, "reused connection failed; reconnecting");
+                    close(conn).await;
+                }
+                other => break other,
+            }
+        };
+        if conn.as_ref().is_some_and(|(_, c)| !c.usable()) {
+            close(conn).await;
+        }
+        match outcome {
+            Err(e) => {
+                warn!(id = %job.env.id, route = %job.route, primary = %domain.primary, error = %e, "delivery failed; keeping the message at the head of the queue");
+                self.route_failed(&job, e.to_string(), e.is_throttle());
+            }
+            Ok(tx) => {
+                {
+                    let mut routes = lock(&self.inner.routes);
+                    let h = routes.entry(job.route.clone()).or_default();
+                    if tx.throttled {
+                        let in_flight = self.inner.queue.stats().iter().find(|s| s.route == job.route).map_or(1, |s| s.in_flight);
+                        h.throttled(Instant::now(), in_flight, cfg.replay.min_backoff.0, cfg.replay.max_backoff.0, "421 from primary".into());
+                    } else {
+                        h.success(self.settings().workers);
+                    }
+                }
+                self.record(&job, tx.results, Some(&body)).await;
+            }
+        }
+    }
+
+    fn route_failed(&self, job: &Job, error: String, throttle: bool) {
+        let cfg = &self.inner.config.replay;
+        {
+            let mut routes = lock(&self.inner.routes);
+            let h = routes.entry(job.route.clone()).or_default();
+            let now = Instant::now();
+            if throttle {
+                let in_flight = self.inner.queue.stats().iter().find(|s| s.route == job.route).map_or(1, |s| s.in_flight);
+                h.throttled(now, in_flight, cfg.min_backoff.0, cfg.max_backoff.0, error);
+            } else {
+                h.failure(now, cfg.min_backoff.0, cfg.max_backoff.0, error);
+            }
+        }
+        self.inner.queue.put_back(job);
+    }
+
+    /// Applies per-recipient results: queues the DSN for failures first, then updates the queue.
+    async fn record(&self, job: &Job, mut results: Vec<(usize, RcptResult)>, body: Option<&[u8]>) {
+        let failed: Vec<(usize, String)> = results
+            .iter()
+            .filter_map(|(i, r)| match r {
+                RcptResult::Failed(reply) => Some((*i, reply.clone())),
+                _ => None,
+            })
+            .collect();
+        if !failed.is_empty()
+            && dsn::wanted(&job.env, DsnKind::Failed, failed.iter().map(|(i, _)| &job.env.recipients[*i]))
+            && let Err(e) = self.queue_dsn(job, DsnKind::Failed, &failed, body).await
+        {
+            // without its DSN a failure would be silent: retry the recipients later instead
+            error!(id = %job.env.id, error = %e, "cannot queue the DSN; deferring the failed recipients");
+            for (_, r) in results.iter_mut() {
+                if let RcptResult::Failed(reply) = r {
+                    *r = RcptResult::Deferred(format!("{reply} (DSN could not be queued)"));
+                }
+            }
+        }
+        let domain = DomainLabel { domain: job.route.clone() };
+        for (i, r) in &results {
+            let addr = &job.env.recipients[*i].address;
+            match r {
+                RcptResult::Delivered(reply) => {
+                    self.inner.metrics.delivered.get_or_create(&domain).inc();
+                    info!(id = %job.env.id, to = %addr, route = %job.route, reply = %reply, "delivered");
+                }
+                RcptResult::Deferred(reply) => {
+                    self.inner.metrics.deferred.get_or_create(&domain).inc();
+                    warn!(id = %job.env.id, to = %addr, route = %job.route, reply = %reply, "deferred");
+                }
+                RcptResult::Failed(reply) => {
+                    self.inner.metrics.bounced.get_or_create(&ReasonLabel { reason: "rejected".into() }).inc();
+                    warn!(id = %job.env.id, to = %addr, route = %job.route, reply = %reply, "bounced");
+                }
+            }
+        }
+        let cfg = &self.inner.config.replay;
+        let (min, max) = (cfg.min_backoff.0, cfg.max_backoff.0);
+        self.inner.queue.complete(job, &results, |n| backoff(n, min, max));
+    }
+
+    /// Queues a DSN about `job` for the given recipients; durable when this returns `Ok`.
+    async fn queue_dsn(&self, job: &Job, kind: DsnKind, rcpts: &[(usize, String)], body: Option<&[u8]>) -> Result<(), crate::queue::QueueError> {
+        let cfg = &self.inner.config;
+        let list: Vec<DsnRecipient> = rcpts
+            .iter()
+            .map(|(i, diag)| {
+                let r = &job.env.recipients[*i];
+                DsnRecipient { address: r.address.clone(), orcpt: r.orcpt.clone(), diagnostic: diag.clone() }
+            })
+            .collect();
+        let retry_until = (kind == DsnKind::Delayed).then(|| job.env.arrival + cfg.queue.retention.0.as_micros() as u64);
+        let id = self.inner.queue.new_id();
+        let (env, dsn_body) = dsn::build(id, &cfg.hostname, &job.env, kind, &list, body, now_micros(), retry_until);
+        let reservation = self.inner.queue.reserve(dsn_body.len() as u64)?;
+        self.inner.queue.enqueue(env, dsn_body, reservation).await?;
+        info!(id = %job.env.id, dsn = %id, kind = ?kind, to = %job.env.sender, "DSN queued");
+        Ok(())
+    }
+
+    /// A body that fails its checksum is never delivered: it is saved to `corrupt/` and the
+    /// sender is told.
+    async fn damaged(&self, job: &Job, error: &str) {
+        error!(id = %job.env.id, error, "queued message is damaged; not delivering it");
+        let dir = self.inner.queue.dir().join("corrupt");
+        let saved = std::fs::create_dir_all(&dir).and_then(|_| {
+            std::fs::write(
+                dir.join(format!("{}.json", job.env.id)),
+                serde_json::to_vec_pretty(&serde_json::json!({"error": error, "envelope": job.env})).unwrap_or_default(),
+            )
+        });
+        if let Err(e) = saved {
+            error!(id = %job.env.id, error = %e, "cannot save the damaged message's envelope");
+        }
+        let reply = "554 5.3.0 message damaged in the backup MX queue".to_owned();
+        let results: Vec<(usize, RcptResult)> = job.recipients().iter().map(|(i, _)| (*i, RcptResult::Failed(reply.clone()))).collect();
+        self.inner.metrics.bounced.get_or_create(&ReasonLabel { reason: "corrupt".into() }).inc();
+        self.record(job, results, None).await;
+    }
+
+    /// Delivers DSNs: one at a time, independent of `workers`.
+    async fn dsn_worker(self, shutdown: CancellationToken) {
+        let mut health = RouteHealth::default();
+        loop {
+            if shutdown.is_cancelled() {
+                return;
+            }
+            let now = Instant::now();
+            let job = self
+                .inner
+                .queue
+                .take(None, |route, n| route == DSN_ROUTE && health.can_take(n, now));
+            let Some(job) = job else {
+                tokio::select! {
+                    _ = self.inner.queue.wait_for_work(Duration::from_secs(1)) => {}
+                    _ = shutdown.cancelled() => return,
+                }
+                continue;
+            };
+            let cfg = &self.inner.config;
+            let result = self.send_dsn(&job).await;
+            match result {
+                Ok(results) => {
+                    health.success(1);
+                    for (i, r) in &results {
+                        if let RcptResult::Failed(reply) = r {
+                            // never bounce a bounce
+                            warn!(id = %job.env.id, to = %job.env.recipients[*i].address, reply = %reply, "DSN refused; dropped");
+                        }
+                    }
+                    let (min, max) = (cfg.replay.min_backoff.0, cfg.replay.max_backoff.0);
+                    self.inner.queue.complete(&job, &results, |n| backoff(n, min, max));
+                }
+                Err(e) => {
+                    warn!(id = %job.env.id, error = %e, "DSN delivery failed; will retry");
+                    health.failure(Instant::now(), cfg.replay.min_backoff.0, cfg.replay.max_backoff.0, e.to_string());
+                    self.inner.queue.put_back(&job);
+                }
+            }
+        }
+    }
+
+    async fn send_dsn(&self, job: &Job) -> Result<Vec<(usize, RcptResult)>, ClientError> {
+        let cfg = &self.inner.config;
+        let body = match self.inner.queue.read_body(job) {
+            Ok(b) => b,
+            Err(e) => {
+                error!(id = %job.env.id, error = %e, "damaged DSN dropped");
+                return Ok(job.recipients().iter().map(|(i, _)| (*i, RcptResult::Failed(e.to_string()))).collect());
+            }
+        };
+        let rcpts = job.recipients();
+        let domain = rcpts.first().map(|(_, r)| r.domain.clone()).unwrap_or_default();
+        let targets = match &cfg.dsn.relay {
+            Some(relay) => vec![relay.clone()],
+            None => mx_targets(&domain, cfg.dsn.resolver).await?,
+        };
+        let mut last = None;
+        for target in targets {
+            match SmtpClient::connect(&target, &cfg.hostname, cfg.replay.timeout.0).await {
+                Ok(mut c) => {
+                    let r = c.send(&job.env, &rcpts, &body).await;
+                    c.quit().await;
+                    match r {
+                        Ok(tx) => return Ok(tx.results),
+                        Err(e) => last = Some(e),
+                    }
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or(ClientError::Protocol(format!("no mail server found for {domain}"))))
+    }
+
+    /// Bounces expired mail and sends delay warnings.
+    async fn expiry_loop(self, shutdown: CancellationToken) {
+        let q = &self.inner.config.queue;
+        let every = (q.delay_warning.0.min(q.retention.0) / 10).clamp(Duration::from_secs(1), Duration::from_secs(30));
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = shutdown.cancelled() => return,
+            }
+            self.expire_once().await;
+        }
+    }
+
+    /// One expiry sweep (public for tests).
+    pub async fn expire_once(&self) {
+        let q = &self.inner.config.queue;
+        let work = self.inner.queue.expiry_scan(now_micros(), q.retention.0, q.delay_warning.0);
+        for job in work.expired {
+            let pending: Vec<(usize, String)> = job
+                .env
+                .recipients
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| !r.status.is_final())
+                .map(|(i, r)| {
+                    let why = r.last_error.clone().map(|e| format!("; last error: {e}")).unwrap_or_default();
+                    (i, format!("550 5.4.7 Delivery time expired after {}{why}", q.retention))
+                })
+                .collect();
+            if dsn::wanted(&job.env, DsnKind::Failed, pending.iter().map(|(i, _)| &job.env.recipients[*i])) {
+                let body = self.inner.queue.read_body_of(job.env.id).ok();
+                if let Err(e) = self.queue_dsn(&job, DsnKind::Failed, &pending, body.as_deref()).await {
+                    error!(id = %job.env.id, error = %e, "cannot queue the expiry DSN; keeping the message");
+                    continue;
+                }
+            } else if job.env.kind == crate::queue::message::MessageKind::Dsn {
+                warn!(id = %job.env.id, to = %job.env.sender, "undeliverable DSN expired; dropped");
+            }
+            match self.inner.queue.remove(job.env.id).await {
+                Ok(_) => {
+                    self.inner.metrics.bounced.get_or_create(&ReasonLabel { reason: "expired".into() }).inc_by(pending.len() as u64);
+                    warn!(id = %job.env.id, from = %job.env.sender, recipients = pending.len(), "expired after retention; bounced");
+                }
+                Err(e) => debug!(id = %job.env.id, error = %e, "expired message not removed this round"),
+            }
+        }
+        for job in work.delayed {
+            let pending: Vec<(usize, String)> = job
+                .env
+                .recipients
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| !r.status.is_final())
+                .map(|(i, r)| (i, r.last_error.clone().unwrap_or_else(|| "451 4.4.1 primary mail server not reachable yet".into())))
+                .collect();
+            if dsn::wanted(&job.env, DsnKind::Delayed, pending.iter().map(|(i, _)| &job.env.recipients[*i]))
+                && let Err(e) = self.queue_dsn(&job, DsnKind::Delayed, &pending, None).await
+            {
+                error!(id = %job.env.id, error = %e, "cannot queue the delay DSN");
+                continue;
+            }
+            if let Err(e) = self.inner.queue.mark_delay_warned(job.env.id).await {
+                debug!(id = %job.env.id, error = %e, "delay warning not recorded");
+            }
+        }
+    }
+
+    /// `replay.auto`: probes each primary and lets replay deliver only to those that answer.
+    async fn probe_loop(self, shutdown: CancellationToken) {
+        let cfg = self.inner.config.clone();
+        loop {
+            for d in &cfg.domains {
+                let route = d.name.to_ascii_lowercase();
+                let result = crate::probe::probe(&d.primary, &cfg.hostname, cfg.replay.timeout.0.min(Duration::from_secs(10))).await;
+                let up = result.is_ok();
+                let was = lock(&self.inner.primary_up).insert(route.clone(), up);
+                if was != Some(up) {
+                    match &result {
+                        Ok(r) => info!(domain = %route, primary = %d.primary, banner = %r.banner, "primary is up; replay enabled"),
+                        Err(e) => warn!(domain = %route, primary = %d.primary, error = %e, "primary is down; holding its mail"),
+                    }
+                    if up {
+                        lock(&self.inner.routes).entry(route.clone()).or_default().reset();
+                        self.inner.queue.wake();
+                    }
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(cfg.replay.probe_interval.0) => {}
+                _ = shutdown.cancelled() => return,
+            }
+        }
+    }
+}
+
+async fn close(conn: &mut Option<(String, SmtpClient)>) {
+    if let Some((_, c)) = conn.take() {
+        c.quit().await;
+    }
+}
+
+/// The hosts to try for `domain`'s mail, by MX preference (the domain itself when it has no MX).
+async fn mx_targets(domain: &str, resolver: Option<std::net::SocketAddr>) -> Result<Vec<String>, ClientError> {
+    use hickory_resolver::{
+        Resolver,
+        config::{NameServerConfig, ResolverConfig},
+        net::runtime::TokioRuntimeProvider,
+    };
+    let builder = match resolver {
+        Some(addr) => {
+            let mut ns = NameServerConfig::udp_and_tcp(addr.ip());
+            for c in &mut ns.connections {
+                c.port = addr.port();
+            }
+            let mut rc = ResolverConfig::default();
+            rc.add_name_server(ns);
+            Resolver::builder_with_config(rc, TokioRuntimeProvider::default())
+        }
+        None => Resolver::builder_tokio().map_err(|e| ClientError::Protocol(format!("no system resolver: {e}")))?,
+    };
+    let resolver = builder.build().map_err(|e| ClientError::Protocol(format!("resolver: {e}")))?;
+    match resolver.mx_lookup(domain).await {
+        Ok(mx) => {
+            let mut v: Vec<(u16, String)> = mx
+                .answers()
+                .iter()
+                .filter_map(|r| match &r.data {
+                    hickory_resolver::proto::rr::RData::MX(m) => Some((m.preference, m.exchange.to_ascii().trim_end_matches('.').to_owned())),
+                    _ => None,
+                })
+                .collect();
+            v.sort();
+            Ok(v.into_iter().map(|(_, h)| format!("{h}:25")).collect())
+        }
+        Err(e) if e.is_no_records_found() => Ok(vec![format!("{domain}:25")]),
+        Err(e) => Err(ClientError::Protocol(format!("MX lookup of {domain} failed: {e}"))),
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}

@@ -1,0 +1,123 @@
+//! Accepts SMTP connections: one session task per connection, bounded by
+//! `smtp.max_connections` (a permit is taken before the session starts; without one the client
+//! gets `421 4.7.0`). On shutdown the listeners stay open and answer new connections with
+//! `421 4.3.2` while the sessions in flight finish, up to `smtp.shutdown_grace`.
+
+use std::{sync::Arc, time::Duration};
+
+use tokio::{
+    io::AsyncWriteExt,
+    net::{TcpListener, TcpStream},
+    sync::Semaphore,
+};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::{error, info, warn};
+
+use super::{
+    reply::RejectReason,
+    session::{Session, SessionContext},
+};
+
+/// Binds every configured SMTP address; fails with the address in the error.
+pub async fn bind(addrs: &[std::net::SocketAddr]) -> anyhow::Result<Vec<TcpListener>> {
+    let mut out = Vec::new();
+    for a in addrs {
+        let l = TcpListener::bind(a)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen for SMTP on {a}: {e}"))?;
+        out.push(l);
+    }
+    Ok(out)
+}
+
+/// Serves SMTP until `shutdown`, then drains: returns when every session has ended or the
+/// grace period is over.
+pub async fn serve(listeners: Vec<TcpListener>, ctx: Arc<SessionContext>, shutdown: CancellationToken) {
+    let sessions = TaskTracker::new();
+    let permits = Arc::new(Semaphore::new(ctx.config.smtp.max_connections));
+    let stop_accepting = CancellationToken::new();
+    let mut accept_loops = Vec::new();
+    for listener in listeners {
+        accept_loops.push(tokio::spawn(accept_loop(
+            listener,
+            ctx.clone(),
+            shutdown.clone(),
+            stop_accepting.clone(),
+            sessions.clone(),
+            permits.clone(),
+        )));
+    }
+    shutdown.cancelled().await;
+    sessions.close();
+    let grace = ctx.config.smtp.shutdown_grace.0;
+    info!(sessions = sessions.len(), grace = ?grace, "SMTP draining: new connections get 421");
+    if tokio::time::timeout(grace, sessions.wait()).await.is_err() {
+        warn!(sessions = sessions.len(), "grace period over; closing remaining sessions");
+    }
+    stop_accepting.cancel();
+    for l in accept_loops {
+        let _ = l.await;
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    ctx: Arc<SessionContext>,
+    shutdown: CancellationToken,
+    stop: CancellationToken,
+    sessions: TaskTracker,
+    permits: Arc<Semaphore>,
+) {
+    let mut backoff = Duration::from_millis(10);
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = stop.cancelled() => return,
+        };
+        let (stream, peer) = match accepted {
+            Ok(x) => {
+                backoff = Duration::from_millis(10);
+                x
+            }
+            Err(e) => {
+                // e.g. EMFILE: wait a little instead of spinning
+                error!(error = %e, "accept failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        if shutdown.is_cancelled() {
+            refuse(stream, &ctx, RejectReason::Shutdown);
+            continue;
+        }
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            refuse(stream, &ctx, RejectReason::TooManyConnections);
+            continue;
+        };
+        let ctx2 = ctx.clone();
+        let token = shutdown.clone();
+        sessions.spawn(async move {
+            ctx2.metrics.smtp_sessions.inc();
+            Session::new(stream, ctx2.clone(), peer, token).run().await;
+            ctx2.metrics.smtp_sessions.dec();
+            drop(permit);
+        });
+    }
+}
+
+/// Answers a connection we will not serve with a 421 and closes it.
+fn refuse(mut stream: TcpStream, ctx: &Arc<SessionContext>, reason: RejectReason) {
+    ctx.metrics.reject(reason);
+    let reply = reason.reply();
+    tokio::spawn(async move {
+        let mut out = Vec::new();
+        reply.write_to(&mut out);
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            let _ = stream.write_all(&out).await;
+            let _ = stream.shutdown().await;
+        })
+        .await;
+    });
+}

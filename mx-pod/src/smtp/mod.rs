@@ -1,0 +1,5 @@
+//! Inbound SMTP: the listener and the per-connection session.
+
+pub mod listener;
+pub mod reply;
+pub mod session;

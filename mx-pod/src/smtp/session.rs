@@ -1,0 +1,779 @@
+//! One inbound SMTP session: reads commands, applies policy, receives DATA and queues the
+//! message durably before answering `250`.
+//!
+//! Framing is strict: command lines and DATA must end in CRLF (a bare CR or LF is refused, the
+//! SMTP-smuggling defence). Commands are parsed with smtp-proto; DATA is un-stuffed by its
+//! `DataReceiver`. Replies are buffered and flushed only before the session waits for input,
+//! which is what PIPELINING (RFC 2920) asks for. Memory per session is bounded: a command line
+//! by [`MAX_LINE`], a message by `smtp.max_message_size` (the rest is read and dropped).
+//!
+//! Shutdown: once the token is cancelled, a session with no transaction open answers
+//! `421 4.3.2` and closes; a transaction in progress may finish its DATA first.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use smtp_proto::{
+    MAIL_BODY_8BITMIME, MAIL_RET_FULL, MAIL_RET_HDRS, MAIL_SMTPUTF8, RCPT_NOTIFY_DELAY,
+    RCPT_NOTIFY_FAILURE, RCPT_NOTIFY_NEVER, RCPT_NOTIFY_SUCCESS, Request,
+    request::receiver::{DataReceiver, DummyDataReceiver},
+};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::reply::{self, RejectReason, Reply};
+use crate::{
+    config::Config,
+    metrics::Metrics,
+    policy::{self, Verdict},
+    queue::{
+        Queue, QueueError,
+        message::{ClientInfo, DsnRet, Envelope, MessageKind, Notify, Recipient, now_micros},
+    },
+};
+
+/// Longest command line accepted, CRLF included (RFC 5321 asks for at least 512).
+pub const MAX_LINE: usize = 4096;
+/// Errors after which the session is closed.
+const MAX_ERRORS: usize = 20;
+/// RFC 5321 4.5.3.2: DATA block timeout.
+const DATA_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// What every session shares.
+pub struct SessionContext {
+    pub config: Arc<Config>,
+    pub queue: Queue,
+    pub metrics: Arc<Metrics>,
+}
+
+struct Transaction {
+    sender: String,
+    env_id: Option<String>,
+    ret: Option<DsnRet>,
+    smtputf8: bool,
+    eight_bit: bool,
+    declared_size: usize,
+    recipients: Vec<Recipient>,
+}
+
+/// Why a session ends.
+enum End {
+    /// The client said QUIT or hung up.
+    Closed,
+    /// We said 421 and hang up.
+    Dropped,
+}
+
+/// One SMTP session over any byte stream (TCP in production, memory in tests).
+pub struct Session<S> {
+    io: S,
+    ctx: Arc<SessionContext>,
+    peer: SocketAddr,
+    shutdown: CancellationToken,
+    buf: Vec<u8>,
+    start: usize,
+    out: Vec<u8>,
+    helo: Option<String>,
+    tx: Option<Transaction>,
+    errors: usize,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+    pub fn new(io: S, ctx: Arc<SessionContext>, peer: SocketAddr, shutdown: CancellationToken) -> Self {
+        Session {
+            io,
+            ctx,
+            peer,
+            shutdown,
+            buf: Vec::with_capacity(8192),
+            start: 0,
+            out: Vec::with_capacity(1024),
+            helo: None,
+            tx: None,
+            errors: 0,
+        }
+    }
+
+    /// Runs the session to its end. I/O errors end it quietly (the client went away).
+    pub async fn run(mut self) {
+        if let Err(e) = self.serve().await {
+            debug!(peer = %self.peer, error = %e, "session ended by I/O error");
+        }
+    }
+
+    async fn serve(&mut self) -> std::io::Result<()> {
+        if self.shutdown.is_cancelled() {
+            self.reject(RejectReason::Shutdown, "connect");
+            return self.flush().await;
+        }
+        let banner = Reply::dynamic(220, "", format!("{} ESMTP mx-pod", self.ctx.config.hostname));
+        self.send(&banner);
+        loop {
+            match self.command().await? {
+                None => continue,
+                Some(End::Closed) | Some(End::Dropped) => break,
+            }
+        }
+        self.flush().await?;
+        let _ = self.io.shutdown().await;
+        Ok(())
+    }
+
+    fn send(&mut self, reply: &Reply) {
+        reply.write_to(&mut self.out);
+    }
+
+    async fn flush(&mut self) -> std::io::Result<()> {
+        if !self.out.is_empty() {
+            self.io.write_all(&self.out).await?;
+            self.io.flush().await?;
+            self.out.clear();
+        }
+        Ok(())
+    }
+
+    /// Sends the reply for a refusal, counts it and logs it with the client and the reply.
+    fn reject(&mut self, reason: RejectReason, stage: &str) {
+        let reply = reason.reply();
+        self.ctx.metrics.reject(reason);
+        info!(client = %self.peer.ip(), stage, reason = reason.as_str(), reply = %reply, "refused");
+        self.send(&reply);
+    }
+
+    /// Reads more input into the buffer. Returns false on EOF.
+    async fn fill(&mut self, timeout: Duration, interruptible: bool) -> std::io::Result<Option<bool>> {
+        self.flush().await?;
+        if self.start > 0 && self.start == self.buf.len() {
+            self.buf.clear();
+            self.start = 0;
+        } else if self.start > 64 * 1024 {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
+        let old = self.buf.len();
+        self.buf.resize(old + 16 * 1024, 0);
+        let (io, buf, shutdown) = (&mut self.io, &mut self.buf[old..], &self.shutdown);
+        let read = tokio::time::timeout(timeout, io.read(buf));
+        let result = if interruptible {
+            tokio::select! {
+                r = read => Some(r),
+                _ = shutdown.cancelled() => None,
+            }
+        } else {
+            Some(read.await)
+        };
+        match result {
+            None => {
+                self.buf.truncate(old);
+                Ok(None)
+            }
+            Some(Err(_elapsed)) => {
+                self.buf.truncate(old);
+                Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "client timed out"))
+            }
+            Some(Ok(r)) => {
+                let n = r?;
+                self.buf.truncate(old + n);
+                Ok(Some(n > 0))
+            }
+        }
+    }
+
+    /// Reads and handles one command. `Ok(None)` continues the session.
+    async fn command(&mut self) -> std::io::Result<Option<End>> {
+        // find a complete line, reading as needed
+        let line_end = loop {
+            if self.shutdown.is_cancelled() && self.tx.is_none() {
+                self.reject(RejectReason::Shutdown, "idle");
+                return Ok(Some(End::Dropped));
+            }
+            if let Some(pos) = self.buf[self.start..].iter().position(|&b| b == b'\n') {
+                break self.start + pos + 1;
+            }
+            if self.buf.len() - self.start > MAX_LINE {
+                // drop the overlong line up to its end
+                self.skip_line().await?;
+                self.reject(RejectReason::LineTooLong, "command");
+                return Ok(self.count_error());
+            }
+            let timeout = self.ctx.config.smtp.idle_timeout.0;
+            match self.fill(timeout, self.tx.is_none()).await {
+                Ok(Some(true)) => {}
+                Ok(Some(false)) => return Ok(Some(End::Closed)),
+                Ok(None) => continue, // shutdown: handled at the top
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                    self.reject(RejectReason::Timeout, "command");
+                    return Ok(Some(End::Dropped));
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        let line = self.buf[self.start..line_end].to_vec();
+        self.start = line_end;
+        if line.len() > MAX_LINE {
+            self.reject(RejectReason::LineTooLong, "command");
+            return Ok(self.count_error());
+        }
+        if !line.ends_with(b"\r\n") || line[..line.len() - 2].contains(&b'\r') {
+            self.reject(RejectReason::BareLineEnding, "command");
+            return Ok(self.count_error());
+        }
+        if self.shutdown.is_cancelled() && self.tx.is_none() {
+            self.reject(RejectReason::Shutdown, "idle");
+            return Ok(Some(End::Dropped));
+        }
+        let request = match Request::parse(&mut line.iter()) {
+            Ok(r) => r.into_owned(),
+            Err(e) => {
+                debug!(client = %self.peer.ip(), error = ?e, "unparsable command");
+                let reply = match e {
+                    smtp_proto::Error::InvalidSenderAddress => reply::BAD_SENDER,
+                    smtp_proto::Error::InvalidRecipientAddress => reply::BAD_RECIPIENT,
+                    smtp_proto::Error::SyntaxError { syntax } => {
+                        Reply::dynamic(501, "5.5.4", format!("Syntax: {syntax}"))
+                    }
+                    smtp_proto::Error::InvalidParameter { param } => {
+                        Reply::dynamic(501, "5.5.4", format!("Invalid parameter {param}"))
+                    }
+                    smtp_proto::Error::UnsupportedParameter { param } => {
+                        Reply::dynamic(555, "5.5.4", format!("Unsupported parameter {param}"))
+                    }
+                    _ => {
+                        self.reject(RejectReason::Syntax, "command");
+                        return Ok(self.count_error());
+                    }
+                };
+                self.ctx.metrics.reject(RejectReason::Syntax);
+                self.send(&reply);
+                return Ok(self.count_error());
+            }
+        };
+        self.handle(request, &line).await
+    }
+
+    fn count_error(&mut self) -> Option<End> {
+        self.errors += 1;
+        if self.errors >= MAX_ERRORS {
+            self.reject(RejectReason::TooManyErrors, "command");
+            return Some(End::Dropped);
+        }
+        None
+    }
+
+    /// Discards input up to and including the next LF.
+    async fn skip_line(&mut self) -> std::io::Result<()> {
+        loop {
+            if let Some(pos) = self.buf[self.start..].iter().position(|&b| b == b'\n') {
+                self.start += pos + 1;
+                return Ok(());
+            }
+            self.start = self.buf.len();
+            if self.fill(self.ctx.config.smtp.idle_timeout.0, false).await? != Some(true) {
+                return Ok(());
+            }
+        }
+    }
+
+    async fn handle(&mut self, request: Request<String>, raw: &[u8]) -> std::io::Result<Option<End>> {
+        match request {
+            Request::Ehlo { host } => {
+                self.tx = None;
+                self.helo = Some(host.clone());
+                let c = &self.ctx.config;
+                let text = format!(
+                    "250-{} Hello {} [{}]\r\n250-PIPELINING\r\n250-SIZE {}\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250-ENHANCEDSTATUSCODES\r\n250 DSN\r\n",
+                    c.hostname,
+                    host,
+                    self.peer.ip(),
+                    c.smtp.max_message_size.0
+                );
+                self.out.extend_from_slice(text.as_bytes());
+            }
+            Request::Helo { host } => {
+                self.tx = None;
+                self.helo = Some(host);
+                let r = Reply::dynamic(250, "", self.ctx.config.hostname.clone());
+                self.send(&r);
+            }
+            Request::Mail { from } => {
+                if self.helo.is_none() {
+                    self.send(&reply::NEED_HELO);
+                    return Ok(self.count_error());
+                }
+                if self.tx.is_some() {
+                    self.send(&reply::NESTED_MAIL);
+                    return Ok(self.count_error());
+                }
+                let max = self.ctx.config.smtp.max_message_size.0 as usize;
+                if from.size > max {
+                    self.reject(RejectReason::Size, "mail");
+                    return Ok(None);
+                }
+                // refuse early when the queue cannot take even this message
+                if let Err(e) = self.ctx.queue.reserve(from.size.max(1) as u64) {
+                    self.queue_error(&e, "mail");
+                    return Ok(None);
+                }
+                let ret = if from.flags & MAIL_RET_FULL != 0 {
+                    Some(DsnRet::Full)
+                } else if from.flags & MAIL_RET_HDRS != 0 {
+                    Some(DsnRet::Hdrs)
+                } else {
+                    None
+                };
+                self.tx = Some(Transaction {
+                    sender: from.address,
+                    env_id: from.env_id,
+                    ret,
+                    smtputf8: from.flags & MAIL_SMTPUTF8 != 0,
+                    eight_bit: from.flags & MAIL_BODY_8BITMIME != 0,
+                    declared_size: from.size,
+                    recipients: Vec::new(),
+                });
+                self.send(&reply::OK_MAIL);
+            }
+            Request::Rcpt { to } => {
+                let max = self.ctx.config.smtp.max_recipients;
+                let Some(tx) = self.tx.as_ref() else {
+                    self.send(&reply::NEED_MAIL);
+                    return Ok(self.count_error());
+                };
+                if tx.recipients.len() >= max {
+                    self.reject(RejectReason::TooManyRecipients, "rcpt");
+                    return Ok(None);
+                }
+                match policy::relay::check(&self.ctx.config, &to.address, raw) {
+                    Verdict::Reject(reason) => {
+                        self.reject(reason, "rcpt");
+                        return Ok(self.count_error());
+                    }
+                    Verdict::Accept => {}
+                }
+                let notify = Notify {
+                    success: to.flags & RCPT_NOTIFY_SUCCESS != 0,
+                    failure: to.flags & RCPT_NOTIFY_FAILURE != 0,
+                    delay: to.flags & RCPT_NOTIFY_DELAY != 0,
+                    never: to.flags & RCPT_NOTIFY_NEVER != 0,
+                    explicit: to.flags
+                        & (RCPT_NOTIFY_SUCCESS | RCPT_NOTIFY_FAILURE | RCPT_NOTIFY_DELAY | RCPT_NOTIFY_NEVER)
+                        != 0,
+                };
+                let rcpt = Recipient::new(to.address, to.orcpt, notify);
+                if let Some(tx) = self.tx.as_mut() {
+                    tx.recipients.push(rcpt);
+                }
+                self.send(&reply::OK_RCPT);
+            }
+            Request::Data => {
+                let Some(tx) = self.tx.as_ref() else {
+                    self.send(&reply::NEED_MAIL);
+                    return Ok(self.count_error());
+                };
+                if tx.recipients.is_empty() {
+                    self.send(&reply::NO_RECIPIENTS);
+                    return Ok(self.count_error());
+                }
+                self.send(&reply::START_DATA);
+                return self.data().await;
+            }
+            Request::Rset => {
+                self.tx = None;
+                self.send(&reply::OK);
+            }
+            Request::Noop { .. } => self.send(&reply::OK),
+            Request::Quit => {
+                self.send(&reply::BYE);
+                return Ok(Some(End::Closed));
+            }
+            Request::Vrfy { .. } => self.send(&reply::VRFY),
+            Request::Help { .. } => self.send(&reply::HELP),
+            _ => {
+                self.reject(RejectReason::NotImplemented, "command");
+                return Ok(self.count_error());
+            }
+        }
+        Ok(None)
+    }
+
+    fn queue_error(&mut self, e: &QueueError, stage: &str) {
+        if e.is_full() {
+            warn!(client = %self.peer.ip(), error = %e, "queue full");
+            self.reject(RejectReason::QueueFull, stage);
+        } else {
+            warn!(client = %self.peer.ip(), error = %e, "cannot queue");
+            self.reject(RejectReason::StorageError, stage);
+        }
+    }
+
+    /// Receives the message after `354`, checks it and queues it.
+    async fn data(&mut self) -> std::io::Result<Option<End>> {
+        let max = self.ctx.config.smtp.max_message_size.0 as usize;
+        let mut receiver = DataReceiver::new();
+        let mut overflow: Option<DummyDataReceiver> = None;
+        let mut body: Vec<u8> = Vec::with_capacity(self.tx.as_ref().map_or(0, |t| t.declared_size.min(max)) + 1024);
+        loop {
+            let chunk = &self.buf[self.start..];
+            let mut iter = chunk.iter();
+            let done = match overflow.as_mut() {
+                Some(dummy) => dummy.ingest(&mut iter),
+                None => {
+                    let done = receiver.ingest(&mut iter, &mut body);
+                    if !done && body.len() > max {
+                        overflow = Some(DummyDataReceiver::new_data(&receiver));
+                        body = Vec::new();
+                    }
+                    done
+                }
+            };
+            let consumed = chunk.len() - iter.as_slice().len();
+            self.start += consumed;
+            if done {
+                break;
+            }
+            match self.fill(DATA_TIMEOUT, false).await {
+                Ok(Some(true)) => {}
+                Ok(_) => return Ok(Some(End::Closed)),
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                    self.tx = None;
+                    self.reject(RejectReason::Timeout, "data");
+                    return Ok(Some(End::Dropped));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let tx = self.tx.take().expect("DATA only runs inside a transaction");
+        if overflow.is_some() || body.len() > max {
+            self.reject(RejectReason::Size, "data");
+            return Ok(None);
+        }
+        if has_bare_line_ending(&body) {
+            self.reject(RejectReason::BareLineEnding, "data");
+            return Ok(None);
+        }
+        if let Verdict::Reject(reason) =
+            policy::loop_guard::check(&body, self.ctx.config.smtp.max_received_headers)
+        {
+            self.reject(reason, "data");
+            return Ok(None);
+        }
+        let id = self.ctx.queue.new_id();
+        let received = self.received_header(&tx, &id.to_string());
+        let mut message = Vec::with_capacity(received.len() + body.len());
+        message.extend_from_slice(received.as_bytes());
+        message.extend_from_slice(&body);
+        drop(body);
+        let reservation = match self.ctx.queue.reserve(message.len() as u64) {
+            Ok(r) => r,
+            Err(e) => {
+                self.queue_error(&e, "data");
+                return Ok(None);
+            }
+        };
+        let envelope = Envelope {
+            id,
+            kind: MessageKind::Mail,
+            arrival: now_micros(),
+            sender: tx.sender,
+            recipients: tx.recipients,
+            size: message.len() as u64,
+            env_id: tx.env_id,
+            ret: tx.ret,
+            smtputf8: tx.smtputf8,
+            eight_bit: tx.eight_bit,
+            client: ClientInfo {
+                ip: self.peer.ip().to_string(),
+                helo: self.helo.clone().unwrap_or_default(),
+            },
+            held: false,
+            delay_warned: false,
+        };
+        let (from, rcpts, size) = (
+            envelope.sender.clone(),
+            envelope.recipients.len(),
+            envelope.size,
+        );
+        match self.ctx.queue.enqueue(envelope, message, reservation).await {
+            Ok(id) => {
+                self.ctx.metrics.accepted.inc();
+                info!(id = %id, client = %self.peer.ip(), from = %from, rcpts, size, "queued");
+                let r = Reply::dynamic(250, "2.0.0", format!("Ok: queued as {id}"));
+                self.send(&r);
+            }
+            Err(e) => self.queue_error(&e, "data"),
+        }
+        Ok(None)
+    }
+
+    fn received_header(&self, tx: &Transaction, id: &str) -> String {
+        let helo = self.helo.as_deref().unwrap_or("unknown");
+        let proto = if tx.smtputf8 { "UTF8SMTP" } else { "ESMTP" };
+        let date = chrono::Utc::now().format("%a, %d %b %Y %H:%M:%S +0000");
+        let for_clause = match tx.recipients.as_slice() {
+            [only] => format!("\r\n\tfor <{}>", only.address),
+            _ => String::new(),
+        };
+        format!(
+            "Received: from {} ([{}])\r\n\tby {} (mx-pod) with {} id {}{};\r\n\t{}\r\n",
+            sanitize(helo),
+            self.peer.ip(),
+            self.ctx.config.hostname,
+            proto,
+            id,
+            for_clause,
+            date
+        )
+    }
+}
+
+/// Keeps a client-supplied name from breaking our header (no CR, LF or control bytes).
+fn sanitize(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .take(255)
+        .collect()
+}
+
+/// True when the message has a CR not followed by LF, or an LF not preceded by CR.
+pub fn has_bare_line_ending(body: &[u8]) -> bool {
+    let mut prev = 0u8;
+    for (i, &b) in body.iter().enumerate() {
+        match b {
+            b'\n' if prev != b'\r' => return true,
+            b'\r' if body.get(i + 1) != Some(&b'\n') => return true,
+            _ => {}
+        }
+        prev = b;
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncBufReadExt, BufReader, DuplexStream};
+
+    /// A client driving a real session over an in-memory stream, Stalwart style.
+    struct Client {
+        r: BufReader<tokio::io::ReadHalf<DuplexStream>>,
+        w: tokio::io::WriteHalf<DuplexStream>,
+    }
+
+    impl Client {
+        async fn reply(&mut self) -> String {
+            let mut all = String::new();
+            loop {
+                let mut line = String::new();
+                self.r.read_line(&mut line).await.unwrap();
+                assert!(!line.is_empty(), "server hung up; so far: {all:?}");
+                all.push_str(&line);
+                if line.as_bytes().get(3) != Some(&b'-') {
+                    return all;
+                }
+            }
+        }
+        async fn cmd(&mut self, line: &str, expect: &str) -> String {
+            self.w.write_all(format!("{line}\r\n").as_bytes()).await.unwrap();
+            let r = self.reply().await;
+            assert!(r.starts_with(expect), "{line:?}: expected {expect:?}, got {r:?}");
+            r
+        }
+        async fn raw(&mut self, bytes: &[u8], expect: &str) -> String {
+            self.w.write_all(bytes).await.unwrap();
+            let r = self.reply().await;
+            assert!(r.starts_with(expect), "expected {expect:?}, got {r:?}");
+            r
+        }
+    }
+
+    struct Harness {
+        client: Client,
+        queue: Queue,
+        shutdown: CancellationToken,
+        _dir: tempfile::TempDir,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    async fn start_with(extra: &str) -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!(
+            "hostname = \"mx2.example.test\"\n[smtp]\nlisten = [\"127.0.0.1:0\"]\nmax_message_size = 2048\nmax_recipients = 3\nmax_received_headers = 5\n[queue]\ndir = \"{}\"\n{extra}\n[[domains]]\nname = \"example.test\"\nprimary = \"127.0.0.1:2525\"\n",
+            dir.path().display()
+        );
+        let config = Arc::new(Config::parse(&text, "test").unwrap());
+        let (queue, _) = Queue::open(&config.queue).unwrap();
+        let ctx = Arc::new(SessionContext {
+            config,
+            queue: queue.clone(),
+            metrics: Arc::new(Metrics::new()),
+        });
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let shutdown = CancellationToken::new();
+        let session = Session::new(b, ctx, "192.0.2.7:4000".parse().unwrap(), shutdown.clone());
+        let task = tokio::spawn(session.run());
+        let (r, w) = tokio::io::split(a);
+        let mut client = Client { r: BufReader::new(r), w };
+        let banner = client.reply().await;
+        assert!(banner.starts_with("220 mx2.example.test ESMTP"), "{banner}");
+        Harness { client, queue, shutdown, _dir: dir, task }
+    }
+
+    async fn start() -> Harness {
+        start_with("").await
+    }
+
+    #[tokio::test]
+    async fn ehlo_advertises_extensions() {
+        let mut h = start().await;
+        let r = h.client.cmd("EHLO client.test", "250-").await;
+        for ext in ["PIPELINING", "SIZE 2048", "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES", "DSN"] {
+            assert!(r.contains(ext), "missing {ext}: {r}");
+        }
+        assert!(!r.contains("STARTTLS"), "STARTTLS only when configured");
+    }
+
+    #[tokio::test]
+    async fn message_is_queued_with_received_header_before_250() {
+        let mut h = start().await;
+        let c = &mut h.client;
+        c.cmd("EHLO client.test", "250").await;
+        c.cmd("MAIL FROM:<a@sender.test> RET=HDRS ENVID=abc", "250 2.1.0").await;
+        c.cmd("RCPT TO:<User@Example.Test> NOTIFY=FAILURE,DELAY", "250 2.1.5").await;
+        c.cmd("DATA", "354").await;
+        let r = c.raw(b"Subject: hi\r\n\r\n..dot\r\nbody\r\n.\r\n", "250 2.0.0 Ok: queued as ").await;
+        let id: crate::queue::message::QueueId = r.trim().rsplit(' ').next().unwrap().parse().unwrap();
+        let env = h.queue.get(id).expect("queued before 250");
+        assert_eq!(env.sender, "a@sender.test");
+        assert_eq!(env.recipients[0].domain, "example.test");
+        assert!(env.recipients[0].notify.explicit && env.recipients[0].notify.delay);
+        assert_eq!(env.ret, Some(DsnRet::Hdrs));
+        assert_eq!(env.env_id.as_deref(), Some("abc"));
+        let body = h.queue.read_body_of(id).unwrap();
+        let text = String::from_utf8(body).unwrap();
+        assert!(text.starts_with("Received: from client.test ([192.0.2.7])\r\n\tby mx2.example.test (mx-pod) with ESMTP id "), "{text}");
+        assert!(text.ends_with("Subject: hi\r\n\r\n.dot\r\nbody\r\n"), "dot un-stuffed: {text:?}");
+    }
+
+    #[tokio::test]
+    async fn pipelined_commands_get_replies_in_order() {
+        let mut h = start().await;
+        let c = &mut h.client;
+        c.cmd("EHLO client.test", "250").await;
+        c.w.write_all(b"MAIL FROM:<a@sender.test>\r\nRCPT TO:<x@example.test>\r\nRCPT TO:<y@other.test>\r\nDATA\r\n").await.unwrap();
+        assert!(c.reply().await.starts_with("250 2.1.0"));
+        assert!(c.reply().await.starts_with("250 2.1.5"));
+        assert!(c.reply().await.starts_with("550 5.7.1"));
+        assert!(c.reply().await.starts_with("354"));
+        c.raw(b"hi\r\n.\r\n", "250 2.0.0").await;
+        assert_eq!(h.queue.totals().0, 1);
+    }
+
+    #[tokio::test]
+    async fn relay_and_sequence_errors() {
+        let mut h = start().await;
+        let c = &mut h.client;
+        c.cmd("MAIL FROM:<a@sender.test>", "503 5.5.1").await;
+        c.cmd("HELO client.test", "250").await;
+        c.cmd("RCPT TO:<x@example.test>", "503 5.5.1").await;
+        c.cmd("DATA", "503 5.5.1").await;
+        c.cmd("MAIL FROM:<a@sender.test>", "250").await;
+        c.cmd("MAIL FROM:<a@sender.test>", "503 5.5.1").await;
+        c.cmd("RCPT TO:<victim@elsewhere.test>", "550 5.7.1").await;
+        c.cmd("RCPT TO:<@evil.test:x@example.test>", "550 5.7.1").await;
+        c.cmd("DATA", "554 5.5.1").await;
+        c.cmd("BDAT 10 LAST", "502 5.5.1").await;
+        c.cmd("FOO bar", "500 5.5.2").await;
+        c.cmd("QUIT", "221").await;
+    }
+
+    #[tokio::test]
+    async fn limits_on_size_and_recipients() {
+        let mut h = start().await;
+        let c = &mut h.client;
+        c.cmd("EHLO client.test", "250").await;
+        c.cmd("MAIL FROM:<a@sender.test> SIZE=999999", "552 5.3.4").await;
+        c.cmd("MAIL FROM:<a@sender.test>", "250").await;
+        for i in 0..3 {
+            c.cmd(&format!("RCPT TO:<u{i}@example.test>"), "250").await;
+        }
+        c.cmd("RCPT TO:<u9@example.test>", "452 4.5.3").await;
+        c.cmd("DATA", "354").await;
+        let mut big = vec![b'x'; 100];
+        big.extend_from_slice(b"\r\n");
+        let mut data = Vec::new();
+        for _ in 0..50 {
+            data.extend_from_slice(&big);
+        }
+        data.extend_from_slice(b".\r\n");
+        c.raw(&data, "552 5.3.4").await;
+        assert_eq!(h.queue.totals().0, 0);
+        // the session goes on
+        c.cmd("NOOP", "250").await;
+    }
+
+    #[tokio::test]
+    async fn bare_lf_in_data_and_commands_is_refused() {
+        let mut h = start().await;
+        let c = &mut h.client;
+        c.cmd("EHLO client.test", "250").await;
+        c.raw(b"NOOP\n", "550 5.6.11").await;
+        c.cmd("MAIL FROM:<a@sender.test>", "250").await;
+        c.cmd("RCPT TO:<x@example.test>", "250").await;
+        c.cmd("DATA", "354").await;
+        // a smuggled second message hidden behind a bare LF end-of-data
+        c.raw(b"Subject: a\r\n\r\nhello\n.\nMAIL FROM:<evil@x>\r\n.\r\n", "550 5.6.11").await;
+        assert_eq!(h.queue.totals().0, 0);
+    }
+
+    #[tokio::test]
+    async fn loop_guard_counts_received_headers() {
+        let mut h = start().await;
+        let c = &mut h.client;
+        c.cmd("EHLO client.test", "250").await;
+        c.cmd("MAIL FROM:<a@sender.test>", "250").await;
+        c.cmd("RCPT TO:<x@example.test>", "250").await;
+        c.cmd("DATA", "354").await;
+        c.raw(&b"Received: hop\r\n".repeat(6).into_iter().chain(b"\r\nx\r\n.\r\n".iter().copied()).collect::<Vec<u8>>(), "554 5.4.6").await;
+    }
+
+    #[tokio::test]
+    async fn full_queue_answers_452_and_keeps_serving() {
+        let mut h = start_with("max_bytes = 600").await;
+        let c = &mut h.client;
+        c.cmd("EHLO client.test", "250").await;
+        c.cmd("MAIL FROM:<a@sender.test>", "250").await;
+        c.cmd("RCPT TO:<x@example.test>", "250").await;
+        c.cmd("DATA", "354").await;
+        c.raw(&[b"Subject: 1\r\n\r\n".as_slice(), &[b'a'; 300], b"\r\n.\r\n"].concat(), "250").await;
+        c.cmd("MAIL FROM:<a@sender.test>", "250").await;
+        c.cmd("RCPT TO:<x@example.test>", "250").await;
+        c.cmd("DATA", "354").await;
+        c.raw(&[b"Subject: 2\r\n\r\n".as_slice(), &[b'a'; 300], b"\r\n.\r\n"].concat(), "452 4.3.1").await;
+        c.cmd("MAIL FROM:<a@sender.test> SIZE=500", "452 4.3.1").await;
+        c.cmd("NOOP", "250").await;
+    }
+
+    #[tokio::test]
+    async fn shutdown_lets_data_finish_then_says_421() {
+        let mut h = start().await;
+        h.client.cmd("EHLO client.test", "250").await;
+        h.client.cmd("MAIL FROM:<a@sender.test>", "250").await;
+        h.client.cmd("RCPT TO:<x@example.test>", "250").await;
+        h.shutdown.cancel();
+        h.client.cmd("DATA", "354").await;
+        h.client.raw(b"x\r\n.\r\n", "250 2.0.0").await;
+        // the transaction is over: the server says 421 on its own and closes
+        let r = h.client.reply().await;
+        assert!(r.starts_with("421 4.3.2"), "{r}");
+        h.task.await.unwrap();
+        assert_eq!(h.queue.totals().0, 1);
+    }
+
+    #[test]
+    fn bare_line_endings_are_found() {
+        assert!(!has_bare_line_ending(b"a\r\nb\r\n"));
+        assert!(has_bare_line_ending(b"a\nb\r\n"));
+        assert!(has_bare_line_ending(b"a\rb\r\n"));
+        assert!(has_bare_line_ending(b"a\r\n\r"));
+        assert!(has_bare_line_ending(b"\n.\n"));
+    }
+}
