@@ -279,7 +279,9 @@ impl Config {
     /// The configured domain an address' domain part names (ASCII case-insensitive, exact
     /// otherwise: a trailing dot or an IP literal is not a configured domain).
     pub fn domain(&self, name: &str) -> Option<&DomainConfig> {
-        self.domains.iter().find(|d| d.name.eq_ignore_ascii_case(name))
+        self.domains
+            .iter()
+            .find(|d| d.name.eq_ignore_ascii_case(name))
     }
 }
 
@@ -322,7 +324,9 @@ impl FromStr for HumanDuration {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         humantime::parse_duration(s.trim())
             .map(HumanDuration)
-            .map_err(|e| format!("invalid duration {s:?} ({e}); write e.g. \"30s\", \"4h\", \"5d\""))
+            .map_err(|e| {
+                format!("invalid duration {s:?} ({e}); write e.g. \"30s\", \"4h\", \"5d\"")
+            })
     }
 }
 
@@ -353,9 +357,7 @@ impl FromStr for Size {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let t = s.trim();
-        let split = t
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(t.len());
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
         let (num, unit) = t.split_at(split);
         let n: u64 = num.parse().map_err(|_| {
             format!("invalid size {s:?}; write e.g. \"52428800\", \"50MiB\", \"8GiB\"")
@@ -384,7 +386,12 @@ impl FromStr for Size {
 
 impl fmt::Display for Size {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        const UNITS: [(&str, u64); 4] = [("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)];
+        const UNITS: [(&str, u64); 4] = [
+            ("TiB", 1 << 40),
+            ("GiB", 1 << 30),
+            ("MiB", 1 << 20),
+            ("KiB", 1 << 10),
+        ];
         for (unit, mult) in UNITS {
             if self.0 >= mult && self.0.is_multiple_of(mult) {
                 return write!(f, "{}{unit}", self.0 / mult);
@@ -465,7 +472,10 @@ primary = "mail.example.com:25"
     #[test]
     fn cross_key_checks_report_every_problem() {
         let text = MINIMAL
-            .replace("[queue]\n", "[queue]\nretention = \"1h\"\ndelay_warning = \"4h\"\n")
+            .replace(
+                "[queue]\n",
+                "[queue]\nretention = \"1h\"\ndelay_warning = \"4h\"\n",
+            )
             .replace("mail.example.com:25", "mail.example.com");
         let err = Config::parse(&text, "t").unwrap_err().to_string();
         assert!(err.contains("queue.delay_warning"), "{err}");

@@ -12,9 +12,7 @@ use mail_builder::{
     mime::MimePart,
 };
 
-use crate::queue::message::{
-    DsnRet, Envelope, MessageKind, Micros, Notify, QueueId, Recipient,
-};
+use crate::queue::message::{DsnRet, Envelope, MessageKind, Micros, Notify, QueueId, Recipient};
 
 /// Which notification.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,7 +31,11 @@ pub struct DsnRecipient {
 }
 
 /// Which recipients of `env` should be reported for `kind`; empty when no DSN is due.
-pub fn wanted<'a>(env: &Envelope, kind: DsnKind, rcpts: impl Iterator<Item = &'a Recipient>) -> bool {
+pub fn wanted<'a>(
+    env: &Envelope,
+    kind: DsnKind,
+    rcpts: impl Iterator<Item = &'a Recipient>,
+) -> bool {
     if env.sender.is_empty() || env.kind == MessageKind::Dsn {
         return false;
     }
@@ -53,7 +55,9 @@ pub fn status_of(diagnostic: &str, kind: DsnKind) -> String {
     let code = words.next().unwrap_or("");
     if let Some(esc) = words.next()
         && esc.split('.').count() == 3
-        && esc.split('.').all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+        && esc
+            .split('.')
+            .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
     {
         return esc.to_owned();
     }
@@ -64,17 +68,30 @@ pub fn status_of(diagnostic: &str, kind: DsnKind) -> String {
     }
 }
 
-/// Builds a DSN about `env` for `rcpts`; returns the envelope and body to queue.
+/// What a DSN reports about a message.
+pub struct Report<'a> {
+    pub kind: DsnKind,
+    pub recipients: &'a [DsnRecipient],
+    /// The original message, for its headers (or all of it with `RET=FULL`).
+    pub original: Option<&'a [u8]>,
+    /// For delay warnings: until when we keep trying.
+    pub retry_until: Option<Micros>,
+}
+
+/// Builds a DSN about `env`; returns the envelope and body to queue under `id`.
 pub fn build(
     id: QueueId,
     hostname: &str,
     env: &Envelope,
-    kind: DsnKind,
-    rcpts: &[DsnRecipient],
-    original: Option<&[u8]>,
+    report: &Report<'_>,
     now: Micros,
-    retry_until: Option<Micros>,
 ) -> (Envelope, Vec<u8>) {
+    let Report {
+        kind,
+        recipients: rcpts,
+        original,
+        retry_until,
+    } = *report;
     let arrival = rfc2822(env.arrival);
     let (subject, intro) = match kind {
         DsnKind::Failed => (
@@ -124,21 +141,26 @@ pub fn build(
 
     let mut parts = vec![
         MimePart::new("text/plain", human),
-        MimePart::new("message/delivery-status", status.into_bytes())
-            .header("Content-Transfer-Encoding", HeaderType::Raw(Raw::new("7bit"))),
+        MimePart::new("message/delivery-status", status.into_bytes()).header(
+            "Content-Transfer-Encoding",
+            HeaderType::Raw(Raw::new("7bit")),
+        ),
     ];
     if let Some(original) = original {
         let (ctype, content) = match env.ret {
             Some(DsnRet::Full) => ("message/rfc822", original.to_vec()),
             _ => ("text/rfc822-headers", header_section(original).to_vec()),
         };
-        parts.push(
-            MimePart::new(ctype, content)
-                .header("Content-Transfer-Encoding", HeaderType::Raw(Raw::new("8bit"))),
-        );
+        parts.push(MimePart::new(ctype, content).header(
+            "Content-Transfer-Encoding",
+            HeaderType::Raw(Raw::new("8bit")),
+        ));
     }
     let body = MessageBuilder::new()
-        .from(("Mail Delivery System".to_owned(), format!("MAILER-DAEMON@{hostname}")))
+        .from((
+            "Mail Delivery System".to_owned(),
+            format!("MAILER-DAEMON@{hostname}"),
+        ))
         .to(env.sender.as_str())
         .subject(subject)
         .message_id(format!("{id}@{hostname}"))
@@ -201,7 +223,11 @@ mod tests {
             kind: MessageKind::Mail,
             arrival: 1_700_000_000_000_000,
             sender: "alice@sender.test".into(),
-            recipients: vec![Recipient::new("bob@example.test".into(), Some("rfc822;bob@example.test".into()), Notify::default())],
+            recipients: vec![Recipient::new(
+                "bob@example.test".into(),
+                Some("rfc822;bob@example.test".into()),
+                Notify::default(),
+            )],
             size: 10,
             env_id: Some("ENV42".into()),
             ret: None,
@@ -221,26 +247,49 @@ mod tests {
             orcpt: Some("rfc822;bob@example.test".into()),
             diagnostic: "550 5.1.1 No such user".into(),
         }];
-        let (dsn, body) = build(QueueId(8), "mx2.example.test", &env, DsnKind::Failed, &rcpts, Some(b"Subject: hi\r\nX: y\r\n\r\nsecret body\r\n"), 1_700_000_100_000_000, None);
+        let report = Report {
+            kind: DsnKind::Failed,
+            recipients: &rcpts,
+            original: Some(b"Subject: hi\r\nX: y\r\n\r\nsecret body\r\n"),
+            retry_until: None,
+        };
+        let (dsn, body) = build(
+            QueueId(8),
+            "mx2.example.test",
+            &env,
+            &report,
+            1_700_000_100_000_000,
+        );
         assert_eq!(dsn.sender, "", "DSNs use the null sender");
         assert_eq!(dsn.kind, MessageKind::Dsn);
         assert_eq!(dsn.recipients[0].address, "alice@sender.test");
         let text = String::from_utf8(body).unwrap();
         assert!(text.contains("multipart/report"), "{text}");
-        assert!(text.contains("report-type=\"delivery-status\"") || text.contains("report-type=delivery-status"), "{text}");
+        assert!(
+            text.contains("report-type=\"delivery-status\"")
+                || text.contains("report-type=delivery-status"),
+            "{text}"
+        );
         assert!(text.contains("Action: failed"));
         assert!(text.contains("Status: 5.1.1"));
         assert!(text.contains("Original-Envelope-Id: ENV42"));
         assert!(text.contains("Original-Recipient: rfc822;bob@example.test"));
         assert!(text.contains("Subject: hi"), "headers returned");
-        assert!(!text.contains("secret body"), "body not returned without RET=FULL");
+        assert!(
+            !text.contains("secret body"),
+            "body not returned without RET=FULL"
+        );
     }
 
     #[test]
     fn no_dsn_to_null_sender_or_for_dsns_or_when_never() {
         let mut env = original();
         assert!(wanted(&env, DsnKind::Failed, env.recipients.iter()));
-        env.recipients[0].notify = Notify { never: true, explicit: true, ..Default::default() };
+        env.recipients[0].notify = Notify {
+            never: true,
+            explicit: true,
+            ..Default::default()
+        };
         assert!(!wanted(&env, DsnKind::Failed, env.recipients.iter()));
         let mut env = original();
         env.sender.clear();

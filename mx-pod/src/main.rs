@@ -132,7 +132,9 @@ fn main() -> ExitCode {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
@@ -151,7 +153,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Queue { target, action } => queue(target, action).await,
-        Command::Replay { target, workers, rate } => {
+        Command::Replay {
+            target,
+            workers,
+            rate,
+        } => {
             let api = Api::new(&target)?;
             let body = if workers.is_some() || rate.is_some() {
                 let mut patch = serde_json::Map::new();
@@ -161,7 +167,12 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 if let Some(r) = rate {
                     patch.insert("rate_per_second".into(), json!(r));
                 }
-                api.send(reqwest::Method::PUT, "/v1/replay", Some(Value::Object(patch))).await?
+                api.send(
+                    reqwest::Method::PUT,
+                    "/v1/replay",
+                    Some(Value::Object(patch)),
+                )
+                .await?
             } else {
                 api.get("/v1/replay").await?
             };
@@ -179,7 +190,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
 
 async fn queue(target: Target, action: QueueAction) -> anyhow::Result<()> {
     let api = Api::new(&target)?;
-    let selector = |id: Option<String>, domain: Option<String>| Some(json!({"id": id, "domain": domain}));
+    let selector =
+        |id: Option<String>, domain: Option<String>| Some(json!({"id": id, "domain": domain}));
     let out = match action {
         QueueAction::List { domain, limit } => {
             let mut path = format!("/v1/queue/messages?limit={limit}");
@@ -199,16 +211,36 @@ async fn queue(target: Target, action: QueueAction) -> anyhow::Result<()> {
         }
         QueueAction::Show { id } => api.get(&format!("/v1/queue/messages/{id}")).await?,
         QueueAction::Hold { id, domain } => {
-            api.send(reqwest::Method::POST, "/v1/queue/hold", selector(id, domain)).await?
+            api.send(
+                reqwest::Method::POST,
+                "/v1/queue/hold",
+                selector(id, domain),
+            )
+            .await?
         }
         QueueAction::Release { id, domain } => {
-            api.send(reqwest::Method::POST, "/v1/queue/release", selector(id, domain)).await?
+            api.send(
+                reqwest::Method::POST,
+                "/v1/queue/release",
+                selector(id, domain),
+            )
+            .await?
         }
         QueueAction::Flush { domain } => {
-            api.send(reqwest::Method::POST, "/v1/queue/flush", selector(None, domain)).await?
+            api.send(
+                reqwest::Method::POST,
+                "/v1/queue/flush",
+                selector(None, domain),
+            )
+            .await?
         }
         QueueAction::Delete { id } => {
-            api.send(reqwest::Method::DELETE, &format!("/v1/queue/messages/{id}"), None).await?
+            api.send(
+                reqwest::Method::DELETE,
+                &format!("/v1/queue/messages/{id}"),
+                None,
+            )
+            .await?
         }
     };
     println!("{}", serde_json::to_string_pretty(&out)?);
@@ -220,7 +252,10 @@ fn print_list(list: &[MessageSummary], summary: &QueueSummary) {
     if list.is_empty() {
         println!("Mail queue is empty");
     } else {
-        println!("{:<17} {:>8} {:<21} {:>6}  Sender / Recipients", "Queue ID", "Size", "Arrival", "Age");
+        println!(
+            "{:<17} {:>8} {:<21} {:>6}  Sender / Recipients",
+            "Queue ID", "Size", "Arrival", "Age"
+        );
         for m in list {
             let flag = if m.held { "!" } else { "" };
             println!(
@@ -247,7 +282,11 @@ fn print_list(list: &[MessageSummary], summary: &QueueSummary) {
         "-- {} message(s), {} bytes{}{}",
         summary.messages,
         summary.bytes,
-        if summary.held { ", everything HELD" } else { "" },
+        if summary.held {
+            ", everything HELD"
+        } else {
+            ""
+        },
         if summary.draining { ", DRAINING" } else { "" }
     );
     for d in &summary.domains {
@@ -292,7 +331,10 @@ impl Api {
             }
             (None, None) => "http://127.0.0.1:8025".to_owned(),
         };
-        let token_file = t.token_file.clone().or_else(|| config.as_ref().and_then(|c| c.admin.token_file.clone()));
+        let token_file = t
+            .token_file
+            .clone()
+            .or_else(|| config.as_ref().and_then(|c| c.admin.token_file.clone()));
         let token = token_file
             .map(|f| {
                 std::fs::read_to_string(&f)
@@ -300,14 +342,23 @@ impl Api {
                     .with_context(|| format!("cannot read token file {}", f.display()))
             })
             .transpose()?;
-        Ok(Api { base, token, http: reqwest::Client::new() })
+        Ok(Api {
+            base,
+            token,
+            http: reqwest::Client::new(),
+        })
     }
 
     async fn get(&self, path: &str) -> anyhow::Result<Value> {
         self.send(reqwest::Method::GET, path, None).await
     }
 
-    async fn send(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
+    async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<Value> {
         let url = format!("{}{path}", self.base);
         let mut req = self.http.request(method.clone(), &url);
         if let Some(t) = &self.token {
@@ -316,12 +367,19 @@ impl Api {
         if let Some(b) = body {
             req = req.json(&b);
         }
-        let resp = req.send().await.with_context(|| format!("cannot reach the admin API at {url}"))?;
+        let resp = req
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the admin API at {url}"))?;
         let status = resp.status();
         let text = resp.text().await.unwrap_or_default();
         let value: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
         if !status.is_success() {
-            let msg = value.get("error").and_then(Value::as_str).map(str::to_owned).unwrap_or_else(|| value.to_string());
+            let msg = value
+                .get("error")
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+                .unwrap_or_else(|| value.to_string());
             if status == reqwest::StatusCode::UNAUTHORIZED && self.token.is_none() {
                 bail!("{method} {path}: {status}: {msg} (give --token-file or --config)");
             }

@@ -60,23 +60,65 @@ impl Metrics {
             smtp_sessions: Gauge::default(),
             registry: Registry::default(),
         };
-        registry.register("queue_messages", "Messages queued, per domain", m.queue_messages.clone());
-        registry.register("queue_bytes", "Bytes queued, per domain", m.queue_bytes.clone());
+        registry.register(
+            "queue_messages",
+            "Messages queued, per domain",
+            m.queue_messages.clone(),
+        );
+        registry.register(
+            "queue_bytes",
+            "Bytes queued, per domain",
+            m.queue_bytes.clone(),
+        );
         registry.register(
             "queue_oldest_age_seconds",
             "Age of the oldest queued message, per domain",
             m.queue_oldest_age_seconds.clone(),
         );
-        registry.register("queue_disk_bytes", "Bytes the queue log takes on disk", m.queue_disk_bytes.clone());
-        registry.register("accepted", "Messages accepted (250 after DATA)", m.accepted.clone());
-        registry.register("rejected", "Commands or messages refused, by reason", m.rejected.clone());
-        registry.register("delivered", "Recipients delivered to the primary, per domain", m.delivered.clone());
-        registry.register("deferred", "Recipient delivery attempts that failed temporarily, per domain", m.deferred.clone());
-        registry.register("bounced", "Recipients bounced to the sender (DSN), by reason", m.bounced.clone());
-        registry.register("replay_workers", "Replay workers currently allowed to deliver", m.replay_workers.clone());
-        registry.register("smtp_sessions", "Open inbound SMTP sessions", m.smtp_sessions.clone());
+        registry.register(
+            "queue_disk_bytes",
+            "Bytes the queue log takes on disk",
+            m.queue_disk_bytes.clone(),
+        );
+        registry.register(
+            "accepted",
+            "Messages accepted (250 after DATA)",
+            m.accepted.clone(),
+        );
+        registry.register(
+            "rejected",
+            "Commands or messages refused, by reason",
+            m.rejected.clone(),
+        );
+        registry.register(
+            "delivered",
+            "Recipients delivered to the primary, per domain",
+            m.delivered.clone(),
+        );
+        registry.register(
+            "deferred",
+            "Recipient delivery attempts that failed temporarily, per domain",
+            m.deferred.clone(),
+        );
+        registry.register(
+            "bounced",
+            "Recipients bounced to the sender (DSN), by reason",
+            m.bounced.clone(),
+        );
+        registry.register(
+            "replay_workers",
+            "Replay workers currently allowed to deliver",
+            m.replay_workers.clone(),
+        );
+        registry.register(
+            "smtp_sessions",
+            "Open inbound SMTP sessions",
+            m.smtp_sessions.clone(),
+        );
         for r in RejectReason::ALL {
-            let _ = m.rejected.get_or_create(&ReasonLabel { reason: r.as_str().into() });
+            let _ = m.rejected.get_or_create(&ReasonLabel {
+                reason: r.as_str().into(),
+            });
         }
         Metrics { registry, ..m }
     }
@@ -84,7 +126,9 @@ impl Metrics {
     /// Counts a refusal.
     pub fn reject(&self, reason: RejectReason) {
         self.rejected
-            .get_or_create(&ReasonLabel { reason: reason.as_str().into() })
+            .get_or_create(&ReasonLabel {
+                reason: reason.as_str().into(),
+            })
             .inc();
     }
 
@@ -101,7 +145,9 @@ impl Metrics {
             self.queue_oldest_age_seconds.get_or_create(&l).set(0.0);
         }
         for s in queue.stats() {
-            let l = DomainLabel { domain: s.route.clone() };
+            let l = DomainLabel {
+                domain: s.route.clone(),
+            };
             self.queue_messages.get_or_create(&l).set(s.messages as i64);
             self.queue_bytes.get_or_create(&l).set(s.bytes as i64);
             let age = s

@@ -67,7 +67,9 @@ mod tests {
     #[tokio::test]
     async fn healthy_primary_reports_banner_and_features() {
         let addr = server("220 primary.test ESMTP\r\n").await;
-        let r = probe(&addr, "mx2.test", Duration::from_secs(5)).await.unwrap();
+        let r = probe(&addr, "mx2.test", Duration::from_secs(5))
+            .await
+            .unwrap();
         assert_eq!(r.banner, "primary.test ESMTP");
         assert!(r.capabilities.pipelining && r.capabilities.starttls);
     }
@@ -75,10 +77,16 @@ mod tests {
     #[tokio::test]
     async fn busy_greeting_is_unhealthy() {
         let addr = server("421 4.3.2 busy\r\n").await;
-        let err = probe(&addr, "mx2.test", Duration::from_secs(5)).await.unwrap_err();
+        let err = probe(&addr, "mx2.test", Duration::from_secs(5))
+            .await
+            .unwrap_err();
         assert!(err.is_throttle(), "{err}");
         let addr = server("554 5.3.2 no service\r\n").await;
-        assert!(probe(&addr, "mx2.test", Duration::from_secs(5)).await.is_err());
+        assert!(
+            probe(&addr, "mx2.test", Duration::from_secs(5))
+                .await
+                .is_err()
+        );
     }
 
     #[tokio::test]
@@ -86,7 +94,9 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap().to_string();
         drop(l);
-        let err = probe(&addr, "mx2.test", Duration::from_secs(5)).await.unwrap_err();
+        let err = probe(&addr, "mx2.test", Duration::from_secs(5))
+            .await
+            .unwrap_err();
         assert!(matches!(err, ClientError::Connect { .. }), "{err}");
     }
 }

@@ -36,7 +36,11 @@ pub fn read_token(config: &Config) -> anyhow::Result<Option<Arc<str>>> {
     let token = std::fs::read_to_string(path)
         .with_context(|| format!("admin.token_file: cannot read {}", path.display()))?;
     let token = token.trim();
-    anyhow::ensure!(!token.is_empty(), "admin.token_file: {} is empty", path.display());
+    anyhow::ensure!(
+        !token.is_empty(),
+        "admin.token_file: {} is empty",
+        path.display()
+    );
     Ok(Some(Arc::from(token)))
 }
 
@@ -107,7 +111,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         queue: queue.clone(),
         metrics: metrics.clone(),
     });
-    let smtp_task = tokio::spawn(listener::serve(smtp_listeners, ctx, smtp_stop.clone()));
+    let smtp = listener::serve(smtp_listeners, ctx, smtp_stop.clone());
     let tasks = TaskTracker::new();
     replay.spawn(&tasks, replay_stop.clone());
     tasks.close();
@@ -133,7 +137,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         std::process::exit(1);
     });
     smtp_stop.cancel();
-    let _ = smtp_task.await;
+    smtp.drained().await;
+    smtp.close().await;
     info!("SMTP sessions finished; stopping replay");
     replay_stop.cancel();
     tasks.wait().await;

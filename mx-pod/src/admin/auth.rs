@@ -8,7 +8,8 @@ pub fn check(expected: Option<&str>, headers: &HeaderMap) -> Result<(), (StatusC
     let Some(expected) = expected else {
         return Err((
             StatusCode::FORBIDDEN,
-            "mutating calls are disabled: no admin token is configured (set admin.token_file)".into(),
+            "mutating calls are disabled: no admin token is configured (set admin.token_file)"
+                .into(),
         ));
     };
     let given = headers
@@ -46,8 +47,19 @@ mod tests {
     #[test]
     fn token_rules() {
         assert!(check(Some("s3cret"), &headers("Bearer s3cret")).is_ok());
-        assert_eq!(check(Some("s3cret"), &headers("Bearer nope")).unwrap_err().0, StatusCode::UNAUTHORIZED);
-        assert_eq!(check(Some("s3cret"), &HeaderMap::new()).unwrap_err().0, StatusCode::UNAUTHORIZED);
-        assert_eq!(check(None, &headers("Bearer s3cret")).unwrap_err().0, StatusCode::FORBIDDEN);
+        assert_eq!(
+            check(Some("s3cret"), &headers("Bearer nope"))
+                .unwrap_err()
+                .0,
+            StatusCode::UNAUTHORIZED
+        );
+        assert_eq!(
+            check(Some("s3cret"), &HeaderMap::new()).unwrap_err().0,
+            StatusCode::UNAUTHORIZED
+        );
+        assert_eq!(
+            check(None, &headers("Bearer s3cret")).unwrap_err().0,
+            StatusCode::FORBIDDEN
+        );
     }
 }

@@ -51,7 +51,10 @@ pub fn router(state: AdminState) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/queue", get(queue_summary))
         .route("/v1/queue/messages", get(list_messages))
-        .route("/v1/queue/messages/{id}", get(show_message).delete(delete_message))
+        .route(
+            "/v1/queue/messages/{id}",
+            get(show_message).delete(delete_message),
+        )
         .route("/v1/queue/hold", post(hold))
         .route("/v1/queue/release", post(release))
         .route("/v1/queue/flush", post(flush))
@@ -62,7 +65,16 @@ pub fn router(state: AdminState) -> Router {
 }
 
 fn error(status: StatusCode, message: String) -> Response {
-    (status, Json(json!({ "error": message }))).into_response()
+    ApiError(status, message).into_response()
+}
+
+/// An error answer: a status and a message, sent as `{"error": message}`.
+pub struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({ "error": self.1 }))).into_response()
+    }
 }
 
 fn queue_error(e: QueueError) -> Response {
@@ -93,9 +105,21 @@ async fn readyz(State(s): State<AdminState>) -> Response {
 }
 
 async fn metrics(State(s): State<AdminState>) -> Response {
-    let domains: Vec<String> = s.config.domains.iter().map(|d| d.name.to_ascii_lowercase()).collect();
+    let domains: Vec<String> = s
+        .config
+        .domains
+        .iter()
+        .map(|d| d.name.to_ascii_lowercase())
+        .collect();
     let body = s.metrics.render(&s.queue, &domains);
-    ([(CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body).into_response()
+    (
+        [(
+            CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response()
 }
 
 /// Per-domain queue figures.
@@ -128,14 +152,24 @@ async fn queue_summary(State(s): State<AdminState>) -> Response {
         .iter()
         .map(|d| d.name.to_ascii_lowercase())
         .filter(|d| !stats.iter().any(|st| st.route == *d))
-        .map(|domain| DomainSummary { domain, messages: 0, bytes: 0, oldest_age_seconds: 0, held: false })
+        .map(|domain| DomainSummary {
+            domain,
+            messages: 0,
+            bytes: 0,
+            oldest_age_seconds: 0,
+            held: false,
+        })
         .collect();
-    domains.extend(stats.into_iter().map(|st| DomainSummary {
-        domain: st.route,
-        messages: st.messages,
-        bytes: st.bytes,
-        oldest_age_seconds: st.oldest_arrival.map_or(0, |a| now.saturating_sub(a) / 1_000_000),
-        held: st.held,
+    domains.extend(stats.into_iter().map(|st| {
+        DomainSummary {
+            domain: st.route,
+            messages: st.messages,
+            bytes: st.bytes,
+            oldest_age_seconds: st
+                .oldest_arrival
+                .map_or(0, |a| now.saturating_sub(a) / 1_000_000),
+            held: st.held,
+        }
     }));
     domains.sort_by(|a, b| a.domain.cmp(&b.domain));
     let (messages, bytes) = s.queue.totals();
@@ -210,18 +244,24 @@ fn summary(env: &crate::queue::message::Envelope, now: u64) -> MessageSummary {
 async fn list_messages(State(s): State<AdminState>, Query(q): Query<ListQuery>) -> Response {
     let now = now_micros();
     let limit = q.limit.unwrap_or(100).min(10_000);
-    let list: Vec<MessageSummary> = s.queue.list(q.domain.as_deref(), limit).iter().map(|e| summary(e, now)).collect();
+    let list: Vec<MessageSummary> = s
+        .queue
+        .list(q.domain.as_deref(), limit)
+        .iter()
+        .map(|e| summary(e, now))
+        .collect();
     Json(list).into_response()
 }
 
-fn parse_id(id: &str) -> Result<QueueId, Response> {
-    id.parse().map_err(|e: String| error(StatusCode::BAD_REQUEST, e))
+fn parse_id(id: &str) -> Result<QueueId, ApiError> {
+    id.parse()
+        .map_err(|e: String| ApiError(StatusCode::BAD_REQUEST, e))
 }
 
 async fn show_message(State(s): State<AdminState>, Path(id): Path<String>) -> Response {
     let id = match parse_id(&id) {
         Ok(id) => id,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     match s.queue.get(id) {
         Some(env) => Json(env).into_response(),
@@ -229,11 +269,15 @@ async fn show_message(State(s): State<AdminState>, Path(id): Path<String>) -> Re
     }
 }
 
-async fn delete_message(State(s): State<AdminState>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+async fn delete_message(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
     authorized!(s, headers);
     let id = match parse_id(&id) {
         Ok(id) => id,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     match s.queue.remove(id).await {
         Ok(env) => {
@@ -252,45 +296,64 @@ pub struct Selector {
     pub id: Option<String>,
 }
 
-fn selector(body: &[u8]) -> Result<Selector, Response> {
+fn selector(body: &[u8]) -> Result<Selector, ApiError> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(Selector::default());
     }
-    serde_json::from_slice(body).map_err(|e| error(StatusCode::BAD_REQUEST, format!("bad request body: {e}")))
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("bad request body: {e}")))
 }
 
-async fn set_hold(s: AdminState, headers: HeaderMap, body: axum::body::Bytes, held: bool) -> Response {
+async fn set_hold(
+    s: AdminState,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+    held: bool,
+) -> Response {
     authorized!(s, headers);
     let sel = match selector(&body) {
         Ok(x) => x,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let id = match sel.id.as_deref().map(parse_id).transpose() {
         Ok(id) => id,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     match s.queue.set_hold(held, sel.domain.as_deref(), id).await {
         Ok(n) => {
             tracing::info!(held, domain = ?sel.domain, id = ?sel.id, messages = n, "hold changed by admin");
-            Json(json!({"held": held, "domain": sel.domain, "id": sel.id, "messages": n})).into_response()
+            Json(json!({"held": held, "domain": sel.domain, "id": sel.id, "messages": n}))
+                .into_response()
         }
         Err(e) => queue_error(e),
     }
 }
 
-async fn hold(State(s): State<AdminState>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
+async fn hold(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
     set_hold(s, headers, body, true).await
 }
 
-async fn release(State(s): State<AdminState>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
+async fn release(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
     set_hold(s, headers, body, false).await
 }
 
-async fn flush(State(s): State<AdminState>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
+async fn flush(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
     authorized!(s, headers);
     let sel = match selector(&body) {
         Ok(x) => x,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let n = s.queue.flush(sel.domain.as_deref());
     s.replay.reset_backoff(sel.domain.as_deref());
@@ -309,8 +372,19 @@ pub struct ReplayStatusBody {
 
 async fn get_replay(State(s): State<AdminState>) -> Response {
     let st = s.replay.settings();
-    let routes = s.replay.routes().into_iter().map(|r| serde_json::to_value(r).unwrap_or_default()).collect();
-    Json(ReplayStatusBody { workers: st.workers, rate_per_second: st.rate_per_second, auto: s.config.replay.auto, routes }).into_response()
+    let routes = s
+        .replay
+        .routes()
+        .into_iter()
+        .map(|r| serde_json::to_value(r).unwrap_or_default())
+        .collect();
+    Json(ReplayStatusBody {
+        workers: st.workers,
+        rate_per_second: st.rate_per_second,
+        auto: s.config.replay.auto,
+        routes,
+    })
+    .into_response()
 }
 
 #[derive(Deserialize)]
@@ -322,16 +396,28 @@ struct ReplayPatch {
 
 const MAX_WORKERS: usize = 1024;
 
-async fn put_replay(State(s): State<AdminState>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
+async fn put_replay(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
     authorized!(s, headers);
     let patch: ReplayPatch = match serde_json::from_slice(&body) {
         Ok(p) => p,
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("bad request body: {e}; expected {{\"workers\":N,\"rate_per_second\":R}}")),
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("bad request body: {e}; expected {{\"workers\":N,\"rate_per_second\":R}}"),
+            );
+        }
     };
     let mut st = s.replay.settings();
     if let Some(w) = patch.workers {
         if w > MAX_WORKERS {
-            return error(StatusCode::UNPROCESSABLE_ENTITY, format!("workers must be at most {MAX_WORKERS}"));
+            return error(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("workers must be at most {MAX_WORKERS}"),
+            );
         }
         st.workers = w;
     }

@@ -34,7 +34,8 @@ mod tests {
 
     #[test]
     fn counts_only_header_section() {
-        let msg = b"Received: a\r\nRECEIVED: b\r\n\tcontinued\r\nSubject: x\r\n\r\nReceived: in body\r\n";
+        let msg =
+            b"Received: a\r\nRECEIVED: b\r\n\tcontinued\r\nSubject: x\r\n\r\nReceived: in body\r\n";
         assert_eq!(received_count(msg), 2);
     }
 

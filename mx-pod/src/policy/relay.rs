@@ -70,7 +70,11 @@ mod tests {
             "user@mx2.example.com",
             "nodomain",
         ] {
-            assert_eq!(verdict(addr), Verdict::Reject(RejectReason::Relay), "{addr}");
+            assert_eq!(
+                verdict(addr),
+                Verdict::Reject(RejectReason::Relay),
+                "{addr}"
+            );
         }
     }
 
@@ -81,7 +85,11 @@ mod tests {
 
     #[test]
     fn source_route_is_refused_even_if_the_final_address_is_ours() {
-        let v = check(&config(), "user@example.com", b"RCPT TO:<@evil.com,@x.org:user@example.com>\r\n");
+        let v = check(
+            &config(),
+            "user@example.com",
+            b"RCPT TO:<@evil.com,@x.org:user@example.com>\r\n",
+        );
         assert_eq!(v, Verdict::Reject(RejectReason::SourceRoute));
     }
 }

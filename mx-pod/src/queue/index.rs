@@ -278,7 +278,11 @@ impl Index {
             }
             let (pos, id) = q.ready.pop_first().expect("not empty");
             q.in_flight.insert(pos, id);
-            let entry = self.messages.get(&id).cloned().expect("indexed message exists");
+            let entry = self
+                .messages
+                .get(&id)
+                .cloned()
+                .expect("indexed message exists");
             return Some((name, entry));
         }
         None
@@ -347,6 +351,32 @@ impl Index {
         n
     }
 
+    /// Takes a message out of every route (marks it in flight everywhere) so no worker picks it
+    /// up; `None` when it is unknown or already in flight somewhere.
+    pub fn claim(&mut self, id: QueueId) -> Option<Entry> {
+        if !self.in_flight_routes(id).is_empty() {
+            return None;
+        }
+        let entry = self.messages.get(&id)?.clone();
+        for route in entry.routes() {
+            self.unplace(&entry, &route);
+            let q = self.routes.entry(route).or_default();
+            q.in_flight.insert(entry.pos, id);
+            q.bytes += entry.env.size;
+        }
+        Some(entry)
+    }
+
+    /// Undoes [`Index::claim`].
+    pub fn unclaim(&mut self, id: QueueId, now: Micros) {
+        let Some(entry) = self.messages.get(&id).cloned() else {
+            return;
+        };
+        for route in entry.routes() {
+            self.put_back(&route, id, now);
+        }
+    }
+
     /// Routes a message is in flight on.
     pub fn in_flight_routes(&self, id: QueueId) -> Vec<String> {
         let Some(e) = self.messages.get(&id) else {
@@ -385,7 +415,12 @@ mod tests {
                 held: false,
                 delay_warned: false,
             },
-            body: BodyRef { segment: 1, offset: 0, len: 100, crc: 0 },
+            body: BodyRef {
+                segment: 1,
+                offset: 0,
+                len: 100,
+                crc: 0,
+            },
             pos: (1, id),
         }
     }
@@ -465,6 +500,18 @@ mod tests {
         }
         assert!(ix.take(0, None, |_, n| n < 1).is_some());
         assert!(ix.take(0, None, |_, n| n < 1).is_none());
+    }
+
+    #[test]
+    fn claimed_message_is_not_taken_until_unclaimed() {
+        let mut ix = Index::default();
+        ix.insert(entry(1, &["a@x.test", "b@y.test"]), 0);
+        assert!(ix.claim(QueueId(1)).is_some());
+        assert!(ix.claim(QueueId(1)).is_none(), "already claimed");
+        assert!(ix.take(0, None, |_, _| true).is_none());
+        ix.unclaim(QueueId(1), 0);
+        assert!(ix.take(0, None, |_, _| true).is_some());
+        assert!(ix.claim(QueueId(1)).is_none(), "in flight on one route");
     }
 
     #[test]

@@ -247,9 +247,17 @@ mod tests {
     fn notify_defaults_follow_rfc3461() {
         let default = Notify::default();
         assert!(default.on_failure() && default.on_delay());
-        let never = Notify { never: true, explicit: true, ..Default::default() };
+        let never = Notify {
+            never: true,
+            explicit: true,
+            ..Default::default()
+        };
         assert!(!never.on_failure() && !never.on_delay());
-        let success_only = Notify { success: true, explicit: true, ..Default::default() };
+        let success_only = Notify {
+            success: true,
+            explicit: true,
+            ..Default::default()
+        };
         assert!(!success_only.on_failure());
     }
 

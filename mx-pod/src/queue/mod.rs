@@ -243,7 +243,11 @@ impl Queue {
 
     /// Takes the oldest deliverable message, preferring route `prefer`; `can_take(route,
     /// in_flight)` lets the caller apply per-route limits and backoff.
-    pub fn take(&self, prefer: Option<&str>, can_take: impl FnMut(&str, usize) -> bool) -> Option<Job> {
+    pub fn take(
+        &self,
+        prefer: Option<&str>,
+        can_take: impl FnMut(&str, usize) -> bool,
+    ) -> Option<Job> {
         let mut st = self.lock();
         if st.holds.all {
             return None;
@@ -348,7 +352,12 @@ impl Queue {
         if let Some(id) = id {
             let state = {
                 let mut st = self.lock();
-                let mut env = st.index.get(id).ok_or(QueueError::NotFound(id))?.env.clone();
+                let mut env = st
+                    .index
+                    .get(id)
+                    .ok_or(QueueError::NotFound(id))?
+                    .env
+                    .clone();
                 env.held = held;
                 st.index.update(env.clone(), now_micros());
                 MessageState::of(&env)
@@ -382,7 +391,12 @@ impl Queue {
         write_holds(&self.inner.dir, &holds)
             .map_err(|e| QueueError::Storage(StoreError::Io(format!("cannot save holds: {e}"))))?;
         self.inner.work.notify_waiters();
-        Ok(self.stats().iter().filter(|s| domain.is_none_or(|d| s.route.eq_ignore_ascii_case(d))).map(|s| s.messages).sum())
+        Ok(self
+            .stats()
+            .iter()
+            .filter(|s| domain.is_none_or(|d| s.route.eq_ignore_ascii_case(d)))
+            .map(|s| s.messages)
+            .sum())
     }
 
     /// Makes deferred mail of a domain (or all) due now. Returns how many messages moved.
@@ -430,38 +444,60 @@ impl Queue {
         self.lock().index.get(id).map(|e| e.env.clone())
     }
 
-    /// Finds messages past retention or past the delay warning, skipping those in flight.
-    pub fn expiry_scan(&self, now: Micros, retention: Duration, delay_warning: Duration) -> ExpiryWork {
-        let st = self.lock();
+    /// Finds messages past retention (`expired`) or past the delay warning and not yet warned
+    /// (`delayed`), skipping those in flight. Expired messages come back *claimed*: no worker can
+    /// take them until they are finished with [`Queue::complete`] or given back with
+    /// [`Queue::unclaim`], so an expiry and a delivery never race.
+    pub fn expiry_scan(
+        &self,
+        now: Micros,
+        retention: Duration,
+        delay_warning: Duration,
+    ) -> ExpiryWork {
+        let mut st = self.lock();
         let mut work = ExpiryWork::default();
         let retention = retention.as_micros() as u64;
         let warn = delay_warning.as_micros() as u64;
         let ids: Vec<QueueId> = st.index.ids().copied().collect();
         for id in ids {
             let Some(e) = st.index.get(id) else { continue };
-            if !st.index.in_flight_routes(id).is_empty() {
-                continue;
-            }
             let age = now.saturating_sub(e.env.arrival);
-            let job = || Job {
-                route: String::new(),
-                env: e.env.clone(),
-                body: e.body,
-            };
             if age >= retention {
-                work.expired.push(job());
-            } else if age >= warn && !e.env.delay_warned {
-                work.delayed.push(job());
+                if let Some(e) = st.index.claim(id) {
+                    work.expired.push(Job {
+                        route: String::new(),
+                        env: e.env,
+                        body: e.body,
+                    });
+                }
+            } else if age >= warn && !e.env.delay_warned && st.index.in_flight_routes(id).is_empty()
+            {
+                work.delayed.push(Job {
+                    route: String::new(),
+                    env: e.env.clone(),
+                    body: e.body,
+                });
             }
         }
         work
+    }
+
+    /// Gives back a message claimed by [`Queue::expiry_scan`].
+    pub fn unclaim(&self, job: &Job) {
+        self.lock().index.unclaim(job.env.id, now_micros());
+        self.inner.work.notify_waiters();
     }
 
     /// Marks the delay warning of a message as sent.
     pub async fn mark_delay_warned(&self, id: QueueId) -> Result<(), QueueError> {
         let state = {
             let mut st = self.lock();
-            let mut env = st.index.get(id).ok_or(QueueError::NotFound(id))?.env.clone();
+            let mut env = st
+                .index
+                .get(id)
+                .ok_or(QueueError::NotFound(id))?
+                .env
+                .clone();
             env.delay_warned = true;
             st.index.update(env.clone(), now_micros());
             MessageState::of(&env)
@@ -472,7 +508,12 @@ impl Queue {
 
     /// Reads a message's body for a DSN or an admin (`Job` from [`Queue::expiry_scan`]).
     pub fn read_body_of(&self, id: QueueId) -> Result<Vec<u8>, QueueError> {
-        let body = self.lock().index.get(id).ok_or(QueueError::NotFound(id))?.body;
+        let body = self
+            .lock()
+            .index
+            .get(id)
+            .ok_or(QueueError::NotFound(id))?
+            .body;
         Ok(self.inner.store.read_body(id, body)?)
     }
 

@@ -201,18 +201,21 @@ impl Store {
         segment_size: u64,
     ) -> Result<(Store, Vec<Recovered>, RecoveryReport), StoreError> {
         let log_dir = dir.join("log");
-        fs::create_dir_all(&log_dir).map_err(|e| {
-            StoreError::Io(format!("cannot create {}: {e}", log_dir.display()))
-        })?;
+        fs::create_dir_all(&log_dir)
+            .map_err(|e| StoreError::Io(format!("cannot create {}: {e}", log_dir.display())))?;
         let probe = log_dir.join(".write-test");
         fs::write(&probe, b"ok")
             .and_then(|_| fs::remove_file(&probe))
             .map_err(|e| {
-                StoreError::Io(format!("queue directory {} is not writable: {e}", dir.display()))
+                StoreError::Io(format!(
+                    "queue directory {} is not writable: {e}",
+                    dir.display()
+                ))
             })?;
         let (state, recovered, report) = recover(&log_dir)?;
         let disk_bytes = Arc::new(AtomicU64::new(0));
-        let mut committer = Committer::start(log_dir.clone(), segment_size, state, disk_bytes.clone())?;
+        let mut committer =
+            Committer::start(log_dir.clone(), segment_size, state, disk_bytes.clone())?;
         let (tx, rx) = mpsc::unbounded_channel();
         std::thread::Builder::new()
             .name("queue-committer".into())
@@ -251,9 +254,7 @@ impl Store {
         let id = record.id();
         let (encoded, at) = record.encode();
         let body_at = match &record {
-            Record::Message { body, .. } => {
-                Some((at, body.len() as u64, crc32fast::hash(body)))
-            }
+            Record::Message { body, .. } => Some((at, body.len() as u64, crc32fast::hash(body))),
             _ => None,
         };
         self.tx
@@ -270,9 +271,8 @@ impl Store {
     /// Reads a message body and checks its CRC: a damaged body is an error, never half a message.
     pub fn read_body(&self, id: QueueId, body: BodyRef) -> Result<Vec<u8>, StoreError> {
         let path = segment_path(&self.log_dir, body.segment);
-        let file = File::open(&path).map_err(|e| {
-            StoreError::Corrupt(id, format!("cannot open {}: {e}", path.display()))
-        })?;
+        let file = File::open(&path)
+            .map_err(|e| StoreError::Corrupt(id, format!("cannot open {}: {e}", path.display())))?;
         let mut buf = vec![0u8; body.len as usize];
         file.read_exact_at(&mut buf, body.offset)
             .map_err(|e| StoreError::Corrupt(id, format!("cannot read body: {e}")))?;
@@ -412,13 +412,22 @@ fn recover(log_dir: &Path) -> Result<(GcState, Vec<Recovered>, RecoveryReport), 
             report.records += 1;
             match kind {
                 1 => {
-                    let envelope: Envelope = serde_json::from_slice(meta).map_err(|e| e.to_string())?;
+                    let envelope: Envelope =
+                        serde_json::from_slice(meta).map_err(|e| e.to_string())?;
                     let body = body.expect("message records carry a body");
                     gc.apply(seg, 1, envelope.id);
-                    live.insert(envelope.id, Recovered { envelope, body, pos });
+                    live.insert(
+                        envelope.id,
+                        Recovered {
+                            envelope,
+                            body,
+                            pos,
+                        },
+                    );
                 }
                 2 => {
-                    let state: MessageState = serde_json::from_slice(meta).map_err(|e| e.to_string())?;
+                    let state: MessageState =
+                        serde_json::from_slice(meta).map_err(|e| e.to_string())?;
                     if let Some(r) = live.get_mut(&state.id) {
                         gc.apply(seg, 2, state.id);
                         state.apply_to(&mut r.envelope);
@@ -442,7 +451,9 @@ fn recover(log_dir: &Path) -> Result<(GcState, Vec<Recovered>, RecoveryReport), 
             }
             SegmentEnd::Damaged { offset, why } => {
                 tracing::error!(segment = %path.display(), offset, %why, "corrupt record in a sealed segment; later records of this segment are skipped");
-                report.corrupt_segments.push(format!("{}: {why} at {offset}", path.display()));
+                report
+                    .corrupt_segments
+                    .push(format!("{}: {why} at {offset}", path.display()));
                 // keep the file for inspection even when nothing in it is live
                 gc.incr(seg);
             }
@@ -488,7 +499,12 @@ fn read_segment(
     let mut meta = Vec::new();
     let mut body_buf = Vec::new();
     while offset < len {
-        let damaged = |why: &str| Ok(SegmentEnd::Damaged { offset, why: why.to_owned() });
+        let damaged = |why: &str| {
+            Ok(SegmentEnd::Damaged {
+                offset,
+                why: why.to_owned(),
+            })
+        };
         let mut h = [0u8; RECORD_HEADER_LEN];
         if len - offset < RECORD_HEADER_LEN as u64 || r.read_exact(&mut h).is_err() {
             return damaged("truncated record header");
@@ -614,10 +630,7 @@ impl Committer {
             placed.push(at);
             buf.extend_from_slice(&op.record);
         }
-        let result = self
-            .file
-            .write_all(buf)
-            .and_then(|_| self.file.sync_data());
+        let result = self.file.write_all(buf).and_then(|_| self.file.sync_data());
         match result {
             Ok(()) => {
                 self.len += buf.len() as u64;
@@ -642,9 +655,11 @@ impl Committer {
                 let err = StoreError::from_io(&e);
                 tracing::error!(segment = self.active, error = %e, records = batch.len(), "queue write failed; batch refused");
                 // cut the segment back to its last good length so it stays readable
-                if let Err(te) = self.file.set_len(start).and_then(|_| {
-                    self.file.seek(SeekFrom::Start(start)).map(|_| ())
-                }) {
+                if let Err(te) = self
+                    .file
+                    .set_len(start)
+                    .and_then(|_| self.file.seek(SeekFrom::Start(start)).map(|_| ()))
+                {
                     tracing::error!(error = %te, "cannot truncate segment after failed write; starting a new one");
                     self.rotate();
                 }
@@ -684,7 +699,9 @@ impl Committer {
                 self.gc.sizes.insert(next, len);
                 self.gc.refs.entry(next).or_default();
             }
-            Err(e) => tracing::error!(error = %e, "cannot start a new segment; appending to the current one"),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start a new segment; appending to the current one")
+            }
         }
     }
 
@@ -742,7 +759,7 @@ fn create_segment(dir: &Path, dir_handle: &File, n: u64) -> Result<(File, u64), 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::queue::message::{Notify, Recipient, RcptStatus};
+    use crate::queue::message::{Notify, RcptStatus, Recipient};
 
     fn envelope(id: u64) -> Envelope {
         Envelope {
@@ -750,7 +767,11 @@ mod tests {
             kind: Default::default(),
             arrival: id,
             sender: "a@sender.test".into(),
-            recipients: vec![Recipient::new("b@example.test".into(), None, Notify::default())],
+            recipients: vec![Recipient::new(
+                "b@example.test".into(),
+                None,
+                Notify::default(),
+            )],
             size: 5,
             env_id: None,
             ret: None,
@@ -780,7 +801,10 @@ mod tests {
             assert!(rec.is_empty());
             for i in 1..=3 {
                 store
-                    .append(Record::Message { envelope: envelope(i), body: format!("body{i}").into_bytes() })
+                    .append(Record::Message {
+                        envelope: envelope(i),
+                        body: format!("body{i}").into_bytes(),
+                    })
                     .await
                     .unwrap();
             }
@@ -804,14 +828,24 @@ mod tests {
             let (store, _, _) = Store::open(dir.path(), 1 << 20).unwrap();
             for i in 1..=2 {
                 store
-                    .append(Record::Message { envelope: envelope(i), body: vec![b'x'; 100] })
+                    .append(Record::Message {
+                        envelope: envelope(i),
+                        body: vec![b'x'; 100],
+                    })
                     .await
                     .unwrap();
             }
         }
         // simulate a crash in the middle of the next write
-        let last = dir.path().join("log").join(seg_files(dir.path()).pop().unwrap());
-        let (partial, _) = Record::Message { envelope: envelope(3), body: vec![b'y'; 100] }.encode();
+        let last = dir
+            .path()
+            .join("log")
+            .join(seg_files(dir.path()).pop().unwrap());
+        let (partial, _) = Record::Message {
+            envelope: envelope(3),
+            body: vec![b'y'; 100],
+        }
+        .encode();
         let mut f = OpenOptions::new().append(true).open(&last).unwrap();
         f.write_all(&partial[..partial.len() - 10]).unwrap();
         drop(f);
@@ -825,7 +859,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (store, _, _) = Store::open(dir.path(), 1 << 20).unwrap();
         let a = store
-            .append(Record::Message { envelope: envelope(1), body: b"hello world".to_vec() })
+            .append(Record::Message {
+                envelope: envelope(1),
+                body: b"hello world".to_vec(),
+            })
             .await
             .unwrap();
         let body = a.body.unwrap();
@@ -843,7 +880,10 @@ mod tests {
         let (store, _, _) = Store::open(dir.path(), 64).unwrap();
         for i in 1..=3 {
             store
-                .append(Record::Message { envelope: envelope(i), body: vec![b'z'; 200] })
+                .append(Record::Message {
+                    envelope: envelope(i),
+                    body: vec![b'z'; 200],
+                })
                 .await
                 .unwrap();
         }
@@ -861,7 +901,11 @@ mod tests {
         let (_, rec, _) = Store::open(dir.path(), 64).unwrap();
         assert!(rec.is_empty());
         // only the newest (active) segments remain
-        assert!(seg_files(dir.path()).len() <= 2, "{:?}", seg_files(dir.path()));
+        assert!(
+            seg_files(dir.path()).len() <= 2,
+            "{:?}",
+            seg_files(dir.path())
+        );
     }
 
     #[tokio::test]
@@ -869,11 +913,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (store, _, _) = Store::open(dir.path(), 64).unwrap();
         store
-            .append(Record::Message { envelope: envelope(1), body: vec![1; 100] })
+            .append(Record::Message {
+                envelope: envelope(1),
+                body: vec![1; 100],
+            })
             .await
             .unwrap();
         store
-            .append(Record::Message { envelope: envelope(2), body: vec![2; 100] })
+            .append(Record::Message {
+                envelope: envelope(2),
+                body: vec![2; 100],
+            })
             .await
             .unwrap();
         let mut st = MessageState::of(&envelope(1));

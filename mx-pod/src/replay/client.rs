@@ -59,7 +59,10 @@ pub enum ClientError {
     #[error("connection closed while waiting for {0}")]
     Closed(&'static str),
     #[error("{stage} refused: {reply}")]
-    Refused { stage: &'static str, reply: ServerReply },
+    Refused {
+        stage: &'static str,
+        reply: ServerReply,
+    },
     #[error("protocol error: {0}")]
     Protocol(String),
     #[error("I/O error: {0}")]
@@ -153,7 +156,10 @@ impl SmtpClient {
             buf: Vec::with_capacity(4096),
             start: 0,
             timeout,
-            greeting: ServerReply { code: 0, lines: vec![] },
+            greeting: ServerReply {
+                code: 0,
+                lines: vec![],
+            },
             caps: Capabilities::default(),
             sent: 0,
             broken: false,
@@ -170,7 +176,10 @@ impl SmtpClient {
         if ehlo.code == 250 {
             c.caps = Capabilities::parse(&ehlo);
         } else if ehlo.code == 421 {
-            return Err(ClientError::Refused { stage: "EHLO", reply: ehlo });
+            return Err(ClientError::Refused {
+                stage: "EHLO",
+                reply: ehlo,
+            });
         } else {
             let helo_reply = c.command(&format!("HELO {helo}\r\n"), "HELO").await?;
             if helo_reply.code != 250 {
@@ -215,7 +224,11 @@ impl SmtpClient {
     }
 
     /// Sends one command and reads its reply.
-    pub async fn command(&mut self, line: &str, stage: &'static str) -> Result<ServerReply, ClientError> {
+    pub async fn command(
+        &mut self,
+        line: &str,
+        stage: &'static str,
+    ) -> Result<ServerReply, ClientError> {
         self.write(line.as_bytes()).await?;
         self.read_reply(stage).await
     }
@@ -245,12 +258,16 @@ impl SmtpClient {
             let bytes = line.as_bytes();
             if bytes.len() < 3 || !bytes[..3].iter().all(u8::is_ascii_digit) {
                 self.broken = true;
-                return Err(ClientError::Protocol(format!("bad reply line {line:?} to {stage}")));
+                return Err(ClientError::Protocol(format!(
+                    "bad reply line {line:?} to {stage}"
+                )));
             }
             let this: u16 = line[..3].parse().expect("three digits");
             if code != 0 && this != code {
                 self.broken = true;
-                return Err(ClientError::Protocol(format!("mixed reply codes to {stage}")));
+                return Err(ClientError::Protocol(format!(
+                    "mixed reply codes to {stage}"
+                )));
             }
             code = this;
             let more = bytes.get(3) == Some(&b'-');
@@ -299,7 +316,10 @@ impl SmtpClient {
         body: &[u8],
     ) -> Result<TxResult, ClientError> {
         let mail = self.mail_command(env, body.len());
-        let rcpts: Vec<String> = recipients.iter().map(|(_, r)| self.rcpt_command(r)).collect();
+        let rcpts: Vec<String> = recipients
+            .iter()
+            .map(|(_, r)| self.rcpt_command(r))
+            .collect();
         let mut out = TxResult::default();
         self.sent += 1;
 
@@ -327,11 +347,17 @@ impl SmtpClient {
                 }
             }
             if mail_reply.code == 421 {
-                return Err(ClientError::Refused { stage: "MAIL", reply: mail_reply });
+                return Err(ClientError::Refused {
+                    stage: "MAIL",
+                    reply: mail_reply,
+                });
             }
             self.reset().await;
             let result = classify(&mail_reply);
-            out.results = recipients.iter().map(|(i, _)| (*i, result.clone())).collect();
+            out.results = recipients
+                .iter()
+                .map(|(i, _)| (*i, result.clone()))
+                .collect();
             return Ok(out);
         }
 
@@ -351,7 +377,10 @@ impl SmtpClient {
             if self.broken {
                 // 421: the rest is unknown; leave those recipients untouched
                 return if accepted.is_empty() && out.results.is_empty() {
-                    Err(ClientError::Refused { stage: "RCPT", reply })
+                    Err(ClientError::Refused {
+                        stage: "RCPT",
+                        reply,
+                    })
                 } else {
                     out.results.extend(
                         accepted
@@ -515,7 +544,13 @@ mod tests {
     fn capabilities_from_ehlo() {
         let r = ServerReply {
             code: 250,
-            lines: vec!["mx Hello".into(), "PIPELINING".into(), "SIZE 1000".into(), "dsn".into(), "STARTTLS".into()],
+            lines: vec![
+                "mx Hello".into(),
+                "PIPELINING".into(),
+                "SIZE 1000".into(),
+                "dsn".into(),
+                "STARTTLS".into(),
+            ],
         };
         let c = Capabilities::parse(&r);
         assert!(c.pipelining && c.dsn && c.starttls && !c.smtputf8);
@@ -524,7 +559,10 @@ mod tests {
 
     #[test]
     fn classification() {
-        let r = |code| ServerReply { code, lines: vec!["x".into()] };
+        let r = |code| ServerReply {
+            code,
+            lines: vec!["x".into()],
+        };
         assert!(matches!(classify(&r(250)), RcptResult::Delivered(_)));
         assert!(matches!(classify(&r(451)), RcptResult::Deferred(_)));
         assert!(matches!(classify(&r(550)), RcptResult::Failed(_)));

@@ -84,6 +84,19 @@ impl Replay {
             rate_per_second: config.replay.rate_per_second,
         };
         metrics.replay_workers.set(s.workers as i64);
+        // every series exists from the start, so dashboards and alerts see zeros, not gaps
+        for d in &config.domains {
+            let l = DomainLabel {
+                domain: d.name.to_ascii_lowercase(),
+            };
+            let _ = metrics.delivered.get_or_create(&l);
+            let _ = metrics.deferred.get_or_create(&l);
+        }
+        for reason in ["rejected", "expired", "corrupt"] {
+            let _ = metrics.bounced.get_or_create(&ReasonLabel {
+                reason: reason.into(),
+            });
+        }
         let (settings, _) = watch::channel(s);
         Replay {
             inner: Arc::new(Inner {
@@ -108,7 +121,11 @@ impl Replay {
         self.inner.metrics.replay_workers.set(s.workers as i64);
         self.inner.settings.send_replace(s);
         self.inner.queue.wake();
-        info!(workers = s.workers, rate_per_second = s.rate_per_second, "replay settings changed");
+        info!(
+            workers = s.workers,
+            rate_per_second = s.rate_per_second,
+            "replay settings changed"
+        );
     }
 
     /// Clears the backoff of a domain's route (or all): an admin flush tries at once.
@@ -137,7 +154,12 @@ impl Replay {
             .map(|route| {
                 let h = health.get(&route).cloned().unwrap_or_default();
                 RouteStatus {
-                    primary_up: self.inner.config.replay.auto.then(|| up.get(&route).copied().unwrap_or(false)),
+                    primary_up: self
+                        .inner
+                        .config
+                        .replay
+                        .auto
+                        .then(|| up.get(&route).copied().unwrap_or(false)),
                     backing_off: h.backing_off(now),
                     concurrency_limit: h.limit(),
                     last_error: h.last_error().map(str::to_owned),
@@ -193,7 +215,10 @@ impl Replay {
             return false;
         }
         if self.inner.config.replay.auto
-            && !lock(&self.inner.primary_up).get(route).copied().unwrap_or(false)
+            && !lock(&self.inner.primary_up)
+                .get(route)
+                .copied()
+                .unwrap_or(false)
         {
             return false;
         }
@@ -261,7 +286,9 @@ impl Replay {
             });
             if !reused {
                 close(conn).await;
-                match SmtpClient::connect(&domain.primary, &cfg.hostname, cfg.replay.timeout.0).await {
+                match SmtpClient::connect(&domain.primary, &cfg.hostname, cfg.replay.timeout.0)
+                    .await
+                {
                     Ok(c) => *conn = Some((job.route.clone(), c)),
                     Err(e) => break Err(e),
                 }
@@ -289,8 +316,20 @@ impl Replay {
                     let mut routes = lock(&self.inner.routes);
                     let h = routes.entry(job.route.clone()).or_default();
                     if tx.throttled {
-                        let in_flight = self.inner.queue.stats().iter().find(|s| s.route == job.route).map_or(1, |s| s.in_flight);
-                        h.throttled(Instant::now(), in_flight, cfg.replay.min_backoff.0, cfg.replay.max_backoff.0, "421 from primary".into());
+                        let in_flight = self
+                            .inner
+                            .queue
+                            .stats()
+                            .iter()
+                            .find(|s| s.route == job.route)
+                            .map_or(1, |s| s.in_flight);
+                        h.throttled(
+                            Instant::now(),
+                            in_flight,
+                            cfg.replay.min_backoff.0,
+                            cfg.replay.max_backoff.0,
+                            "421 from primary".into(),
+                        );
                     } else {
                         h.success(self.settings().workers);
                     }
@@ -307,7 +346,13 @@ impl Replay {
             let h = routes.entry(job.route.clone()).or_default();
             let now = Instant::now();
             if throttle {
-                let in_flight = self.inner.queue.stats().iter().find(|s| s.route == job.route).map_or(1, |s| s.in_flight);
+                let in_flight = self
+                    .inner
+                    .queue
+                    .stats()
+                    .iter()
+                    .find(|s| s.route == job.route)
+                    .map_or(1, |s| s.in_flight);
                 h.throttled(now, in_flight, cfg.min_backoff.0, cfg.max_backoff.0, error);
             } else {
                 h.failure(now, cfg.min_backoff.0, cfg.max_backoff.0, error);
@@ -326,7 +371,11 @@ impl Replay {
             })
             .collect();
         if !failed.is_empty()
-            && dsn::wanted(&job.env, DsnKind::Failed, failed.iter().map(|(i, _)| &job.env.recipients[*i]))
+            && dsn::wanted(
+                &job.env,
+                DsnKind::Failed,
+                failed.iter().map(|(i, _)| &job.env.recipients[*i]),
+            )
             && let Err(e) = self.queue_dsn(job, DsnKind::Failed, &failed, body).await
         {
             // without its DSN a failure would be silent: retry the recipients later instead
@@ -337,7 +386,9 @@ impl Replay {
                 }
             }
         }
-        let domain = DomainLabel { domain: job.route.clone() };
+        let domain = DomainLabel {
+            domain: job.route.clone(),
+        };
         for (i, r) in &results {
             let addr = &job.env.recipients[*i].address;
             match r {
@@ -350,29 +401,54 @@ impl Replay {
                     warn!(id = %job.env.id, to = %addr, route = %job.route, reply = %reply, "deferred");
                 }
                 RcptResult::Failed(reply) => {
-                    self.inner.metrics.bounced.get_or_create(&ReasonLabel { reason: "rejected".into() }).inc();
+                    self.inner
+                        .metrics
+                        .bounced
+                        .get_or_create(&ReasonLabel {
+                            reason: "rejected".into(),
+                        })
+                        .inc();
                     warn!(id = %job.env.id, to = %addr, route = %job.route, reply = %reply, "bounced");
                 }
             }
         }
         let cfg = &self.inner.config.replay;
         let (min, max) = (cfg.min_backoff.0, cfg.max_backoff.0);
-        self.inner.queue.complete(job, &results, |n| backoff(n, min, max));
+        self.inner
+            .queue
+            .complete(job, &results, |n| backoff(n, min, max));
     }
 
     /// Queues a DSN about `job` for the given recipients; durable when this returns `Ok`.
-    async fn queue_dsn(&self, job: &Job, kind: DsnKind, rcpts: &[(usize, String)], body: Option<&[u8]>) -> Result<(), crate::queue::QueueError> {
+    async fn queue_dsn(
+        &self,
+        job: &Job,
+        kind: DsnKind,
+        rcpts: &[(usize, String)],
+        body: Option<&[u8]>,
+    ) -> Result<(), crate::queue::QueueError> {
         let cfg = &self.inner.config;
         let list: Vec<DsnRecipient> = rcpts
             .iter()
             .map(|(i, diag)| {
                 let r = &job.env.recipients[*i];
-                DsnRecipient { address: r.address.clone(), orcpt: r.orcpt.clone(), diagnostic: diag.clone() }
+                DsnRecipient {
+                    address: r.address.clone(),
+                    orcpt: r.orcpt.clone(),
+                    diagnostic: diag.clone(),
+                }
             })
             .collect();
-        let retry_until = (kind == DsnKind::Delayed).then(|| job.env.arrival + cfg.queue.retention.0.as_micros() as u64);
+        let retry_until = (kind == DsnKind::Delayed)
+            .then(|| job.env.arrival + cfg.queue.retention.0.as_micros() as u64);
         let id = self.inner.queue.new_id();
-        let (env, dsn_body) = dsn::build(id, &cfg.hostname, &job.env, kind, &list, body, now_micros(), retry_until);
+        let report = dsn::Report {
+            kind,
+            recipients: &list,
+            original: body,
+            retry_until,
+        };
+        let (env, dsn_body) = dsn::build(id, &cfg.hostname, &job.env, &report, now_micros());
         let reservation = self.inner.queue.reserve(dsn_body.len() as u64)?;
         self.inner.queue.enqueue(env, dsn_body, reservation).await?;
         info!(id = %job.env.id, dsn = %id, kind = ?kind, to = %job.env.sender, "DSN queued");
@@ -387,15 +463,28 @@ impl Replay {
         let saved = std::fs::create_dir_all(&dir).and_then(|_| {
             std::fs::write(
                 dir.join(format!("{}.json", job.env.id)),
-                serde_json::to_vec_pretty(&serde_json::json!({"error": error, "envelope": job.env})).unwrap_or_default(),
+                serde_json::to_vec_pretty(
+                    &serde_json::json!({"error": error, "envelope": job.env}),
+                )
+                .unwrap_or_default(),
             )
         });
         if let Err(e) = saved {
             error!(id = %job.env.id, error = %e, "cannot save the damaged message's envelope");
         }
         let reply = "554 5.3.0 message damaged in the backup MX queue".to_owned();
-        let results: Vec<(usize, RcptResult)> = job.recipients().iter().map(|(i, _)| (*i, RcptResult::Failed(reply.clone()))).collect();
-        self.inner.metrics.bounced.get_or_create(&ReasonLabel { reason: "corrupt".into() }).inc();
+        let results: Vec<(usize, RcptResult)> = job
+            .recipients()
+            .iter()
+            .map(|(i, _)| (*i, RcptResult::Failed(reply.clone())))
+            .collect();
+        self.inner
+            .metrics
+            .bounced
+            .get_or_create(&ReasonLabel {
+                reason: "corrupt".into(),
+            })
+            .inc();
         self.record(job, results, None).await;
     }
 
@@ -407,10 +496,9 @@ impl Replay {
                 return;
             }
             let now = Instant::now();
-            let job = self
-                .inner
-                .queue
-                .take(None, |route, n| route == DSN_ROUTE && health.can_take(n, now));
+            let job = self.inner.queue.take(None, |route, n| {
+                route == DSN_ROUTE && health.can_take(n, now)
+            });
             let Some(job) = job else {
                 tokio::select! {
                     _ = self.inner.queue.wait_for_work(Duration::from_secs(1)) => {}
@@ -430,11 +518,18 @@ impl Replay {
                         }
                     }
                     let (min, max) = (cfg.replay.min_backoff.0, cfg.replay.max_backoff.0);
-                    self.inner.queue.complete(&job, &results, |n| backoff(n, min, max));
+                    self.inner
+                        .queue
+                        .complete(&job, &results, |n| backoff(n, min, max));
                 }
                 Err(e) => {
                     warn!(id = %job.env.id, error = %e, "DSN delivery failed; will retry");
-                    health.failure(Instant::now(), cfg.replay.min_backoff.0, cfg.replay.max_backoff.0, e.to_string());
+                    health.failure(
+                        Instant::now(),
+                        cfg.replay.min_backoff.0,
+                        cfg.replay.max_backoff.0,
+                        e.to_string(),
+                    );
                     self.inner.queue.put_back(&job);
                 }
             }
@@ -447,11 +542,18 @@ impl Replay {
             Ok(b) => b,
             Err(e) => {
                 error!(id = %job.env.id, error = %e, "damaged DSN dropped");
-                return Ok(job.recipients().iter().map(|(i, _)| (*i, RcptResult::Failed(e.to_string()))).collect());
+                return Ok(job
+                    .recipients()
+                    .iter()
+                    .map(|(i, _)| (*i, RcptResult::Failed(e.to_string())))
+                    .collect());
             }
         };
         let rcpts = job.recipients();
-        let domain = rcpts.first().map(|(_, r)| r.domain.clone()).unwrap_or_default();
+        let domain = rcpts
+            .first()
+            .map(|(_, r)| r.domain.clone())
+            .unwrap_or_default();
         let targets = match &cfg.dsn.relay {
             Some(relay) => vec![relay.clone()],
             None => mx_targets(&domain, cfg.dsn.resolver).await?,
@@ -470,13 +572,16 @@ impl Replay {
                 Err(e) => last = Some(e),
             }
         }
-        Err(last.unwrap_or(ClientError::Protocol(format!("no mail server found for {domain}"))))
+        Err(last.unwrap_or(ClientError::Protocol(format!(
+            "no mail server found for {domain}"
+        ))))
     }
 
     /// Bounces expired mail and sends delay warnings.
     async fn expiry_loop(self, shutdown: CancellationToken) {
         let q = &self.inner.config.queue;
-        let every = (q.delay_warning.0.min(q.retention.0) / 10).clamp(Duration::from_secs(1), Duration::from_secs(30));
+        let every = (q.delay_warning.0.min(q.retention.0) / 10)
+            .clamp(Duration::from_secs(1), Duration::from_secs(30));
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(every) => {}
@@ -489,7 +594,10 @@ impl Replay {
     /// One expiry sweep (public for tests).
     pub async fn expire_once(&self) {
         let q = &self.inner.config.queue;
-        let work = self.inner.queue.expiry_scan(now_micros(), q.retention.0, q.delay_warning.0);
+        let work = self
+            .inner
+            .queue
+            .expiry_scan(now_micros(), q.retention.0, q.delay_warning.0);
         for job in work.expired {
             let pending: Vec<(usize, String)> = job
                 .env
@@ -498,26 +606,49 @@ impl Replay {
                 .enumerate()
                 .filter(|(_, r)| !r.status.is_final())
                 .map(|(i, r)| {
-                    let why = r.last_error.clone().map(|e| format!("; last error: {e}")).unwrap_or_default();
-                    (i, format!("550 5.4.7 Delivery time expired after {}{why}", q.retention))
+                    let why = r
+                        .last_error
+                        .clone()
+                        .map(|e| format!("; last error: {e}"))
+                        .unwrap_or_default();
+                    (
+                        i,
+                        format!("550 5.4.7 Delivery time expired after {}{why}", q.retention),
+                    )
                 })
                 .collect();
-            if dsn::wanted(&job.env, DsnKind::Failed, pending.iter().map(|(i, _)| &job.env.recipients[*i])) {
+            if dsn::wanted(
+                &job.env,
+                DsnKind::Failed,
+                pending.iter().map(|(i, _)| &job.env.recipients[*i]),
+            ) {
                 let body = self.inner.queue.read_body_of(job.env.id).ok();
-                if let Err(e) = self.queue_dsn(&job, DsnKind::Failed, &pending, body.as_deref()).await {
+                if let Err(e) = self
+                    .queue_dsn(&job, DsnKind::Failed, &pending, body.as_deref())
+                    .await
+                {
                     error!(id = %job.env.id, error = %e, "cannot queue the expiry DSN; keeping the message");
+                    self.inner.queue.unclaim(&job);
                     continue;
                 }
             } else if job.env.kind == crate::queue::message::MessageKind::Dsn {
                 warn!(id = %job.env.id, to = %job.env.sender, "undeliverable DSN expired; dropped");
             }
-            match self.inner.queue.remove(job.env.id).await {
-                Ok(_) => {
-                    self.inner.metrics.bounced.get_or_create(&ReasonLabel { reason: "expired".into() }).inc_by(pending.len() as u64);
-                    warn!(id = %job.env.id, from = %job.env.sender, recipients = pending.len(), "expired after retention; bounced");
-                }
-                Err(e) => debug!(id = %job.env.id, error = %e, "expired message not removed this round"),
-            }
+            let results: Vec<(usize, RcptResult)> = pending
+                .iter()
+                .map(|(i, why)| (*i, RcptResult::Failed(why.clone())))
+                .collect();
+            self.inner
+                .queue
+                .complete(&job, &results, |_| Duration::ZERO);
+            self.inner
+                .metrics
+                .bounced
+                .get_or_create(&ReasonLabel {
+                    reason: "expired".into(),
+                })
+                .inc_by(pending.len() as u64);
+            warn!(id = %job.env.id, from = %job.env.sender, recipients = pending.len(), "expired after retention; bounced");
         }
         for job in work.delayed {
             let pending: Vec<(usize, String)> = job
@@ -526,10 +657,20 @@ impl Replay {
                 .iter()
                 .enumerate()
                 .filter(|(_, r)| !r.status.is_final())
-                .map(|(i, r)| (i, r.last_error.clone().unwrap_or_else(|| "451 4.4.1 primary mail server not reachable yet".into())))
+                .map(|(i, r)| {
+                    (
+                        i,
+                        r.last_error.clone().unwrap_or_else(|| {
+                            "451 4.4.1 primary mail server not reachable yet".into()
+                        }),
+                    )
+                })
                 .collect();
-            if dsn::wanted(&job.env, DsnKind::Delayed, pending.iter().map(|(i, _)| &job.env.recipients[*i]))
-                && let Err(e) = self.queue_dsn(&job, DsnKind::Delayed, &pending, None).await
+            if dsn::wanted(
+                &job.env,
+                DsnKind::Delayed,
+                pending.iter().map(|(i, _)| &job.env.recipients[*i]),
+            ) && let Err(e) = self.queue_dsn(&job, DsnKind::Delayed, &pending, None).await
             {
                 error!(id = %job.env.id, error = %e, "cannot queue the delay DSN");
                 continue;
@@ -546,16 +687,28 @@ impl Replay {
         loop {
             for d in &cfg.domains {
                 let route = d.name.to_ascii_lowercase();
-                let result = crate::probe::probe(&d.primary, &cfg.hostname, cfg.replay.timeout.0.min(Duration::from_secs(10))).await;
+                let result = crate::probe::probe(
+                    &d.primary,
+                    &cfg.hostname,
+                    cfg.replay.timeout.0.min(Duration::from_secs(10)),
+                )
+                .await;
                 let up = result.is_ok();
                 let was = lock(&self.inner.primary_up).insert(route.clone(), up);
                 if was != Some(up) {
                     match &result {
-                        Ok(r) => info!(domain = %route, primary = %d.primary, banner = %r.banner, "primary is up; replay enabled"),
-                        Err(e) => warn!(domain = %route, primary = %d.primary, error = %e, "primary is down; holding its mail"),
+                        Ok(r) => {
+                            info!(domain = %route, primary = %d.primary, banner = %r.banner, "primary is up; replay enabled")
+                        }
+                        Err(e) => {
+                            warn!(domain = %route, primary = %d.primary, error = %e, "primary is down; holding its mail")
+                        }
                     }
                     if up {
-                        lock(&self.inner.routes).entry(route.clone()).or_default().reset();
+                        lock(&self.inner.routes)
+                            .entry(route.clone())
+                            .or_default()
+                            .reset();
                         self.inner.queue.wake();
                     }
                 }
@@ -575,7 +728,10 @@ async fn close(conn: &mut Option<(String, SmtpClient)>) {
 }
 
 /// The hosts to try for `domain`'s mail, by MX preference (the domain itself when it has no MX).
-async fn mx_targets(domain: &str, resolver: Option<std::net::SocketAddr>) -> Result<Vec<String>, ClientError> {
+async fn mx_targets(
+    domain: &str,
+    resolver: Option<std::net::SocketAddr>,
+) -> Result<Vec<String>, ClientError> {
     use hickory_resolver::{
         Resolver,
         config::{NameServerConfig, ResolverConfig},
@@ -591,16 +747,22 @@ async fn mx_targets(domain: &str, resolver: Option<std::net::SocketAddr>) -> Res
             rc.add_name_server(ns);
             Resolver::builder_with_config(rc, TokioRuntimeProvider::default())
         }
-        None => Resolver::builder_tokio().map_err(|e| ClientError::Protocol(format!("no system resolver: {e}")))?,
+        None => Resolver::builder_tokio()
+            .map_err(|e| ClientError::Protocol(format!("no system resolver: {e}")))?,
     };
-    let resolver = builder.build().map_err(|e| ClientError::Protocol(format!("resolver: {e}")))?;
+    let resolver = builder
+        .build()
+        .map_err(|e| ClientError::Protocol(format!("resolver: {e}")))?;
     match resolver.mx_lookup(domain).await {
         Ok(mx) => {
             let mut v: Vec<(u16, String)> = mx
                 .answers()
                 .iter()
                 .filter_map(|r| match &r.data {
-                    hickory_resolver::proto::rr::RData::MX(m) => Some((m.preference, m.exchange.to_ascii().trim_end_matches('.').to_owned())),
+                    hickory_resolver::proto::rr::RData::MX(m) => Some((
+                        m.preference,
+                        m.exchange.to_ascii().trim_end_matches('.').to_owned(),
+                    )),
                     _ => None,
                 })
                 .collect();
@@ -608,7 +770,9 @@ async fn mx_targets(domain: &str, resolver: Option<std::net::SocketAddr>) -> Res
             Ok(v.into_iter().map(|(_, h)| format!("{h}:25")).collect())
         }
         Err(e) if e.is_no_records_found() => Ok(vec![format!("{domain}:25")]),
-        Err(e) => Err(ClientError::Protocol(format!("MX lookup of {domain} failed: {e}"))),
+        Err(e) => Err(ClientError::Protocol(format!(
+            "MX lookup of {domain} failed: {e}"
+        ))),
     }
 }
 

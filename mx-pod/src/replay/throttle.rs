@@ -88,7 +88,13 @@ impl RouteHealth {
 
     /// The route failed as a whole (connect refused, timeout, bad greeting): wait before the next
     /// try, doubling the wait each time up to `max`.
-    pub fn failure(&mut self, now: Instant, min: Duration, max: Duration, error: String) -> Duration {
+    pub fn failure(
+        &mut self,
+        now: Instant,
+        min: Duration,
+        max: Duration,
+        error: String,
+    ) -> Duration {
         self.failures = self.failures.saturating_add(1);
         let wait = backoff(self.failures, min, max);
         self.backoff_until = Some(now + wait);
@@ -97,8 +103,19 @@ impl RouteHealth {
     }
 
     /// The primary said `421` (too busy): halve the concurrency it gets, and back off.
-    pub fn throttled(&mut self, now: Instant, in_flight: usize, min: Duration, max: Duration, error: String) -> Duration {
-        let current = if self.limit.is_finite() { self.limit } else { in_flight.max(1) as f64 };
+    pub fn throttled(
+        &mut self,
+        now: Instant,
+        in_flight: usize,
+        min: Duration,
+        max: Duration,
+        error: String,
+    ) -> Duration {
+        let current = if self.limit.is_finite() {
+            self.limit
+        } else {
+            in_flight.max(1) as f64
+        };
         self.limit = (current / 2.0).max(1.0);
         self.failure(now, min, max, error)
     }
@@ -173,10 +190,20 @@ mod tests {
         let t0 = Instant::now();
         let mut h = RouteHealth::default();
         assert!(h.can_take(100, t0));
-        h.failure(t0, Duration::from_secs(1), Duration::from_secs(8), "refused".into());
+        h.failure(
+            t0,
+            Duration::from_secs(1),
+            Duration::from_secs(8),
+            "refused".into(),
+        );
         assert!(!h.can_take(0, t0));
         assert!(h.can_take(0, t0 + Duration::from_secs(1)));
-        h.failure(t0, Duration::from_secs(1), Duration::from_secs(8), "refused".into());
+        h.failure(
+            t0,
+            Duration::from_secs(1),
+            Duration::from_secs(8),
+            "refused".into(),
+        );
         assert!(!h.can_take(0, t0 + Duration::from_secs(1)));
         h.reset();
         assert!(h.can_take(0, t0));
@@ -195,6 +222,10 @@ mod tests {
         for _ in 0..100 {
             h.success(8);
         }
-        assert_eq!(h.limit(), None, "back to unlimited after a run of successes");
+        assert_eq!(
+            h.limit(),
+            None,
+            "back to unlimited after a run of successes"
+        );
     }
 }

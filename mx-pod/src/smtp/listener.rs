@@ -30,33 +30,70 @@ pub async fn bind(addrs: &[std::net::SocketAddr]) -> anyhow::Result<Vec<TcpListe
     Ok(out)
 }
 
-/// Serves SMTP until `shutdown`, then drains: returns when every session has ended or the
-/// grace period is over.
-pub async fn serve(listeners: Vec<TcpListener>, ctx: Arc<SessionContext>, shutdown: CancellationToken) {
+/// The running SMTP side: accept loops and the sessions they started.
+pub struct SmtpServer {
+    sessions: TaskTracker,
+    accept_loops: Vec<tokio::task::JoinHandle<()>>,
+    close: CancellationToken,
+    grace: Duration,
+}
+
+/// Starts serving SMTP. Once `stop` is cancelled (drain or shutdown) new connections get
+/// `421 4.3.2` and open sessions end after their transaction; the listeners stay open until
+/// [`SmtpServer::close`].
+pub fn serve(
+    listeners: Vec<TcpListener>,
+    ctx: Arc<SessionContext>,
+    stop: CancellationToken,
+) -> SmtpServer {
     let sessions = TaskTracker::new();
     let permits = Arc::new(Semaphore::new(ctx.config.smtp.max_connections));
-    let stop_accepting = CancellationToken::new();
-    let mut accept_loops = Vec::new();
-    for listener in listeners {
-        accept_loops.push(tokio::spawn(accept_loop(
-            listener,
-            ctx.clone(),
-            shutdown.clone(),
-            stop_accepting.clone(),
-            sessions.clone(),
-            permits.clone(),
-        )));
-    }
-    shutdown.cancelled().await;
-    sessions.close();
+    let close = CancellationToken::new();
     let grace = ctx.config.smtp.shutdown_grace.0;
-    info!(sessions = sessions.len(), grace = ?grace, "SMTP draining: new connections get 421");
-    if tokio::time::timeout(grace, sessions.wait()).await.is_err() {
-        warn!(sessions = sessions.len(), "grace period over; closing remaining sessions");
+    let accept_loops = listeners
+        .into_iter()
+        .map(|listener| {
+            tokio::spawn(accept_loop(
+                listener,
+                ctx.clone(),
+                stop.clone(),
+                close.clone(),
+                sessions.clone(),
+                permits.clone(),
+            ))
+        })
+        .collect();
+    SmtpServer {
+        sessions,
+        accept_loops,
+        close,
+        grace,
     }
-    stop_accepting.cancel();
-    for l in accept_loops {
-        let _ = l.await;
+}
+
+impl SmtpServer {
+    /// Waits until every session has ended, at most `smtp.shutdown_grace` (call after `stop`).
+    pub async fn drained(&self) {
+        info!(sessions = self.sessions.len(), grace = ?self.grace, "SMTP draining: new connections get 421");
+        // no session starts after `stop`, so closing the tracker only lets `wait` finish
+        self.sessions.close();
+        if tokio::time::timeout(self.grace, self.sessions.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                sessions = self.sessions.len(),
+                "grace period over; closing remaining sessions"
+            );
+        }
+    }
+
+    /// Closes the listeners.
+    pub async fn close(self) {
+        self.close.cancel();
+        for l in self.accept_loops {
+            let _ = l.await;
+        }
     }
 }
 

@@ -118,14 +118,14 @@ impl RejectReason {
     pub fn reply(self) -> Reply {
         match self {
             RejectReason::Relay => Reply::new(550, "5.7.1", "Relay access denied"),
-            RejectReason::SourceRoute => {
-                Reply::new(550, "5.7.1", "Source routes are not accepted")
-            }
+            RejectReason::SourceRoute => Reply::new(550, "5.7.1", "Source routes are not accepted"),
             RejectReason::Size => Reply::new(552, "5.3.4", "Message size exceeds fixed limit"),
             RejectReason::TooManyRecipients => Reply::new(452, "4.5.3", "Too many recipients"),
-            RejectReason::Loop => {
-                Reply::new(554, "5.4.6", "Too many Received: headers - mail loop detected")
-            }
+            RejectReason::Loop => Reply::new(
+                554,
+                "5.4.6",
+                "Too many Received: headers - mail loop detected",
+            ),
             RejectReason::BareLineEnding => Reply::new(
                 550,
                 "5.6.11",

@@ -79,7 +79,12 @@ pub struct Session<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
-    pub fn new(io: S, ctx: Arc<SessionContext>, peer: SocketAddr, shutdown: CancellationToken) -> Self {
+    pub fn new(
+        io: S,
+        ctx: Arc<SessionContext>,
+        peer: SocketAddr,
+        shutdown: CancellationToken,
+    ) -> Self {
         Session {
             io,
             ctx,
@@ -106,14 +111,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             self.reject(RejectReason::Shutdown, "connect");
             return self.flush().await;
         }
-        let banner = Reply::dynamic(220, "", format!("{} ESMTP mx-pod", self.ctx.config.hostname));
+        let banner = Reply::dynamic(
+            220,
+            "",
+            format!("{} ESMTP mx-pod", self.ctx.config.hostname),
+        );
         self.send(&banner);
-        loop {
-            match self.command().await? {
-                None => continue,
-                Some(End::Closed) | Some(End::Dropped) => break,
-            }
-        }
+        // a session ends when `command` says how (QUIT, hang-up, or our 421)
+        while self.command().await?.is_none() {}
         self.flush().await?;
         let _ = self.io.shutdown().await;
         Ok(())
@@ -141,7 +146,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 
     /// Reads more input into the buffer. Returns false on EOF.
-    async fn fill(&mut self, timeout: Duration, interruptible: bool) -> std::io::Result<Option<bool>> {
+    async fn fill(
+        &mut self,
+        timeout: Duration,
+        interruptible: bool,
+    ) -> std::io::Result<Option<bool>> {
         self.flush().await?;
         if self.start > 0 && self.start == self.buf.len() {
             self.buf.clear();
@@ -169,7 +178,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
             Some(Err(_elapsed)) => {
                 self.buf.truncate(old);
-                Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "client timed out"))
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "client timed out",
+                ))
             }
             Some(Ok(r)) => {
                 let n = r?;
@@ -268,13 +280,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 return Ok(());
             }
             self.start = self.buf.len();
-            if self.fill(self.ctx.config.smtp.idle_timeout.0, false).await? != Some(true) {
+            if self
+                .fill(self.ctx.config.smtp.idle_timeout.0, false)
+                .await?
+                != Some(true)
+            {
                 return Ok(());
             }
         }
     }
 
-    async fn handle(&mut self, request: Request<String>, raw: &[u8]) -> std::io::Result<Option<End>> {
+    async fn handle(
+        &mut self,
+        request: Request<String>,
+        raw: &[u8],
+    ) -> std::io::Result<Option<End>> {
         match request {
             Request::Ehlo { host } => {
                 self.tx = None;
@@ -355,7 +375,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     delay: to.flags & RCPT_NOTIFY_DELAY != 0,
                     never: to.flags & RCPT_NOTIFY_NEVER != 0,
                     explicit: to.flags
-                        & (RCPT_NOTIFY_SUCCESS | RCPT_NOTIFY_FAILURE | RCPT_NOTIFY_DELAY | RCPT_NOTIFY_NEVER)
+                        & (RCPT_NOTIFY_SUCCESS
+                            | RCPT_NOTIFY_FAILURE
+                            | RCPT_NOTIFY_DELAY
+                            | RCPT_NOTIFY_NEVER)
                         != 0,
                 };
                 let rcpt = Recipient::new(to.address, to.orcpt, notify);
@@ -410,7 +433,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let max = self.ctx.config.smtp.max_message_size.0 as usize;
         let mut receiver = DataReceiver::new();
         let mut overflow: Option<DummyDataReceiver> = None;
-        let mut body: Vec<u8> = Vec::with_capacity(self.tx.as_ref().map_or(0, |t| t.declared_size.min(max)) + 1024);
+        let mut body: Vec<u8> =
+            Vec::with_capacity(self.tx.as_ref().map_or(0, |t| t.declared_size.min(max)) + 1024);
         loop {
             let chunk = &self.buf[self.start..];
             let mut iter = chunk.iter();
@@ -572,9 +596,15 @@ mod tests {
             }
         }
         async fn cmd(&mut self, line: &str, expect: &str) -> String {
-            self.w.write_all(format!("{line}\r\n").as_bytes()).await.unwrap();
+            self.w
+                .write_all(format!("{line}\r\n").as_bytes())
+                .await
+                .unwrap();
             let r = self.reply().await;
-            assert!(r.starts_with(expect), "{line:?}: expected {expect:?}, got {r:?}");
+            assert!(
+                r.starts_with(expect),
+                "{line:?}: expected {expect:?}, got {r:?}"
+            );
             r
         }
         async fn raw(&mut self, bytes: &[u8], expect: &str) -> String {
@@ -611,10 +641,19 @@ mod tests {
         let session = Session::new(b, ctx, "192.0.2.7:4000".parse().unwrap(), shutdown.clone());
         let task = tokio::spawn(session.run());
         let (r, w) = tokio::io::split(a);
-        let mut client = Client { r: BufReader::new(r), w };
+        let mut client = Client {
+            r: BufReader::new(r),
+            w,
+        };
         let banner = client.reply().await;
         assert!(banner.starts_with("220 mx2.example.test ESMTP"), "{banner}");
-        Harness { client, queue, shutdown, _dir: dir, task }
+        Harness {
+            client,
+            queue,
+            shutdown,
+            _dir: dir,
+            task,
+        }
     }
 
     async fn start() -> Harness {
@@ -625,7 +664,14 @@ mod tests {
     async fn ehlo_advertises_extensions() {
         let mut h = start().await;
         let r = h.client.cmd("EHLO client.test", "250-").await;
-        for ext in ["PIPELINING", "SIZE 2048", "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES", "DSN"] {
+        for ext in [
+            "PIPELINING",
+            "SIZE 2048",
+            "8BITMIME",
+            "SMTPUTF8",
+            "ENHANCEDSTATUSCODES",
+            "DSN",
+        ] {
             assert!(r.contains(ext), "missing {ext}: {r}");
         }
         assert!(!r.contains("STARTTLS"), "STARTTLS only when configured");
@@ -636,11 +682,22 @@ mod tests {
         let mut h = start().await;
         let c = &mut h.client;
         c.cmd("EHLO client.test", "250").await;
-        c.cmd("MAIL FROM:<a@sender.test> RET=HDRS ENVID=abc", "250 2.1.0").await;
-        c.cmd("RCPT TO:<User@Example.Test> NOTIFY=FAILURE,DELAY", "250 2.1.5").await;
+        c.cmd("MAIL FROM:<a@sender.test> RET=HDRS ENVID=abc", "250 2.1.0")
+            .await;
+        c.cmd(
+            "RCPT TO:<User@Example.Test> NOTIFY=FAILURE,DELAY",
+            "250 2.1.5",
+        )
+        .await;
         c.cmd("DATA", "354").await;
-        let r = c.raw(b"Subject: hi\r\n\r\n..dot\r\nbody\r\n.\r\n", "250 2.0.0 Ok: queued as ").await;
-        let id: crate::queue::message::QueueId = r.trim().rsplit(' ').next().unwrap().parse().unwrap();
+        let r = c
+            .raw(
+                b"Subject: hi\r\n\r\n..dot\r\nbody\r\n.\r\n",
+                "250 2.0.0 Ok: queued as ",
+            )
+            .await;
+        let id: crate::queue::message::QueueId =
+            r.trim().rsplit(' ').next().unwrap().parse().unwrap();
         let env = h.queue.get(id).expect("queued before 250");
         assert_eq!(env.sender, "a@sender.test");
         assert_eq!(env.recipients[0].domain, "example.test");
@@ -650,7 +707,10 @@ mod tests {
         let body = h.queue.read_body_of(id).unwrap();
         let text = String::from_utf8(body).unwrap();
         assert!(text.starts_with("Received: from client.test ([192.0.2.7])\r\n\tby mx2.example.test (mx-pod) with ESMTP id "), "{text}");
-        assert!(text.ends_with("Subject: hi\r\n\r\n.dot\r\nbody\r\n"), "dot un-stuffed: {text:?}");
+        assert!(
+            text.ends_with("Subject: hi\r\n\r\n.dot\r\nbody\r\n"),
+            "dot un-stuffed: {text:?}"
+        );
     }
 
     #[tokio::test]
@@ -678,7 +738,8 @@ mod tests {
         c.cmd("MAIL FROM:<a@sender.test>", "250").await;
         c.cmd("MAIL FROM:<a@sender.test>", "503 5.5.1").await;
         c.cmd("RCPT TO:<victim@elsewhere.test>", "550 5.7.1").await;
-        c.cmd("RCPT TO:<@evil.test:x@example.test>", "550 5.7.1").await;
+        c.cmd("RCPT TO:<@evil.test:x@example.test>", "550 5.7.1")
+            .await;
         c.cmd("DATA", "554 5.5.1").await;
         c.cmd("BDAT 10 LAST", "502 5.5.1").await;
         c.cmd("FOO bar", "500 5.5.2").await;
@@ -690,7 +751,8 @@ mod tests {
         let mut h = start().await;
         let c = &mut h.client;
         c.cmd("EHLO client.test", "250").await;
-        c.cmd("MAIL FROM:<a@sender.test> SIZE=999999", "552 5.3.4").await;
+        c.cmd("MAIL FROM:<a@sender.test> SIZE=999999", "552 5.3.4")
+            .await;
         c.cmd("MAIL FROM:<a@sender.test>", "250").await;
         for i in 0..3 {
             c.cmd(&format!("RCPT TO:<u{i}@example.test>"), "250").await;
@@ -720,7 +782,11 @@ mod tests {
         c.cmd("RCPT TO:<x@example.test>", "250").await;
         c.cmd("DATA", "354").await;
         // a smuggled second message hidden behind a bare LF end-of-data
-        c.raw(b"Subject: a\r\n\r\nhello\n.\nMAIL FROM:<evil@x>\r\n.\r\n", "550 5.6.11").await;
+        c.raw(
+            b"Subject: a\r\n\r\nhello\n.\nMAIL FROM:<evil@x>\r\n.\r\n",
+            "550 5.6.11",
+        )
+        .await;
         assert_eq!(h.queue.totals().0, 0);
     }
 
@@ -732,7 +798,15 @@ mod tests {
         c.cmd("MAIL FROM:<a@sender.test>", "250").await;
         c.cmd("RCPT TO:<x@example.test>", "250").await;
         c.cmd("DATA", "354").await;
-        c.raw(&b"Received: hop\r\n".repeat(6).into_iter().chain(b"\r\nx\r\n.\r\n".iter().copied()).collect::<Vec<u8>>(), "554 5.4.6").await;
+        c.raw(
+            &b"Received: hop\r\n"
+                .repeat(6)
+                .into_iter()
+                .chain(b"\r\nx\r\n.\r\n".iter().copied())
+                .collect::<Vec<u8>>(),
+            "554 5.4.6",
+        )
+        .await;
     }
 
     #[tokio::test]
@@ -743,12 +817,21 @@ mod tests {
         c.cmd("MAIL FROM:<a@sender.test>", "250").await;
         c.cmd("RCPT TO:<x@example.test>", "250").await;
         c.cmd("DATA", "354").await;
-        c.raw(&[b"Subject: 1\r\n\r\n".as_slice(), &[b'a'; 300], b"\r\n.\r\n"].concat(), "250").await;
+        c.raw(
+            &[b"Subject: 1\r\n\r\n".as_slice(), &[b'a'; 300], b"\r\n.\r\n"].concat(),
+            "250",
+        )
+        .await;
         c.cmd("MAIL FROM:<a@sender.test>", "250").await;
         c.cmd("RCPT TO:<x@example.test>", "250").await;
         c.cmd("DATA", "354").await;
-        c.raw(&[b"Subject: 2\r\n\r\n".as_slice(), &[b'a'; 300], b"\r\n.\r\n"].concat(), "452 4.3.1").await;
-        c.cmd("MAIL FROM:<a@sender.test> SIZE=500", "452 4.3.1").await;
+        c.raw(
+            &[b"Subject: 2\r\n\r\n".as_slice(), &[b'a'; 300], b"\r\n.\r\n"].concat(),
+            "452 4.3.1",
+        )
+        .await;
+        c.cmd("MAIL FROM:<a@sender.test> SIZE=500", "452 4.3.1")
+            .await;
         c.cmd("NOOP", "250").await;
     }
 

@@ -1,0 +1,42 @@
+# backupmx — the two commands: `make demo` (the main job) and `make test` (every test).
+# `make deps` installs the system packages they need (Debian/Ubuntu, as root).
+
+CARGO ?= cargo
+SHELL := /bin/bash
+
+.PHONY: all deps build release test unit integration lint demo bench crds clean
+
+all: build
+
+## deps: install every system package the tests, demo and benchmark use (apt-get, root)
+deps:
+	bash tests/infra/deps.sh
+
+build:
+	$(CARGO) build --workspace
+
+release:
+	$(CARGO) build --release -p mx-pod
+
+## test: formatting, lints, unit tests and integration tests with real Postfix/smtp-sink/swaks
+test: deps lint
+	$(CARGO) test --workspace --no-fail-fast
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+## demo: a real Postfix primary, mx-pod in front of it, an outage drill a person can watch
+demo: deps release
+	MXPOD_BIN=target/release/mx-pod bash demo/standalone.sh
+
+## bench: mx-pod against Postfix as a backup MX and smtp-sink, same machine, same run
+bench: deps release
+	MXPOD_BIN=target/release/mx-pod bash bench/run.sh
+
+## crds: generate crds/backupmx.yaml (arrives with the operator)
+crds:
+	@echo "crds: the BackupMx CRD is generated once the operator lands (see crds/README.md)"
+
+clean:
+	$(CARGO) clean

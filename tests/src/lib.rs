@@ -1,0 +1,734 @@
+//! Harness for backupmx's integration tests: real components on 127.0.0.1.
+//!
+//! - [`MxPod`]: the real `mx-pod` binary in its own temp dir, driven over SMTP and its admin API.
+//! - [`Primary`]: a real Postfix instance acting as a domain's primary
+//!   (`tests/infra/postfix-primary.sh`), delivering into one maildir.
+//! - [`Sink`]: Postfix's `smtp-sink`, optionally with fault injection or dumping each message.
+//! - [`send`]: a small SMTP client that records the exact reply to each message, so tests know
+//!   which messages were acknowledged with `250`.
+//!
+//! A missing component fails the test with the command that installs it (`make deps`); nothing
+//! is skipped. Conditions are awaited with [`wait_for`], never with fixed sleeps.
+
+use std::{
+    fs,
+    io::Read,
+    net::{SocketAddr, TcpListener},
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::OnceLock,
+    time::{Duration, Instant, SystemTime},
+};
+
+use serde_json::Value;
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    net::TcpStream,
+};
+
+/// The repository root.
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_owned()
+}
+
+/// Fails the test unless `cmd` is on PATH, saying how to install it.
+pub fn require(cmd: &str) {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {cmd}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        found,
+        "{cmd} is not installed: run `make deps` (as root) first"
+    );
+}
+
+/// Fails the test unless it runs as root (Postfix and smtp-sink -u need it).
+pub fn require_root() {
+    let out = Command::new("id").arg("-u").output().expect("id -u");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "0",
+        "these tests start Postfix and must run as root"
+    );
+}
+
+/// The `mx-pod` binary, built once per test run.
+pub fn mxpod_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .current_dir(repo())
+            .args(["build", "-q", "-p", "mx-pod", "--bin", "mx-pod"])
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "building mx-pod failed");
+        let target = std::env::var("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| repo().join("target"));
+        let bin = target.join("debug").join("mx-pod");
+        assert!(bin.exists(), "{} missing after build", bin.display());
+        bin
+    })
+    .clone()
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Polls `cond` every 50 ms until it holds; fails the test after `timeout` with `what`.
+pub async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    loop {
+        if cond().await {
+            return;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A fresh state directory under /tmp that non-root daemons (Postfix, smtp-sink) can reach.
+pub fn state_dir(name: &str) -> tempfile::TempDir {
+    let d = tempfile::Builder::new()
+        .prefix(&format!("bmx-{name}-"))
+        .tempdir_in("/tmp")
+        .unwrap();
+    fs::set_permissions(
+        d.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    d
+}
+
+// === mx-pod ===
+
+/// How to configure an [`MxPod`].
+#[derive(Clone)]
+pub struct MxPodConfig {
+    pub domains: Vec<(String, String)>,
+    pub workers: usize,
+    pub rate: u32,
+    pub auto: bool,
+    pub max_bytes: String,
+    pub retention: String,
+    pub delay_warning: String,
+    pub dsn_relay: Option<String>,
+    pub min_backoff: String,
+    /// Extra TOML appended to the `[queue]` table.
+    pub queue_extra: String,
+}
+
+impl MxPodConfig {
+    /// One domain `example.test` whose primary is `primary`.
+    pub fn new(primary: &str) -> Self {
+        MxPodConfig {
+            domains: vec![("example.test".into(), primary.into())],
+            workers: 0,
+            rate: 0,
+            auto: false,
+            max_bytes: "1GiB".into(),
+            retention: "5d".into(),
+            delay_warning: "4h".into(),
+            dsn_relay: None,
+            min_backoff: "200ms".into(),
+            queue_extra: String::new(),
+        }
+    }
+}
+
+/// A running (or stopped) mx-pod process with its own queue directory.
+pub struct MxPod {
+    pub dir: tempfile::TempDir,
+    pub queue_dir: PathBuf,
+    pub config_path: PathBuf,
+    pub smtp: SocketAddr,
+    pub admin: String,
+    pub token: String,
+    child: Option<Child>,
+    log: PathBuf,
+    http: reqwest::Client,
+}
+
+impl MxPod {
+    /// Writes the configuration and starts the server; returns once `/readyz` says ready.
+    pub async fn start(cfg: MxPodConfig) -> MxPod {
+        let dir = state_dir("mxpod");
+        Self::start_in(dir, cfg).await
+    }
+
+    /// Like [`MxPod::start`] with a given directory (the queue lives in `DIR/queue`).
+    pub async fn start_in(dir: tempfile::TempDir, cfg: MxPodConfig) -> MxPod {
+        let queue_dir = dir.path().join("queue");
+        Self::start_with_queue_dir(dir, queue_dir, cfg).await
+    }
+
+    /// Like [`MxPod::start`] with the queue in `queue_dir` (e.g. a small filesystem).
+    pub async fn start_with_queue_dir(
+        dir: tempfile::TempDir,
+        queue_dir: PathBuf,
+        cfg: MxPodConfig,
+    ) -> MxPod {
+        let smtp: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let admin_port = free_port();
+        let token = format!("tok-{}", std::process::id());
+        fs::write(dir.path().join("admin-token"), format!("{token}\n")).unwrap();
+        let mut toml = format!(
+            "hostname = \"mx2.example.test\"\n\n[smtp]\nlisten = [\"{smtp}\"]\nmax_message_size = \"1MiB\"\nshutdown_grace = \"20s\"\n\n[queue]\ndir = \"{}\"\nretention = \"{}\"\ndelay_warning = \"{}\"\nmax_bytes = \"{}\"\n{}\n\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\ntoken_file = \"{}\"\n\n[replay]\nworkers = {}\nauto = {}\nrate_per_second = {}\nprobe_interval = \"200ms\"\ntimeout = \"10s\"\nmin_backoff = \"{}\"\nmax_backoff = \"2s\"\n",
+            queue_dir.display(),
+            cfg.retention,
+            cfg.delay_warning,
+            cfg.max_bytes,
+            cfg.queue_extra,
+            dir.path().join("admin-token").display(),
+            cfg.workers,
+            cfg.auto,
+            cfg.rate,
+            cfg.min_backoff,
+        );
+        if let Some(relay) = &cfg.dsn_relay {
+            toml.push_str(&format!("\n[dsn]\nrelay = \"{relay}\"\n"));
+        }
+        for (name, primary) in &cfg.domains {
+            toml.push_str(&format!(
+                "\n[[domains]]\nname = \"{name}\"\nprimary = \"{primary}\"\n"
+            ));
+        }
+        let config_path = dir.path().join("mx-pod.toml");
+        fs::write(&config_path, toml).unwrap();
+        let log = dir.path().join("mx-pod.log");
+        let mut pod = MxPod {
+            queue_dir,
+            config_path,
+            smtp,
+            admin: format!("http://127.0.0.1:{admin_port}"),
+            token,
+            child: None,
+            log,
+            http: reqwest::Client::new(),
+            dir,
+        };
+        pod.restart().await;
+        pod
+    }
+
+    /// Starts the process again on the same configuration and queue; waits until ready.
+    pub async fn restart(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(mxpod_bin())
+            .args(["serve", "--config"])
+            .arg(&self.config_path)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn mx-pod");
+        self.child = Some(child);
+        let start = Instant::now();
+        loop {
+            if self.ready().await {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                self.child = None;
+                panic!(
+                    "mx-pod exited with {status} before it was ready; log:\n{}",
+                    self.log_text()
+                );
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "mx-pod not ready after 30 s; log:\n{}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn ready(&self) -> bool {
+        matches!(self.http.get(format!("{}/readyz", self.admin)).send().await, Ok(r) if r.status().is_success())
+    }
+
+    /// The process' log so far.
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// `kill -9`: no chance to flush or say goodbye.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Sends SIGTERM without waiting.
+    pub fn sigterm(&self) {
+        let pid = self.pid().expect("running");
+        let ok = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -TERM {pid}");
+    }
+
+    /// Waits for the process to exit (after [`MxPod::sigterm`]).
+    pub async fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(s) = self.child.as_mut().expect("running").try_wait().unwrap() {
+                self.child = None;
+                return s;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "mx-pod did not exit within {timeout:?}; log:\n{}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// GET an admin path; panics on transport errors, returns status and JSON (or text).
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        let r = self
+            .http
+            .get(format!("{}{path}", self.admin))
+            .send()
+            .await
+            .expect("admin API reachable");
+        json_of(r).await
+    }
+
+    /// A mutating call with the bearer token (or without, when `token` is false).
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+        token: bool,
+    ) -> (u16, Value) {
+        let mut req = self.http.request(method, format!("{}{path}", self.admin));
+        if token {
+            req = req.bearer_auth(&self.token);
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        json_of(req.send().await.expect("admin API reachable")).await
+    }
+
+    /// Sets the replay workers and rate.
+    pub async fn set_replay(&self, workers: usize, rate: u32) {
+        let (code, body) = self
+            .call(
+                reqwest::Method::PUT,
+                "/v1/replay",
+                Some(serde_json::json!({"workers": workers, "rate_per_second": rate})),
+                true,
+            )
+            .await;
+        assert_eq!(code, 200, "PUT /v1/replay: {body}");
+    }
+
+    /// Messages in the queue (all routes, DSNs included).
+    pub async fn queued(&self) -> u64 {
+        let (code, v) = self.get("/v1/queue").await;
+        assert_eq!(code, 200, "{v}");
+        v["messages"].as_u64().expect("messages")
+    }
+
+    /// Waits until the queue is empty.
+    pub async fn wait_empty(&self, timeout: Duration) {
+        wait_for("the mx-pod queue to empty", timeout, || async {
+            self.queued().await == 0
+        })
+        .await;
+    }
+
+    /// Runs `mx-pod` with arguments (a CLI subcommand); returns exit status and stdout+stderr.
+    pub fn cli(&self, args: &[&str]) -> (bool, String) {
+        let out = Command::new(mxpod_bin())
+            .args(args)
+            .output()
+            .expect("run mx-pod");
+        let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.push_str(&String::from_utf8_lossy(&out.stderr));
+        (out.status.success(), text)
+    }
+}
+
+impl Drop for MxPod {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+async fn json_of(r: reqwest::Response) -> (u16, Value) {
+    let code = r.status().as_u16();
+    let text = r.text().await.unwrap_or_default();
+    (
+        code,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+// === Postfix primary ===
+
+/// A real Postfix acting as the primary MX of `example.test`, delivering to one maildir.
+pub struct Primary {
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    running: bool,
+}
+
+impl Primary {
+    pub fn start() -> Primary {
+        Self::start_on(free_port())
+    }
+
+    /// Starts a primary on a given port (e.g. one a faulty server held before).
+    pub fn start_on(port: u16) -> Primary {
+        require_root();
+        require("postfix");
+        let mut p = Primary {
+            dir: state_dir("primary"),
+            port,
+            running: false,
+        };
+        p.up();
+        p
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    fn script(&self, args: &[&str]) {
+        let out = Command::new("bash")
+            .arg(repo().join("tests/infra/postfix-primary.sh"))
+            .args(args)
+            .output()
+            .expect("run postfix-primary.sh");
+        assert!(
+            out.status.success(),
+            "postfix-primary.sh {args:?} failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Starts (or restarts) Postfix; returns once the port accepts.
+    pub fn up(&mut self) {
+        let dir = self.dir.path().to_str().unwrap().to_owned();
+        self.script(&["start", &dir, &self.port.to_string()]);
+        self.running = true;
+    }
+
+    /// Stops Postfix (a primary outage); the maildir is kept.
+    pub fn down(&mut self) {
+        let dir = self.dir.path().to_str().unwrap().to_owned();
+        self.script(&["stop", &dir]);
+        self.running = false;
+    }
+
+    /// The delivered messages (maildir `new/` and `cur/`), contents.
+    pub fn delivered(&self) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        for sub in ["new", "cur"] {
+            let d = self.dir.path().join("mail/inbox").join(sub);
+            let Ok(rd) = fs::read_dir(&d) else { continue };
+            for e in rd.flatten() {
+                let mut buf = Vec::new();
+                if fs::File::open(e.path())
+                    .and_then(|mut f| f.read_to_end(&mut buf))
+                    .is_ok()
+                {
+                    out.push(buf);
+                }
+            }
+        }
+        out
+    }
+
+    /// Message-IDs in the order Postfix received them (its maillog's cleanup lines).
+    pub fn received_order(&self) -> Vec<String> {
+        let log = fs::read_to_string(self.dir.path().join("maillog")).unwrap_or_default();
+        log.lines()
+            .filter(|l| l.contains("cleanup[") && l.contains("message-id=<"))
+            .filter_map(|l| {
+                l.split("message-id=<")
+                    .nth(1)?
+                    .split('>')
+                    .next()
+                    .map(str::to_owned)
+            })
+            .collect()
+    }
+}
+
+impl Drop for Primary {
+    fn drop(&mut self) {
+        if self.running {
+            let dir = self.dir.path().to_str().unwrap().to_owned();
+            let _ = Command::new("bash")
+                .arg(repo().join("tests/infra/postfix-primary.sh"))
+                .args(["stop", &dir])
+                .output();
+        }
+    }
+}
+
+// === smtp-sink ===
+
+/// Postfix's `smtp-sink` on a port, with optional fault options and message dumps.
+pub struct Sink {
+    pub port: u16,
+    child: Child,
+    pub dump: Option<tempfile::TempDir>,
+}
+
+impl Sink {
+    /// Starts `smtp-sink -u nobody OPTIONS 127.0.0.1:PORT 256` on `port` (0 = a free one).
+    pub async fn start(options: &[&str], port: u16, dump: bool) -> Sink {
+        require_root();
+        require("smtp-sink");
+        let port = if port == 0 { free_port() } else { port };
+        let dump_dir = dump.then(|| {
+            let d = state_dir("sink");
+            fs::set_permissions(
+                d.path(),
+                std::os::unix::fs::PermissionsExt::from_mode(0o777),
+            )
+            .unwrap();
+            d
+        });
+        let mut cmd = Command::new("smtp-sink");
+        cmd.args(["-u", "nobody"]).args(options);
+        if let Some(d) = &dump_dir {
+            cmd.arg("-d").arg(format!("{}/%H%M%S.", d.path().display()));
+        }
+        cmd.arg(format!("127.0.0.1:{port}")).arg("256");
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn smtp-sink");
+        wait_for(
+            "smtp-sink to listen",
+            Duration::from_secs(10),
+            || async move { TcpStream::connect(("127.0.0.1", port)).await.is_ok() },
+        )
+        .await;
+        Sink {
+            port,
+            child,
+            dump: dump_dir,
+        }
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// The dumped messages with their file modification times, oldest first.
+    pub fn dumped(&self) -> Vec<(SystemTime, Vec<u8>)> {
+        let d = self.dump.as_ref().expect("started with dump");
+        let mut out: Vec<(SystemTime, Vec<u8>)> = fs::read_dir(d.path())
+            .unwrap()
+            .flatten()
+            .filter_map(|e| {
+                let m = e.metadata().ok()?.modified().ok()?;
+                Some((m, fs::read(e.path()).ok()?))
+            })
+            .collect();
+        out.sort_by_key(|(t, _)| *t);
+        out
+    }
+
+    pub fn stop(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// === SMTP sending ===
+
+/// A test message with a unique Message-ID `<tag.seq@test>` and an `X-Seq` header.
+pub fn message(tag: &str, seq: usize, body_bytes: usize) -> Vec<u8> {
+    let mut m = format!(
+        "From: Sender <sender@sender.test>\r\nTo: <user@example.test>\r\nSubject: {tag} {seq:05}\r\nDate: Wed, 25 Nov 2026 10:00:00 +0000\r\nMessage-ID: <{tag}.{seq}@test>\r\nX-Seq: {seq}\r\n\r\n"
+    )
+    .into_bytes();
+    let line = format!("{tag} {seq:05} line of filler text for the body .......\r\n");
+    while m.len() < body_bytes {
+        m.extend_from_slice(line.as_bytes());
+    }
+    m.extend_from_slice(b".leading dot stays intact\r\n");
+    m
+}
+
+/// The outcome of one SMTP transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sent {
+    /// The reply to the end of DATA (or the first refusal), e.g. `250 2.0.0 Ok: queued as X`.
+    pub reply: String,
+}
+
+impl Sent {
+    pub fn ok(&self) -> bool {
+        self.reply.starts_with("250")
+    }
+    pub fn code(&self) -> u16 {
+        self.reply
+            .get(..3)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+async fn read_reply(r: &mut BufReader<tokio::net::tcp::OwnedReadHalf>) -> std::io::Result<String> {
+    let mut all = String::new();
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line).await? == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("closed after {all:?}"),
+            ));
+        }
+        let more = line.as_bytes().get(3) == Some(&b'-');
+        all.push_str(line.trim_end());
+        if !more {
+            return Ok(all);
+        }
+        all.push('\n');
+    }
+}
+
+/// Sends one message over a fresh connection; `Err` when the connection failed (no reply to
+/// the end of DATA was read: the message must be considered not accepted).
+pub async fn send(addr: SocketAddr, from: &str, to: &[&str], data: &[u8]) -> std::io::Result<Sent> {
+    let s = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(addr))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect"))??;
+    let (r, mut w) = s.into_split();
+    let mut r = BufReader::new(r);
+    let step = async {
+        let greeting = read_reply(&mut r).await?;
+        if !greeting.starts_with("220") {
+            return Ok(Sent { reply: greeting });
+        }
+        let mut cmds = vec!["EHLO client.test".to_owned(), format!("MAIL FROM:<{from}>")];
+        cmds.extend(to.iter().map(|t| format!("RCPT TO:<{t}>")));
+        cmds.push("DATA".into());
+        for c in cmds {
+            w.write_all(format!("{c}\r\n").as_bytes()).await?;
+            let reply = read_reply(&mut r).await?;
+            let ok = if c == "DATA" {
+                reply.starts_with("354")
+            } else {
+                reply.starts_with("250")
+            };
+            if !ok {
+                let _ = w.write_all(b"QUIT\r\n").await;
+                return Ok(Sent { reply });
+            }
+        }
+        let mut d = data.to_vec();
+        if !d.ends_with(b"\r\n") {
+            d.extend_from_slice(b"\r\n");
+        }
+        // dot-stuffing
+        let mut stuffed = Vec::with_capacity(d.len() + 16);
+        let mut bol = true;
+        for &b in &d {
+            if bol && b == b'.' {
+                stuffed.push(b'.');
+            }
+            stuffed.push(b);
+            bol = b == b'\n';
+        }
+        stuffed.extend_from_slice(b".\r\n");
+        w.write_all(&stuffed).await?;
+        let reply = read_reply(&mut r).await?;
+        let _ = w.write_all(b"QUIT\r\n").await;
+        Ok(Sent { reply })
+    };
+    tokio::time::timeout(Duration::from_secs(30), step)
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "SMTP exchange"))?
+}
+
+/// `X-Seq` of a delivered message, if any.
+pub fn seq_of(msg: &[u8]) -> Option<usize> {
+    let text = String::from_utf8_lossy(msg);
+    text.lines()
+        .find_map(|l| l.strip_prefix("X-Seq: "))
+        .and_then(|s| s.trim().parse().ok())
+}
+
+/// Normalizes CRLF to LF (Postfix stores maildir files with LF).
+pub fn lf(bytes: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\r' && bytes.get(i + 1) == Some(&b'\n') {
+            i += 1;
+            continue;
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    out
+}
+
+/// Runs a command, returning (success, stdout+stderr).
+pub fn run(cmd: &str, args: &[&str]) -> (bool, String) {
+    require(cmd);
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("run {cmd}: {e}"));
+    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}

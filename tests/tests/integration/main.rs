@@ -1,0 +1,12 @@
+//! Integration tests with real components (Postfix, smtp-sink, swaks, smtp-source) and the real
+//! mx-pod binary, all on 127.0.0.1. One test binary with a module per area links faster than
+//! many on two cores.
+
+mod admin;
+mod crash;
+mod disk_full;
+mod expiry;
+mod faults;
+mod lifecycle;
+mod outage;
+mod rate;
