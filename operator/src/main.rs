@@ -9,7 +9,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "backupmx-operator", version, about = "Kubernetes operator for backup MX servers")]
+#[command(
+    name = "backupmx-operator",
+    version,
+    about = "Kubernetes operator for backup MX servers"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -352,9 +352,12 @@ impl GcState {
                     if let Some(l) = latest {
                         self.decr(l);
                     }
-                    // the remove record must stay while the body's segment exists
-                    self.incr(seg);
-                    self.tomb_deps.entry(body).or_default().push(seg);
+                    // the remove record must stay while the body's (older) segment exists; in
+                    // the body's own segment both go together
+                    if body != seg {
+                        self.incr(seg);
+                        self.tomb_deps.entry(body).or_default().push(seg);
+                    }
                 }
             }
             _ => {}
@@ -905,6 +908,31 @@ mod tests {
             seg_files(dir.path()).len() <= 2,
             "{:?}",
             seg_files(dir.path())
+        );
+    }
+
+    #[tokio::test]
+    async fn segment_whose_messages_all_ended_inside_it_is_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _, _) = Store::open(dir.path(), 64 * 1024).unwrap();
+        // ~1.5 MiB of messages, each delivered (removed) right away, in the same segments
+        for i in 1..=400 {
+            store
+                .append(Record::Message {
+                    envelope: envelope(i),
+                    body: vec![b'm'; 4000],
+                })
+                .await
+                .unwrap();
+            store.append(Record::Remove(QueueId(i))).await.unwrap();
+        }
+        store.sync().await.unwrap();
+        let files = seg_files(dir.path());
+        assert!(files.len() <= 2, "finished segments must go: {files:?}");
+        assert!(
+            store.disk_bytes() < 200 * 1024,
+            "{} bytes left on disk",
+            store.disk_bytes()
         );
     }
 

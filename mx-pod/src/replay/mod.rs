@@ -209,6 +209,16 @@ impl Replay {
         }
     }
 
+    /// Deliveries in flight on a route. Takes the queue lock: never call it holding `routes`.
+    fn in_flight(&self, route: &str) -> usize {
+        self.inner
+            .queue
+            .stats()
+            .iter()
+            .find(|s| s.route == route)
+            .map_or(1, |s| s.in_flight)
+    }
+
     /// Whether a worker may start a delivery on `route` now.
     fn may_take(&self, route: &str, in_flight: usize) -> bool {
         if route == DSN_ROUTE {
@@ -313,16 +323,11 @@ impl Replay {
             }
             Ok(tx) => {
                 {
+                    // lock order: queue before routes (queue.take calls may_take under its lock)
+                    let in_flight = self.in_flight(&job.route);
                     let mut routes = lock(&self.inner.routes);
                     let h = routes.entry(job.route.clone()).or_default();
                     if tx.throttled {
-                        let in_flight = self
-                            .inner
-                            .queue
-                            .stats()
-                            .iter()
-                            .find(|s| s.route == job.route)
-                            .map_or(1, |s| s.in_flight);
                         h.throttled(
                             Instant::now(),
                             in_flight,
@@ -342,17 +347,12 @@ impl Replay {
     fn route_failed(&self, job: &Job, error: String, throttle: bool) {
         let cfg = &self.inner.config.replay;
         {
+            // lock order: queue before routes (queue.take calls may_take under its lock)
+            let in_flight = self.in_flight(&job.route);
             let mut routes = lock(&self.inner.routes);
             let h = routes.entry(job.route.clone()).or_default();
             let now = Instant::now();
             if throttle {
-                let in_flight = self
-                    .inner
-                    .queue
-                    .stats()
-                    .iter()
-                    .find(|s| s.route == job.route)
-                    .map_or(1, |s| s.in_flight);
                 h.throttled(now, in_flight, cfg.min_backoff.0, cfg.max_backoff.0, error);
             } else {
                 h.failure(now, cfg.min_backoff.0, cfg.max_backoff.0, error);
