@@ -1,6 +1,8 @@
 #!/bin/bash
 # deps.sh - install (as root, Debian 12) every system package that tests/infra, bench/ and demo/
-# use. Idempotent: exits 0 at once when all of them are installed already.
+# use, then build the Kubernetes control plane of the kube test tier (tests/infra/kube/build.sh).
+# Idempotent: apt is skipped when all packages are installed already, and the kube build exits at
+# once when its binaries exist (the first build takes ~4 minutes: see tests/infra/kube/README.md).
 #
 #   postfix          postfix, postconf, postqueue, smtp-source, smtp-sink (primary + baseline)
 #   swaks            the demo's (and tests') SMTP client
@@ -9,7 +11,13 @@
 #   procps           ps, pgrep -g (process groups), used to stop and measure processes
 #   iproute2         ss (free-port checks)
 #   python3          JSON parsing of the admin API's answers
-#   util-linux       setsid, setpriv;  coreutils: timeout, mktemp  (essential, listed for clarity)
+#   util-linux       setsid, setpriv, flock;  coreutils: timeout, mktemp  (essential, listed for clarity)
+#   etcd-server      etcd, the kube test tier's datastore (tests/infra/kube/start.sh)
+#   openssl          the kube test tier's PKI (CA, serving and client certificates)
+#
+# The kube build (kube-apiserver, kube-controller-manager, kube-scheduler v1.20.2 from Debian's
+# source package, kubectl from its .deb) installs its own build dependencies (Go 1.19, dpkg-dev,
+# two golang-*-dev packages) only when it has something to build.
 #
 # No daemon is started by the install: /usr/sbin/policy-rc.d (exit 101) is created when absent
 # (and left in place), and Postfix is preseeded to "No configuration", so it does not even
@@ -18,41 +26,51 @@ set -euo pipefail
 LOG_TAG=deps
 log() { printf '[%s] %s\n' "$LOG_TAG" "$*"; }
 
-PKGS=(postfix swaks curl bind9-dnsutils procps iproute2 python3 util-linux coreutils)
+PKGS=(postfix swaks curl bind9-dnsutils procps iproute2 python3 util-linux coreutils etcd-server openssl)
 
 [ "$(id -u)" = 0 ] || { echo "[deps] ERROR: run as root (apt-get)" >&2; exit 1; }
 
-missing=()
-for p in "${PKGS[@]}"; do
-  dpkg-query -W -f='${db:Status-Status}' "$p" 2> /dev/null | grep -qx installed || missing+=("$p")
-done
-if [ "${#missing[@]}" = 0 ]; then
-  log "all packages present: ${PKGS[*]}"
-  exit 0
-fi
-log "missing: ${missing[*]}"
+# install_packages: apt-get install whatever of PKGS is missing (returns at once when none is)
+install_packages() {
+  local p missing=()
+  for p in "${PKGS[@]}"; do
+    dpkg-query -W -f='${db:Status-Status}' "$p" 2> /dev/null | grep -qx installed || missing+=("$p")
+  done
+  if [ "${#missing[@]}" = 0 ]; then
+    log "all packages present: ${PKGS[*]}"
+    return 0
+  fi
+  log "missing: ${missing[*]}"
 
-if [ ! -e /usr/sbin/policy-rc.d ]; then
-  log "creating /usr/sbin/policy-rc.d (exit 101): package scripts start no daemon"
-  printf '#!/bin/sh\n# no daemon starts from package scripts (backupmx tests/infra/deps.sh)\nexit 101\n' \
-    > /usr/sbin/policy-rc.d
-  chmod 755 /usr/sbin/policy-rc.d
-fi
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    log "creating /usr/sbin/policy-rc.d (exit 101): package scripts start no daemon"
+    printf '#!/bin/sh\n# no daemon starts from package scripts (backupmx tests/infra/deps.sh)\nexit 101\n' \
+      > /usr/sbin/policy-rc.d
+    chmod 755 /usr/sbin/policy-rc.d
+  fi
 
-export DEBIAN_FRONTEND=noninteractive
-if command -v debconf-set-selections > /dev/null; then
-  log "preseeding debconf: postfix postfix/main_mailer_type select No configuration"
-  echo 'postfix postfix/main_mailer_type select No configuration' | debconf-set-selections
-fi
+  export DEBIAN_FRONTEND=noninteractive
+  if command -v debconf-set-selections > /dev/null; then
+    log "preseeding debconf: postfix postfix/main_mailer_type select No configuration"
+    echo 'postfix postfix/main_mailer_type select No configuration' | debconf-set-selections
+  fi
 
-log "apt-get update"
-apt-get update -q
-log "apt-get install -y --no-install-recommends ${missing[*]}"
-apt-get install -y -q --no-install-recommends "${missing[@]}"
+  log "apt-get update"
+  apt-get update -q
+  log "apt-get install -y --no-install-recommends ${missing[*]}"
+  apt-get install -y -q --no-install-recommends "${missing[@]}"
 
-# check the result rather than trusting apt's exit code alone
-for p in "${missing[@]}"; do
-  dpkg-query -W -f='${db:Status-Status}' "$p" 2> /dev/null | grep -qx installed ||
-    { echo "[deps] ERROR: $p is still not installed" >&2; exit 1; }
-done
-log "installed: ${missing[*]}"
+  # check the result rather than trusting apt's exit code alone
+  for p in "${missing[@]}"; do
+    dpkg-query -W -f='${db:Status-Status}' "$p" 2> /dev/null | grep -qx installed ||
+      { echo "[deps] ERROR: $p is still not installed" >&2; exit 1; }
+  done
+  log "installed: ${missing[*]}"
+}
+
+install_packages
+
+# the kube test tier's control plane (idempotent: returns at once when the binaries exist;
+# output dir ${BACKUPMX_KUBE_BIN:-$HOME/.cache/backupmx/kube-1.20/bin})
+log "kube control plane: tests/infra/kube/build.sh"
+bash "$(dirname "$0")/kube/build.sh"
