@@ -1,12 +1,24 @@
-//! `backupmx-operator`: the Kubernetes operator for backupmx.
-//!
-//! Skeleton: the command-line surface exists so the workspace, packaging and docs can refer to
-//! it; the controller, `crdgen` and `check-mx` arrive with their issues. It already depends on
-//! the mx-pod library, whose `config` and `probe` modules it will reuse.
+//! `backupmx-operator`: `run` (the controller), `crdgen` (prints the CRD), `check-mx`.
 
-use std::process::ExitCode;
+use std::{
+    net::SocketAddr,
+    process::ExitCode,
+    sync::{Arc, atomic::AtomicBool},
+};
 
-use clap::{Parser, Subcommand};
+use anyhow::Context as _;
+use backupmx_operator::{
+    admin::{self, AdminState},
+    capabilities::Capabilities,
+    leader::{self, LeaseConfig},
+    metrics::Metrics,
+    pod_admin::PodAdmin,
+    reconcile::{self, Context, Scope},
+};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use kube::runtime::events::{Recorder, Reporter};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
 
 #[derive(Parser)]
 #[command(
@@ -15,33 +27,196 @@ use clap::{Parser, Subcommand};
     about = "Kubernetes operator for backup MX servers"
 )]
 struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Json, env = "BACKUPMX_LOG_FORMAT")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
 #[derive(Subcommand)]
 enum Command {
-    /// Run the controller.
-    Run,
-    /// Print the BackupMx CustomResourceDefinition.
+    /// Run the controller (with leader election, `/metrics` and `/healthz`).
+    Run(RunArgs),
+    /// Print the BackupMx CustomResourceDefinition (YAML).
     Crdgen,
     /// Check a domain's MX records and the SMTP servers they name.
     CheckMx { domain: String },
 }
 
+#[derive(Args)]
+struct RunArgs {
+    /// Watch only this namespace (namespace scope); all namespaces when unset (cluster scope).
+    #[arg(long, env = "WATCH_NAMESPACE")]
+    namespace: Option<String>,
+    /// mx-pod container image for BackupMx objects that do not name one.
+    #[arg(long, env = "MXPOD_IMAGE", default_value = concat!("backupmx/mx-pod:", env!("CARGO_PKG_VERSION")))]
+    mxpod_image: String,
+    /// Address of `/metrics`, `/healthz` and `/readyz`.
+    #[arg(long, env = "BACKUPMX_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    metrics_addr: SocketAddr,
+    /// Elect a leader through a Lease so several replicas can run (one reconciles).
+    #[arg(long, env = "BACKUPMX_LEADER_ELECT", default_value_t = true, action = clap::ArgAction::Set)]
+    leader_elect: bool,
+    /// Namespace of the leader Lease (the operator's own namespace).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    lease_namespace: String,
+    /// Name of the leader Lease.
+    #[arg(long, env = "BACKUPMX_LEASE_NAME", default_value = "backupmx-operator")]
+    lease_name: String,
+    /// This replica's identity in the Lease and in events (the pod name).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let name = match cli.command {
-        Command::Run => "run",
-        Command::Crdgen => "crdgen",
-        Command::CheckMx { .. } => "check-mx",
+    match cli.command {
+        Command::Crdgen => {
+            print!("{}", backupmx_operator::crd_yaml());
+            ExitCode::SUCCESS
+        }
+        Command::CheckMx { domain } => {
+            eprintln!(
+                "backupmx-operator check-mx {domain}: not available in this version (it arrives with the DNS providers)"
+            );
+            ExitCode::from(2)
+        }
+        Command::Run(args) => {
+            init_logging(cli.log_format);
+            let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+            match runtime.block_on(run(args)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    error!(error = format!("{e:#}"), "backupmx-operator failed");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "info,kube=warn,kube_lease_manager=warn".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let client = kube::Client::try_default()
+        .await
+        .context("cannot configure the Kubernetes client (in-cluster or $KUBECONFIG)")?;
+    let caps = Capabilities::discover(&client)
+        .await
+        .context("cannot reach the Kubernetes API server")?;
+    let identity = args.identity.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "backupmx-operator".into());
+        format!("{host}-{}", std::process::id())
+    });
+    let scope = match &args.namespace {
+        Some(ns) => Scope::Namespace(ns.clone()),
+        None => Scope::Cluster,
     };
-    eprintln!(
-        "backupmx-operator {name}: not implemented in this version {} (the operator is being built; \
-         use mx-pod standalone with replay.auto = true meanwhile)",
-        env!("CARGO_PKG_VERSION")
+    info!(
+        server = %caps.server_version,
+        pdb_v1 = caps.pdb_v1,
+        pvc_retention_policy = caps.pvc_retention_policy,
+        scope = ?scope,
+        identity = %identity,
+        "backupmx-operator starting"
     );
-    // keep the shared library linked so the dependency direction is exercised by the build
-    let _ = mx_pod::config::is_domain_name("example.com");
-    ExitCode::from(2)
+
+    let metrics = Arc::new(Metrics::default());
+    let ready = Arc::new(AtomicBool::new(false));
+    let listener = tokio::net::TcpListener::bind(args.metrics_addr)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.metrics_addr))?;
+    let shutdown = CancellationToken::new();
+    let http = {
+        let app = admin::router(AdminState {
+            metrics: metrics.clone(),
+            ready: ready.clone(),
+        });
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await
+        })
+    };
+    tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move {
+            wait_for_signal().await;
+            info!("signal received: finishing reconciles in flight, then exiting");
+            shutdown.cancel();
+            wait_for_signal().await;
+            error!("second signal: exiting at once");
+            std::process::exit(1);
+        }
+    });
+
+    let ctx = Arc::new(Context {
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "backupmx-operator".into(),
+                instance: Some(identity.clone()),
+            },
+        ),
+        client: client.clone(),
+        metrics: metrics.clone(),
+        caps,
+        mxpod_image: args.mxpod_image.clone(),
+        pods: PodAdmin::default(),
+    });
+    ready.store(true, std::sync::atomic::Ordering::Relaxed);
+    let controller = |stop: CancellationToken| {
+        let (ctx, scope) = (ctx.clone(), scope.clone());
+        async move { reconcile::run(ctx, scope, async move { stop.cancelled().await }).await }
+    };
+    let result = if args.leader_elect {
+        let lease = LeaseConfig {
+            namespace: args.lease_namespace.clone(),
+            name: args.lease_name.clone(),
+            identity,
+        };
+        leader::run_when_leading(client, lease, &metrics, shutdown.clone(), controller).await
+    } else {
+        metrics.leader.set(1);
+        controller(shutdown.clone()).await;
+        Ok(())
+    };
+    shutdown.cancel();
+    let _ = http.await;
+    info!("backupmx-operator stopped");
+    result
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
 }

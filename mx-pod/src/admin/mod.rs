@@ -123,7 +123,7 @@ async fn metrics(State(s): State<AdminState>) -> Response {
 }
 
 /// Per-domain queue figures.
-#[derive(Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct DomainSummary {
     pub domain: String,
     pub messages: usize,
@@ -133,7 +133,7 @@ pub struct DomainSummary {
 }
 
 /// `GET /v1/queue`.
-#[derive(Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct QueueSummary {
     pub messages: usize,
     pub bytes: u64,

@@ -1,0 +1,524 @@
+//! The `BackupMx` custom resource (`backupmx.io/v1alpha1`): what a user declares and what the
+//! operator reports back.
+//!
+//! The schema is generated from these types (`backupmx-operator crdgen`, checked into
+//! `crds/backupmx.yaml`). It validates what OpenAPI can say (patterns, ranges, enums, required
+//! fields, defaults) and nothing that needs CEL, so it works on API servers from 1.20 on; checks
+//! across fields live in [`crate::validate`]. Every field carries a doc comment, which becomes
+//! its `kubectl explain` text.
+
+use std::collections::BTreeMap;
+
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// A duration in the humane form mx-pod understands: `30s`, `10m`, `4h`, `5d`, or combined (`1h30m`).
+pub const DURATION_PATTERN: &str = r"^([0-9]+(ms|s|m|h|d|w))+$";
+/// An RFC 1123 host name (letters, digits, hyphens; dot-separated labels; no trailing dot).
+pub const HOSTNAME_PATTERN: &str = r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$";
+/// A Kubernetes resource quantity for storage (`10Gi`, `500Mi`, `1T`).
+pub const QUANTITY_PATTERN: &str = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$";
+
+/// A set of backup MX servers for one or more mail domains.
+///
+/// The operator runs `replicas` mx-pod queue servers as a StatefulSet on persistent volumes.
+/// They accept mail for `domains` while the primary is unreachable, keep it durably, and replay
+/// it to `primary` in arrival order, throttled, once the primary answers again.
+// clippy takes the repeated `type_ = ...` of the printer columns for duplicated attributes
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
+#[kube(
+    group = "backupmx.io",
+    version = "v1alpha1",
+    kind = "BackupMx",
+    plural = "backupmxes",
+    shortname = "bmx",
+    category = "mail",
+    doc = "BackupMx runs backup MX servers for mail domains: it queues their mail durably while the primary mail server is down and replays it, in order and throttled, when the primary is back.",
+    namespaced,
+    status = "BackupMxStatus",
+    printcolumn(
+        name = "Domains",
+        type_ = "string",
+        json_path = ".spec.domains",
+        description = "mail domains served"
+    ),
+    printcolumn(
+        name = "Primary",
+        type_ = "string",
+        json_path = ".spec.primary.host",
+        description = "the primary mail server"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status",
+        description = "all pods ready and serving"
+    ),
+    printcolumn(
+        name = "Pods",
+        type_ = "integer",
+        json_path = ".status.readyReplicas",
+        description = "ready mx-pods"
+    ),
+    printcolumn(
+        name = "Queued",
+        type_ = "integer",
+        json_path = ".status.queue.messages",
+        description = "messages waiting for the primary"
+    ),
+    printcolumn(
+        name = "Oldest-s",
+        type_ = "integer",
+        json_path = ".status.queue.oldestAgeSeconds",
+        description = "age in seconds of the oldest queued message"
+    ),
+    printcolumn(
+        name = "Workers",
+        type_ = "integer",
+        json_path = ".status.replay.workers",
+        description = "replay workers per pod"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupMxSpec {
+    /// Mail domains this backup MX accepts mail for (e.g. `example.com`). Mail for any other
+    /// domain is refused (`550 5.7.1`): the backup is never an open relay.
+    #[schemars(
+        length(min = 1, max = 100),
+        inner(pattern(HOSTNAME_PATTERN), length(max = 253))
+    )]
+    pub domains: Vec<String>,
+
+    /// The primary mail server: where queued mail is replayed to.
+    pub primary: PrimarySpec,
+
+    /// How long undelivered mail is kept; then the sender gets a bounce (RFC 3464 DSN).
+    #[serde(default = "default_retention")]
+    #[schemars(pattern(DURATION_PATTERN))]
+    pub retention: String,
+
+    /// After this long undelivered, the sender gets one delay warning (DSN). At most `retention`.
+    #[serde(default = "default_delay_warning")]
+    #[schemars(pattern(DURATION_PATTERN))]
+    pub delay_warning: String,
+
+    /// Number of mx-pod servers. Each has its own volume and queue; spread across zones and nodes.
+    #[serde(default = "default_replicas")]
+    #[schemars(range(min = 1, max = 64))]
+    pub replicas: i32,
+
+    /// The persistent volume of each mx-pod (its queue). Claims are kept when the BackupMx is
+    /// deleted or scaled down, so queued mail is never deleted with them.
+    pub storage: StorageSpec,
+
+    /// How this backup MX is named in DNS and in SMTP.
+    pub mx: MxSpec,
+
+    /// Replay (delivery of queued mail to the primary).
+    #[serde(default)]
+    pub replay: ReplaySpec,
+
+    /// What happens to queued mail when this BackupMx is deleted. `Drain` (default): the pods stop
+    /// accepting mail and deletion waits until every queued message is delivered or bounced.
+    /// `Orphan`: delete at once; the volumes (and the mail on them) are kept.
+    #[serde(default)]
+    pub deletion_policy: DeletionPolicy,
+
+    /// Container image of the mx-pod server; the operator's `--mxpod-image` when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub image: Option<String>,
+
+    /// Extra labels put on the StatefulSet's pods (e.g. for network policies).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub pod_labels: BTreeMap<String, String>,
+}
+
+/// The primary mail server.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PrimarySpec {
+    /// Host name or IP address of the primary mail server (e.g. `mail.example.com`).
+    #[schemars(length(min = 1, max = 253), pattern(r"^[A-Za-z0-9.:\[\]-]+$"))]
+    pub host: String,
+
+    /// SMTP port of the primary.
+    #[serde(default = "default_primary_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: u16,
+
+    /// How the primary's health is probed (SMTP banner and EHLO).
+    #[serde(default)]
+    pub health_check: HealthCheckSpec,
+}
+
+/// Health probe settings for the primary.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HealthCheckSpec {
+    /// Time between probes.
+    #[serde(default = "default_probe_interval")]
+    #[schemars(pattern(DURATION_PATTERN))]
+    pub interval: String,
+    /// How long one probe may take.
+    #[serde(default = "default_probe_timeout")]
+    #[schemars(pattern(DURATION_PATTERN))]
+    pub timeout: String,
+    /// Consecutive failed probes before the primary counts as down.
+    #[serde(default = "default_failure_threshold")]
+    #[schemars(range(min = 1, max = 100))]
+    pub failure_threshold: u32,
+    /// Consecutive good probes before a down primary counts as up again.
+    #[serde(default = "default_success_threshold")]
+    #[schemars(range(min = 1, max = 100))]
+    pub success_threshold: u32,
+}
+
+impl Default for HealthCheckSpec {
+    fn default() -> Self {
+        Self {
+            interval: default_probe_interval(),
+            timeout: default_probe_timeout(),
+            failure_threshold: default_failure_threshold(),
+            success_threshold: default_success_threshold(),
+        }
+    }
+}
+
+/// Persistent volume settings.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StorageSpec {
+    /// Size of each pod's volume (e.g. `10Gi`). mx-pod refuses new mail (`452 4.3.1`) when its
+    /// queue reaches 80% of it.
+    #[schemars(pattern(QUANTITY_PATTERN))]
+    pub size: String,
+    /// StorageClass of the volumes; the cluster default when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub storage_class_name: Option<String>,
+}
+
+/// The backup MX's name and MX record.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MxSpec {
+    /// Host name of this backup MX (e.g. `mx2.example.com`): the MX record's target, the SMTP
+    /// banner and the `Received:` header. Must not be the primary's host name.
+    #[schemars(pattern(HOSTNAME_PATTERN), length(max = 253))]
+    pub hostname: String,
+    /// MX priority of the backup. Must be a higher number than the primary's MX priority.
+    #[serde(default = "default_mx_priority")]
+    #[schemars(range(min = 0, max = 65535))]
+    pub priority: u16,
+    /// TTL in seconds of the records the operator publishes.
+    #[serde(default = "default_mx_ttl")]
+    #[schemars(range(min = 30, max = 86400))]
+    pub ttl: u32,
+}
+
+/// Replay settings.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplaySpec {
+    /// Most concurrent delivery sessions per pod towards the primary.
+    #[serde(default = "default_max_workers")]
+    #[schemars(range(min = 1, max = 256))]
+    pub max_workers: u32,
+    /// Most messages per second per pod towards the primary (0 = unlimited).
+    #[serde(default = "default_rate")]
+    #[schemars(range(min = 0, max = 100000))]
+    pub rate_per_second: u32,
+    /// Hold all queued mail (no delivery) until set back to false.
+    #[serde(default)]
+    pub paused: bool,
+}
+
+impl Default for ReplaySpec {
+    fn default() -> Self {
+        Self {
+            max_workers: default_max_workers(),
+            rate_per_second: default_rate(),
+            paused: false,
+        }
+    }
+}
+
+/// What deletion does with queued mail.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default, JsonSchema)]
+pub enum DeletionPolicy {
+    /// Stop accepting, wait until every queued message is delivered or bounced, then delete.
+    #[default]
+    Drain,
+    /// Delete at once; volumes with their mail are kept.
+    Orphan,
+}
+
+fn default_retention() -> String {
+    "5d".into()
+}
+fn default_delay_warning() -> String {
+    "4h".into()
+}
+fn default_replicas() -> i32 {
+    2
+}
+fn default_primary_port() -> u16 {
+    25
+}
+fn default_probe_interval() -> String {
+    "10s".into()
+}
+fn default_probe_timeout() -> String {
+    "5s".into()
+}
+fn default_failure_threshold() -> u32 {
+    3
+}
+fn default_success_threshold() -> u32 {
+    2
+}
+fn default_mx_priority() -> u16 {
+    20
+}
+fn default_mx_ttl() -> u32 {
+    300
+}
+fn default_max_workers() -> u32 {
+    8
+}
+fn default_rate() -> u32 {
+    50
+}
+
+// === status ===
+
+/// What the operator observed.
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupMxStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Standard conditions: `Ready` (all pods serving), `Degraded` (a pod's queue could not be
+    /// read), `Deleting` (what deletion waits for).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// Pods the StatefulSet wants.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<i32>,
+    /// Pods ready to accept mail.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_replicas: Option<i32>,
+    /// Queued mail over all pods, read from each pod's admin API.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue: Option<QueueStatus>,
+    /// Replay as last set on the pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replay: Option<ReplayStatus>,
+}
+
+/// Queue figures summed over the pods.
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct QueueStatus {
+    /// Messages not yet delivered.
+    pub messages: u64,
+    /// Their size in bytes.
+    pub bytes: u64,
+    /// Age in seconds of the oldest of them (0 when none).
+    pub oldest_age_seconds: u64,
+    /// The same per domain.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub domains: Vec<DomainQueueStatus>,
+    /// The same per pod, with whether its admin API answered.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pods: Vec<PodQueueStatus>,
+}
+
+/// Queue figures of one domain.
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DomainQueueStatus {
+    /// The mail domain.
+    pub domain: String,
+    /// Messages queued for it.
+    pub messages: u64,
+    /// Their size in bytes.
+    pub bytes: u64,
+    /// Age in seconds of the oldest.
+    pub oldest_age_seconds: u64,
+}
+
+/// Queue figures of one pod.
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PodQueueStatus {
+    /// Pod name.
+    pub pod: String,
+    /// Messages queued on it (absent when it could not be read).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub messages: Option<u64>,
+    /// Whether it has stopped accepting mail to drain its queue.
+    #[serde(default)]
+    pub draining: bool,
+    /// Why its queue could not be read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// Replay state.
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplayStatus {
+    /// Replay workers per pod.
+    pub workers: u32,
+    /// Why that many (`Paused`, `PrimaryProbedByPods`, ...).
+    pub reason: String,
+}
+
+/// A standard Kubernetes condition (the `metav1.Condition` shape).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    /// Condition type, e.g. `Ready`.
+    #[serde(rename = "type")]
+    #[schemars(length(min = 1, max = 316))]
+    pub type_: String,
+    /// `True`, `False` or `Unknown`.
+    pub status: ConditionStatus,
+    /// Machine-readable reason in PascalCase, e.g. `InvalidSpec`.
+    #[schemars(
+        length(min = 1, max = 1024),
+        pattern(r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")
+    )]
+    pub reason: String,
+    /// Human-readable details.
+    #[schemars(length(max = 32768))]
+    pub message: String,
+    /// When the status last changed (RFC 3339).
+    #[schemars(extend("format" = "date-time"))]
+    pub last_transition_time: String,
+    /// The `metadata.generation` the condition was set for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// Condition status.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, JsonSchema)]
+pub enum ConditionStatus {
+    True,
+    False,
+    Unknown,
+}
+
+impl BackupMxStatus {
+    /// The condition of type `type_`, if set.
+    pub fn condition(&self, type_: &str) -> Option<&Condition> {
+        self.conditions.iter().find(|c| c.type_ == type_)
+    }
+}
+
+/// Sets a condition in `conditions`, keeping `lastTransitionTime` when the status did not change.
+pub fn set_condition(conditions: &mut Vec<Condition>, previous: &[Condition], mut new: Condition) {
+    if let Some(old) = previous.iter().find(|c| c.type_ == new.type_)
+        && old.status == new.status
+    {
+        new.last_transition_time = old.last_transition_time.clone();
+    }
+    conditions.retain(|c| c.type_ != new.type_);
+    conditions.push(new);
+}
+
+#[cfg(test)]
+mod tests {
+    use kube::CustomResourceExt;
+
+    use super::*;
+
+    /// `crds/backupmx.yaml` is what `crdgen` prints; regenerate with `make crds`.
+    #[test]
+    fn checked_in_crd_is_current() {
+        let generated = crate::crd_yaml();
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../crds/backupmx.yaml");
+        let on_disk = std::fs::read_to_string(path).unwrap_or_default();
+        assert!(
+            on_disk == generated,
+            "crds/backupmx.yaml is out of date: run `make crds` and commit it"
+        );
+    }
+
+    #[test]
+    fn schema_has_no_cel_and_documents_every_field() {
+        let crd = serde_json::to_value(BackupMx::crd()).unwrap();
+        let text = crd.to_string();
+        assert!(!text.contains("x-kubernetes-validations"));
+        let schema = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
+        fn walk(path: &str, v: &serde_json::Value, missing: &mut Vec<String>) {
+            if let Some(props) = v.get("properties").and_then(|p| p.as_object()) {
+                for (k, p) in props {
+                    let here = format!("{path}.{k}");
+                    if p.get("description").is_none() && !path.is_empty() {
+                        missing.push(here.clone());
+                    }
+                    walk(&here, p, missing);
+                }
+            }
+            if let Some(items) = v.get("items") {
+                walk(&format!("{path}[]"), items, missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk("", &schema["properties"]["spec"], &mut missing);
+        walk("", &schema["properties"]["status"], &mut missing);
+        assert!(
+            missing.is_empty(),
+            "fields without a description: {missing:?}"
+        );
+    }
+
+    #[test]
+    fn defaults_fill_a_minimal_spec() {
+        let spec: BackupMxSpec = serde_json::from_value(serde_json::json!({
+            "domains": ["example.com"],
+            "primary": {"host": "mail.example.com"},
+            "storage": {"size": "1Gi"},
+            "mx": {"hostname": "mx2.example.com"}
+        }))
+        .unwrap();
+        assert_eq!(spec.primary.port, 25);
+        assert_eq!(spec.replicas, 2);
+        assert_eq!(spec.retention, "5d");
+        assert_eq!(spec.replay.max_workers, 8);
+        assert_eq!(spec.deletion_policy, DeletionPolicy::Drain);
+        assert_eq!(spec.mx.priority, 20);
+    }
+
+    #[test]
+    fn condition_keeps_transition_time_while_status_holds() {
+        let old = vec![Condition {
+            type_: "Ready".into(),
+            status: ConditionStatus::True,
+            reason: "AllPodsReady".into(),
+            message: "".into(),
+            last_transition_time: "2026-01-01T00:00:00Z".into(),
+            observed_generation: Some(1),
+        }];
+        let mut now = Vec::new();
+        let mut c = old[0].clone();
+        c.last_transition_time = "2026-02-02T00:00:00Z".into();
+        set_condition(&mut now, &old, c.clone());
+        assert_eq!(now[0].last_transition_time, "2026-01-01T00:00:00Z");
+        c.status = ConditionStatus::False;
+        set_condition(&mut now, &old, c);
+        assert_eq!(now.len(), 1);
+        assert_eq!(now[0].last_transition_time, "2026-02-02T00:00:00Z");
+    }
+}

@@ -1,0 +1,151 @@
+//! Client for the mx-pods' admin API, reached at each pod's IP (the operator never goes through
+//! a Service: it needs every pod, not any pod). Reads use no token; mutating calls carry the
+//! bearer token from the BackupMx's Secret. Response types are mx-pod's own, so they cannot drift.
+
+use std::{net::IpAddr, time::Duration};
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::ResourceExt;
+use mx_pod::admin::QueueSummary;
+
+use crate::render::ADMIN_PORT;
+
+/// Timeout of one admin call: a pod that does not answer in this time counts as unreachable.
+pub const TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Talks to mx-pods' admin APIs.
+#[derive(Clone)]
+pub struct PodAdmin {
+    http: reqwest::Client,
+    port: u16,
+}
+
+impl Default for PodAdmin {
+    fn default() -> Self {
+        Self::new(ADMIN_PORT)
+    }
+}
+
+impl PodAdmin {
+    /// A client for admin APIs on `port`.
+    pub fn new(port: u16) -> Self {
+        Self {
+            http: reqwest::Client::builder()
+                .timeout(TIMEOUT)
+                .connect_timeout(TIMEOUT)
+                .build()
+                .expect("reqwest client builds"),
+            port,
+        }
+    }
+
+    fn url(&self, ip: IpAddr, path: &str) -> String {
+        match ip {
+            IpAddr::V4(v4) => format!("http://{v4}:{}{path}", self.port),
+            IpAddr::V6(v6) => format!("http://[{v6}]:{}{path}", self.port),
+        }
+    }
+
+    /// `GET /v1/queue` of the pod at `ip`.
+    pub async fn queue(&self, ip: IpAddr) -> Result<QueueSummary, String> {
+        let url = self.url(ip, "/v1/queue");
+        let resp = self
+            .http
+            .get(&url)
+            .send()
+            .await
+            .map_err(|e| format!("GET {url}: {}", error_text(&e)))?;
+        if !resp.status().is_success() {
+            return Err(format!("GET {url}: HTTP {}", resp.status()));
+        }
+        resp.json()
+            .await
+            .map_err(|e| format!("GET {url}: bad answer: {e}"))
+    }
+
+    /// `POST /v1/drain` on the pod at `ip`: it stops accepting mail and delivers what it holds.
+    pub async fn drain(&self, ip: IpAddr, token: &str) -> Result<(), String> {
+        let url = self.url(ip, "/v1/drain");
+        let resp = self
+            .http
+            .post(&url)
+            .bearer_auth(token)
+            .send()
+            .await
+            .map_err(|e| format!("POST {url}: {}", error_text(&e)))?;
+        if !resp.status().is_success() {
+            return Err(format!("POST {url}: HTTP {}", resp.status()));
+        }
+        Ok(())
+    }
+}
+
+/// A reqwest error with its causes, e.g. "error sending request: Connection refused".
+fn error_text(e: &reqwest::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// The pod's IP, if it has one.
+pub fn pod_ip(pod: &Pod) -> Option<IpAddr> {
+    pod.status.as_ref()?.pod_ip.as_ref()?.parse().ok()
+}
+
+/// True when the pod has never run a container: it cannot hold mail yet.
+pub fn never_started(pod: &Pod) -> bool {
+    let Some(status) = &pod.status else {
+        return true;
+    };
+    let statuses = status.container_statuses.as_deref().unwrap_or_default();
+    statuses.iter().all(|c| {
+        c.restart_count == 0
+            && c.state.as_ref().and_then(|s| s.running.as_ref()).is_none()
+            && c.state
+                .as_ref()
+                .and_then(|s| s.terminated.as_ref())
+                .is_none()
+            && c.last_state
+                .as_ref()
+                .and_then(|s| s.terminated.as_ref())
+                .is_none()
+    }) && status.phase.as_deref().is_none_or(|p| p == "Pending")
+}
+
+/// What one pod said about its queue.
+#[derive(Debug, Clone)]
+pub struct PodQueue {
+    pub pod: String,
+    pub result: Result<QueueSummary, String>,
+}
+
+impl PodAdmin {
+    /// Reads every pod's queue concurrently. A pod without an IP that has run before is an
+    /// error (it may hold mail); one that never started is left out.
+    pub async fn queues(&self, pods: &[Pod]) -> Vec<PodQueue> {
+        let calls = pods.iter().filter_map(|p| {
+            let name = p.name_any();
+            match pod_ip(p) {
+                Some(ip) => Some(futures::future::Either::Left(async move {
+                    PodQueue {
+                        pod: name,
+                        result: self.queue(ip).await,
+                    }
+                })),
+                None if never_started(p) => None,
+                None => Some(futures::future::Either::Right(async move {
+                    PodQueue {
+                        pod: name,
+                        result: Err("the pod has no IP address (not running)".to_string()),
+                    }
+                })),
+            }
+        });
+        futures::future::join_all(calls).await
+    }
+}

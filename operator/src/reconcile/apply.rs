@@ -1,0 +1,159 @@
+//! The apply path: validate, then make every child match the spec, then report status.
+//!
+//! Order matters only for the first pass: the Secret and ConfigMap exist before the StatefulSet
+//! whose pods mount them. Children are applied with `force`: the operator owns them, and a
+//! field changed by hand is taken back (that is what reconciling means); the BackupMx status is
+//! applied without force.
+
+use k8s_openapi::api::{
+    apps::v1::StatefulSet,
+    core::v1::{ConfigMap, Pod, Secret, Service},
+};
+use kube::{
+    Api, ResourceExt,
+    api::{DynamicObject, ListParams, Patch, PatchParams},
+    runtime::{controller::Action, events::EventType},
+};
+use tracing::info;
+
+use super::{
+    Context, RESYNC, publish,
+    status::{self, Observed, READY},
+    write_status,
+};
+use crate::{
+    crd::{BackupMx, ConditionStatus},
+    error::{Error, Result},
+    render::{
+        FIELD_MANAGER, Names,
+        config::{config_hash, configmap, mxpod_config},
+        network::{headless_service, smtp_service},
+        secret::{new_token, secret, token_of},
+        selector_string,
+        workload::{apply_body, pdb, statefulset},
+    },
+    validate::validate,
+};
+
+/// Applies `bmx`'s children and updates its status.
+pub async fn apply(bmx: &BackupMx, ctx: &Context) -> Result<Action> {
+    let ns = bmx.namespace().ok_or(Error::NoNamespace)?;
+    let config = validate(&bmx.spec).and_then(|()| mxpod_config(bmx));
+    let config = match config {
+        Ok(c) => c,
+        Err(invalid) => return refuse(bmx, ctx, &invalid.to_string()).await,
+    };
+    let names = Names::of(bmx);
+    let client = &ctx.client;
+    let pp = PatchParams::apply(FIELD_MANAGER).force();
+
+    // The admin token: made once, then read back and re-applied unchanged.
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let existing = secrets
+        .get_opt(&names.secret)
+        .await
+        .map_err(Error::kube(format!("get Secret {}", names.secret)))?;
+    let token = existing.as_ref().and_then(token_of);
+    if token.is_none() {
+        info!(secret = %names.secret, "generating the admin token");
+    }
+    let token = token.unwrap_or_else(new_token);
+    secrets
+        .patch(&names.secret, &pp, &Patch::Apply(secret(bmx, &token)))
+        .await
+        .map_err(Error::kube(format!("apply Secret {}", names.secret)))?;
+
+    let toml = config.to_toml();
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    cms.patch(&names.configmap, &pp, &Patch::Apply(configmap(bmx, &toml)))
+        .await
+        .map_err(Error::kube(format!("apply ConfigMap {}", names.configmap)))?;
+
+    let svcs: Api<Service> = Api::namespaced(client.clone(), &ns);
+    for svc in [headless_service(bmx), smtp_service(bmx)] {
+        let name = svc.name_any();
+        svcs.patch(&name, &pp, &Patch::Apply(svc))
+            .await
+            .map_err(Error::kube(format!("apply Service {name}")))?;
+    }
+
+    let image = bmx.spec.image.as_deref().unwrap_or(&ctx.mxpod_image);
+    let sts_api: Api<StatefulSet> = Api::namespaced(client.clone(), &ns);
+    let sts = sts_api
+        .patch(
+            &names.statefulset,
+            &pp,
+            &Patch::Apply(apply_body(&statefulset(
+                bmx,
+                image,
+                &config_hash(&toml),
+                &ctx.caps,
+            ))),
+        )
+        .await
+        .map_err(Error::kube(format!(
+            "apply StatefulSet {}",
+            names.statefulset
+        )))?;
+
+    let pdb_api: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), &ns, &ctx.caps.pdb_resource());
+    pdb_api
+        .patch(&names.pdb, &pp, &Patch::Apply(pdb(bmx, &ctx.caps)))
+        .await
+        .map_err(Error::kube(format!(
+            "apply PodDisruptionBudget {}",
+            names.pdb
+        )))?;
+
+    // Observe: pods ready, and each running pod's queue.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let pods = pods
+        .list(&ListParams::default().labels(&selector_string(bmx)))
+        .await
+        .map_err(Error::kube("list mx-pods"))?
+        .items;
+    let seen = Observed {
+        replicas: bmx.spec.replicas,
+        ready_replicas: sts
+            .status
+            .as_ref()
+            .and_then(|s| s.ready_replicas)
+            .unwrap_or(0),
+        queues: ctx.pods.queues(&pods).await,
+    };
+    let new = status::applied(bmx, &seen);
+    announce_transition(bmx, &new, ctx).await;
+    write_status(bmx, new, ctx).await?;
+    Ok(Action::requeue(RESYNC))
+}
+
+/// An invalid spec: nothing is applied; `Ready=False` says why, with an event.
+async fn refuse(bmx: &BackupMx, ctx: &Context, message: &str) -> Result<Action> {
+    let new = status::invalid(bmx, message);
+    announce_transition(bmx, &new, ctx).await;
+    write_status(bmx, new, ctx).await?;
+    Ok(Action::await_change())
+}
+
+/// Publishes an event when the Ready condition changes status or reason.
+async fn announce_transition(bmx: &BackupMx, new: &crate::crd::BackupMxStatus, ctx: &Context) {
+    let Some(now) = new.condition(READY) else {
+        return;
+    };
+    let before = bmx.status.as_ref().and_then(|s| s.condition(READY));
+    let changed = before.is_none_or(|b| {
+        b.status != now.status
+            || b.reason != now.reason
+            || (b.reason == "InvalidSpec" && b.message != now.message)
+    });
+    if changed {
+        // pods that are still starting are news, not a warning; a refused spec is
+        let type_ = if now.status == ConditionStatus::False && now.reason == "InvalidSpec" {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        };
+        publish(ctx, bmx, type_, &now.reason, &now.message).await;
+    }
+}

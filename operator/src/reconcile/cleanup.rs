@@ -1,0 +1,139 @@
+//! The deletion path (run by the finalizer while the BackupMx has a deletion timestamp).
+//!
+//! # Expected flow
+//! 1. The user deletes the BackupMx; the API server sets its deletion timestamp.
+//! 2. With `deletionPolicy: Drain` (the default) every pod is told to drain (`POST /v1/drain`:
+//!    it stops accepting mail and delivers what it holds), and each pass reads every pod's queue.
+//! 3. While any pod holds mail, or a pod that has run cannot be asked, the finalizer stays:
+//!    condition `Deleting=True` (reason `WaitingForDelivery` or `PodUnreachable`) and an event
+//!    say what deletion waits for; the pass is retried every few seconds.
+//! 4. Once every queue is empty, the cleanup hooks run (DNS record removal arrives with the
+//!    DNS providers) and the finalizer is removed; the API server then deletes the object and the
+//!    garbage collector its children.
+//!
+//! # Guarantees
+//! Volume claims are never deleted: they are not owned by the BackupMx. With
+//! `deletionPolicy: Orphan` deletion does not wait, and mail still queued stays on those volumes.
+
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use kube::{
+    Api, ResourceExt,
+    api::ListParams,
+    runtime::{controller::Action, events::EventType},
+};
+use tracing::{info, warn};
+
+use super::{Context, publish, status, write_status};
+use crate::{
+    crd::{BackupMx, DeletionPolicy},
+    error::{Error, Result},
+    pod_admin::pod_ip,
+    render::{Names, secret::token_of, selector_string},
+};
+
+/// Cleans up before `bmx` is deleted; an `Err(WaitingForDelivery)` keeps the finalizer.
+pub async fn cleanup(bmx: &BackupMx, ctx: &Context) -> Result<Action> {
+    let ns = bmx.namespace().ok_or(Error::NoNamespace)?;
+    if bmx.spec.deletion_policy == DeletionPolicy::Orphan {
+        publish(
+            ctx,
+            bmx,
+            EventType::Normal,
+            "Orphaned",
+            "deletionPolicy Orphan: deleted without waiting for queued mail; volumes kept",
+        )
+        .await;
+        return finish(bmx, ctx).await;
+    }
+
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let pods = pods
+        .list(&ListParams::default().labels(&selector_string(bmx)))
+        .await
+        .map_err(Error::kube("list mx-pods"))?
+        .items;
+    if !pods.is_empty() {
+        let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+        let token = secrets
+            .get_opt(&Names::of(bmx).secret)
+            .await
+            .map_err(Error::kube("get the admin-token Secret"))?
+            .as_ref()
+            .and_then(token_of);
+        match token {
+            Some(token) => {
+                for pod in &pods {
+                    if let Some(ip) = pod_ip(pod)
+                        && let Err(e) = ctx.pods.drain(ip, &token).await
+                    {
+                        warn!(pod = %pod.name_any(), error = %e, "could not start draining");
+                    }
+                }
+            }
+            None => warn!("no admin token: cannot tell the pods to drain"),
+        }
+    }
+    let queues = ctx.pods.queues(&pods).await;
+    let queue = status::queue_status(&queues);
+    let unreachable: Vec<String> = queue
+        .pods
+        .iter()
+        .filter_map(|p| p.error.as_ref().map(|e| format!("{} ({e})", p.pod)))
+        .collect();
+    if queue.messages == 0 && unreachable.is_empty() {
+        publish(
+            ctx,
+            bmx,
+            EventType::Normal,
+            "Drained",
+            "every pod's queue is empty; deleting (volumes kept)",
+        )
+        .await;
+        return finish(bmx, ctx).await;
+    }
+    let holding: Vec<String> = queue
+        .pods
+        .iter()
+        .filter(|p| p.messages.is_some_and(|m| m > 0))
+        .map(|p| format!("{}: {}", p.pod, p.messages.unwrap_or(0)))
+        .collect();
+    let (reason, message) = if unreachable.is_empty() {
+        (
+            "WaitingForDelivery",
+            format!(
+                "deletion waits until {} queued message(s) are delivered or bounced ({}); set \
+                 spec.deletionPolicy: Orphan to delete now and keep the volumes",
+                queue.messages,
+                holding.join(", ")
+            ),
+        )
+    } else {
+        (
+            "PodUnreachable",
+            format!(
+                "deletion waits: cannot read the queue of {}; {} message(s) queued elsewhere; set \
+                 spec.deletionPolicy: Orphan to delete now and keep the volumes",
+                unreachable.join(", "),
+                queue.messages
+            ),
+        )
+    };
+    let new = status::deleting(bmx, reason, &message, &queues);
+    let changed = bmx
+        .status
+        .as_ref()
+        .and_then(|s| s.condition(status::DELETING))
+        .is_none_or(|c| c.reason != reason);
+    if changed {
+        publish(ctx, bmx, EventType::Warning, reason, &message).await;
+    }
+    write_status(bmx, new, ctx).await?;
+    Err(Error::WaitingForDelivery(message))
+}
+
+/// The cleanup hooks that run once deletion may go ahead.
+async fn finish(bmx: &BackupMx, _ctx: &Context) -> Result<Action> {
+    // DNS: removing the records this object owns arrives with the DNS providers.
+    info!(name = %bmx.name_any(), "cleanup done; removing the finalizer");
+    Ok(Action::await_change())
+}

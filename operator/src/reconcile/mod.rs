@@ -1,0 +1,207 @@
+//! The controller: watches BackupMx objects (and the children they own) and reconciles each.
+//!
+//! The top-level [`reconcile`] only does tracing, metrics and the finalizer wrap; the work is in
+//! [`apply`] (make the children match the spec, then report status) and [`cleanup`] (deletion).
+//! [`error_policy`] counts the failure and requeues.
+//!
+//! # Guarantees
+//! - Nothing is applied from a spec that fails [`crate::validate`]: the objects keep their last
+//!   good state and `Ready=False` (reason `InvalidSpec`) says why.
+//! - Every child is written by server-side apply with one field manager
+//!   ([`crate::render::FIELD_MANAGER`]); a pass that changes nothing writes nothing, so a second
+//!   reconcile leaves every `resourceVersion` as it was.
+//! - Deletion (with `deletionPolicy: Drain`) completes only once every pod reports an empty
+//!   queue; volume claims are never deleted.
+
+pub mod apply;
+pub mod cleanup;
+pub mod status;
+#[cfg(test)]
+mod tests;
+
+use std::{sync::Arc, time::Duration};
+
+use futures::StreamExt;
+use k8s_openapi::api::{
+    apps::v1::StatefulSet,
+    core::v1::{ConfigMap, Secret, Service},
+};
+use kube::{
+    Api, Client, Resource, ResourceExt,
+    api::{Patch, PatchParams},
+    runtime::{
+        Controller,
+        controller::Action,
+        events::{Event as KubeEvent, EventType, Recorder},
+        finalizer::{Event, finalizer},
+        watcher,
+    },
+};
+use serde_json::json;
+use tracing::{Instrument, field, info, info_span, warn};
+
+use crate::{
+    capabilities::Capabilities,
+    crd::{BackupMx, BackupMxStatus},
+    error::{Error, Result},
+    metrics::Metrics,
+    pod_admin::PodAdmin,
+    render::FIELD_MANAGER,
+};
+
+/// Finalizer the operator puts on every BackupMx.
+pub const FINALIZER: &str = "backupmx.io/cleanup";
+/// How often a settled object is reconciled again (refreshes the queue figures in status).
+pub const RESYNC: Duration = Duration::from_secs(30);
+/// How often deletion checks whether the queues are empty yet.
+pub const DRAIN_POLL: Duration = Duration::from_secs(5);
+
+/// What every reconcile pass needs.
+pub struct Context {
+    pub client: Client,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    pub caps: Capabilities,
+    /// Default mx-pod image (a BackupMx may name its own).
+    pub mxpod_image: String,
+    pub pods: PodAdmin,
+}
+
+/// Which namespaces the controller watches.
+#[derive(Debug, Clone)]
+pub enum Scope {
+    Cluster,
+    Namespace(String),
+}
+
+impl Scope {
+    fn api<K>(&self, client: Client) -> Api<K>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+        K::DynamicType: Default,
+    {
+        match self {
+            Scope::Cluster => Api::all(client),
+            Scope::Namespace(ns) => Api::namespaced(client, ns),
+        }
+    }
+}
+
+/// Runs the controller until `shutdown` resolves; reconciles in flight finish first.
+pub async fn run(
+    ctx: Arc<Context>,
+    scope: Scope,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let client = ctx.client.clone();
+    let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=backupmx-operator");
+    Controller::new(
+        scope.api::<BackupMx>(client.clone()),
+        watcher::Config::default(),
+    )
+    .owns(scope.api::<StatefulSet>(client.clone()), owned.clone())
+    .owns(scope.api::<ConfigMap>(client.clone()), owned.clone())
+    .owns(scope.api::<Service>(client.clone()), owned.clone())
+    .owns(scope.api::<Secret>(client.clone()), owned)
+    .with_config(kube::runtime::controller::Config::default().debounce(Duration::from_millis(500)))
+    .graceful_shutdown_on(shutdown)
+    .run(reconcile, error_policy, ctx)
+    .for_each(|res| async move {
+        match res {
+            Ok((obj, _)) => tracing::debug!(object = %obj, "reconciled"),
+            Err(e) => tracing::debug!(error = %e, "reconcile stream"),
+        }
+    })
+    .await;
+}
+
+/// One reconcile pass of one BackupMx.
+pub async fn reconcile(bmx: Arc<BackupMx>, ctx: Arc<Context>) -> Result<Action> {
+    let ns = bmx.namespace().ok_or(Error::NoNamespace)?;
+    let name = bmx.name_any();
+    let _timer = ctx.metrics.reconcile_started(&ns, &name);
+    let span = info_span!("reconcile", namespace = %ns, name = %name, generation = field::Empty);
+    if let Some(g) = bmx.metadata.generation {
+        span.record("generation", g);
+    }
+    let api: Api<BackupMx> = Api::namespaced(ctx.client.clone(), &ns);
+    async {
+        finalizer(&api, FINALIZER, bmx, |event| async {
+            match event {
+                Event::Apply(bmx) => apply::apply(&bmx, &ctx).await,
+                Event::Cleanup(bmx) => cleanup::cleanup(&bmx, &ctx).await,
+            }
+        })
+        .await
+        .map_err(|e| Error::Finalizer(Box::new(e)))
+    }
+    .instrument(span)
+    .await
+}
+
+/// What to do after a failed pass: count it, log it, retry later.
+pub fn error_policy(bmx: Arc<BackupMx>, error: &Error, ctx: Arc<Context>) -> Action {
+    let ns = bmx.namespace().unwrap_or_default();
+    let name = bmx.name_any();
+    let kind = error.kind();
+    ctx.metrics.reconcile_failed(&ns, &name, kind);
+    if kind == "waiting_for_delivery" {
+        info!(namespace = %ns, name = %name, "{error}");
+        return Action::requeue(DRAIN_POLL);
+    }
+    warn!(namespace = %ns, name = %name, kind, error = %error, "reconcile failed");
+    Action::requeue(match kind {
+        "conflict" => Duration::from_secs(2),
+        _ => Duration::from_secs(15),
+    })
+}
+
+/// Writes `status` unless it is what the object already has (so a quiet pass writes nothing).
+pub async fn write_status(bmx: &BackupMx, status: BackupMxStatus, ctx: &Context) -> Result<()> {
+    if bmx.status.as_ref() == Some(&status) {
+        return Ok(());
+    }
+    let ns = bmx.namespace().ok_or(Error::NoNamespace)?;
+    let api: Api<BackupMx> = Api::namespaced(ctx.client.clone(), &ns);
+    let patch = json!({
+        "apiVersion": "backupmx.io/v1alpha1",
+        "kind": "BackupMx",
+        "status": status,
+    });
+    api.patch_status(
+        &bmx.name_any(),
+        &PatchParams::apply(FIELD_MANAGER),
+        &Patch::Apply(patch),
+    )
+    .await
+    .map_err(Error::kube("patch BackupMx status"))?;
+    Ok(())
+}
+
+/// Publishes an event about `bmx`; a failure to publish is logged, never fatal.
+pub async fn publish(
+    ctx: &Context,
+    bmx: &BackupMx,
+    type_: EventType,
+    reason: &str,
+    note: impl Into<String>,
+) {
+    let mut note: String = note.into();
+    if note.len() > 1000 {
+        let mut cut = 1000;
+        while !note.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        note.truncate(cut);
+    }
+    let event = KubeEvent {
+        type_,
+        reason: reason.into(),
+        note: Some(note),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &bmx.object_ref(&())).await {
+        warn!(error = %e, reason, "could not publish event");
+    }
+}

@@ -1,0 +1,258 @@
+//! Status as a pure function of what a pass observed: the queue figures summed over the pods,
+//! and the conditions (with `lastTransitionTime` kept while a condition's status holds).
+
+use std::collections::BTreeMap;
+
+use chrono::{SecondsFormat, Utc};
+
+use crate::{
+    crd::{
+        BackupMx, BackupMxStatus, Condition, ConditionStatus, DomainQueueStatus, PodQueueStatus,
+        QueueStatus, ReplayStatus, set_condition,
+    },
+    pod_admin::PodQueue,
+};
+
+/// Condition types the operator sets.
+pub const READY: &str = "Ready";
+pub const DEGRADED: &str = "Degraded";
+pub const DELETING: &str = "Deleting";
+
+/// Sums the pods' queues; pods whose admin API failed are listed with the error.
+pub fn queue_status(queues: &[PodQueue]) -> QueueStatus {
+    let mut total = QueueStatus::default();
+    let mut domains: BTreeMap<String, DomainQueueStatus> = BTreeMap::new();
+    for q in queues {
+        match &q.result {
+            Ok(s) => {
+                total.messages += s.messages as u64;
+                total.bytes += s.bytes;
+                for d in &s.domains {
+                    let e = domains
+                        .entry(d.domain.clone())
+                        .or_insert_with(|| DomainQueueStatus {
+                            domain: d.domain.clone(),
+                            ..Default::default()
+                        });
+                    e.messages += d.messages as u64;
+                    e.bytes += d.bytes;
+                    e.oldest_age_seconds = e.oldest_age_seconds.max(d.oldest_age_seconds);
+                    total.oldest_age_seconds = total.oldest_age_seconds.max(d.oldest_age_seconds);
+                }
+                total.pods.push(PodQueueStatus {
+                    pod: q.pod.clone(),
+                    messages: Some(s.messages as u64),
+                    draining: s.draining,
+                    error: None,
+                });
+            }
+            Err(e) => total.pods.push(PodQueueStatus {
+                pod: q.pod.clone(),
+                messages: None,
+                draining: false,
+                error: Some(e.clone()),
+            }),
+        }
+    }
+    total.domains = domains.into_values().collect();
+    total.pods.sort_by(|a, b| a.pod.cmp(&b.pod));
+    total
+}
+
+/// A condition stamped with now and the object's generation.
+pub fn condition(
+    bmx: &BackupMx,
+    type_: &str,
+    status: ConditionStatus,
+    reason: &str,
+    message: impl Into<String>,
+) -> Condition {
+    Condition {
+        type_: type_.into(),
+        status,
+        reason: reason.into(),
+        message: message.into(),
+        last_transition_time: Utc::now().to_rfc3339_opts(SecondsFormat::Secs, true),
+        observed_generation: bmx.metadata.generation,
+    }
+}
+
+/// What an apply pass saw.
+pub struct Observed {
+    pub replicas: i32,
+    pub ready_replicas: i32,
+    pub queues: Vec<PodQueue>,
+}
+
+/// The status after a successful apply pass.
+pub fn applied(bmx: &BackupMx, seen: &Observed) -> BackupMxStatus {
+    let previous = bmx
+        .status
+        .as_ref()
+        .map(|s| s.conditions.clone())
+        .unwrap_or_default();
+    let mut conditions = Vec::new();
+    let ready = if seen.ready_replicas >= seen.replicas && seen.replicas > 0 {
+        condition(
+            bmx,
+            READY,
+            ConditionStatus::True,
+            "AllPodsReady",
+            format!("{} of {} mx-pods ready", seen.ready_replicas, seen.replicas),
+        )
+    } else {
+        condition(
+            bmx,
+            READY,
+            ConditionStatus::False,
+            "PodsNotReady",
+            format!(
+                "{} of {} mx-pods ready; objects applied",
+                seen.ready_replicas, seen.replicas
+            ),
+        )
+    };
+    set_condition(&mut conditions, &previous, ready);
+    let queue = queue_status(&seen.queues);
+    let failed: Vec<String> = queue
+        .pods
+        .iter()
+        .filter_map(|p| p.error.as_ref().map(|e| format!("{}: {e}", p.pod)))
+        .collect();
+    let degraded = if failed.is_empty() {
+        condition(
+            bmx,
+            DEGRADED,
+            ConditionStatus::False,
+            "AsExpected",
+            "every running pod reports its queue",
+        )
+    } else {
+        condition(
+            bmx,
+            DEGRADED,
+            ConditionStatus::True,
+            "QueueUnreadable",
+            format!(
+                "admin API of {} pod(s) failed: {}",
+                failed.len(),
+                failed.join("; ")
+            ),
+        )
+    };
+    set_condition(&mut conditions, &previous, degraded);
+    let paused = bmx.spec.replay.paused;
+    BackupMxStatus {
+        observed_generation: bmx.metadata.generation,
+        conditions,
+        replicas: Some(seen.replicas),
+        ready_replicas: Some(seen.ready_replicas),
+        queue: Some(queue),
+        replay: Some(ReplayStatus {
+            workers: if paused {
+                0
+            } else {
+                bmx.spec.replay.max_workers
+            },
+            reason: if paused { "Paused" } else { "PodsProbePrimary" }.into(),
+        }),
+    }
+}
+
+/// The status of an object whose spec failed validation: the rest of the previous status stays.
+pub fn invalid(bmx: &BackupMx, message: &str) -> BackupMxStatus {
+    let mut status = bmx.status.clone().unwrap_or_default();
+    let previous = status.conditions.clone();
+    set_condition(
+        &mut status.conditions,
+        &previous,
+        condition(bmx, READY, ConditionStatus::False, "InvalidSpec", message),
+    );
+    status.observed_generation = bmx.metadata.generation;
+    status
+}
+
+/// The status while deletion waits for mail.
+pub fn deleting(
+    bmx: &BackupMx,
+    reason: &str,
+    message: &str,
+    queues: &[PodQueue],
+) -> BackupMxStatus {
+    let mut status = bmx.status.clone().unwrap_or_default();
+    let previous = status.conditions.clone();
+    set_condition(
+        &mut status.conditions,
+        &previous,
+        condition(bmx, DELETING, ConditionStatus::True, reason, message),
+    );
+    status.queue = Some(queue_status(queues));
+    status
+}
+
+#[cfg(test)]
+mod tests {
+    use mx_pod::admin::{DomainSummary, QueueSummary};
+
+    use super::*;
+    use crate::fixtures::backupmx;
+
+    fn pod(name: &str, n: usize, age: u64) -> PodQueue {
+        PodQueue {
+            pod: name.into(),
+            result: Ok(QueueSummary {
+                messages: n,
+                bytes: n as u64 * 100,
+                disk_bytes: 0,
+                held: false,
+                draining: false,
+                domains: vec![DomainSummary {
+                    domain: "example.com".into(),
+                    messages: n,
+                    bytes: n as u64 * 100,
+                    oldest_age_seconds: age,
+                    held: false,
+                }],
+            }),
+        }
+    }
+
+    #[test]
+    fn queues_are_summed_over_pods_and_domains() {
+        let q = queue_status(&[
+            pod("b-1", 3, 50),
+            pod("b-0", 2, 90),
+            PodQueue {
+                pod: "b-2".into(),
+                result: Err("refused".into()),
+            },
+        ]);
+        assert_eq!(q.messages, 5);
+        assert_eq!(q.oldest_age_seconds, 90);
+        assert_eq!(q.domains[0].messages, 5);
+        assert_eq!(q.pods[0].pod, "b-0");
+        assert_eq!(q.pods[2].error.as_deref(), Some("refused"));
+    }
+
+    #[test]
+    fn ready_follows_pods_and_degraded_follows_admin_errors() {
+        let bmx = backupmx();
+        let s = applied(
+            &bmx,
+            &Observed {
+                replicas: 2,
+                ready_replicas: 1,
+                queues: vec![PodQueue {
+                    pod: "example-0".into(),
+                    result: Err("timeout".into()),
+                }],
+            },
+        );
+        let ready = s.condition(READY).unwrap();
+        assert_eq!(ready.status, ConditionStatus::False);
+        assert_eq!(ready.reason, "PodsNotReady");
+        assert_eq!(ready.observed_generation, Some(1));
+        assert_eq!(s.condition(DEGRADED).unwrap().status, ConditionStatus::True);
+        assert_eq!(s.observed_generation, Some(1));
+    }
+}

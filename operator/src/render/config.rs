@@ -1,0 +1,153 @@
+//! `mx-pod.toml` for the pods, built with mx-pod's own [`Config`] type so the operator cannot
+//! render a key mx-pod does not know, and checked with mx-pod's own validation.
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::ConfigMap;
+use mx_pod::config::{
+    AdminConfig, Config, DomainConfig, DsnConfig, HumanDuration, QueueConfig, ReplayConfig, Size,
+    SmtpConfig,
+};
+use sha2::{Digest, Sha256};
+
+use super::{ADMIN_PORT, Names, SMTP_PORT, child_meta};
+use crate::{
+    crd::BackupMx,
+    validate::{InvalidSpec, duration, quantity_bytes},
+};
+
+/// Where the ConfigMap is mounted in the pod.
+pub const CONFIG_DIR: &str = "/etc/mx-pod/config";
+/// File name of the config inside the ConfigMap.
+pub const CONFIG_FILE: &str = "mx-pod.toml";
+/// Where the admin-token Secret is mounted.
+pub const TOKEN_DIR: &str = "/etc/mx-pod/token";
+/// Mount point of the pod's volume.
+pub const DATA_DIR: &str = "/var/lib/mx-pod";
+/// Share of the volume the queue may fill before new mail gets `452 4.3.1`: the rest is room
+/// for log segments not yet reclaimed.
+pub const QUEUE_SHARE_PERCENT: u64 = 80;
+/// How long SMTP sessions may take to finish after SIGTERM.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(60);
+
+/// Renders the mx-pod configuration for `bmx` (whose spec passed [`crate::validate`]).
+pub fn mxpod_config(bmx: &BackupMx) -> Result<Config, InvalidSpec> {
+    let spec = &bmx.spec;
+    let err = |e: String| InvalidSpec(vec![e]);
+    let storage = quantity_bytes(&spec.storage.size).map_err(err)?;
+    let primary = if spec.primary.host.contains(':') && !spec.primary.host.starts_with('[') {
+        format!("[{}]:{}", spec.primary.host, spec.primary.port) // IPv6 literal
+    } else {
+        format!("{}:{}", spec.primary.host, spec.primary.port)
+    };
+    let replay = &spec.replay;
+    let config = Config {
+        hostname: spec.mx.hostname.to_ascii_lowercase(),
+        smtp: SmtpConfig {
+            listen: vec![([0, 0, 0, 0], SMTP_PORT).into()],
+            shutdown_grace: HumanDuration(SHUTDOWN_GRACE),
+            ..SmtpConfig::default()
+        },
+        queue: QueueConfig {
+            dir: format!("{DATA_DIR}/queue").into(),
+            retention: HumanDuration(duration("spec.retention", &spec.retention).map_err(err)?),
+            delay_warning: HumanDuration(
+                duration("spec.delayWarning", &spec.delay_warning).map_err(err)?,
+            ),
+            max_bytes: Size(storage / 100 * QUEUE_SHARE_PERCENT),
+            segment_size: Size((64 << 20).min(storage / 16).max(64 << 10)),
+        },
+        admin: AdminConfig {
+            listen: ([0, 0, 0, 0], ADMIN_PORT).into(),
+            token_file: Some(format!("{TOKEN_DIR}/{}", super::TOKEN_KEY).into()),
+        },
+        // Until the operator drives replay from its own health checks, each pod probes the
+        // primary itself (`auto`) and delivers with up to `maxWorkers` sessions.
+        replay: ReplayConfig {
+            workers: if replay.paused {
+                0
+            } else {
+                replay.max_workers as usize
+            },
+            auto: true,
+            rate_per_second: replay.rate_per_second,
+            probe_interval: HumanDuration(
+                duration(
+                    "spec.primary.healthCheck.interval",
+                    &spec.primary.health_check.interval,
+                )
+                .map_err(err)?,
+            ),
+            ..ReplayConfig::default()
+        },
+        dsn: DsnConfig::default(),
+        domains: spec
+            .domains
+            .iter()
+            .map(|d| DomainConfig {
+                name: d.to_ascii_lowercase(),
+                primary: primary.clone(),
+            })
+            .collect(),
+    };
+    config
+        .validate()
+        .map_err(|e| InvalidSpec(vec![format!("rendered mx-pod configuration: {e}")]))?;
+    Ok(config)
+}
+
+/// The ConfigMap holding `mx-pod.toml`.
+pub fn configmap(bmx: &BackupMx, toml: &str) -> ConfigMap {
+    ConfigMap {
+        metadata: child_meta(bmx, &Names::of(bmx).configmap),
+        data: Some([(CONFIG_FILE.to_string(), toml.to_string())].into()),
+        ..Default::default()
+    }
+}
+
+/// Short hash of the rendered config for the pod template annotation.
+pub fn config_hash(toml: &str) -> String {
+    let digest = Sha256::digest(toml.as_bytes());
+    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fixtures::backupmx;
+
+    #[test]
+    fn renders_a_config_mx_pod_accepts() {
+        let bmx = backupmx();
+        let c = mxpod_config(&bmx).unwrap();
+        let text = c.to_toml();
+        let parsed = Config::parse(&text, "rendered").unwrap();
+        assert_eq!(parsed, c);
+        assert_eq!(c.hostname, "mx2.example.com");
+        assert_eq!(c.domains.len(), 2);
+        assert_eq!(c.domains[0].primary, "mail.example.com:25");
+        assert_eq!(c.queue.max_bytes, Size((1u64 << 30) / 100 * 80));
+        assert_eq!(c.queue.dir.to_str(), Some("/var/lib/mx-pod/queue"));
+        assert_eq!(c.smtp.listen[0].port(), SMTP_PORT);
+        assert!(c.replay.auto);
+        assert_eq!(c.replay.workers, 8);
+    }
+
+    #[test]
+    fn paused_renders_zero_workers_and_changes_the_hash() {
+        let mut bmx = backupmx();
+        let running = mxpod_config(&bmx).unwrap().to_toml();
+        bmx.spec.replay.paused = true;
+        let paused = mxpod_config(&bmx).unwrap();
+        assert_eq!(paused.replay.workers, 0);
+        assert_ne!(config_hash(&running), config_hash(&paused.to_toml()));
+    }
+
+    #[test]
+    fn ipv6_primary_is_bracketed() {
+        let mut bmx = backupmx();
+        bmx.spec.primary.host = "2001:db8::25".into();
+        let c = mxpod_config(&bmx).unwrap();
+        assert_eq!(c.domains[0].primary, "[2001:db8::25]:25");
+    }
+}

@@ -1,0 +1,223 @@
+//! Checks of a `BackupMx` spec that the OpenAPI schema cannot express (no CEL, so the CRD works
+//! on API servers from 1.20 on): values that must parse, names that must be valid, and rules
+//! across fields. A spec that fails is not applied at all: the reconciler sets `Ready=False`
+//! with reason `InvalidSpec` and a message listing every problem with its field path.
+
+use std::time::Duration;
+
+use mx_pod::config::is_domain_name;
+
+use crate::crd::BackupMxSpec;
+
+/// Every problem found in a spec, each naming its field (`spec.retention: ...`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}", .0.join("; "))]
+pub struct InvalidSpec(pub Vec<String>);
+
+/// Parses a humane duration (`30s`, `4h`, `5d`) as mx-pod does.
+pub fn duration(field: &str, value: &str) -> Result<Duration, String> {
+    value
+        .parse::<mx_pod::config::HumanDuration>()
+        .map(|d| d.0)
+        .map_err(|e| format!("{field}: {e}"))
+}
+
+/// Parses a Kubernetes storage quantity (`10Gi`, `500M`) into bytes.
+pub fn quantity_bytes(value: &str) -> Result<u64, String> {
+    let split = value
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(value.len());
+    let (num, suffix) = value.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{value:?} is not a quantity such as \"10Gi\""))?;
+    let mult: f64 = match suffix {
+        "" => 1.0,
+        "Ki" => 1024.0,
+        "Mi" => 1024f64.powi(2),
+        "Gi" => 1024f64.powi(3),
+        "Ti" => 1024f64.powi(4),
+        "Pi" => 1024f64.powi(5),
+        "Ei" => 1024f64.powi(6),
+        "k" => 1e3,
+        "M" => 1e6,
+        "G" => 1e9,
+        "T" => 1e12,
+        "P" => 1e15,
+        "E" => 1e18,
+        other => return Err(format!("{value:?} has an unknown unit {other:?}")),
+    };
+    let bytes = n * mult;
+    if !bytes.is_finite() || bytes >= u64::MAX as f64 {
+        return Err(format!("{value:?} is too large"));
+    }
+    Ok(bytes as u64)
+}
+
+/// Smallest volume mx-pod is given: below this the queue is too small to be useful.
+pub const MIN_STORAGE_BYTES: u64 = 64 << 20;
+
+/// Checks `spec`; `Ok` or every problem found.
+pub fn validate(spec: &BackupMxSpec) -> Result<(), InvalidSpec> {
+    let mut problems = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    if spec.domains.is_empty() {
+        problems.push("spec.domains: at least one domain is needed".to_string());
+    }
+    for (i, d) in spec.domains.iter().enumerate() {
+        if !is_domain_name(d) || !d.contains('.') {
+            problems.push(format!(
+                "spec.domains[{i}]: {d:?} is not a valid mail domain (a dotted host name such as example.com)"
+            ));
+        }
+        if !seen.insert(d.to_ascii_lowercase()) {
+            problems.push(format!("spec.domains[{i}]: {d:?} is listed twice"));
+        }
+    }
+
+    let retention = duration("spec.retention", &spec.retention);
+    let delay = duration("spec.delayWarning", &spec.delay_warning);
+    match (&retention, &delay) {
+        (Ok(r), Ok(d)) => {
+            if r.is_zero() {
+                problems.push("spec.retention: must be more than 0s".into());
+            }
+            if d > r {
+                problems.push(format!(
+                    "spec.delayWarning: {} is longer than spec.retention {}; the warning would \
+                     come after the bounce",
+                    spec.delay_warning, spec.retention
+                ));
+            }
+        }
+        _ => {
+            problems.extend(retention.err());
+            problems.extend(delay.err());
+        }
+    }
+
+    let hc = &spec.primary.health_check;
+    let interval = duration("spec.primary.healthCheck.interval", &hc.interval);
+    let timeout = duration("spec.primary.healthCheck.timeout", &hc.timeout);
+    match (&interval, &timeout) {
+        (Ok(i), Ok(t)) => {
+            if i < &Duration::from_secs(1) {
+                problems.push("spec.primary.healthCheck.interval: must be at least 1s".into());
+            }
+            if t.is_zero() || t > i {
+                problems.push(format!(
+                    "spec.primary.healthCheck.timeout: {} must be more than 0s and at most the \
+                     interval {}",
+                    hc.timeout, hc.interval
+                ));
+            }
+        }
+        _ => {
+            problems.extend(interval.err());
+            problems.extend(timeout.err());
+        }
+    }
+
+    let host = spec
+        .primary
+        .host
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    if host.parse::<std::net::IpAddr>().is_err() && !is_domain_name(host) {
+        problems.push(format!(
+            "spec.primary.host: {:?} is neither a host name nor an IP address",
+            spec.primary.host
+        ));
+    }
+    if spec.primary.port == 0 {
+        problems.push("spec.primary.port: must be 1-65535".into());
+    }
+
+    if !is_domain_name(&spec.mx.hostname) || !spec.mx.hostname.contains('.') {
+        problems.push(format!(
+            "spec.mx.hostname: {:?} is not a fully qualified host name",
+            spec.mx.hostname
+        ));
+    }
+    if spec.mx.hostname.eq_ignore_ascii_case(host) {
+        problems.push(format!(
+            "spec.mx.hostname: {:?} is the primary's own name; the backup MX needs a name of its own",
+            spec.mx.hostname
+        ));
+    }
+
+    match quantity_bytes(&spec.storage.size) {
+        Ok(b) if b < MIN_STORAGE_BYTES => problems.push(format!(
+            "spec.storage.size: {} is smaller than the minimum 64Mi",
+            spec.storage.size
+        )),
+        Ok(_) => {}
+        Err(e) => problems.push(format!("spec.storage.size: {e}")),
+    }
+    if spec.replicas < 1 {
+        problems.push("spec.replicas: must be at least 1".into());
+    }
+    if spec.replay.max_workers == 0 {
+        problems.push(
+            "spec.replay.maxWorkers: must be at least 1 (use spec.replay.paused to hold mail)"
+                .into(),
+        );
+    }
+    for k in spec.pod_labels.keys() {
+        if k.starts_with("app.kubernetes.io/") {
+            problems.push(format!(
+                "spec.podLabels: {k:?} is set by the operator and cannot be overridden"
+            ));
+        }
+    }
+
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(InvalidSpec(problems))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fixtures::spec;
+
+    #[test]
+    fn example_spec_is_valid() {
+        assert_eq!(validate(&spec()), Ok(()));
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_field() {
+        let mut s = spec();
+        s.retention = "1h".into();
+        s.delay_warning = "4h".into();
+        s.domains = vec!["example.com".into(), "EXAMPLE.com".into(), "local".into()];
+        s.mx.hostname = s.primary.host.to_uppercase();
+        s.storage.size = "1Mi".into();
+        s.primary.health_check.interval = "5 fortnights".into();
+        let err = validate(&s).unwrap_err();
+        let text = err.to_string();
+        for needle in [
+            "spec.delayWarning",
+            "spec.domains[1]",
+            "spec.domains[2]",
+            "spec.mx.hostname",
+            "spec.storage.size",
+            "spec.primary.healthCheck.interval",
+        ] {
+            assert!(text.contains(needle), "{needle} missing from: {text}");
+        }
+        assert_eq!(err.0.len(), 6, "{text}");
+    }
+
+    #[test]
+    fn quantities_parse() {
+        assert_eq!(quantity_bytes("10Gi"), Ok(10 << 30));
+        assert_eq!(quantity_bytes("500M"), Ok(500_000_000));
+        assert_eq!(quantity_bytes("1.5Gi"), Ok(3 << 29));
+        assert!(quantity_bytes("10GB").is_err());
+        assert!(quantity_bytes("lots").is_err());
+    }
+}
