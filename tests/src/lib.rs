@@ -20,6 +20,8 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
+pub mod kube;
+
 use serde_json::Value;
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
@@ -80,7 +82,12 @@ pub fn mxpod_bin() -> PathBuf {
 
 /// A free TCP port on 127.0.0.1.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
+    free_port_on([127, 0, 0, 1].into())
+}
+
+/// A free TCP port on `ip`.
+pub fn free_port_on(ip: std::net::IpAddr) -> u16 {
+    TcpListener::bind((ip, 0))
         .unwrap()
         .local_addr()
         .unwrap()
@@ -136,6 +143,12 @@ pub struct MxPodConfig {
     pub min_backoff: String,
     /// Extra TOML appended to the `[queue]` table.
     pub queue_extra: String,
+    /// Address the SMTP and admin listeners bind (a pod IP on 127.0.0.0/8 in the kube tier).
+    pub ip: std::net::IpAddr,
+    /// Admin API port (a free one when unset).
+    pub admin_port: Option<u16>,
+    /// Admin bearer token (a generated one when unset).
+    pub token: Option<String>,
 }
 
 impl MxPodConfig {
@@ -152,6 +165,9 @@ impl MxPodConfig {
             dsn_relay: None,
             min_backoff: "200ms".into(),
             queue_extra: String::new(),
+            ip: [127, 0, 0, 1].into(),
+            admin_port: None,
+            token: None,
         }
     }
 }
@@ -188,17 +204,21 @@ impl MxPod {
         queue_dir: PathBuf,
         cfg: MxPodConfig,
     ) -> MxPod {
-        let smtp: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let admin_port = free_port();
-        let token = format!("tok-{}", std::process::id());
+        let smtp = SocketAddr::new(cfg.ip, free_port_on(cfg.ip));
+        let admin_port = cfg.admin_port.unwrap_or_else(|| free_port_on(cfg.ip));
+        let token = cfg
+            .token
+            .clone()
+            .unwrap_or_else(|| format!("tok-{}", std::process::id()));
         fs::write(dir.path().join("admin-token"), format!("{token}\n")).unwrap();
         let mut toml = format!(
-            "hostname = \"mx2.example.test\"\n\n[smtp]\nlisten = [\"{smtp}\"]\nmax_message_size = \"1MiB\"\nshutdown_grace = \"20s\"\n\n[queue]\ndir = \"{}\"\nretention = \"{}\"\ndelay_warning = \"{}\"\nmax_bytes = \"{}\"\n{}\n\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\ntoken_file = \"{}\"\n\n[replay]\nworkers = {}\nauto = {}\nrate_per_second = {}\nprobe_interval = \"200ms\"\ntimeout = \"10s\"\nmin_backoff = \"{}\"\nmax_backoff = \"2s\"\n",
+            "hostname = \"mx2.example.test\"\n\n[smtp]\nlisten = [\"{smtp}\"]\nmax_message_size = \"1MiB\"\nshutdown_grace = \"20s\"\n\n[queue]\ndir = \"{}\"\nretention = \"{}\"\ndelay_warning = \"{}\"\nmax_bytes = \"{}\"\n{}\n\n[admin]\nlisten = \"{}:{admin_port}\"\ntoken_file = \"{}\"\n\n[replay]\nworkers = {}\nauto = {}\nrate_per_second = {}\nprobe_interval = \"200ms\"\ntimeout = \"10s\"\nmin_backoff = \"{}\"\nmax_backoff = \"2s\"\n",
             queue_dir.display(),
             cfg.retention,
             cfg.delay_warning,
             cfg.max_bytes,
             cfg.queue_extra,
+            cfg.ip,
             dir.path().join("admin-token").display(),
             cfg.workers,
             cfg.auto,
@@ -220,7 +240,7 @@ impl MxPod {
             queue_dir,
             config_path,
             smtp,
-            admin: format!("http://127.0.0.1:{admin_port}"),
+            admin: format!("http://{}:{admin_port}", cfg.ip),
             token,
             child: None,
             log,

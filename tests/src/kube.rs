@@ -1,0 +1,437 @@
+//! The real Kubernetes tier: a v1.20 kube-apiserver + etcd + kube-controller-manager started
+//! once per test binary by `tests/infra/kube/start.sh` (with `KUBE_OWNER_PID`, so the cluster
+//! stops when the test binary exits, even on a crash), the operator as a real process, kubectl,
+//! and the test playing the kubelet where pods must run (bind to a fake node, set the status
+//! with a pod IP on 127.0.0.0/8 where a real mx-pod listens).
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::OnceLock,
+    time::Duration,
+};
+
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use kube::{
+    Api, Client, ResourceExt,
+    api::{Patch, PatchParams, PostParams},
+    config::{KubeConfigOptions, Kubeconfig},
+};
+use serde_json::{Value, json};
+
+use crate::{free_port, repo, require_root, state_dir};
+
+/// The cluster of this test binary.
+pub struct Cluster {
+    pub state: PathBuf,
+    pub bin_dir: PathBuf,
+}
+
+/// The kube binaries' directory (built by `make deps`).
+pub fn kube_bin_dir() -> PathBuf {
+    std::env::var("BACKUPMX_KUBE_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into()))
+                .join(".cache/backupmx/kube-1.20/bin")
+        })
+}
+
+/// Starts the cluster on first use and applies the BackupMx CRD from `crds/`.
+pub fn cluster() -> &'static Cluster {
+    static CLUSTER: OnceLock<Cluster> = OnceLock::new();
+    CLUSTER.get_or_init(|| {
+        require_root();
+        let bin_dir = kube_bin_dir();
+        for b in ["kube-apiserver", "kube-controller-manager", "kubectl"] {
+            assert!(
+                bin_dir.join(b).exists(),
+                "{} is missing: run `make deps` (it builds the Kubernetes 1.20 control plane \
+                 into {})",
+                bin_dir.join(b).display(),
+                bin_dir.display()
+            );
+        }
+        assert!(
+            Path::new("/usr/bin/etcd").exists(),
+            "etcd is not installed: run `make deps`"
+        );
+        // a directory the watchdog purges when this process exits
+        let state = state_dir("kube").keep();
+        let out = Command::new("bash")
+            .arg(repo().join("tests/infra/kube/start.sh"))
+            .arg(&state)
+            .env("KUBE_BIN_DIR", &bin_dir)
+            .env("KUBE_OWNER_PID", std::process::id().to_string())
+            .env("KUBE_WITH_SCHEDULER", "0")
+            .env_remove("KUBE_API_PORT")
+            .env_remove("KUBECONFIG")
+            .output()
+            .expect("run tests/infra/kube/start.sh");
+        assert!(
+            out.status.success(),
+            "starting the API server failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let cluster = Cluster { state, bin_dir };
+        let applied = cluster.kubectl(&[
+            "apply",
+            "-f",
+            &repo().join("crds/backupmx.yaml").to_string_lossy(),
+        ]);
+        assert!(
+            applied.status.success(),
+            "applying the CRD: {}",
+            text(&applied)
+        );
+        let established = cluster.kubectl(&[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd/backupmxes.backupmx.io",
+        ]);
+        assert!(established.status.success(), "{}", text(&established));
+        cluster
+    })
+}
+
+/// stdout + stderr of a command.
+pub fn text(out: &Output) -> String {
+    let mut t = String::from_utf8_lossy(&out.stdout).into_owned();
+    t.push_str(&String::from_utf8_lossy(&out.stderr));
+    t
+}
+
+impl Cluster {
+    pub fn kubeconfig(&self) -> PathBuf {
+        self.state.join("kubeconfig")
+    }
+
+    /// Runs the cluster's kubectl (v1.20) with its kubeconfig.
+    pub fn kubectl(&self, args: &[&str]) -> Output {
+        Command::new(self.bin_dir.join("kubectl"))
+            .args(args)
+            .env("KUBECONFIG", self.kubeconfig())
+            .output()
+            .expect("run kubectl")
+    }
+
+    /// kubectl that must succeed; returns its stdout.
+    pub fn kubectl_ok(&self, args: &[&str]) -> String {
+        let out = self.kubectl(args);
+        assert!(
+            out.status.success(),
+            "kubectl {args:?} failed: {}",
+            text(&out)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// A kube-rs client (admin).
+    pub async fn client(&self) -> Client {
+        let kubeconfig = Kubeconfig::read_from(self.kubeconfig()).expect("read kubeconfig");
+        let config =
+            kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+                .await
+                .expect("kubeconfig");
+        Client::try_from(config).expect("client")
+    }
+
+    /// Creates a namespace with a unique name starting with `prefix`.
+    pub async fn namespace(&self, prefix: &str) -> String {
+        let name = format!(
+            "{prefix}-{}",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_micros()
+                % 100_000_000
+        );
+        let api: Api<Namespace> = Api::all(self.client().await);
+        api.create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": name}})).unwrap(),
+        )
+        .await
+        .expect("create namespace");
+        name
+    }
+}
+
+/// The `backupmx-operator` binary, built once per test run.
+pub fn operator_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .current_dir(repo())
+            .args([
+                "build",
+                "-q",
+                "-p",
+                "backupmx-operator",
+                "--bin",
+                "backupmx-operator",
+            ])
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "building backupmx-operator failed");
+        let target = std::env::var("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| repo().join("target"));
+        target.join("debug").join("backupmx-operator")
+    })
+    .clone()
+}
+
+/// A running operator process.
+pub struct Operator {
+    child: Option<Child>,
+    pub log: PathBuf,
+    pub metrics: String,
+    pub identity: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Operator {
+    /// Starts the operator against `cluster`; `args` are extra `run` flags (e.g.
+    /// `--namespace NS`, `--leader-elect=false`).
+    pub fn start(cluster: &Cluster, identity: &str, args: &[&str]) -> Operator {
+        let dir = state_dir("operator");
+        let log = dir.path().join("operator.log");
+        let port = free_port();
+        let file = fs::File::create(&log).unwrap();
+        let child = Command::new(operator_bin())
+            .arg("run")
+            .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
+            .args(["--identity", identity])
+            .args(["--mxpod-image", "backupmx/mx-pod:test"])
+            .args(args)
+            .env("KUBECONFIG", cluster.kubeconfig())
+            .env("RUST_LOG", "info,backupmx_operator=debug")
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .expect("start backupmx-operator");
+        Operator {
+            child: Some(child),
+            log,
+            metrics: format!("http://127.0.0.1:{port}"),
+            identity: identity.into(),
+            _dir: dir,
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `kill -9` the process.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for the exit status.
+    pub async fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        for _ in 0..600 {
+            if let Some(s) = child.try_wait().unwrap() {
+                return s;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("operator did not stop within 30 s:\n{}", self.log_text());
+    }
+
+    /// GET a path of its HTTP endpoint (`/metrics`, `/healthz`), or None while it is not up.
+    pub async fn get(&self, path: &str) -> Option<(u16, String)> {
+        let r = reqwest::get(format!("{}{path}", self.metrics)).await.ok()?;
+        Some((r.status().as_u16(), r.text().await.unwrap_or_default()))
+    }
+
+    /// Value of `backupmx_reconcile_total` for one object (0 when absent).
+    pub async fn reconciles(&self, ns: &str, name: &str) -> u64 {
+        let Some((_, text)) = self.get("/metrics").await else {
+            return 0;
+        };
+        let needle = format!("backupmx_reconcile_total{{namespace=\"{ns}\",name=\"{name}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&needle))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+// === playing the kubelet ===
+
+/// Creates (once) a Ready fake node for pods to be bound to.
+pub async fn fake_node(client: &Client) -> String {
+    let name = "fake-node".to_string();
+    let nodes: Api<Node> = Api::all(client.clone());
+    if nodes.get_opt(&name).await.unwrap().is_none() {
+        let _ = nodes
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({"metadata": {"name": name,
+                    "labels": {"kubernetes.io/hostname": name}}}))
+                .unwrap(),
+            )
+            .await;
+    }
+    nodes
+        .patch_status(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {
+                "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
+                    "message": "fake", "lastHeartbeatTime": now(), "lastTransitionTime": now()}],
+                "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}],
+                "capacity": {"cpu": "2", "memory": "8Gi", "pods": "110"},
+                "allocatable": {"cpu": "2", "memory": "8Gi", "pods": "110"},
+            }})),
+        )
+        .await
+        .expect("node status");
+    nodes
+        .patch(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"taints": null}})),
+        )
+        .await
+        .expect("node taints");
+    name
+}
+
+fn now() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+/// Makes pod `ns/name` Running and Ready at `ip`: bound to the fake node, status as a kubelet
+/// would report it.
+pub async fn run_pod(client: &Client, ns: &str, name: &str, ip: &str) {
+    let node = fake_node(client).await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let pod = pods.get(name).await.expect("pod exists");
+    if pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.node_name.clone())
+        .is_none()
+    {
+        let binding = json!({"apiVersion": "v1", "kind": "Binding",
+            "metadata": {"name": name}, "target": {"apiVersion": "v1", "kind": "Node", "name": node}});
+        let request = http::Request::post(format!("/api/v1/namespaces/{ns}/pods/{name}/binding"))
+            .header("content-type", "application/json")
+            .body(serde_json::to_vec(&binding).unwrap())
+            .unwrap();
+        let _: Value = client.request(request).await.expect("bind pod");
+    }
+    let ts = now();
+    let containers: Vec<Value> = pod
+        .spec
+        .as_ref()
+        .map(|s| {
+            s.containers
+                .iter()
+                .map(|c| c.name.clone())
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default()
+        .into_iter()
+        .map(|c| {
+            json!({"name": c, "ready": true, "restartCount": 0, "image": "test", "imageID": "test",
+                   "started": true, "state": {"running": {"startedAt": ts}}})
+        })
+        .collect();
+    let cond = |t: &str| json!({"type": t, "status": "True", "lastTransitionTime": ts});
+    pods.patch_status(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": {
+            "phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}], "hostIP": "127.0.0.1",
+            "startTime": ts,
+            "conditions": [cond("Initialized"), cond("Ready"), cond("ContainersReady"), cond("PodScheduled")],
+            "containerStatuses": containers,
+        }})),
+    )
+    .await
+    .expect("pod status");
+}
+
+/// Waits until `get` returns Some, polling every 100 ms; fails after `timeout` with `what`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut get: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(v) = get().await {
+            return v;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Resource versions of the named objects of `kind` in `ns` (for idempotence checks).
+pub fn resource_versions(
+    cluster: &Cluster,
+    ns: &str,
+    objects: &[&str],
+) -> BTreeMap<String, String> {
+    objects
+        .iter()
+        .map(|o| {
+            let rv = cluster.kubectl_ok(&[
+                "-n",
+                ns,
+                "get",
+                o,
+                "-o",
+                "jsonpath={.metadata.resourceVersion}",
+            ]);
+            (o.to_string(), rv)
+        })
+        .collect()
+}
+
+/// The object's condition of `type_` as (status, reason, message).
+pub fn condition(obj: &Value, type_: &str) -> Option<(String, String, String)> {
+    obj["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == type_)
+        .map(|c| {
+            (
+                c["status"].as_str().unwrap_or_default().to_string(),
+                c["reason"].as_str().unwrap_or_default().to_string(),
+                c["message"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+}
+
+/// Names of things for log messages.
+pub fn names<K: ResourceExt>(objs: &[K]) -> Vec<String> {
+    objs.iter().map(|o| o.name_any()).collect()
+}
