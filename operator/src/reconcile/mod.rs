@@ -24,7 +24,7 @@ use std::{sync::Arc, time::Duration};
 use futures::StreamExt;
 use k8s_openapi::api::{
     apps::v1::StatefulSet,
-    core::v1::{ConfigMap, Secret, Service},
+    core::v1::{ConfigMap, Pod, Secret, Service},
 };
 use kube::{
     Api, Client, Resource, ResourceExt,
@@ -34,6 +34,7 @@ use kube::{
         controller::Action,
         events::{Event as KubeEvent, EventType, Recorder},
         finalizer::{Event, finalizer},
+        reflector::ObjectRef,
         watcher,
     },
 };
@@ -102,7 +103,14 @@ pub async fn run(
     .owns(scope.api::<StatefulSet>(client.clone()), owned.clone())
     .owns(scope.api::<ConfigMap>(client.clone()), owned.clone())
     .owns(scope.api::<Service>(client.clone()), owned.clone())
-    .owns(scope.api::<Secret>(client.clone()), owned)
+    .owns(scope.api::<Secret>(client.clone()), owned.clone())
+    // pods belong to the StatefulSet, not to the BackupMx: map them back by label, so a pod
+    // that becomes ready (or gets a new IP) refreshes the status at once
+    .watches(scope.api::<Pod>(client.clone()), owned, |pod: Pod| {
+        let ns = pod.namespace()?;
+        let name = pod.labels().get("app.kubernetes.io/instance")?.clone();
+        Some(ObjectRef::<BackupMx>::new(&name).within(&ns))
+    })
     .with_config(kube::runtime::controller::Config::default().debounce(Duration::from_millis(500)))
     .graceful_shutdown_on(shutdown)
     .run(reconcile, error_policy, ctx)

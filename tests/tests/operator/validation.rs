@@ -84,6 +84,24 @@ async fn schema_rejects_malformed_fields_at_apply() {
             "{name}: the error does not name {field}: {text}"
         );
     }
+    // the examples pass the server's schema
+    for example in ["examples/backupmx.yaml", "examples/backupmx-full.yaml"] {
+        let path = backupmx_tests::repo().join(example);
+        let out = cluster.kubectl(&[
+            "-n",
+            &ns,
+            "apply",
+            "--validate=false",
+            "--dry-run=server",
+            "-f",
+            &path.to_string_lossy(),
+        ]);
+        assert!(
+            out.status.success(),
+            "{example}: {}",
+            backupmx_tests::kube::text(&out)
+        );
+    }
     // defaults come from the schema
     let out = apply(&ns, &with("defaults", |_| {}));
     assert!(out.status.success(), "{}", backupmx_tests::kube::text(&out));
