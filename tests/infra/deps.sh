@@ -14,6 +14,12 @@
 #   util-linux       setsid, setpriv, flock;  coreutils: timeout, mktemp  (essential, listed for clarity)
 #   etcd-server      etcd, the kube test tier's datastore (tests/infra/kube/start.sh)
 #   openssl          the kube test tier's PKI (CA, serving and client certificates)
+#   rspamd           a real spam filter to scan test mail with (tests/infra/rspamd.sh)
+#   pdns-server      PowerDNS authoritative server with its REST API (tests/infra/powerdns.sh)
+#   pdns-backend-sqlite3  its gsqlite3 backend and the schema file we load into a fresh database
+#   sqlite3          creates that database from the schema (powerdns.sh)
+#   bind9            named and tsig-keygen: RFC 2136 dynamic updates with TSIG (tests/infra/bind.sh)
+#                    (nsupdate comes with bind9-dnsutils above)
 #
 # The kube build (kube-apiserver, kube-controller-manager, kube-scheduler v1.20.2 from Debian's
 # source package, kubectl from its .deb) installs its own build dependencies (Go 1.19, dpkg-dev,
@@ -22,11 +28,18 @@
 # No daemon is started by the install: /usr/sbin/policy-rc.d (exit 101) is created when absent
 # (and left in place), and Postfix is preseeded to "No configuration", so it does not even
 # write /etc/postfix/main.cf; our scripts run their own instances with postfix -c DIR.
+# rspamd, pdns-server and bind9 need no preseeding (no debconf questions); their postinst scripts
+# only create the service users (_rspamd, pdns, bind), /etc files and rndc.key, and ask
+# invoke-rc.d/deb-systemd-invoke to start the daemon, which policy-rc.d refuses (and there is no
+# systemd here). As a guard, stop_packaged_daemons below checks the packages' own PID files after
+# an install and stops a system instance that started anyway (only one that this run installed,
+# by PID file + /proc/PID/comm, never by name): tests/infra run their own instances on free ports.
 set -euo pipefail
 LOG_TAG=deps
 log() { printf '[%s] %s\n' "$LOG_TAG" "$*"; }
 
-PKGS=(postfix swaks curl bind9-dnsutils procps iproute2 python3 util-linux coreutils etcd-server openssl)
+PKGS=(postfix swaks curl bind9-dnsutils procps iproute2 python3 util-linux coreutils etcd-server openssl
+  rspamd pdns-server pdns-backend-sqlite3 sqlite3 bind9)
 
 [ "$(id -u)" = 0 ] || { echo "[deps] ERROR: run as root (apt-get)" >&2; exit 1; }
 
@@ -66,6 +79,46 @@ install_packages() {
       { echo "[deps] ERROR: $p is still not installed" >&2; exit 1; }
   done
   log "installed: ${missing[*]}"
+  stop_packaged_daemons "${missing[@]}"
+}
+
+# running PID: some thread of PID is not a zombie (as in common.sh's alive)
+running() {
+  local t st
+  for t in /proc/"$1"/task/*/stat; do
+    st=$(sed 's/.*) //' "$t" 2> /dev/null | cut -c1)
+    [ -n "$st" ] && [ "$st" != Z ] && return 0
+  done
+  return 1
+}
+
+# stop_packaged_daemons PKG...: for each just-installed package that ships a daemon, if its
+# system-wide instance is running anyway (policy-rc.d missing or ignored), stop it by the PID
+# file the package's own configuration uses, after checking /proc/PID/comm (a reused PID is never
+# signalled). A daemon that was running before this run is left alone: its package was not in
+# "missing". Prints what it finds either way.
+stop_packaged_daemons() {
+  local p pf comm pid i
+  for p in "$@"; do
+    case "$p" in
+      rspamd) pf=/run/rspamd/rspamd.pid comm=rspamd ;;
+      pdns-server) pf=/run/pdns/pdns.pid comm=pdns_server ;;
+      bind9) pf=/run/named/named.pid comm=named ;;
+      postfix) pf=/var/spool/postfix/pid/master.pid comm=master ;;
+      *) continue ;;
+    esac
+    pid=
+    [ -n "$pf" ] && [ -s "$pf" ] && pid=$(tr -dc '0-9' < "$pf")
+    if [ -n "$pid" ] && [ "$(cat "/proc/$pid/comm" 2> /dev/null)" = "$comm" ]; then
+      log "$p's postinst left $comm running (PID $pid from $pf); stopping it"
+      kill -TERM "$pid" 2> /dev/null || true
+      for ((i = 0; i < 100; i++)); do running "$pid" || break; sleep 0.1; done
+      if running "$pid"; then kill -KILL "$pid" 2> /dev/null || true; fi
+    else
+      log "$p: no system $comm instance running (as expected)"
+    fi
+  done
+  return 0
 }
 
 install_packages
