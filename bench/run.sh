@@ -155,6 +155,10 @@ listen = ["127.0.0.1:$3"]
 max_message_size = 52428800
 max_recipients = 100
 max_connections = 1000
+# all the load comes from one loopback client: no per-client limits
+max_connections_per_ip = 1000
+max_messages_per_minute = 0
+max_recipients_per_minute = 0
 [queue]
 dir = "$2"
 retention = "5d"

@@ -39,6 +39,9 @@ pub struct Config {
     pub replay: ReplayConfig,
     #[serde(default)]
     pub dsn: DsnConfig,
+    /// Filters run before queueing (rspamd, DNSBL, SPF/DMARC lookups).
+    #[serde(default)]
+    pub filter: FilterConfig,
     /// The domains this backup MX accepts mail for.
     pub domains: Vec<DomainConfig>,
 }
@@ -60,6 +63,31 @@ pub struct SmtpConfig {
     pub idle_timeout: HumanDuration,
     /// How long in-flight sessions may take to finish after SIGTERM.
     pub shutdown_grace: HumanDuration,
+    /// How long the client may stay silent while sending DATA (RFC 5321 4.5.3.2.7: at least 5m).
+    pub data_timeout: HumanDuration,
+    /// Concurrent connections from one client IP; more get `421 4.7.0`.
+    pub max_connections_per_ip: usize,
+    /// Messages (MAIL commands) per minute from one client IP; more get `451 4.7.1` (0 = no limit).
+    pub max_messages_per_minute: u32,
+    /// Recipients per minute from one client IP; more get `451 4.7.1` (0 = no limit).
+    pub max_recipients_per_minute: u32,
+    /// Bad commands in one session after which it is closed (`421 4.7.0`).
+    pub max_errors: usize,
+    /// Expect a PROXY protocol (v1 or v2) header on every connection, from a load balancer: the
+    /// client address it names is the one filters and logs see. Connections without it are closed.
+    pub proxy_protocol: bool,
+    /// STARTTLS: certificate and key (PEM), re-read when the files change.
+    pub tls: Option<TlsConfig>,
+}
+
+/// STARTTLS certificate.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain, leaf first.
+    pub cert_file: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
 }
 
 impl Default for SmtpConfig {
@@ -72,6 +100,13 @@ impl Default for SmtpConfig {
             max_received_headers: 50,
             idle_timeout: HumanDuration(Duration::from_secs(300)),
             shutdown_grace: HumanDuration(Duration::from_secs(60)),
+            data_timeout: HumanDuration(Duration::from_secs(600)),
+            max_connections_per_ip: 50,
+            max_messages_per_minute: 600,
+            max_recipients_per_minute: 3000,
+            max_errors: 20,
+            proxy_protocol: false,
+            tls: None,
         }
     }
 }
@@ -173,13 +208,129 @@ pub struct DsnConfig {
     pub resolver: Option<SocketAddr>,
 }
 
+/// Content and client filters, run before a message is queued.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FilterConfig {
+    /// DNS server (`ip:port`) for DNSBL and SPF/DMARC lookups; the system's when unset.
+    pub resolver: Option<SocketAddr>,
+    /// Timeout of one DNS lookup.
+    pub dns_timeout: Option<HumanDuration>,
+    /// DNS blocklists the client IP is looked up in (e.g. `zen.spamhaus.org`); listed → `554 5.7.1`.
+    pub dnsbl: Vec<String>,
+    /// rspamd scan of every message before it is queued.
+    pub rspamd: Option<RspamdConfig>,
+}
+
+impl FilterConfig {
+    /// The DNS lookup timeout (default 5s).
+    pub fn dns_timeout(&self) -> Duration {
+        self.dns_timeout.map_or(Duration::from_secs(5), |d| d.0)
+    }
+}
+
+/// rspamd settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RspamdConfig {
+    /// Base URL of rspamd's normal worker, e.g. `http://rspamd:11333`.
+    pub url: String,
+    /// How long a scan may take.
+    #[serde(default = "default_rspamd_timeout")]
+    pub timeout: HumanDuration,
+    /// What to do when rspamd cannot answer: `tempfail` (`451 4.7.1`, the sender retries) or `accept`.
+    #[serde(default)]
+    pub fail_mode: FailMode,
+}
+
+fn default_rspamd_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(10))
+}
+
+/// What a check does when it cannot decide (its backend is unreachable).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FailMode {
+    /// Answer with a temporary error: the sender retries later.
+    #[default]
+    Tempfail,
+    /// Accept the mail.
+    Accept,
+}
+
+/// How recipients of a domain are validated at RCPT time.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RecipientMode {
+    /// Any address in the domain.
+    #[default]
+    Any,
+    /// Only the listed addresses (`user@domain` or `*@domain`).
+    List,
+    /// Ask the primary (callout: `MAIL FROM:<>`, `RCPT TO:`), cache the answers.
+    Verify,
+}
+
+/// Recipient validation of one domain.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RecipientsConfig {
+    pub mode: RecipientMode,
+    /// For `list`: the addresses accepted (`user@domain`, or `*@domain` for all of a domain).
+    pub addresses: Vec<String>,
+    /// For `verify`: how long the primary's "exists" is remembered.
+    pub cache_ttl: HumanDuration,
+    /// For `verify`: how long the primary's "no such user" is remembered.
+    pub negative_ttl: HumanDuration,
+    /// For `verify` while the primary cannot be asked and the address is not cached:
+    /// `tempfail` (`450 4.2.0`) or `accept`.
+    pub fail_mode: FailMode,
+}
+
+impl Default for RecipientsConfig {
+    fn default() -> Self {
+        Self {
+            mode: RecipientMode::Any,
+            addresses: Vec::new(),
+            cache_ttl: HumanDuration(Duration::from_secs(7 * 86400)),
+            negative_ttl: HumanDuration(Duration::from_secs(3600)),
+            fail_mode: FailMode::Tempfail,
+        }
+    }
+}
+
+/// SPF/DMARC checking of a domain's incoming mail.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// No check.
+    #[default]
+    Off,
+    /// Check and record the result in an `Authentication-Results:` header.
+    Header,
+    /// As `header`, and refuse (`550 5.7.1`) mail that fails DMARC where the sender's domain
+    /// publishes `p=reject`.
+    Enforce,
+}
+
 /// One domain this backup MX serves.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DomainConfig {
+    /// The domain (stored in its ASCII form: an IDN is converted to punycode).
     pub name: String,
     /// `host:port` of the primary mail server; replay delivers there.
     pub primary: String,
+    /// Which recipients are accepted.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub recipients: RecipientsConfig,
+    /// SPF/DMARC checking.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub auth: AuthMode,
+}
+
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
 }
 
 impl Config {
@@ -194,10 +345,11 @@ impl Config {
 
     /// Parses and validates configuration text; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: origin.to_owned(),
             message: e.to_string(),
         })?;
+        config.normalize()?;
         config.validate()?;
         Ok(config)
     }
@@ -205,6 +357,37 @@ impl Config {
     /// Renders the configuration as TOML (used by the operator for its ConfigMap).
     pub fn to_toml(&self) -> String {
         toml::to_string(self).expect("config serializes")
+    }
+
+    /// Converts domain names to their ASCII (punycode) form, so `bücher.example` and
+    /// `xn--bcher-kva.example` are the same domain.
+    fn normalize(&mut self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        for (i, d) in self.domains.iter_mut().enumerate() {
+            match to_ascii_domain(&d.name) {
+                Some(a) => d.name = a,
+                None => problems.push(format!(
+                    "domains[{i}].name: {:?} is not a valid domain name",
+                    d.name
+                )),
+            }
+            for (j, a) in d.recipients.addresses.iter_mut().enumerate() {
+                let normalized = a
+                    .rsplit_once('@')
+                    .and_then(|(l, dom)| Some(format!("{}@{}", l, to_ascii_domain(dom)?)));
+                match normalized {
+                    Some(n) => *a = n,
+                    None => problems.push(format!(
+                        "domains[{i}].recipients.addresses[{j}]: {a:?} is not user@domain or *@domain"
+                    )),
+                }
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(problems.join("; ")))
+        }
     }
 
     /// Checks that span several keys; every problem found is reported with its key path.
@@ -240,6 +423,29 @@ impl Config {
         if self.queue.segment_size.0 < 64 * 1024 {
             problems.push("queue.segment_size: must be at least 64KiB".into());
         }
+        if self.smtp.max_connections_per_ip == 0 {
+            problems.push("smtp.max_connections_per_ip: must be at least 1".into());
+        }
+        if self.smtp.max_errors == 0 {
+            problems.push("smtp.max_errors: must be at least 1".into());
+        }
+        if self.smtp.data_timeout.0 < Duration::from_secs(1) {
+            problems.push("smtp.data_timeout: must be at least 1s".into());
+        }
+        if let Some(r) = &self.filter.rspamd {
+            match r.url.parse::<reqwest::Url>() {
+                Ok(u) if u.scheme() == "http" || u.scheme() == "https" => {}
+                _ => problems.push(format!(
+                    "filter.rspamd.url: {:?} is not an http(s) URL",
+                    r.url
+                )),
+            }
+        }
+        for (i, z) in self.filter.dnsbl.iter().enumerate() {
+            if !is_domain_name(z) {
+                problems.push(format!("filter.dnsbl[{i}]: {z:?} is not a DNS zone name"));
+            }
+        }
         if self.replay.max_messages_per_connection == 0 {
             problems.push("replay.max_messages_per_connection: must be at least 1".into());
         }
@@ -268,6 +474,22 @@ impl Config {
             if let Err(e) = parse_host_port(&d.primary) {
                 problems.push(format!("domains[{i}].primary: {e}"));
             }
+            if d.recipients.mode == RecipientMode::List && d.recipients.addresses.is_empty() {
+                problems.push(format!(
+                    "domains[{i}].recipients.addresses: mode \"list\" needs at least one address"
+                ));
+            }
+            for (j, a) in d.recipients.addresses.iter().enumerate() {
+                let in_domain = a
+                    .rsplit_once('@')
+                    .is_some_and(|(l, dom)| !l.is_empty() && dom.eq_ignore_ascii_case(&d.name));
+                if !in_domain {
+                    problems.push(format!(
+                        "domains[{i}].recipients.addresses[{j}]: {a:?} is not an address in {}",
+                        d.name
+                    ));
+                }
+            }
         }
         if problems.is_empty() {
             Ok(())
@@ -282,7 +504,24 @@ impl Config {
         self.domains
             .iter()
             .find(|d| d.name.eq_ignore_ascii_case(name))
+            .or_else(|| {
+                // an internationalized form (SMTPUTF8) of a configured domain
+                let ascii = to_ascii_domain(name)?;
+                self.domains
+                    .iter()
+                    .find(|d| d.name.eq_ignore_ascii_case(&ascii))
+            })
     }
+}
+
+/// The ASCII (punycode) form of a domain name, lower-cased; `None` when it is not a valid
+/// host name (empty labels, a trailing dot, an IP literal, forbidden characters).
+pub fn to_ascii_domain(name: &str) -> Option<String> {
+    if name.is_ascii() {
+        return is_domain_name(name).then(|| name.to_ascii_lowercase());
+    }
+    let ascii = idna::domain_to_ascii_strict(name).ok()?;
+    is_domain_name(&ascii).then_some(ascii)
 }
 
 /// Splits `host:port` (or `[v6]:port`); the port is required.

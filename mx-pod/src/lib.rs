@@ -15,6 +15,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod dns;
 pub mod dsn;
 pub mod metrics;
 pub mod policy;

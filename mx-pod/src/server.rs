@@ -23,9 +23,10 @@ use crate::{
     admin::{self, AdminState},
     config::Config,
     metrics::Metrics,
+    policy::Filters,
     queue::Queue,
     replay::Replay,
-    smtp::{listener, session::SessionContext},
+    smtp::{listener, session::SessionContext, tls::Tls},
 };
 
 /// Reads the admin token file (trimmed); a configured but unreadable or empty file is an error.
@@ -106,10 +107,21 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         })
     };
 
+    let filters = Arc::new(Filters::new(&config).map_err(|e| anyhow::anyhow!(e))?);
+    let tls = match &config.smtp.tls {
+        Some(t) => Some(Arc::new(
+            Tls::new(t).map_err(|e| anyhow::anyhow!("smtp.tls: {e}"))?,
+        )),
+        None => None,
+    };
+    let cache_stop = CancellationToken::new();
+    let cache_flusher = tokio::spawn(filters.recipients.clone().run_flusher(cache_stop.clone()));
     let ctx = Arc::new(SessionContext {
         config: config.clone(),
         queue: queue.clone(),
         metrics: metrics.clone(),
+        filters,
+        tls,
     });
     let smtp = listener::serve(smtp_listeners, ctx, smtp_stop.clone());
     let tasks = TaskTracker::new();
@@ -145,6 +157,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     if let Err(e) = queue.sync().await {
         error!(error = %e, "final queue sync failed");
     }
+    cache_stop.cancel();
+    let _ = cache_flusher.await;
     admin_stop.cancel();
     let _ = admin_task.await;
     let (messages, _) = queue.totals();

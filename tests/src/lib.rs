@@ -149,6 +149,13 @@ pub struct MxPodConfig {
     pub admin_port: Option<u16>,
     /// Admin bearer token (a generated one when unset).
     pub token: Option<String>,
+    /// TOML appended to the `[smtp]` table. By default the per-client limits are off: the
+    /// tests' load all comes from one loopback address.
+    pub smtp_extra: String,
+    /// TOML tables put before the `[[domains]]` entries (e.g. `[filter]`).
+    pub extra: String,
+    /// TOML appended to every `[[domains]]` entry (e.g. `recipients = { mode = "verify" }`).
+    pub domain_extra: String,
 }
 
 impl MxPodConfig {
@@ -168,6 +175,9 @@ impl MxPodConfig {
             ip: [127, 0, 0, 1].into(),
             admin_port: None,
             token: None,
+            smtp_extra: "max_connections_per_ip = 1000\nmax_messages_per_minute = 0\nmax_recipients_per_minute = 0\n".into(),
+            extra: String::new(),
+            domain_extra: String::new(),
         }
     }
 }
@@ -212,7 +222,8 @@ impl MxPod {
             .unwrap_or_else(|| format!("tok-{}", std::process::id()));
         fs::write(dir.path().join("admin-token"), format!("{token}\n")).unwrap();
         let mut toml = format!(
-            "hostname = \"mx2.example.test\"\n\n[smtp]\nlisten = [\"{smtp}\"]\nmax_message_size = \"1MiB\"\nshutdown_grace = \"20s\"\n\n[queue]\ndir = \"{}\"\nretention = \"{}\"\ndelay_warning = \"{}\"\nmax_bytes = \"{}\"\n{}\n\n[admin]\nlisten = \"{}:{admin_port}\"\ntoken_file = \"{}\"\n\n[replay]\nworkers = {}\nauto = {}\nrate_per_second = {}\nprobe_interval = \"200ms\"\ntimeout = \"10s\"\nmin_backoff = \"{}\"\nmax_backoff = \"2s\"\n",
+            "hostname = \"mx2.example.test\"\n\n[smtp]\nlisten = [\"{smtp}\"]\nmax_message_size = \"1MiB\"\nshutdown_grace = \"20s\"\n{}\n[queue]\ndir = \"{}\"\nretention = \"{}\"\ndelay_warning = \"{}\"\nmax_bytes = \"{}\"\n{}\n\n[admin]\nlisten = \"{}:{admin_port}\"\ntoken_file = \"{}\"\n\n[replay]\nworkers = {}\nauto = {}\nrate_per_second = {}\nprobe_interval = \"200ms\"\ntimeout = \"10s\"\nmin_backoff = \"{}\"\nmax_backoff = \"2s\"\n",
+            cfg.smtp_extra,
             queue_dir.display(),
             cfg.retention,
             cfg.delay_warning,
@@ -228,9 +239,12 @@ impl MxPod {
         if let Some(relay) = &cfg.dsn_relay {
             toml.push_str(&format!("\n[dsn]\nrelay = \"{relay}\"\n"));
         }
+        toml.push('\n');
+        toml.push_str(&cfg.extra);
         for (name, primary) in &cfg.domains {
             toml.push_str(&format!(
-                "\n[[domains]]\nname = \"{name}\"\nprimary = \"{primary}\"\n"
+                "\n[[domains]]\nname = \"{name}\"\nprimary = \"{primary}\"\n{}\n",
+                cfg.domain_extra
             ));
         }
         let config_path = dir.path().join("mx-pod.toml");

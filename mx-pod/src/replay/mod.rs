@@ -732,27 +732,8 @@ async fn mx_targets(
     domain: &str,
     resolver: Option<std::net::SocketAddr>,
 ) -> Result<Vec<String>, ClientError> {
-    use hickory_resolver::{
-        Resolver,
-        config::{NameServerConfig, ResolverConfig},
-        net::runtime::TokioRuntimeProvider,
-    };
-    let builder = match resolver {
-        Some(addr) => {
-            let mut ns = NameServerConfig::udp_and_tcp(addr.ip());
-            for c in &mut ns.connections {
-                c.port = addr.port();
-            }
-            let mut rc = ResolverConfig::default();
-            rc.add_name_server(ns);
-            Resolver::builder_with_config(rc, TokioRuntimeProvider::default())
-        }
-        None => Resolver::builder_tokio()
-            .map_err(|e| ClientError::Protocol(format!("no system resolver: {e}")))?,
-    };
-    let resolver = builder
-        .build()
-        .map_err(|e| ClientError::Protocol(format!("resolver: {e}")))?;
+    let resolver =
+        crate::dns::resolver(resolver, Duration::from_secs(10)).map_err(ClientError::Protocol)?;
     match resolver.mx_lookup(domain).await {
         Ok(mx) => {
             let mut v: Vec<(u16, String)> = mx

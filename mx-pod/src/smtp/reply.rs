@@ -69,6 +69,28 @@ pub enum RejectReason {
     Timeout,
     LineTooLong,
     NotImplemented,
+    /// rspamd said `reject`.
+    Spam,
+    /// rspamd said `soft reject` or `greylist`.
+    SpamTempfail,
+    /// rspamd could not be asked and `fail_mode = "tempfail"`.
+    FilterUnavailable,
+    /// The client IP is on a DNS blocklist.
+    Dnsbl,
+    /// DMARC failed where the sender's domain says `p=reject` (`auth = "enforce"`).
+    AuthFailed,
+    /// The recipient does not exist (list, or the primary said so).
+    UnknownRecipient,
+    /// The recipient could not be verified (primary down, not cached, `fail_mode = "tempfail"`).
+    RecipientUnverified,
+    /// Messages or recipients per minute from this IP over the limit.
+    RateLimited,
+    /// Too many connections from this IP.
+    TooManyConnectionsFromIp,
+    /// STARTTLS asked but not possible now (certificate unreadable).
+    TlsUnavailable,
+    /// `smtp.proxy_protocol` is on and the connection did not start with a valid PROXY header.
+    ProxyHeader,
 }
 
 impl RejectReason {
@@ -91,11 +113,22 @@ impl RejectReason {
             RejectReason::Timeout => "timeout",
             RejectReason::LineTooLong => "line_too_long",
             RejectReason::NotImplemented => "not_implemented",
+            RejectReason::Spam => "spam",
+            RejectReason::SpamTempfail => "spam_tempfail",
+            RejectReason::FilterUnavailable => "filter_unavailable",
+            RejectReason::Dnsbl => "dnsbl",
+            RejectReason::AuthFailed => "auth_failed",
+            RejectReason::UnknownRecipient => "unknown_recipient",
+            RejectReason::RecipientUnverified => "recipient_unverified",
+            RejectReason::RateLimited => "rate_limited",
+            RejectReason::TooManyConnectionsFromIp => "too_many_connections_from_ip",
+            RejectReason::TlsUnavailable => "tls_unavailable",
+            RejectReason::ProxyHeader => "proxy_header",
         }
     }
 
     /// All reasons, for pre-registering metric series.
-    pub const ALL: [RejectReason; 16] = [
+    pub const ALL: [RejectReason; 27] = [
         RejectReason::Relay,
         RejectReason::SourceRoute,
         RejectReason::Size,
@@ -112,6 +145,17 @@ impl RejectReason {
         RejectReason::Timeout,
         RejectReason::LineTooLong,
         RejectReason::NotImplemented,
+        RejectReason::Spam,
+        RejectReason::SpamTempfail,
+        RejectReason::FilterUnavailable,
+        RejectReason::Dnsbl,
+        RejectReason::AuthFailed,
+        RejectReason::UnknownRecipient,
+        RejectReason::RecipientUnverified,
+        RejectReason::RateLimited,
+        RejectReason::TooManyConnectionsFromIp,
+        RejectReason::TlsUnavailable,
+        RejectReason::ProxyHeader,
     ];
 
     /// The reply sent for this reason.
@@ -149,6 +193,43 @@ impl RejectReason {
             RejectReason::Timeout => Reply::new(421, "4.4.2", "Timeout, closing connection"),
             RejectReason::LineTooLong => Reply::new(500, "5.5.2", "Line too long"),
             RejectReason::NotImplemented => Reply::new(502, "5.5.1", "Command not implemented"),
+            RejectReason::Spam => Reply::new(550, "5.7.1", "Message rejected as spam"),
+            RejectReason::SpamTempfail => Reply::new(
+                451,
+                "4.7.1",
+                "Message deferred by the spam filter, try again later",
+            ),
+            RejectReason::FilterUnavailable => {
+                Reply::new(451, "4.7.1", "Content filter unavailable, try again later")
+            }
+            RejectReason::Dnsbl => Reply::new(554, "5.7.1", "Client host blocked"),
+            RejectReason::AuthFailed => Reply::new(
+                550,
+                "5.7.1",
+                "Message refused: DMARC policy of the sender's domain says reject",
+            ),
+            RejectReason::UnknownRecipient => {
+                Reply::new(550, "5.1.1", "Recipient address rejected: user unknown")
+            }
+            RejectReason::RecipientUnverified => Reply::new(
+                450,
+                "4.2.0",
+                "Recipient address cannot be verified now, try again later",
+            ),
+            RejectReason::RateLimited => Reply::new(
+                451,
+                "4.7.1",
+                "Rate limit exceeded, slow down and try again later",
+            ),
+            RejectReason::TooManyConnectionsFromIp => {
+                Reply::new(421, "4.7.0", "Too many connections from your address")
+            }
+            RejectReason::TlsUnavailable => {
+                Reply::new(454, "4.7.0", "TLS not available due to temporary reason")
+            }
+            RejectReason::ProxyHeader => {
+                Reply::new(421, "4.7.0", "Missing or invalid PROXY protocol header")
+            }
         }
     }
 }
@@ -166,6 +247,8 @@ pub const NESTED_MAIL: Reply = Reply::new(503, "5.5.1", "Nested MAIL command");
 pub const NEED_MAIL: Reply = Reply::new(503, "5.5.1", "Need MAIL command first");
 pub const BAD_SENDER: Reply = Reply::new(501, "5.1.7", "Bad sender address syntax");
 pub const BAD_RECIPIENT: Reply = Reply::new(501, "5.1.3", "Bad recipient address syntax");
+pub const READY_TLS: Reply = Reply::new(220, "2.0.0", "Ready to start TLS");
+pub const BAD_SEQUENCE_TLS: Reply = Reply::new(503, "5.5.1", "TLS already active");
 
 #[cfg(test)]
 mod tests {

@@ -21,11 +21,15 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::reply::{self, RejectReason, Reply};
+use super::{
+    proxy,
+    reply::{self, RejectReason, Reply},
+    tls::{Io, Tls},
+};
 use crate::{
-    config::Config,
+    config::{AuthMode, Config},
     metrics::Metrics,
-    policy::{self, Verdict},
+    policy::{self, Filters, Verdict, rspamd::ScanRequest},
     queue::{
         Queue, QueueError,
         message::{ClientInfo, DsnRet, Envelope, MessageKind, Notify, Recipient, now_micros},
@@ -34,16 +38,19 @@ use crate::{
 
 /// Longest command line accepted, CRLF included (RFC 5321 asks for at least 512).
 pub const MAX_LINE: usize = 4096;
-/// Errors after which the session is closed.
-const MAX_ERRORS: usize = 20;
-/// RFC 5321 4.5.3.2: DATA block timeout.
-const DATA_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long a load balancer may take to send its PROXY header.
+const PROXY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a TLS handshake may take.
+const TLS_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What every session shares.
 pub struct SessionContext {
     pub config: Arc<Config>,
     pub queue: Queue,
     pub metrics: Arc<Metrics>,
+    pub filters: Arc<Filters>,
+    /// STARTTLS, when `smtp.tls` is configured.
+    pub tls: Option<Arc<Tls>>,
 }
 
 struct Transaction {
@@ -66,8 +73,9 @@ enum End {
 
 /// One SMTP session over any byte stream (TCP in production, memory in tests).
 pub struct Session<S> {
-    io: S,
+    io: Io<S>,
     ctx: Arc<SessionContext>,
+    /// The client: the TCP peer, or the address a PROXY header named.
     peer: SocketAddr,
     shutdown: CancellationToken,
     buf: Vec<u8>,
@@ -76,6 +84,8 @@ pub struct Session<S> {
     helo: Option<String>,
     tx: Option<Transaction>,
     errors: usize,
+    /// The DNSBL verdict on this client, looked up at its first recipient.
+    dnsbl: Option<Verdict>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
@@ -86,7 +96,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         shutdown: CancellationToken,
     ) -> Self {
         Session {
-            io,
+            io: Io::Plain(io),
             ctx,
             peer,
             shutdown,
@@ -96,6 +106,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             helo: None,
             tx: None,
             errors: 0,
+            dnsbl: None,
         }
     }
 
@@ -111,6 +122,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             self.reject(RejectReason::Shutdown, "connect");
             return self.flush().await;
         }
+        if self.ctx.config.smtp.proxy_protocol && !self.read_proxy_header().await? {
+            return self.flush().await;
+        }
+        let Some(_slot) = self.ctx.filters.limits.connect(self.peer.ip()) else {
+            self.reject(RejectReason::TooManyConnectionsFromIp, "connect");
+            return self.flush().await;
+        };
         let banner = Reply::dynamic(
             220,
             "",
@@ -139,10 +157,105 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     /// Sends the reply for a refusal, counts it and logs it with the client and the reply.
     fn reject(&mut self, reason: RejectReason, stage: &str) {
-        let reply = reason.reply();
+        self.reject_with(reason, reason.reply(), stage);
+    }
+
+    /// Like [`Session::reject`] with a more precise reply.
+    fn reject_with(&mut self, reason: RejectReason, reply: Reply, stage: &str) {
         self.ctx.metrics.reject(reason);
         info!(client = %self.peer.ip(), stage, reason = reason.as_str(), reply = %reply, "refused");
         self.send(&reply);
+    }
+
+    /// Applies a policy verdict: `true` when accepted, else the refusal is sent.
+    fn verdict(&mut self, verdict: Verdict, stage: &str) -> bool {
+        match verdict {
+            Verdict::Accept => true,
+            Verdict::Reject(reason) => {
+                self.reject(reason, stage);
+                false
+            }
+            Verdict::RejectWith(reason, reply) => {
+                self.reject_with(reason, reply, stage);
+                false
+            }
+        }
+    }
+
+    /// Reads the PROXY header the load balancer sends first; the client becomes the address it
+    /// names. False (after a `421`) when it is missing, malformed or late.
+    async fn read_proxy_header(&mut self) -> std::io::Result<bool> {
+        loop {
+            match proxy::parse(&self.buf[self.start..]) {
+                Ok(Some(header)) => {
+                    self.start += header.len;
+                    if let Some(source) = header.source {
+                        debug!(balancer = %self.peer, client = %source, "PROXY header");
+                        self.peer = source;
+                    }
+                    return Ok(true);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    info!(balancer = %self.peer, error = %e, "no valid PROXY header");
+                    self.reject(RejectReason::ProxyHeader, "connect");
+                    return Ok(false);
+                }
+            }
+            match self.fill(PROXY_TIMEOUT, false).await {
+                Ok(Some(true)) => {}
+                Ok(_) => return Ok(false),
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                    self.reject(RejectReason::ProxyHeader, "connect");
+                    return Ok(false);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// STARTTLS: `220`, then the handshake on the same connection. Anything the client sent
+    /// after the command and before the handshake is discarded (CVE-2011-0411: commands injected
+    /// in plaintext must not run inside the encrypted session).
+    async fn start_tls(&mut self) -> std::io::Result<Option<End>> {
+        let Some(tls) = self.ctx.tls.clone() else {
+            self.reject(RejectReason::NotImplemented, "starttls");
+            return Ok(self.count_error());
+        };
+        if self.io.tls_version().is_some() {
+            self.send(&reply::BAD_SEQUENCE_TLS);
+            return Ok(self.count_error());
+        }
+        let acceptor = tls.acceptor();
+        self.send(&reply::READY_TLS);
+        self.flush().await?;
+        let pending = self.buf.len() - self.start;
+        if pending > 0 {
+            warn!(client = %self.peer.ip(), bytes = pending, "discarding plaintext sent after STARTTLS");
+        }
+        self.buf.clear();
+        self.start = 0;
+        let Io::Plain(plain) = std::mem::replace(&mut self.io, Io::Upgrading) else {
+            return Ok(Some(End::Closed));
+        };
+        match tokio::time::timeout(TLS_TIMEOUT, acceptor.accept(plain)).await {
+            Ok(Ok(stream)) => {
+                self.io = Io::Tls(Box::new(stream));
+                self.helo = None;
+                self.tx = None;
+                debug!(client = %self.peer.ip(), version = ?self.io.tls_version(),
+                    cipher = ?self.io.tls_cipher(), "TLS established");
+                Ok(None)
+            }
+            Ok(Err(e)) => {
+                info!(client = %self.peer.ip(), error = %e, "TLS handshake failed");
+                Ok(Some(End::Closed))
+            }
+            Err(_) => {
+                info!(client = %self.peer.ip(), "TLS handshake timed out");
+                Ok(Some(End::Closed))
+            }
+        }
     }
 
     /// Reads more input into the buffer. Returns false on EOF.
@@ -265,7 +378,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     fn count_error(&mut self) -> Option<End> {
         self.errors += 1;
-        if self.errors >= MAX_ERRORS {
+        if self.errors >= self.ctx.config.smtp.max_errors {
             self.reject(RejectReason::TooManyErrors, "command");
             return Some(End::Dropped);
         }
@@ -300,13 +413,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 self.tx = None;
                 self.helo = Some(host.clone());
                 let c = &self.ctx.config;
-                let text = format!(
-                    "250-{} Hello {} [{}]\r\n250-PIPELINING\r\n250-SIZE {}\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250-ENHANCEDSTATUSCODES\r\n250 DSN\r\n",
+                let mut text = format!(
+                    "250-{} Hello {} [{}]\r\n250-PIPELINING\r\n250-SIZE {}\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250-ENHANCEDSTATUSCODES\r\n",
                     c.hostname,
-                    host,
+                    sanitize(&host),
                     self.peer.ip(),
                     c.smtp.max_message_size.0
                 );
+                if self.ctx.tls.is_some() && self.io.tls_version().is_none() {
+                    text.push_str("250-STARTTLS\r\n");
+                }
+                text.push_str("250 DSN\r\n");
                 self.out.extend_from_slice(text.as_bytes());
             }
             Request::Helo { host } => {
@@ -327,6 +444,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 let max = self.ctx.config.smtp.max_message_size.0 as usize;
                 if from.size > max {
                     self.reject(RejectReason::Size, "mail");
+                    return Ok(None);
+                }
+                if !self.ctx.filters.limits.message(self.peer.ip()) {
+                    self.reject(RejectReason::RateLimited, "mail");
                     return Ok(None);
                 }
                 // refuse early when the queue cannot take even this message
@@ -362,12 +483,37 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     self.reject(RejectReason::TooManyRecipients, "rcpt");
                     return Ok(None);
                 }
-                match policy::relay::check(&self.ctx.config, &to.address, raw) {
-                    Verdict::Reject(reason) => {
-                        self.reject(reason, "rcpt");
-                        return Ok(self.count_error());
+                let relay = policy::relay::check(&self.ctx.config, &to.address, raw);
+                if !self.verdict(relay, "rcpt") {
+                    return Ok(self.count_error());
+                }
+                if !self.ctx.filters.limits.recipient(self.peer.ip()) {
+                    self.reject(RejectReason::RateLimited, "rcpt");
+                    return Ok(None);
+                }
+                if let Some(dnsbl) = &self.ctx.filters.dnsbl {
+                    if self.dnsbl.is_none() {
+                        self.dnsbl = Some(dnsbl.check(self.peer.ip()).await);
                     }
-                    Verdict::Accept => {}
+                    let listed = self.dnsbl.clone().expect("looked up above");
+                    if !self.verdict(listed, "rcpt") {
+                        return Ok(None);
+                    }
+                }
+                let domain = to
+                    .address
+                    .rsplit_once('@')
+                    .and_then(|(_, d)| self.ctx.config.domain(d))
+                    .expect("the relay check accepted only configured domains")
+                    .clone();
+                let exists = self
+                    .ctx
+                    .filters
+                    .recipients
+                    .check(&domain, &to.address)
+                    .await;
+                if !self.verdict(exists, "rcpt") {
+                    return Ok(None);
                 }
                 let notify = Notify {
                     success: to.flags & RCPT_NOTIFY_SUCCESS != 0,
@@ -409,6 +555,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 return Ok(Some(End::Closed));
             }
             Request::Vrfy { .. } => self.send(&reply::VRFY),
+            Request::StartTls => return self.start_tls().await,
             Request::Help { .. } => self.send(&reply::HELP),
             _ => {
                 self.reject(RejectReason::NotImplemented, "command");
@@ -454,7 +601,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             if done {
                 break;
             }
-            match self.fill(DATA_TIMEOUT, false).await {
+            match self.fill(self.ctx.config.smtp.data_timeout.0, false).await {
                 Ok(Some(true)) => {}
                 Ok(_) => return Ok(Some(End::Closed)),
                 Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
@@ -474,13 +621,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             self.reject(RejectReason::BareLineEnding, "data");
             return Ok(None);
         }
-        if let Verdict::Reject(reason) =
-            policy::loop_guard::check(&body, self.ctx.config.smtp.max_received_headers)
-        {
-            self.reject(reason, "data");
+        let looped = policy::loop_guard::check(&body, self.ctx.config.smtp.max_received_headers);
+        if !self.verdict(looped, "data") {
             return Ok(None);
         }
         let id = self.ctx.queue.new_id();
+        let body = match self.filter_content(&tx, &id.to_string(), body).await {
+            Some(b) => b,
+            None => return Ok(None),
+        };
         let received = self.received_header(&tx, &id.to_string());
         let mut message = Vec::with_capacity(received.len() + body.len());
         message.extend_from_slice(received.as_bytes());
@@ -528,9 +677,71 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         Ok(None)
     }
 
+    /// The content checks at the end of DATA (SPF/DMARC, then rspamd), once per message.
+    /// Returns the message to queue (with their headers), or `None` after a refusal.
+    async fn filter_content(
+        &mut self,
+        tx: &Transaction,
+        id: &str,
+        mut body: Vec<u8>,
+    ) -> Option<Vec<u8>> {
+        let filters = self.ctx.filters.clone();
+        let helo = self.helo.clone().unwrap_or_default();
+        if let Some(auth) = &filters.auth {
+            let mode = tx
+                .recipients
+                .iter()
+                .filter_map(|r| r.address.rsplit_once('@'))
+                .filter_map(|(_, d)| self.ctx.config.domain(d))
+                .map(|d| d.auth)
+                .max()
+                .unwrap_or(AuthMode::Off);
+            if mode != AuthMode::Off {
+                let outcome = auth
+                    .check(mode, self.peer.ip(), &helo, &tx.sender, &body)
+                    .await;
+                info!(id, client = %self.peer.ip(), result = %outcome.summary, "authentication");
+                if !self.verdict(outcome.verdict, "data") {
+                    return None;
+                }
+                let mut with = outcome.header.into_bytes();
+                with.extend_from_slice(&policy::auth::strip_forged_results(&body, auth.hostname()));
+                body = with;
+            }
+        }
+        if let Some(rspamd) = &filters.rspamd {
+            let request = ScanRequest {
+                client_ip: self.peer.ip(),
+                helo: &helo,
+                sender: &tx.sender,
+                recipients: tx.recipients.iter().map(|r| r.address.as_str()).collect(),
+                queue_id: id,
+                tls_version: self.io.tls_version(),
+                hostname: &self.ctx.config.hostname,
+            };
+            let scan = rspamd.scan(&request, &body).await;
+            if let Some(r) = &scan.result {
+                info!(id, client = %self.peer.ip(), action = %r.action, score = r.score, "rspamd");
+            }
+            if !self.verdict(scan.verdict, "data") {
+                return None;
+            }
+            if let Some(result) = &scan.result {
+                body = policy::rspamd::annotate(&body, result);
+            }
+        }
+        Some(body)
+    }
+
     fn received_header(&self, tx: &Transaction, id: &str) -> String {
         let helo = self.helo.as_deref().unwrap_or("unknown");
-        let proto = if tx.smtputf8 { "UTF8SMTP" } else { "ESMTP" };
+        let tls = self.io.tls_version().is_some();
+        let proto = match (tx.smtputf8, tls) {
+            (true, true) => "UTF8SMTPS",
+            (true, false) => "UTF8SMTP",
+            (false, true) => "ESMTPS",
+            (false, false) => "ESMTP",
+        };
         let date = chrono::Utc::now().format("%a, %d %b %Y %H:%M:%S +0000");
         let for_clause = match tx.recipients.as_slice() {
             [only] => format!("\r\n\tfor <{}>", only.address),
@@ -632,9 +843,11 @@ mod tests {
         let config = Arc::new(Config::parse(&text, "test").unwrap());
         let (queue, _) = Queue::open(&config.queue).unwrap();
         let ctx = Arc::new(SessionContext {
+            filters: Arc::new(Filters::new(&config).unwrap()),
             config,
             queue: queue.clone(),
             metrics: Arc::new(Metrics::new()),
+            tls: None,
         });
         let (a, b) = tokio::io::duplex(64 * 1024);
         let shutdown = CancellationToken::new();

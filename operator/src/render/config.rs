@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::ConfigMap;
 use mx_pod::config::{
-    AdminConfig, Config, DomainConfig, DsnConfig, HumanDuration, QueueConfig, ReplayConfig, Size,
-    SmtpConfig,
+    AdminConfig, AuthMode, Config, DomainConfig, DsnConfig, FilterConfig, HumanDuration,
+    QueueConfig, RecipientsConfig, ReplayConfig, Size, SmtpConfig,
 };
 use sha2::{Digest, Sha256};
 
@@ -81,12 +81,15 @@ pub fn mxpod_config(bmx: &BackupMx) -> Result<Config, InvalidSpec> {
             ..ReplayConfig::default()
         },
         dsn: DsnConfig::default(),
+        filter: FilterConfig::default(),
         domains: spec
             .domains
             .iter()
             .map(|d| DomainConfig {
                 name: d.to_ascii_lowercase(),
                 primary: primary.clone(),
+                recipients: RecipientsConfig::default(),
+                auth: AuthMode::Off,
             })
             .collect(),
     };
