@@ -173,3 +173,69 @@ impl Tls {
         current.acceptor.clone()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn write_pair(dir: &Path, name: &str) {
+        let ck = rcgen::generate_simple_self_signed(vec![name.to_string()]).unwrap();
+        std::fs::write(dir.join("cert.pem"), ck.cert.pem()).unwrap();
+        std::fs::write(dir.join("key.pem"), ck.signing_key.serialize_pem()).unwrap();
+    }
+
+    fn touch(p: &Path, t: SystemTime) {
+        std::fs::File::options()
+            .write(true)
+            .open(p)
+            .unwrap()
+            .set_modified(t)
+            .unwrap();
+    }
+
+    #[test]
+    fn a_changed_certificate_is_reloaded_and_a_broken_one_is_not_used() {
+        let dir = tempfile::tempdir().unwrap();
+        write_pair(dir.path(), "a.test");
+        let cfg = TlsConfig {
+            cert_file: dir.path().join("cert.pem"),
+            key_file: dir.path().join("key.pem"),
+        };
+        let tls = Tls::new(&cfg).unwrap();
+        let first = tls.acceptor();
+        assert!(
+            Arc::ptr_eq(first.config(), tls.acceptor().config()),
+            "unchanged: same config"
+        );
+
+        write_pair(dir.path(), "b.test");
+        let later = SystemTime::now() + Duration::from_secs(10);
+        touch(&cfg.cert_file, later);
+        let second = tls.acceptor();
+        assert!(!Arc::ptr_eq(first.config(), second.config()), "reloaded");
+
+        std::fs::write(&cfg.cert_file, "not a certificate").unwrap();
+        touch(&cfg.cert_file, later + Duration::from_secs(10));
+        let third = tls.acceptor();
+        assert!(
+            Arc::ptr_eq(second.config(), third.config()),
+            "broken pair: previous kept"
+        );
+    }
+
+    #[test]
+    fn a_bad_certificate_is_a_startup_error_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("cert.pem"), "junk").unwrap();
+        std::fs::write(dir.path().join("key.pem"), "junk").unwrap();
+        let err = Tls::new(&TlsConfig {
+            cert_file: dir.path().join("cert.pem"),
+            key_file: dir.path().join("key.pem"),
+        })
+        .err()
+        .unwrap();
+        assert!(err.contains("cert.pem"), "{err}");
+    }
+}

@@ -1,0 +1,681 @@
+//! Session tests: a real [`Session`] over an in-memory stream, driven like a client would.
+
+use super::*;
+use tokio::io::{AsyncBufReadExt, BufReader, DuplexStream};
+
+use super::super::tls::Tls;
+
+/// A client driving a real session over an in-memory stream, Stalwart style.
+struct Client<T = DuplexStream> {
+    r: BufReader<tokio::io::ReadHalf<T>>,
+    w: tokio::io::WriteHalf<T>,
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> Client<T> {
+    fn new(io: T) -> Self {
+        let (r, w) = tokio::io::split(io);
+        Client {
+            r: BufReader::new(r),
+            w,
+        }
+    }
+
+    /// The stream back (e.g. to start TLS on it).
+    fn into_inner(self) -> T {
+        self.r.into_inner().unsplit(self.w)
+    }
+
+    async fn reply(&mut self) -> String {
+        let mut all = String::new();
+        loop {
+            let mut line = String::new();
+            self.r.read_line(&mut line).await.unwrap();
+            assert!(!line.is_empty(), "server hung up; so far: {all:?}");
+            all.push_str(&line);
+            if line.as_bytes().get(3) != Some(&b'-') {
+                return all;
+            }
+        }
+    }
+    async fn cmd(&mut self, line: &str, expect: &str) -> String {
+        self.w
+            .write_all(format!("{line}\r\n").as_bytes())
+            .await
+            .unwrap();
+        let r = self.reply().await;
+        assert!(
+            r.starts_with(expect),
+            "{line:?}: expected {expect:?}, got {r:?}"
+        );
+        r
+    }
+    async fn raw(&mut self, bytes: &[u8], expect: &str) -> String {
+        self.w.write_all(bytes).await.unwrap();
+        let r = self.reply().await;
+        assert!(r.starts_with(expect), "expected {expect:?}, got {r:?}");
+        r
+    }
+}
+
+struct Harness {
+    client: Client,
+    queue: Queue,
+    shutdown: CancellationToken,
+    metrics: Arc<Metrics>,
+    _dir: tempfile::TempDir,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// How to configure a test session.
+#[derive(Default)]
+struct Opts {
+    /// TOML added to `[smtp]`.
+    smtp: &'static str,
+    /// TOML added to `[queue]`.
+    queue: &'static str,
+    /// TOML added to the `example.test` domain.
+    domain: &'static str,
+    /// A self-signed certificate for STARTTLS.
+    tls: Option<Arc<Tls>>,
+    /// Do not wait for the banner (PROXY protocol: the client speaks first).
+    no_banner: bool,
+    /// The TCP peer (default 192.0.2.7:4000).
+    peer: Option<&'static str>,
+    /// Share limits with other sessions.
+    filters: Option<Arc<Filters>>,
+}
+
+async fn start_with(extra: &'static str) -> Harness {
+    start_opts(Opts {
+        queue: extra,
+        ..Default::default()
+    })
+    .await
+}
+
+fn config_text(dir: &std::path::Path, o: &Opts) -> String {
+    format!(
+        "hostname = \"mx2.example.test\"\n[smtp]\nlisten = [\"127.0.0.1:0\"]\nmax_message_size = 2048\nmax_recipients = 3\nmax_received_headers = 5\n{}\n[queue]\ndir = \"{}\"\n{}\n[[domains]]\nname = \"example.test\"\nprimary = \"127.0.0.1:2525\"\n{}\n[[domains]]\nname = \"bücher.test\"\nprimary = \"127.0.0.1:2525\"\n",
+        o.smtp,
+        dir.display(),
+        o.queue,
+        o.domain
+    )
+}
+
+async fn start_opts(o: Opts) -> Harness {
+    let dir = tempfile::tempdir().unwrap();
+    let config = Arc::new(Config::parse(&config_text(dir.path(), &o), "test").unwrap());
+    let (queue, _) = Queue::open(&config.queue).unwrap();
+    let metrics = Arc::new(Metrics::new());
+    let ctx = Arc::new(SessionContext {
+        filters: o
+            .filters
+            .clone()
+            .unwrap_or_else(|| Arc::new(Filters::new(&config).unwrap())),
+        config,
+        queue: queue.clone(),
+        metrics: metrics.clone(),
+        tls: o.tls.clone(),
+    });
+    let (a, b) = tokio::io::duplex(64 * 1024);
+    let shutdown = CancellationToken::new();
+    let peer = o.peer.unwrap_or("192.0.2.7:4000").parse().unwrap();
+    let session = Session::new(b, ctx, peer, shutdown.clone());
+    let task = tokio::spawn(session.run());
+    let mut client = Client::new(a);
+    if !o.no_banner {
+        let banner = client.reply().await;
+        assert!(banner.starts_with("220 mx2.example.test ESMTP"), "{banner}");
+    }
+    Harness {
+        client,
+        queue,
+        shutdown,
+        metrics,
+        _dir: dir,
+        task,
+    }
+}
+
+async fn start() -> Harness {
+    start_with("").await
+}
+
+#[tokio::test]
+async fn ehlo_advertises_extensions() {
+    let mut h = start().await;
+    let r = h.client.cmd("EHLO client.test", "250-").await;
+    for ext in [
+        "PIPELINING",
+        "SIZE 2048",
+        "8BITMIME",
+        "SMTPUTF8",
+        "ENHANCEDSTATUSCODES",
+        "DSN",
+    ] {
+        assert!(r.contains(ext), "missing {ext}: {r}");
+    }
+    assert!(!r.contains("STARTTLS"), "STARTTLS only when configured");
+}
+
+#[tokio::test]
+async fn message_is_queued_with_received_header_before_250() {
+    let mut h = start().await;
+    let c = &mut h.client;
+    c.cmd("EHLO client.test", "250").await;
+    c.cmd("MAIL FROM:<a@sender.test> RET=HDRS ENVID=abc", "250 2.1.0")
+        .await;
+    c.cmd(
+        "RCPT TO:<User@Example.Test> NOTIFY=FAILURE,DELAY",
+        "250 2.1.5",
+    )
+    .await;
+    c.cmd("DATA", "354").await;
+    let r = c
+        .raw(
+            b"Subject: hi\r\n\r\n..dot\r\nbody\r\n.\r\n",
+            "250 2.0.0 Ok: queued as ",
+        )
+        .await;
+    let id: crate::queue::message::QueueId = r.trim().rsplit(' ').next().unwrap().parse().unwrap();
+    let env = h.queue.get(id).expect("queued before 250");
+    assert_eq!(env.sender, "a@sender.test");
+    assert_eq!(env.recipients[0].domain, "example.test");
+    assert!(env.recipients[0].notify.explicit && env.recipients[0].notify.delay);
+    assert_eq!(env.ret, Some(DsnRet::Hdrs));
+    assert_eq!(env.env_id.as_deref(), Some("abc"));
+    let body = h.queue.read_body_of(id).unwrap();
+    let text = String::from_utf8(body).unwrap();
+    assert!(text.starts_with("Received: from client.test ([192.0.2.7])\r\n\tby mx2.example.test (mx-pod) with ESMTP id "), "{text}");
+    assert!(
+        text.ends_with("Subject: hi\r\n\r\n.dot\r\nbody\r\n"),
+        "dot un-stuffed: {text:?}"
+    );
+}
+
+#[tokio::test]
+async fn pipelined_commands_get_replies_in_order() {
+    let mut h = start().await;
+    let c = &mut h.client;
+    c.cmd("EHLO client.test", "250").await;
+    c.w.write_all(b"MAIL FROM:<a@sender.test>\r\nRCPT TO:<x@example.test>\r\nRCPT TO:<y@other.test>\r\nDATA\r\n").await.unwrap();
+    assert!(c.reply().await.starts_with("250 2.1.0"));
+    assert!(c.reply().await.starts_with("250 2.1.5"));
+    assert!(c.reply().await.starts_with("550 5.7.1"));
+    assert!(c.reply().await.starts_with("354"));
+    c.raw(b"hi\r\n.\r\n", "250 2.0.0").await;
+    assert_eq!(h.queue.totals().0, 1);
+}
+
+#[tokio::test]
+async fn relay_and_sequence_errors() {
+    let mut h = start().await;
+    let c = &mut h.client;
+    c.cmd("MAIL FROM:<a@sender.test>", "503 5.5.1").await;
+    c.cmd("HELO client.test", "250").await;
+    c.cmd("RCPT TO:<x@example.test>", "503 5.5.1").await;
+    c.cmd("DATA", "503 5.5.1").await;
+    c.cmd("MAIL FROM:<a@sender.test>", "250").await;
+    c.cmd("MAIL FROM:<a@sender.test>", "503 5.5.1").await;
+    c.cmd("RCPT TO:<victim@elsewhere.test>", "550 5.7.1").await;
+    c.cmd("RCPT TO:<@evil.test:x@example.test>", "550 5.7.1")
+        .await;
+    c.cmd("DATA", "554 5.5.1").await;
+    c.cmd("BDAT 10 LAST", "502 5.5.1").await;
+    c.cmd("FOO bar", "500 5.5.2").await;
+    c.cmd("QUIT", "221").await;
+}
+
+#[tokio::test]
+async fn limits_on_size_and_recipients() {
+    let mut h = start().await;
+    let c = &mut h.client;
+    c.cmd("EHLO client.test", "250").await;
+    c.cmd("MAIL FROM:<a@sender.test> SIZE=999999", "552 5.3.4")
+        .await;
+    c.cmd("MAIL FROM:<a@sender.test>", "250").await;
+    for i in 0..3 {
+        c.cmd(&format!("RCPT TO:<u{i}@example.test>"), "250").await;
+    }
+    c.cmd("RCPT TO:<u9@example.test>", "452 4.5.3").await;
+    c.cmd("DATA", "354").await;
+    let mut big = vec![b'x'; 100];
+    big.extend_from_slice(b"\r\n");
+    let mut data = Vec::new();
+    for _ in 0..50 {
+        data.extend_from_slice(&big);
+    }
+    data.extend_from_slice(b".\r\n");
+    c.raw(&data, "552 5.3.4").await;
+    assert_eq!(h.queue.totals().0, 0);
+    // the session goes on
+    c.cmd("NOOP", "250").await;
+}
+
+#[tokio::test]
+async fn bare_lf_in_data_and_commands_is_refused() {
+    let mut h = start().await;
+    let c = &mut h.client;
+    c.cmd("EHLO client.test", "250").await;
+    c.raw(b"NOOP\n", "550 5.6.11").await;
+    c.cmd("MAIL FROM:<a@sender.test>", "250").await;
+    c.cmd("RCPT TO:<x@example.test>", "250").await;
+    c.cmd("DATA", "354").await;
+    // a smuggled second message hidden behind a bare LF end-of-data
+    c.raw(
+        b"Subject: a\r\n\r\nhello\n.\nMAIL FROM:<evil@x>\r\n.\r\n",
+        "550 5.6.11",
+    )
+    .await;
+    assert_eq!(h.queue.totals().0, 0);
+}
+
+#[tokio::test]
+async fn loop_guard_counts_received_headers() {
+    let mut h = start().await;
+    let c = &mut h.client;
+    c.cmd("EHLO client.test", "250").await;
+    c.cmd("MAIL FROM:<a@sender.test>", "250").await;
+    c.cmd("RCPT TO:<x@example.test>", "250").await;
+    c.cmd("DATA", "354").await;
+    c.raw(
+        &b"Received: hop\r\n"
+            .repeat(6)
+            .into_iter()
+            .chain(b"\r\nx\r\n.\r\n".iter().copied())
+            .collect::<Vec<u8>>(),
+        "554 5.4.6",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn full_queue_answers_452_and_keeps_serving() {
+    let mut h = start_with("max_bytes = 600").await;
+    let c = &mut h.client;
+    c.cmd("EHLO client.test", "250").await;
+    c.cmd("MAIL FROM:<a@sender.test>", "250").await;
+    c.cmd("RCPT TO:<x@example.test>", "250").await;
+    c.cmd("DATA", "354").await;
+    c.raw(
+        &[b"Subject: 1\r\n\r\n".as_slice(), &[b'a'; 300], b"\r\n.\r\n"].concat(),
+        "250",
+    )
+    .await;
+    c.cmd("MAIL FROM:<a@sender.test>", "250").await;
+    c.cmd("RCPT TO:<x@example.test>", "250").await;
+    c.cmd("DATA", "354").await;
+    c.raw(
+        &[b"Subject: 2\r\n\r\n".as_slice(), &[b'a'; 300], b"\r\n.\r\n"].concat(),
+        "452 4.3.1",
+    )
+    .await;
+    c.cmd("MAIL FROM:<a@sender.test> SIZE=500", "452 4.3.1")
+        .await;
+    c.cmd("NOOP", "250").await;
+}
+
+#[tokio::test]
+async fn shutdown_lets_data_finish_then_says_421() {
+    let mut h = start().await;
+    h.client.cmd("EHLO client.test", "250").await;
+    h.client.cmd("MAIL FROM:<a@sender.test>", "250").await;
+    h.client.cmd("RCPT TO:<x@example.test>", "250").await;
+    h.shutdown.cancel();
+    h.client.cmd("DATA", "354").await;
+    h.client.raw(b"x\r\n.\r\n", "250 2.0.0").await;
+    // the transaction is over: the server says 421 on its own and closes
+    let r = h.client.reply().await;
+    assert!(r.starts_with("421 4.3.2"), "{r}");
+    h.task.await.unwrap();
+    assert_eq!(h.queue.totals().0, 1);
+}
+
+#[test]
+fn bare_line_endings_are_found() {
+    assert!(!has_bare_line_ending(b"a\r\nb\r\n"));
+    assert!(has_bare_line_ending(b"a\nb\r\n"));
+    assert!(has_bare_line_ending(b"a\rb\r\n"));
+    assert!(has_bare_line_ending(b"a\r\n\r"));
+    assert!(has_bare_line_ending(b"\n.\n"));
+}
+
+// === filters, TLS, PROXY, limits ===
+
+/// A self-signed certificate for mx2.example.test in `dir`; returns the acceptor and the cert.
+fn test_tls(dir: &std::path::Path) -> (Arc<Tls>, rustls::pki_types::CertificateDer<'static>) {
+    let ck = rcgen::generate_simple_self_signed(vec!["mx2.example.test".to_string()]).unwrap();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    let tls = Tls::new(&crate::config::TlsConfig {
+        cert_file: cert,
+        key_file: key,
+    })
+    .unwrap();
+    (Arc::new(tls), ck.cert.der().clone())
+}
+
+fn tls_client(cert: rustls::pki_types::CertificateDer<'static>) -> tokio_rustls::TlsConnector {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+}
+
+#[tokio::test]
+async fn starttls_upgrades_the_session_and_drops_injected_plaintext() {
+    let certs = tempfile::tempdir().unwrap();
+    let (tls, cert) = test_tls(certs.path());
+    let mut h = start_opts(Opts {
+        tls: Some(tls),
+        ..Default::default()
+    })
+    .await;
+    let ehlo = h.client.cmd("EHLO client.test", "250").await;
+    assert!(ehlo.contains("STARTTLS"), "{ehlo}");
+    // a command pipelined after STARTTLS in plaintext must never run (CVE-2011-0411)
+    h.client.raw(b"STARTTLS\r\nRSET\r\n", "220 2.0.0").await;
+    let stream = std::mem::replace(&mut h.client, Client::new(tokio::io::duplex(1).0)).into_inner();
+    let name = rustls::pki_types::ServerName::try_from("mx2.example.test").unwrap();
+    let tls_stream = tls_client(cert).connect(name, stream).await.unwrap();
+    let mut c = Client::new(tls_stream);
+    // the injected RSET's reply would come first if it had run
+    let ehlo = c.cmd("EHLO client.test", "250").await;
+    assert!(!ehlo.contains("STARTTLS"), "not offered twice: {ehlo}");
+    c.cmd("STARTTLS", "503 5.5.1").await;
+    c.cmd("MAIL FROM:<a@sender.test>", "250").await;
+    c.cmd("RCPT TO:<u@example.test>", "250").await;
+    c.cmd("DATA", "354").await;
+    c.raw(b"Subject: tls\r\n\r\nhi\r\n.\r\n", "250 2.0.0").await;
+    let (id, _) = {
+        let env = h.queue.list(None, 10);
+        (env[0].id, ())
+    };
+    let body = String::from_utf8(h.queue.read_body_of(id).unwrap()).unwrap();
+    assert!(body.contains("with ESMTPS id"), "{body}");
+}
+
+#[tokio::test]
+async fn starttls_is_not_offered_or_accepted_without_a_certificate() {
+    let mut h = start().await;
+    let ehlo = h.client.cmd("EHLO client.test", "250").await;
+    assert!(!ehlo.contains("STARTTLS"));
+    h.client.cmd("STARTTLS", "502 5.5.1").await;
+}
+
+#[tokio::test]
+async fn proxy_header_names_the_client() {
+    let mut h = start_opts(Opts {
+        smtp: "proxy_protocol = true",
+        no_banner: true,
+        ..Default::default()
+    })
+    .await;
+    h.client
+        .raw(
+            b"PROXY TCP4 198.51.100.7 192.0.2.1 40000 25\r\n",
+            "220 mx2.example.test",
+        )
+        .await;
+    let ehlo = h.client.cmd("EHLO client.test", "250").await;
+    assert!(ehlo.contains("[198.51.100.7]"), "{ehlo}");
+    h.client.cmd("MAIL FROM:<a@sender.test>", "250").await;
+    h.client.cmd("RCPT TO:<u@example.test>", "250").await;
+    h.client.cmd("DATA", "354").await;
+    h.client.raw(b"Subject: p\r\n\r\nx\r\n.\r\n", "250").await;
+    let id = h.queue.list(None, 1)[0].id;
+    let body = String::from_utf8(h.queue.read_body_of(id).unwrap()).unwrap();
+    assert!(body.contains("([198.51.100.7])"), "{body}");
+    assert_eq!(h.queue.get(id).unwrap().client.ip, "198.51.100.7");
+}
+
+#[tokio::test]
+async fn a_connection_without_the_proxy_header_is_refused() {
+    let mut h = start_opts(Opts {
+        smtp: "proxy_protocol = true",
+        no_banner: true,
+        ..Default::default()
+    })
+    .await;
+    h.client.raw(b"EHLO client.test\r\n", "421 4.7.0").await;
+    assert_eq!(h.metrics_label("proxy_header"), 1);
+    h.task.await.unwrap();
+}
+
+impl Harness {
+    /// `mxpod_rejected_total{reason=...}`.
+    fn metrics_label(&self, reason: &str) -> u64 {
+        let text = self.metrics.render(&self.queue, &[]);
+        let needle = format!("mxpod_rejected_total{{reason=\"{reason}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&needle))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+#[tokio::test]
+async fn message_and_recipient_rates_per_client_are_limited() {
+    let mut h = start_opts(Opts {
+        smtp: "max_messages_per_minute = 2\nmax_recipients_per_minute = 2",
+        ..Default::default()
+    })
+    .await;
+    let c = &mut h.client;
+    c.cmd("EHLO client.test", "250").await;
+    c.cmd("MAIL FROM:<a@sender.test>", "250").await;
+    c.cmd("RCPT TO:<u1@example.test>", "250").await;
+    c.cmd("RCPT TO:<u2@example.test>", "250").await;
+    c.cmd("RCPT TO:<u3@example.test>", "451 4.7.1").await;
+    c.cmd("RSET", "250").await;
+    c.cmd("MAIL FROM:<a@sender.test>", "250").await;
+    c.cmd("RSET", "250").await;
+    c.cmd("MAIL FROM:<a@sender.test>", "451 4.7.1").await;
+    assert_eq!(h.metrics_label("rate_limited"), 2);
+}
+
+#[tokio::test]
+async fn connections_per_client_are_limited() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = Config::parse(
+        &config_text(
+            dir.path(),
+            &Opts {
+                smtp: "max_connections_per_ip = 1",
+                ..Default::default()
+            },
+        ),
+        "t",
+    )
+    .unwrap();
+    let filters = Arc::new(Filters::new(&config).unwrap());
+    let first = start_opts(Opts {
+        smtp: "max_connections_per_ip = 1",
+        filters: Some(filters.clone()),
+        ..Default::default()
+    })
+    .await;
+    let mut second = start_opts(Opts {
+        smtp: "max_connections_per_ip = 1",
+        filters: Some(filters.clone()),
+        no_banner: true,
+        ..Default::default()
+    })
+    .await;
+    let r = second.client.reply().await;
+    assert!(r.starts_with("421 4.7.0"), "{r}");
+    let mut other = start_opts(Opts {
+        smtp: "max_connections_per_ip = 1",
+        filters: Some(filters.clone()),
+        peer: Some("192.0.2.99:4000"),
+        ..Default::default()
+    })
+    .await;
+    other.client.cmd("NOOP", "250").await;
+    // the first session ends (client hangs up): its slot is free again
+    let Harness { client, task, .. } = first;
+    drop(client);
+    task.await.unwrap();
+    let mut first_again = start_opts(Opts {
+        smtp: "max_connections_per_ip = 1",
+        filters: Some(filters.clone()),
+        ..Default::default()
+    })
+    .await;
+    first_again.client.cmd("NOOP", "250").await;
+}
+
+#[tokio::test]
+async fn list_mode_refuses_unknown_recipients_at_rcpt() {
+    let mut h = start_opts(Opts {
+        domain: "recipients = { mode = \"list\", addresses = [\"alice@example.test\"] }",
+        ..Default::default()
+    })
+    .await;
+    let c = &mut h.client;
+    c.cmd("EHLO client.test", "250").await;
+    c.cmd("MAIL FROM:<a@sender.test>", "250").await;
+    c.cmd("RCPT TO:<Alice@Example.test>", "250").await;
+    c.cmd("RCPT TO:<bob@example.test>", "550 5.1.1").await;
+}
+
+#[tokio::test]
+async fn idn_domains_are_accepted_in_both_forms() {
+    let mut h = start().await;
+    let c = &mut h.client;
+    c.cmd("EHLO client.test", "250").await;
+    c.cmd("MAIL FROM:<a@sender.test> SMTPUTF8", "250").await;
+    c.cmd("RCPT TO:<user@bücher.test>", "250").await;
+    c.cmd("RCPT TO:<user@xn--bcher-kva.test>", "250").await;
+    c.cmd("RCPT TO:<user@BÜCHER.test>", "250").await;
+    c.cmd("RSET", "250").await;
+    c.cmd("MAIL FROM:<a@sender.test> SMTPUTF8", "250").await;
+    c.cmd("RCPT TO:<user@bucher.test>", "550 5.7.1").await;
+    c.cmd("RCPT TO:<user@bü-cher.test>", "550 5.7.1").await;
+}
+
+/// The published SMTP-smuggling end-of-data look-alikes: none ends the message, none lets a
+/// second transaction in; the whole DATA is refused and the session goes on cleanly.
+#[tokio::test]
+async fn smuggling_variants_never_split_a_message() {
+    let variants: [&[u8]; 8] = [
+        b"\n.\n",
+        b"\r.\r",
+        b"\r\n.\r",
+        b"\n.\r\n",
+        b"\r.\r\n",
+        b"\r\n.\n",
+        b"\n.\r",
+        b"\r\n\x00.\r\n",
+    ];
+    for v in variants {
+        let mut h = start().await;
+        let c = &mut h.client;
+        c.cmd("EHLO client.test", "250").await;
+        c.cmd("MAIL FROM:<a@sender.test>", "250").await;
+        c.cmd("RCPT TO:<u@example.test>", "250").await;
+        c.cmd("DATA", "354").await;
+        let mut data = b"Subject: first\r\n\r\nhello".to_vec();
+        data.extend_from_slice(v);
+        data.extend_from_slice(
+            b"MAIL FROM:<evil@evil.test>\r\nRCPT TO:<victim@example.test>\r\nDATA\r\nSubject: injected\r\n\r\nx\r\n.\r\n",
+        );
+        let reply = c.raw(&data, "").await;
+        if v == b"\r\n\x00.\r\n" {
+            // NUL is not a line ending: one message, queued whole
+            assert!(reply.starts_with("250"), "{reply}");
+            assert_eq!(h.queue.totals().0, 1);
+            continue;
+        }
+        assert!(reply.starts_with("550 5.6.11"), "{v:?}: {reply}");
+        // exactly one reply: the next command gets its own
+        c.cmd("NOOP", "250 2.0.0").await;
+        assert_eq!(h.queue.totals().0, 0, "{v:?}: nothing queued");
+        // the session goes on with a clean message
+        c.cmd("MAIL FROM:<a@sender.test>", "250").await;
+        c.cmd("RCPT TO:<u@example.test>", "250").await;
+        c.cmd("DATA", "354").await;
+        c.raw(b"Subject: clean\r\n\r\nok\r\n.\r\n", "250").await;
+        assert_eq!(h.queue.totals().0, 1);
+    }
+}
+
+#[tokio::test]
+async fn too_many_bad_commands_end_the_session() {
+    let mut h = start_opts(Opts {
+        smtp: "max_errors = 3",
+        ..Default::default()
+    })
+    .await;
+    let c = &mut h.client;
+    c.cmd("FOO", "500").await;
+    c.cmd("BAR", "500").await;
+    c.raw(b"BAZ\r\n", "500 5.5.2").await;
+    let last = c.reply().await;
+    assert!(last.starts_with("421 4.7.0"), "{last}");
+    h.task.await.unwrap();
+}
+
+mod fuzz {
+    //! Random input into a real session: it never panics, answers every complete line, and
+    //! ends; memory stays bounded by the line and message limits whatever is sent.
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn chunk() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            proptest::collection::vec(any::<u8>(), 0..300),
+            Just(b"EHLO x\r\n".to_vec()),
+            Just(b"MAIL FROM:<a@b.test>\r\n".to_vec()),
+            Just(b"RCPT TO:<u@example.test>\r\n".to_vec()),
+            Just(b"DATA\r\n".to_vec()),
+            Just(b"\r\n.\r\n".to_vec()),
+            Just(b"BDAT 10\r\n".to_vec()),
+            Just(b"STARTTLS\r\n".to_vec()),
+            Just(vec![b'A'; 5000]),
+            Just(b"\n.\n".to_vec()),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+        #[test]
+        fn random_input_never_panics(chunks in proptest::collection::vec(chunk(), 1..20)) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async move {
+                let mut h = start().await;
+                let (mut r, mut w) = (h.client.r, h.client.w);
+                let reader = tokio::spawn(async move {
+                    let mut sink = Vec::new();
+                    let _ = tokio::io::AsyncReadExt::read_to_end(&mut r, &mut sink).await;
+                    sink
+                });
+                for c in chunks {
+                    if w.write_all(&c).await.is_err() {
+                        break; // the server hung up (e.g. too many errors)
+                    }
+                }
+                let _ = w.write_all(b"\r\nQUIT\r\n").await;
+                let _ = w.shutdown().await;
+                let session = tokio::time::timeout(Duration::from_secs(10), &mut h.task).await;
+                prop_assert!(session.is_ok(), "the session did not end");
+                prop_assert!(session.unwrap().is_ok(), "the session panicked");
+                let out = reader.await.unwrap();
+                // every reply line is `NNN` + space or dash
+                for line in out.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+                    prop_assert!(line.len() >= 4 && line[..3].iter().all(u8::is_ascii_digit), "bad line {line:?}");
+                }
+                Ok(())
+            })?;
+        }
+    }
+}
