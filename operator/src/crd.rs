@@ -125,6 +125,25 @@ pub struct BackupMxSpec {
     #[serde(default)]
     pub replay: ReplaySpec,
 
+    /// Which recipients are accepted, checked at RCPT time so unknown addresses are refused in
+    /// the SMTP dialogue and never bounced later (no backscatter).
+    #[serde(default)]
+    pub recipients: RecipientsSpec,
+
+    /// Filters run before a message is queued: rspamd, DNS blocklists, SPF/DMARC.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filter: Option<FilterSpec>,
+
+    /// STARTTLS certificate: a Secret of type `kubernetes.io/tls` (e.g. made by cert-manager) in
+    /// the same namespace. A renewed certificate is picked up without restarting the pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsSpec>,
+
+    /// Expect a PROXY protocol (v1 or v2) header on every SMTP connection, for load balancers
+    /// that send one (e.g. an AWS NLB with proxy protocol on), so filters see the client's IP.
+    #[serde(default)]
+    pub proxy_protocol: bool,
+
     /// What happens to queued mail when this BackupMx is deleted. `Drain` (default): the pods stop
     /// accepting mail and deletion waits until every queued message is delivered or bounced.
     /// `Orphan`: delete at once; the volumes (and the mail on them) are kept.
@@ -249,6 +268,130 @@ impl Default for ReplaySpec {
             paused: false,
         }
     }
+}
+
+/// Recipient validation.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RecipientsSpec {
+    /// `any` (every address of the domains), `list` (only `addresses`), or `verify` (ask the
+    /// primary with a callout while it answers, and remember its answers on the volume).
+    #[serde(default)]
+    pub mode: RecipientMode,
+    /// For `list`: accepted addresses, `user@domain` or `*@domain`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(inner(pattern(r"^[^@\s]+@[^@\s]+$")))]
+    pub addresses: Vec<String>,
+    /// For `verify`: how long the primary's "this address exists" is remembered.
+    #[serde(default = "default_cache_ttl")]
+    #[schemars(pattern(DURATION_PATTERN))]
+    pub cache_ttl: String,
+    /// For `verify`: how long the primary's "no such user" is remembered.
+    #[serde(default = "default_negative_ttl")]
+    #[schemars(pattern(DURATION_PATTERN))]
+    pub negative_ttl: String,
+    /// For `verify`, when the primary cannot be asked and the address was never seen:
+    /// `tempfail` (`450 4.2.0`, the sender retries) or `accept`.
+    #[serde(default)]
+    pub fail_mode: FailMode,
+}
+
+impl Default for RecipientsSpec {
+    fn default() -> Self {
+        Self {
+            mode: RecipientMode::Any,
+            addresses: Vec::new(),
+            cache_ttl: default_cache_ttl(),
+            negative_ttl: default_negative_ttl(),
+            fail_mode: FailMode::Tempfail,
+        }
+    }
+}
+
+/// Recipient validation mode.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum RecipientMode {
+    #[default]
+    Any,
+    List,
+    Verify,
+}
+
+/// What a check does when its backend cannot answer.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum FailMode {
+    /// Answer with a temporary error: the sender retries later.
+    #[default]
+    Tempfail,
+    /// Accept the mail.
+    Accept,
+}
+
+/// Filters before queueing.
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FilterSpec {
+    /// rspamd scan of every message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rspamd: Option<RspamdSpec>,
+    /// DNS blocklists the client's IP is looked up in (e.g. `zen.spamhaus.org`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(inner(pattern(HOSTNAME_PATTERN)))]
+    pub dnsbl: Vec<String>,
+    /// DNS server (`ip:port`) for blocklist and SPF/DMARC lookups; the pod's resolver when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolver: Option<String>,
+    /// SPF/DMARC: `off`, `header` (record the result in `Authentication-Results:`), or
+    /// `enforce` (also refuse mail that fails DMARC where the sender's domain says `p=reject`).
+    #[serde(default)]
+    pub auth: AuthMode,
+}
+
+/// rspamd settings.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RspamdSpec {
+    /// Base URL of rspamd's normal worker, e.g. `http://rspamd.mail:11333`.
+    #[schemars(pattern(r"^https?://.+"))]
+    pub url: String,
+    /// How long a scan may take.
+    #[serde(default = "default_rspamd_timeout")]
+    #[schemars(pattern(DURATION_PATTERN))]
+    pub timeout: String,
+    /// When rspamd cannot answer: `tempfail` (`451 4.7.1`) or `accept`.
+    #[serde(default)]
+    pub fail_mode: FailMode,
+}
+
+/// SPF/DMARC checking.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    #[default]
+    Off,
+    Header,
+    Enforce,
+}
+
+/// STARTTLS certificate source.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TlsSpec {
+    /// Name of a `kubernetes.io/tls` Secret (keys `tls.crt`, `tls.key`) in this namespace.
+    #[schemars(length(min = 1, max = 253))]
+    pub secret_name: String,
+}
+
+fn default_cache_ttl() -> String {
+    "7d".into()
+}
+fn default_negative_ttl() -> String {
+    "1h".into()
+}
+fn default_rspamd_timeout() -> String {
+    "10s".into()
 }
 
 /// What deletion does with queued mail.

@@ -163,6 +163,49 @@ pub fn validate(spec: &BackupMxSpec) -> Result<(), InvalidSpec> {
                 .into(),
         );
     }
+    let r = &spec.recipients;
+    problems.extend(duration("spec.recipients.cacheTtl", &r.cache_ttl).err());
+    problems.extend(duration("spec.recipients.negativeTtl", &r.negative_ttl).err());
+    for (i, a) in r.addresses.iter().enumerate() {
+        let domain_ok = a.rsplit_once('@').is_some_and(|(local, d)| {
+            !local.is_empty() && spec.domains.iter().any(|x| x.eq_ignore_ascii_case(d))
+        });
+        if !domain_ok {
+            problems.push(format!(
+                "spec.recipients.addresses[{i}]: {a:?} is not user@domain or *@domain for one of spec.domains"
+            ));
+        }
+    }
+    if r.mode == crate::crd::RecipientMode::List {
+        for d in &spec.domains {
+            let any = r.addresses.iter().any(|a| {
+                a.rsplit_once('@')
+                    .is_some_and(|(_, ad)| ad.eq_ignore_ascii_case(d))
+            });
+            if !any {
+                problems.push(format!(
+                    "spec.recipients.addresses: mode list but no address for domain {d:?} (use \"*@{d}\" to accept all of it)"
+                ));
+            }
+        }
+    }
+    if let Some(f) = &spec.filter {
+        if let Some(r) = &f.rspamd {
+            problems.extend(duration("spec.filter.rspamd.timeout", &r.timeout).err());
+        }
+        if let Some(res) = &f.resolver
+            && res.parse::<std::net::SocketAddr>().is_err()
+        {
+            problems.push(format!(
+                "spec.filter.resolver: {res:?} is not ip:port (e.g. \"10.0.0.10:53\")"
+            ));
+        }
+        for (i, z) in f.dnsbl.iter().enumerate() {
+            if !is_domain_name(z) {
+                problems.push(format!("spec.filter.dnsbl[{i}]: {z:?} is not a DNS zone"));
+            }
+        }
+    }
     for k in spec.pod_labels.keys() {
         if k.starts_with("app.kubernetes.io/") {
             problems.push(format!(
@@ -210,6 +253,30 @@ mod tests {
             assert!(text.contains(needle), "{needle} missing from: {text}");
         }
         assert_eq!(err.0.len(), 6, "{text}");
+    }
+
+    #[test]
+    fn recipient_lists_and_filters_are_checked() {
+        let mut s = spec();
+        s.recipients = serde_json::from_value(serde_json::json!({
+            "mode": "list", "addresses": ["alice@example.com", "bob@elsewhere.test"]
+        }))
+        .unwrap();
+        s.filter = Some(
+            serde_json::from_value(
+                serde_json::json!({"resolver": "dns-server", "dnsbl": ["bad zone"]}),
+            )
+            .unwrap(),
+        );
+        let text = validate(&s).unwrap_err().to_string();
+        for needle in [
+            "spec.recipients.addresses[1]",
+            "no address for domain \"example.org\"",
+            "spec.filter.resolver",
+            "spec.filter.dnsbl[0]",
+        ] {
+            assert!(text.contains(needle), "{needle} missing from: {text}");
+        }
     }
 
     #[test]

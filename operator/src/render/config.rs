@@ -5,14 +5,14 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::ConfigMap;
 use mx_pod::config::{
-    AdminConfig, AuthMode, Config, DomainConfig, DsnConfig, FilterConfig, HumanDuration,
-    QueueConfig, RecipientsConfig, ReplayConfig, Size, SmtpConfig,
+    self as mx, AdminConfig, AuthMode, Config, DomainConfig, DsnConfig, FilterConfig,
+    HumanDuration, QueueConfig, RecipientsConfig, ReplayConfig, Size, SmtpConfig,
 };
 use sha2::{Digest, Sha256};
 
 use super::{ADMIN_PORT, Names, SMTP_PORT, child_meta};
 use crate::{
-    crd::BackupMx,
+    crd::{BackupMx, FailMode, RecipientMode},
     validate::{InvalidSpec, duration, quantity_bytes},
 };
 
@@ -22,6 +22,8 @@ pub const CONFIG_DIR: &str = "/etc/mx-pod/config";
 pub const CONFIG_FILE: &str = "mx-pod.toml";
 /// Where the admin-token Secret is mounted.
 pub const TOKEN_DIR: &str = "/etc/mx-pod/token";
+/// Where the STARTTLS Secret is mounted.
+pub const TLS_DIR: &str = "/etc/mx-pod/tls";
 /// Mount point of the pod's volume.
 pub const DATA_DIR: &str = "/var/lib/mx-pod";
 /// Share of the volume the queue may fill before new mail gets `452 4.3.1`: the rest is room
@@ -41,11 +43,74 @@ pub fn mxpod_config(bmx: &BackupMx) -> Result<Config, InvalidSpec> {
         format!("{}:{}", spec.primary.host, spec.primary.port)
     };
     let replay = &spec.replay;
+    let rc = &spec.recipients;
+    let recipients_of = |domain: &str| -> Result<RecipientsConfig, InvalidSpec> {
+        Ok(RecipientsConfig {
+            mode: match rc.mode {
+                RecipientMode::Any => mx::RecipientMode::Any,
+                RecipientMode::List => mx::RecipientMode::List,
+                RecipientMode::Verify => mx::RecipientMode::Verify,
+            },
+            addresses: rc
+                .addresses
+                .iter()
+                .filter(|a| {
+                    a.rsplit_once('@')
+                        .is_some_and(|(_, d)| d.eq_ignore_ascii_case(domain))
+                })
+                .cloned()
+                .collect(),
+            cache_ttl: HumanDuration(
+                duration("spec.recipients.cacheTtl", &rc.cache_ttl).map_err(err)?,
+            ),
+            negative_ttl: HumanDuration(
+                duration("spec.recipients.negativeTtl", &rc.negative_ttl).map_err(err)?,
+            ),
+            fail_mode: fail_mode(rc.fail_mode),
+        })
+    };
+    let filter = spec.filter.clone().unwrap_or_default();
+    let auth = match filter.auth {
+        crate::crd::AuthMode::Off => AuthMode::Off,
+        crate::crd::AuthMode::Header => AuthMode::Header,
+        crate::crd::AuthMode::Enforce => AuthMode::Enforce,
+    };
+    let rspamd = match &filter.rspamd {
+        Some(r) => Some(mx::RspamdConfig {
+            url: r.url.clone(),
+            timeout: HumanDuration(
+                duration("spec.filter.rspamd.timeout", &r.timeout).map_err(err)?,
+            ),
+            fail_mode: fail_mode(r.fail_mode),
+        }),
+        None => None,
+    };
+    let resolver = match &filter.resolver {
+        Some(r) => Some(
+            r.parse()
+                .map_err(|_| err(format!("spec.filter.resolver: {r:?} is not ip:port")))?,
+        ),
+        None => None,
+    };
+    let mut domains = Vec::new();
+    for d in &spec.domains {
+        domains.push(DomainConfig {
+            name: d.to_ascii_lowercase(),
+            primary: primary.clone(),
+            recipients: recipients_of(d)?,
+            auth,
+        });
+    }
     let config = Config {
         hostname: spec.mx.hostname.to_ascii_lowercase(),
         smtp: SmtpConfig {
             listen: vec![([0, 0, 0, 0], SMTP_PORT).into()],
             shutdown_grace: HumanDuration(SHUTDOWN_GRACE),
+            proxy_protocol: spec.proxy_protocol,
+            tls: spec.tls.as_ref().map(|_| mx::TlsConfig {
+                cert_file: format!("{TLS_DIR}/tls.crt").into(),
+                key_file: format!("{TLS_DIR}/tls.key").into(),
+            }),
             ..SmtpConfig::default()
         },
         queue: QueueConfig {
@@ -81,22 +146,25 @@ pub fn mxpod_config(bmx: &BackupMx) -> Result<Config, InvalidSpec> {
             ..ReplayConfig::default()
         },
         dsn: DsnConfig::default(),
-        filter: FilterConfig::default(),
-        domains: spec
-            .domains
-            .iter()
-            .map(|d| DomainConfig {
-                name: d.to_ascii_lowercase(),
-                primary: primary.clone(),
-                recipients: RecipientsConfig::default(),
-                auth: AuthMode::Off,
-            })
-            .collect(),
+        filter: FilterConfig {
+            resolver,
+            dns_timeout: None,
+            dnsbl: filter.dnsbl.clone(),
+            rspamd,
+        },
+        domains,
     };
     config
         .validate()
         .map_err(|e| InvalidSpec(vec![format!("rendered mx-pod configuration: {e}")]))?;
     Ok(config)
+}
+
+fn fail_mode(m: FailMode) -> mx::FailMode {
+    match m {
+        FailMode::Tempfail => mx::FailMode::Tempfail,
+        FailMode::Accept => mx::FailMode::Accept,
+    }
 }
 
 /// The ConfigMap holding `mx-pod.toml`.
@@ -144,6 +212,38 @@ mod tests {
         let paused = mxpod_config(&bmx).unwrap();
         assert_eq!(paused.replay.workers, 0);
         assert_ne!(config_hash(&running), config_hash(&paused.to_toml()));
+    }
+
+    #[test]
+    fn filters_recipients_and_tls_are_rendered() {
+        let mut bmx = backupmx();
+        bmx.spec.recipients = serde_json::from_value(serde_json::json!({
+            "mode": "list", "addresses": ["alice@example.com", "*@example.org"], "failMode": "accept"
+        }))
+        .unwrap();
+        bmx.spec.filter = Some(
+            serde_json::from_value(serde_json::json!({
+                "rspamd": {"url": "http://rspamd:11333"}, "dnsbl": ["zen.spamhaus.org"],
+                "resolver": "10.0.0.10:53", "auth": "enforce"
+            }))
+            .unwrap(),
+        );
+        bmx.spec.tls = Some(crate::crd::TlsSpec {
+            secret_name: "mx-tls".into(),
+        });
+        let c = mxpod_config(&bmx).unwrap();
+        let text = c.to_toml();
+        assert_eq!(Config::parse(&text, "rendered").unwrap(), c);
+        assert_eq!(c.domains[0].recipients.addresses, vec!["alice@example.com"]);
+        assert_eq!(c.domains[1].recipients.addresses, vec!["*@example.org"]);
+        assert_eq!(c.domains[0].recipients.fail_mode, mx::FailMode::Accept);
+        assert_eq!(c.domains[0].auth, AuthMode::Enforce);
+        assert_eq!(c.filter.dnsbl, vec!["zen.spamhaus.org"]);
+        assert_eq!(c.filter.rspamd.as_ref().unwrap().url, "http://rspamd:11333");
+        assert_eq!(
+            c.smtp.tls.as_ref().unwrap().cert_file.to_str(),
+            Some("/etc/mx-pod/tls/tls.crt")
+        );
     }
 
     #[test]

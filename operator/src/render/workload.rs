@@ -18,7 +18,7 @@ use serde_json::json;
 
 use super::{
     ADMIN_PORT, CONFIG_HASH_ANNOTATION, Names, SMTP_PORT, TOKEN_KEY, child_meta,
-    config::{CONFIG_DIR, CONFIG_FILE, DATA_DIR, SHUTDOWN_GRACE, TOKEN_DIR},
+    config::{CONFIG_DIR, CONFIG_FILE, DATA_DIR, SHUTDOWN_GRACE, TLS_DIR, TOKEN_DIR},
     labels, selector_labels,
 };
 use crate::{capabilities::Capabilities, crd::BackupMx};
@@ -148,6 +148,17 @@ pub fn statefulset(
             "status": {"phase": "Pending"},
         }],
     });
+    if let Some(tls) = &spec.tls {
+        let pod = &mut sts_spec["template"]["spec"];
+        pod["volumes"].as_array_mut().expect("volumes").push(json!({
+            "name": "tls",
+            "secret": {"secretName": tls.secret_name, "defaultMode": 0o440},
+        }));
+        pod["containers"][0]["volumeMounts"]
+            .as_array_mut()
+            .expect("mounts")
+            .push(json!({"name": "tls", "mountPath": TLS_DIR, "readOnly": true}));
+    }
     if caps.pvc_retention_policy {
         sts_spec["persistentVolumeClaimRetentionPolicy"] =
             json!({"whenDeleted": "Retain", "whenScaled": "Retain"});
@@ -253,6 +264,30 @@ mod tests {
         assert_eq!(p["spec"]["maxUnavailable"], 1);
         let p = serde_json::to_value(pdb(&bmx, &caps(false))).unwrap();
         assert_eq!(p["apiVersion"], "policy/v1");
+    }
+
+    #[test]
+    fn a_tls_secret_is_mounted_for_starttls() {
+        let mut bmx = backupmx();
+        bmx.spec.tls = Some(crate::crd::TlsSpec {
+            secret_name: "mx-tls".into(),
+        });
+        let v = serde_json::to_value(statefulset(&bmx, "i", "h", &caps(false))).unwrap();
+        let pod = &v["spec"]["template"]["spec"];
+        assert!(
+            pod["volumes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|vol| vol["secret"]["secretName"] == "mx-tls")
+        );
+        assert!(
+            pod["containers"][0]["volumeMounts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|m| m["mountPath"] == TLS_DIR)
+        );
     }
 
     #[test]
