@@ -16,6 +16,7 @@
 pub mod admin;
 pub mod capabilities;
 pub mod crd;
+pub mod dns;
 pub mod error;
 pub mod leader;
 pub mod metrics;
