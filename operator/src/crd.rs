@@ -121,6 +121,11 @@ pub struct BackupMxSpec {
     /// How this backup MX is named in DNS and in SMTP.
     pub mx: MxSpec,
 
+    /// Publishing the backup MX (and its host's addresses) through a DNS provider's API.
+    /// Without it the operator leaves DNS alone (publish the records yourself).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<DnsSpec>,
+
     /// Replay (delivery of queued mail to the primary).
     #[serde(default)]
     pub replay: ReplaySpec,
@@ -241,6 +246,142 @@ pub struct MxSpec {
     #[serde(default = "default_mx_ttl")]
     #[schemars(range(min = 30, max = 86400))]
     pub ttl: u32,
+    /// Addresses to publish for `hostname`; by default those of the LoadBalancer Service.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<String>,
+}
+
+/// DNS publication.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DnsSpec {
+    /// The DNS service: `powerdns`, `rfc2136` (dynamic update with TSIG, e.g. BIND or Knot),
+    /// `cloudflare` or `route53`.
+    pub provider: DnsProviderKind,
+    /// The zone the records are written in (e.g. `example.com`).
+    #[schemars(pattern(HOSTNAME_PATTERN))]
+    pub zone: String,
+    /// More zones, when the domains (or the MX host name) are in several.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(inner(pattern(HOSTNAME_PATTERN)))]
+    pub additional_zones: Vec<String>,
+    /// Secret (same namespace) with the provider's credentials: `apiKey` (PowerDNS),
+    /// `tsigSecret` (RFC 2136, base64), `apiToken` (Cloudflare), `accessKeyId` +
+    /// `secretAccessKey` [+ `sessionToken`] (Route53).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret_ref: Option<SecretRef>,
+    /// PowerDNS settings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub powerdns: Option<PowerDnsSpec>,
+    /// RFC 2136 settings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rfc2136: Option<Rfc2136Spec>,
+    /// Cloudflare settings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloudflare: Option<CloudflareSpec>,
+    /// Route53 settings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route53: Option<Route53Spec>,
+    /// Take over records that already exist exactly as wanted but were not made by the
+    /// operator (e.g. a backup MX record made by hand before).
+    #[serde(default)]
+    pub adopt: bool,
+    /// `upsert-only`: never delete a record the operator did not create. `sync`: the operator
+    /// owns the MX host name and replaces addresses there that it did not create.
+    #[serde(default)]
+    pub policy: DnsPolicy,
+    /// Servers (`ip:port`) to verify the records against; the zone's NS records otherwise.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nameservers: Vec<String>,
+}
+
+/// DNS services.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum DnsProviderKind {
+    Powerdns,
+    Rfc2136,
+    Cloudflare,
+    Route53,
+}
+
+/// Deletion policy for DNS records.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default, JsonSchema)]
+pub enum DnsPolicy {
+    #[default]
+    #[serde(rename = "upsert-only")]
+    UpsertOnly,
+    #[serde(rename = "sync")]
+    Sync,
+}
+
+/// A Secret in the same namespace.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
+pub struct SecretRef {
+    /// The Secret's name.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+}
+
+/// PowerDNS API.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PowerDnsSpec {
+    /// API base URL, e.g. `http://pdns.dns:8081`.
+    #[schemars(pattern(r"^https?://.+"))]
+    pub url: String,
+    /// Server id in the API path.
+    #[serde(default = "default_server_id")]
+    pub server_id: String,
+}
+
+/// RFC 2136 dynamic update.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Rfc2136Spec {
+    /// The primary server, `ip:port`.
+    pub server: String,
+    /// TSIG key name.
+    pub key_name: String,
+    /// TSIG algorithm.
+    #[serde(default = "default_tsig_algorithm")]
+    pub algorithm: String,
+}
+
+/// Cloudflare API.
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CloudflareSpec {
+    /// Zone id; looked up by the zone's name when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone_id: Option<String>,
+    /// API base URL (default `https://api.cloudflare.com/client/v4`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_url: Option<String>,
+}
+
+/// Route53 API.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Route53Spec {
+    /// Hosted zone id.
+    pub hosted_zone_id: String,
+    /// Signing region.
+    #[serde(default = "default_region")]
+    pub region: String,
+    /// API endpoint (default `https://route53.amazonaws.com`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+}
+
+fn default_server_id() -> String {
+    "localhost".into()
+}
+fn default_tsig_algorithm() -> String {
+    "hmac-sha256".into()
+}
+fn default_region() -> String {
+    "us-east-1".into()
 }
 
 /// Replay settings.
@@ -466,6 +607,30 @@ pub struct BackupMxStatus {
     /// Replay as last set on the pods.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replay: Option<ReplayStatus>,
+    /// The records published in DNS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<DnsStatus>,
+}
+
+/// DNS publication state.
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DnsStatus {
+    /// The records published for this BackupMx (`example.com MX 20 mx2.example.com`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub records: Vec<String>,
+    /// Whether the zone's authoritative servers answer with every record.
+    #[serde(default)]
+    pub verified: bool,
+    /// When the records were last compared with the provider (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_sync: Option<String>,
+    /// Risks worth knowing (priority gap, TTL, shared network).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
+    /// The generation and addresses the last sync was for (to know when to sync again).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub synced_for: Option<String>,
 }
 
 /// Queue figures summed over the pods.

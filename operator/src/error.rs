@@ -16,6 +16,9 @@ pub enum Error {
     /// Deletion waits for queued mail (not a failure: retried until the queues are empty).
     #[error("waiting for queued mail to be delivered: {0}")]
     WaitingForDelivery(String),
+    /// Removing the DNS records on deletion failed (retried; the finalizer stays).
+    #[error("removing DNS records: {0}")]
+    DnsCleanup(String),
     /// The object has no namespace (BackupMx is namespaced, so this is a bug or a bad client).
     #[error("the BackupMx has no namespace")]
     NoNamespace,
@@ -43,6 +46,7 @@ impl Error {
                 _ => "transport",
             },
             Error::WaitingForDelivery(_) => "waiting_for_delivery",
+            Error::DnsCleanup(_) => "dns_cleanup",
             Error::NoNamespace => "no_namespace",
             Error::Finalizer(e) => match &**e {
                 finalizer::Error::ApplyFailed(e) | finalizer::Error::CleanupFailed(e) => e.kind(),

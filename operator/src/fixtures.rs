@@ -179,6 +179,8 @@ impl Context {
             caps: Capabilities::current(),
             mxpod_image: "backupmx/mx-pod:test".into(),
             pods,
+            dns: crate::reconcile::dns::DnsFactory::FromSpec,
+            dns_resync: std::time::Duration::from_secs(300),
         };
         (Arc::new(ctx), ApiServerVerifier(handle))
     }

@@ -15,6 +15,7 @@
 
 pub mod admin;
 pub mod capabilities;
+pub mod check_mx;
 pub mod crd;
 pub mod dns;
 pub mod error;

@@ -47,7 +47,31 @@ enum Command {
     /// Print the BackupMx CustomResourceDefinition (YAML).
     Crdgen,
     /// Check a domain's MX records and the SMTP servers they name.
-    CheckMx { domain: String },
+    CheckMx(CheckMxArgs),
+}
+
+#[derive(Args)]
+struct CheckMxArgs {
+    /// The mail domain.
+    domain: String,
+    /// DNS server (`ip:port`) to ask; the system's resolver otherwise.
+    #[arg(long)]
+    resolver: Option<std::net::SocketAddr>,
+    /// SMTP port to probe on each MX host.
+    #[arg(long, default_value_t = 25)]
+    smtp_port: u16,
+    /// Timeout of each lookup and probe.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    timeout: std::time::Duration,
+    /// `table` for people, `json` for programs.
+    #[arg(long, value_enum, default_value_t = Output::Table)]
+    output: Output,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Output {
+    Table,
+    Json,
 }
 
 #[derive(Args)]
@@ -73,6 +97,10 @@ struct RunArgs {
     /// This replica's identity in the Lease and in events (the pod name).
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
+    /// How often published DNS records are compared with the provider when nothing changed
+    /// (drift repair).
+    #[arg(long, env = "BACKUPMX_DNS_RESYNC", default_value = "5m", value_parser = humantime::parse_duration)]
+    dns_resync: std::time::Duration,
 }
 
 fn main() -> ExitCode {
@@ -82,11 +110,26 @@ fn main() -> ExitCode {
             print!("{}", backupmx_operator::crd_yaml());
             ExitCode::SUCCESS
         }
-        Command::CheckMx { domain } => {
-            eprintln!(
-                "backupmx-operator check-mx {domain}: not available in this version (it arrives with the DNS providers)"
-            );
-            ExitCode::from(2)
+        Command::CheckMx(a) => {
+            let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+            let report = runtime.block_on(backupmx_operator::check_mx::check(
+                &a.domain,
+                a.resolver,
+                a.smtp_port,
+                a.timeout,
+            ));
+            match a.output {
+                Output::Table => print!("{}", report.table()),
+                Output::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).expect("the report serializes")
+                ),
+            }
+            if report.ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
         }
         Command::Run(args) => {
             init_logging(cli.log_format);
@@ -187,6 +230,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         caps,
         mxpod_image: args.mxpod_image.clone(),
         pods: PodAdmin::default(),
+        dns: backupmx_operator::reconcile::dns::DnsFactory::FromSpec,
+        dns_resync: args.dns_resync,
     });
     ready.store(true, std::sync::atomic::Ordering::Relaxed);
     let controller = |stop: CancellationToken| {

@@ -107,7 +107,7 @@ mod tests {
         let c = parse(t).unwrap();
         assert_eq!(c.owner, "mail/example");
         assert_eq!(
-            owner_of(&[claim.clone()], &mx).as_deref(),
+            owner_of(std::slice::from_ref(&claim), &mx).as_deref(),
             Some("mail/example")
         );
         let other = Record::new("example.com", 300, RData::Mx(10, "mail.example.com".into()));

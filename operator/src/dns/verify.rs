@@ -23,10 +23,10 @@ pub async fn authoritative_servers(
         .map_err(|e| format!("NS lookup of {zone}: {e}"))?;
     let mut out = Vec::new();
     for rec in ns.answers() {
-        if let HRData::NS(n) = &rec.data {
-            if let Ok(ips) = r.lookup_ip(n.0.to_ascii()).await {
-                out.extend(ips.iter().map(|ip| SocketAddr::new(ip, 53)));
-            }
+        if let HRData::NS(n) = &rec.data
+            && let Ok(ips) = r.lookup_ip(n.0.to_ascii()).await
+        {
+            out.extend(ips.iter().map(|ip| SocketAddr::new(ip, 53)));
         }
     }
     if out.is_empty() {

@@ -70,11 +70,16 @@ pub async fn apply(bmx: &BackupMx, ctx: &Context) -> Result<Action> {
         .map_err(Error::kube(format!("apply ConfigMap {}", names.configmap)))?;
 
     let svcs: Api<Service> = Api::namespaced(client.clone(), &ns);
+    let mut lb_addresses = Vec::new();
     for svc in [headless_service(bmx), smtp_service(bmx)] {
         let name = svc.name_any();
-        svcs.patch(&name, &pp, &Patch::Apply(svc))
+        let applied = svcs
+            .patch(&name, &pp, &Patch::Apply(svc))
             .await
             .map_err(Error::kube(format!("apply Service {name}")))?;
+        if name == names.smtp_service {
+            lb_addresses = load_balancer_addresses(&applied);
+        }
     }
 
     let image = bmx.spec.image.as_deref().unwrap_or(&ctx.mxpod_image);
@@ -113,6 +118,21 @@ pub async fn apply(bmx: &BackupMx, ctx: &Context) -> Result<Action> {
         .await
         .map_err(Error::kube("list mx-pods"))?
         .items;
+    let dns = super::dns::sync(bmx, &lb_addresses, ctx).await;
+    let mut requeue = RESYNC;
+    if let Some(outcome) = &dns {
+        for (reason, message, warning) in &outcome.events {
+            let t = if *warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            };
+            publish(ctx, bmx, t, reason, message).await;
+        }
+        if let Some(r) = outcome.retry {
+            requeue = requeue.min(r);
+        }
+    }
     let seen = Observed {
         replicas: bmx.spec.replicas,
         ready_replicas: sts
@@ -121,11 +141,29 @@ pub async fn apply(bmx: &BackupMx, ctx: &Context) -> Result<Action> {
             .and_then(|s| s.ready_replicas)
             .unwrap_or(0),
         queues: ctx.pods.queues(&pods).await,
+        dns: dns.map(|o| (o.status, o.condition)),
     };
     let new = status::applied(bmx, &seen);
     announce_transition(bmx, &new, ctx).await;
     write_status(bmx, new, ctx).await?;
-    Ok(Action::requeue(RESYNC))
+    Ok(Action::requeue(requeue.min(
+        ctx.dns_resync.max(std::time::Duration::from_secs(1)),
+    )))
+}
+
+/// The addresses a cloud load balancer gave the SMTP Service (`status.loadBalancer.ingress`).
+fn load_balancer_addresses(svc: &Service) -> Vec<std::net::IpAddr> {
+    svc.status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref())
+        .map(|ingress| {
+            ingress
+                .iter()
+                .filter_map(|i| i.ip.as_deref()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// An invalid spec: nothing is applied; `Ready=False` says why, with an event.

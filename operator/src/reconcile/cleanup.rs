@@ -34,6 +34,38 @@ use crate::{
 /// Cleans up before `bmx` is deleted; an `Err(WaitingForDelivery)` keeps the finalizer.
 pub async fn cleanup(bmx: &BackupMx, ctx: &Context) -> Result<Action> {
     let ns = bmx.namespace().ok_or(Error::NoNamespace)?;
+    // first stop pointing senders at the backup: remove exactly our DNS records
+    match super::dns::remove(bmx, ctx).await {
+        Ok(removed) if !removed.is_empty() => {
+            publish(
+                ctx,
+                bmx,
+                EventType::Normal,
+                "DNSRemoved",
+                format!("removed: {}", removed.join(", ")),
+            )
+            .await;
+        }
+        Ok(_) => {}
+        Err(e) => {
+            let message = format!("cannot remove the DNS records yet: {e}");
+            let changed = bmx
+                .status
+                .as_ref()
+                .and_then(|s| s.condition(status::DELETING))
+                .is_none_or(|c| c.reason != "DnsCleanupFailed");
+            if changed {
+                publish(ctx, bmx, EventType::Warning, "DnsCleanupFailed", &message).await;
+            }
+            write_status(
+                bmx,
+                status::deleting(bmx, "DnsCleanupFailed", &message, &[]),
+                ctx,
+            )
+            .await?;
+            return Err(Error::DnsCleanup(e));
+        }
+    }
     if bmx.spec.deletion_policy == DeletionPolicy::Orphan {
         publish(
             ctx,
@@ -131,9 +163,8 @@ pub async fn cleanup(bmx: &BackupMx, ctx: &Context) -> Result<Action> {
     Err(Error::WaitingForDelivery(message))
 }
 
-/// The cleanup hooks that run once deletion may go ahead.
+/// Deletion may go ahead.
 async fn finish(bmx: &BackupMx, _ctx: &Context) -> Result<Action> {
-    // DNS: removing the records this object owns arrives with the DNS providers.
     info!(name = %bmx.name_any(), "cleanup done; removing the finalizer");
     Ok(Action::await_change())
 }

@@ -15,6 +15,7 @@
 
 pub mod apply;
 pub mod cleanup;
+pub mod dns;
 pub mod status;
 #[cfg(test)]
 mod tests;
@@ -66,6 +67,10 @@ pub struct Context {
     /// Default mx-pod image (a BackupMx may name its own).
     pub mxpod_image: String,
     pub pods: PodAdmin,
+    /// How DNS providers are made (from the spec, or a fixed one in tests).
+    pub dns: dns::DnsFactory,
+    /// How often published records are compared with the provider when nothing changed.
+    pub dns_resync: Duration,
 }
 
 /// Which namespaces the controller watches.

@@ -82,6 +82,8 @@ pub struct Observed {
     pub replicas: i32,
     pub ready_replicas: i32,
     pub queues: Vec<PodQueue>,
+    /// A fresh DNS result (`None`: DNS not managed, or not synced this pass).
+    pub dns: Option<(crate::crd::DnsStatus, Condition)>,
 }
 
 /// The status after a successful apply pass.
@@ -141,6 +143,20 @@ pub fn applied(bmx: &BackupMx, seen: &Observed) -> BackupMxStatus {
         )
     };
     set_condition(&mut conditions, &previous, degraded);
+    let previous_dns = bmx.status.as_ref().and_then(|s| s.dns.clone());
+    let dns = match &seen.dns {
+        Some((status, condition)) => {
+            set_condition(&mut conditions, &previous, condition.clone());
+            Some(status.clone())
+        }
+        None if bmx.spec.dns.is_some() => {
+            if let Some(c) = previous.iter().find(|c| c.type_ == super::dns::DNS_READY) {
+                conditions.push(c.clone());
+            }
+            previous_dns
+        }
+        None => None,
+    };
     let paused = bmx.spec.replay.paused;
     BackupMxStatus {
         observed_generation: bmx.metadata.generation,
@@ -156,6 +172,7 @@ pub fn applied(bmx: &BackupMx, seen: &Observed) -> BackupMxStatus {
             },
             reason: if paused { "Paused" } else { "PodsProbePrimary" }.into(),
         }),
+        dns,
     }
 }
 
@@ -246,6 +263,7 @@ mod tests {
                     pod: "example-0".into(),
                     result: Err("timeout".into()),
                 }],
+                dns: None,
             },
         );
         let ready = s.condition(READY).unwrap();
