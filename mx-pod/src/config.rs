@@ -516,12 +516,18 @@ impl Config {
 
 /// The ASCII (punycode) form of a domain name, lower-cased; `None` when it is not a valid
 /// host name (empty labels, a trailing dot, an IP literal, forbidden characters).
+///
+/// A non-ASCII name must already be in its U-label form (what the A-label decodes to): the
+/// UTS 46 mappings (upper case, full-width letters, ideographic full stops) are for user
+/// interfaces, and accepting them in SMTP would accept addresses the primary then refuses,
+/// which means bounces (backscatter).
 pub fn to_ascii_domain(name: &str) -> Option<String> {
     if name.is_ascii() {
         return is_domain_name(name).then(|| name.to_ascii_lowercase());
     }
     let ascii = idna::domain_to_ascii_strict(name).ok()?;
-    is_domain_name(&ascii).then_some(ascii)
+    let (unicode, result) = idna::domain_to_unicode(&ascii);
+    (result.is_ok() && unicode == name && is_domain_name(&ascii)).then_some(ascii)
 }
 
 /// Splits `host:port` (or `[v6]:port`); the port is required.

@@ -6,6 +6,7 @@
 #
 #   postfix          postfix, postconf, postqueue, smtp-source, smtp-sink (primary + baseline)
 #   swaks            the demo's (and tests') SMTP client
+#   libnet-ssleay-perl  swaks --tls (STARTTLS; only a Recommends of swaks, which we skip)
 #   curl             mx-pod's admin API
 #   bind9-dnsutils   dig (DNS checks in the tests)
 #   procps           ps, pgrep -g (process groups), used to stop and measure processes
@@ -38,7 +39,7 @@ set -euo pipefail
 LOG_TAG=deps
 log() { printf '[%s] %s\n' "$LOG_TAG" "$*"; }
 
-PKGS=(postfix swaks curl bind9-dnsutils procps iproute2 python3 util-linux coreutils etcd-server openssl
+PKGS=(postfix swaks libnet-ssleay-perl curl bind9-dnsutils procps iproute2 python3 util-linux coreutils etcd-server openssl
   rspamd pdns-server pdns-backend-sqlite3 sqlite3 bind9)
 
 [ "$(id -u)" = 0 ] || { echo "[deps] ERROR: run as root (apt-get)" >&2; exit 1; }

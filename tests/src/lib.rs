@@ -6,6 +6,8 @@
 //! - [`Sink`]: Postfix's `smtp-sink`, optionally with fault injection or dumping each message.
 //! - [`send`]: a small SMTP client that records the exact reply to each message, so tests know
 //!   which messages were acknowledged with `250`.
+//! - [`realparts`]: real rspamd and PowerDNS, swaks, an openssl certificate and a raw SMTP
+//!   client (PROXY headers, arbitrary bytes) for the filter tests.
 //!
 //! A missing component fails the test with the command that installs it (`make deps`); nothing
 //! is skipped. Conditions are awaited with [`wait_for`], never with fixed sleeps.
@@ -21,6 +23,7 @@ use std::{
 };
 
 pub mod kube;
+pub mod realparts;
 
 use serde_json::Value;
 use tokio::{
@@ -85,13 +88,34 @@ pub fn free_port() -> u16 {
     free_port_on([127, 0, 0, 1].into())
 }
 
-/// A free TCP port on `ip`.
+/// A free TCP port on `ip`, for a server a test starts.
+///
+/// Taken below the kernel's ephemeral range (32768 and up by default) and below the ports the
+/// shell scripts pick (20000-31999), from a counter shared by
+/// the whole test process: a port handed out here is not handed out again, and outgoing
+/// connections (which take ephemeral ports) cannot grab it between the check and the server's
+/// own bind.
 pub fn free_port_on(ip: std::net::IpAddr) -> u16 {
-    TcpListener::bind((ip, 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU16, Ordering};
+    // 12000-19999: below the shell scripts' picks (20000-31999) and the ephemeral range
+    const LOW: u16 = 12_000;
+    const SPAN: u16 = 8_000;
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    // each test binary starts at its own offset (several run one after the other)
+    let _ = NEXT.compare_exchange(
+        0,
+        (std::process::id() % u32::from(SPAN)) as u16 + 1,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    for _ in 0..SPAN {
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let port = LOW + n % SPAN;
+        if TcpListener::bind((ip, port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free TCP port on {ip} between {LOW} and {}", LOW + SPAN)
 }
 
 /// Polls `cond` every 50 ms until it holds; fails the test after `timeout` with `what`.

@@ -83,8 +83,8 @@ impl Auth {
                 dmarc_word(&dmarc.result()),
                 dmarc.policy()
             ));
-            let failed = matches!(dmarc.dkim_result(), DmarcResult::Fail(_))
-                && matches!(dmarc.spf_result(), DmarcResult::Fail(_));
+            // neither an aligned SPF pass nor an aligned DKIM pass: the DMARC verdict is Fail
+            let failed = matches!(dmarc.result(), DmarcResult::Fail(_));
             if mode == AuthMode::Enforce && failed && dmarc.policy() == Policy::Reject {
                 verdict = Verdict::Reject(RejectReason::AuthFailed);
             }

@@ -582,23 +582,38 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let mut overflow: Option<DummyDataReceiver> = None;
         let mut body: Vec<u8> =
             Vec::with_capacity(self.tx.as_ref().map_or(0, |t| t.declared_size.min(max)) + 1024);
+        // The end of DATA is found here, on the raw bytes, and only an exact CRLF "." CRLF ends
+        // it: smtp-proto's receiver also stops at "." CR CR LF, a smuggling vector. The
+        // receiver (dot un-stuffing) is fed only the bytes before the real end; if it stops
+        // earlier, the message hid a second end and is refused whole.
+        let mut end = EndOfData::default();
+        let mut receiver_done = false;
+        let mut smuggled = false;
         loop {
             let chunk = &self.buf[self.start..];
-            let mut iter = chunk.iter();
-            let done = match overflow.as_mut() {
-                Some(dummy) => dummy.ingest(&mut iter),
-                None => {
-                    let done = receiver.ingest(&mut iter, &mut body);
-                    if !done && body.len() > max {
-                        overflow = Some(DummyDataReceiver::new_data(&receiver));
-                        body = Vec::new();
+            let found = end.scan(chunk);
+            let part = &chunk[..found.unwrap_or(chunk.len())];
+            if !receiver_done {
+                let mut iter = part.iter();
+                let done = match overflow.as_mut() {
+                    Some(dummy) => dummy.ingest(&mut iter),
+                    None => {
+                        let done = receiver.ingest(&mut iter, &mut body);
+                        if !done && body.len() > max {
+                            overflow = Some(DummyDataReceiver::new_data(&receiver));
+                            body = Vec::new();
+                        }
+                        done
                     }
-                    done
+                };
+                if done {
+                    receiver_done = true;
+                    smuggled |= found.is_none() || !iter.as_slice().is_empty();
                 }
-            };
-            let consumed = chunk.len() - iter.as_slice().len();
-            self.start += consumed;
-            if done {
+            }
+            self.start += part.len();
+            if found.is_some() {
+                smuggled |= !receiver_done;
                 break;
             }
             match self.fill(self.ctx.config.smtp.data_timeout.0, false).await {
@@ -611,6 +626,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 }
                 Err(e) => return Err(e),
             }
+        }
+        if smuggled {
+            self.tx = None;
+            self.reject(RejectReason::BareLineEnding, "data");
+            return Ok(None);
         }
         let tx = self.tx.take().expect("DATA only runs inside a transaction");
         if overflow.is_some() || body.len() > max {
@@ -766,6 +786,39 @@ fn sanitize(s: &str) -> String {
         .map(|c| if c.is_control() { '?' } else { c })
         .take(255)
         .collect()
+}
+
+/// Finds the exact end of DATA (CRLF "." CRLF; the CRLF before the dot may be the one that
+/// ended the DATA command) in raw input, across reads.
+struct EndOfData {
+    /// How much of CR LF "." CR LF has been matched.
+    matched: usize,
+}
+
+impl Default for EndOfData {
+    fn default() -> Self {
+        // DATA's own CRLF counts: an empty message is just "." CRLF
+        Self { matched: 2 }
+    }
+}
+
+impl EndOfData {
+    const PATTERN: &'static [u8] = b"\r\n.\r\n";
+
+    /// The offset just past the end of DATA in `chunk`, if it is there.
+    fn scan(&mut self, chunk: &[u8]) -> Option<usize> {
+        for (i, &b) in chunk.iter().enumerate() {
+            if b == Self::PATTERN[self.matched] {
+                self.matched += 1;
+                if self.matched == Self::PATTERN.len() {
+                    return Some(i + 1);
+                }
+            } else {
+                self.matched = usize::from(b == b'\r');
+            }
+        }
+        None
+    }
 }
 
 /// True when the message has a CR not followed by LF, or an LF not preceded by CR.

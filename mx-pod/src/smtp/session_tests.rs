@@ -555,7 +555,12 @@ async fn idn_domains_are_accepted_in_both_forms() {
     c.cmd("MAIL FROM:<a@sender.test> SMTPUTF8", "250").await;
     c.cmd("RCPT TO:<user@bücher.test>", "250").await;
     c.cmd("RCPT TO:<user@xn--bcher-kva.test>", "250").await;
-    c.cmd("RCPT TO:<user@BÜCHER.test>", "250").await;
+    // UTS 46 mappings (upper case, full-width letters) are for user interfaces: on the wire
+    // only the U-label and the A-label name the domain
+    c.cmd("RCPT TO:<user@BÜCHER.test>", "550 5.7.1").await;
+    c.cmd("RCPT TO:<user@ｅｘａｍｐｌｅ.test>", "550 5.7.1")
+        .await;
+    c.cmd("RCPT TO:<user@example。test>", "550 5.7.1").await;
     c.cmd("RSET", "250").await;
     c.cmd("MAIL FROM:<a@sender.test> SMTPUTF8", "250").await;
     c.cmd("RCPT TO:<user@bucher.test>", "550 5.7.1").await;
@@ -566,7 +571,9 @@ async fn idn_domains_are_accepted_in_both_forms() {
 /// second transaction in; the whole DATA is refused and the session goes on cleanly.
 #[tokio::test]
 async fn smuggling_variants_never_split_a_message() {
-    let variants: [&[u8]; 8] = [
+    let variants: [&[u8]; 10] = [
+        b"\r\n.\r\r\n",
+        b"\r\n.\r\r\r\n",
         b"\n.\n",
         b"\r.\r",
         b"\r\n.\r",
@@ -606,6 +613,19 @@ async fn smuggling_variants_never_split_a_message() {
         c.raw(b"Subject: clean\r\n\r\nok\r\n.\r\n", "250").await;
         assert_eq!(h.queue.totals().0, 1);
     }
+}
+
+#[test]
+fn end_of_data_is_exactly_crlf_dot_crlf_across_reads() {
+    let mut e = EndOfData::default();
+    assert_eq!(e.scan(b".\r\n"), Some(3), "empty message");
+    let mut e = EndOfData::default();
+    assert_eq!(e.scan(b"a\r\n.\r\r\nb\r"), None);
+    assert_eq!(e.scan(b"\n."), None);
+    assert_eq!(e.scan(b"\r\nrest"), Some(2));
+    let mut e = EndOfData::default();
+    assert_eq!(e.scan(b"x\n.\nx\r.\r\n"), None);
+    assert_eq!(e.scan(b"\r\n\r\n.\r\n"), Some(7));
 }
 
 #[tokio::test]

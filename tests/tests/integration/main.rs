@@ -5,8 +5,15 @@
 mod admin;
 mod crash;
 mod disk_full;
+mod dns_rfc2136;
 mod expiry;
 mod faults;
+mod filter_dns;
+mod filter_recipients;
+mod filter_rspamd;
+mod filter_smtp;
 mod lifecycle;
 mod outage;
 mod rate;
+mod relay_battery;
+mod smuggling;

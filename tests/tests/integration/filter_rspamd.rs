@@ -1,0 +1,217 @@
+//! rspamd before the queue, with a real rspamd: GTUBE is refused at the end of DATA and never
+//! queued; what is accepted carries rspamd's verdict in `X-Spam-*` headers (forged ones from
+//! the sender are gone); an unreachable rspamd tempfails or accepts as `fail_mode` says.
+
+use backupmx_tests::{
+    MxPod, MxPodConfig, Sink,
+    realparts::{PowerDns, Rspamd, Smtp, header_fields, rejected, replay_to_sink},
+};
+
+const GTUBE: &[u8] = b"From: <spammer@sender.test>\r\nTo: <user@example.test>\r\nSubject: gtube\r\nDate: Wed, 25 Nov 2026 10:00:00 +0000\r\nMessage-ID: <gtube.1@sender.test>\r\n\r\nXJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X\r\n";
+
+/// A short plain-text mail, marked by its Message-ID `<TAG@sender.test>`; `forged` is put on
+/// top of the header (headers only the filter may set).
+fn plain(tag: &str, forged: &str) -> Vec<u8> {
+    format!(
+        "{forged}From: <alice@sender.test>\r\nTo: <user@example.test>\r\nSubject: lunch {tag}\r\nDate: Wed, 25 Nov 2026 10:00:00 +0000\r\nMessage-ID: <{tag}@sender.test>\r\n\r\nHello Bob, lunch tomorrow?\r\n"
+    )
+    .into_bytes()
+}
+
+fn rspamd_filter(url: &str, fail_mode: &str) -> String {
+    format!("[filter.rspamd]\nurl = \"{url}\"\ntimeout = \"10s\"\nfail_mode = \"{fail_mode}\"\n")
+}
+
+/// The dumped message whose Message-ID is `<TAG@sender.test>`.
+fn find<'a>(dumps: &'a [String], tag: &str) -> &'a str {
+    let mid = format!("<{tag}@sender.test>");
+    dumps
+        .iter()
+        .find(|d| d.contains(&mid))
+        .unwrap_or_else(|| panic!("{mid} not delivered: {dumps:#?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rspamd_refuses_gtube_and_annotates_accepted_mail() {
+    // rspamd's DNS goes to a PowerDNS without zones: every check answers REFUSED, so a plain
+    // message from an outside address scores "add header" (RDNS_NONE, HFILTER_*, ...)
+    let pdns = PowerDns::start();
+    let rspamd = Rspamd::start_with_dns(Some(&pdns.dns_addr()));
+    let sink = Sink::start(&[], 0, true).await;
+    let mut cfg = MxPodConfig::new(&sink.addr());
+    cfg.smtp_extra.push_str("proxy_protocol = true\n");
+    cfg.extra = rspamd_filter(&rspamd.url, "tempfail");
+    let pod = MxPod::start(cfg).await;
+
+    // from outside (a load balancer's PROXY header names 192.0.2.10)
+    let mut c = Smtp::connect_as(pod.smtp, "192.0.2.10").await;
+    c.expect("EHLO client.test", "250").await;
+    let r = c
+        .mail("spammer@sender.test", &["user@example.test"], GTUBE)
+        .await;
+    assert!(
+        r.starts_with("550 5.7.1"),
+        "GTUBE at end of DATA: {r}\n{}",
+        pod.log_text()
+    );
+    assert_eq!(pod.queued().await, 0, "a refused message is not queued");
+    let r = c
+        .mail(
+            "alice@sender.test",
+            &["user@example.test"],
+            &plain("outside", ""),
+        )
+        .await;
+    assert!(
+        r.starts_with("250 2.0.0"),
+        "plain mail from outside ('add header'): {r}\n{}",
+        pod.log_text()
+    );
+    c.quit().await;
+
+    // ham from the loopback network, carrying a forged "clean" verdict
+    let mut c = Smtp::connect_as(pod.smtp, "127.0.0.1").await;
+    c.expect("EHLO client.test", "250").await;
+    let forged = "X-Spam-Status: No, score=-100.00 required=15.00 (forged)\r\nX-Spam: No\r\nX-Spam-Score: -100.00\r\n";
+    let r = c
+        .mail(
+            "alice@sender.test",
+            &["user@example.test"],
+            &plain("ham", forged),
+        )
+        .await;
+    assert!(r.starts_with("250 2.0.0"), "ham: {r}\n{}", pod.log_text());
+    c.quit().await;
+
+    assert_eq!(pod.queued().await, 2);
+    assert_eq!(rejected(&pod, "spam").await, 1);
+    assert_eq!(rejected(&pod, "filter_unavailable").await, 0);
+
+    let dumps = replay_to_sink(&pod, &sink, 2).await;
+    assert!(
+        !dumps.iter().any(|d| d.contains("GTUBE")),
+        "GTUBE never delivered"
+    );
+
+    let ham = find(&dumps, "ham");
+    let status = header_fields(ham, "X-Spam-Status");
+    assert_eq!(status.len(), 1, "one X-Spam-Status, ours: {ham}");
+    assert!(
+        status[0].starts_with("X-Spam-Status: No, score=")
+            && status[0].contains("action=\"no action\""),
+        "{status:?}"
+    );
+    let score = header_fields(ham, "X-Spam-Score");
+    assert_eq!(score.len(), 1, "{ham}");
+    assert_ne!(
+        score[0], "X-Spam-Score: -100.00",
+        "the forged score is gone"
+    );
+    assert!(
+        header_fields(ham, "X-Spam").is_empty(),
+        "the forged X-Spam: No is gone and ham gets none: {ham}"
+    );
+    assert!(
+        !ham.contains("(forged)") && !ham.contains("-100.00"),
+        "{ham}"
+    );
+
+    let outside = find(&dumps, "outside");
+    assert_eq!(
+        header_fields(outside, "X-Spam"),
+        vec!["X-Spam: Yes".to_owned()],
+        "{outside}"
+    );
+    let status = header_fields(outside, "X-Spam-Status");
+    assert_eq!(status.len(), 1, "{outside}");
+    assert!(
+        status[0].starts_with("X-Spam-Status: Yes, score=")
+            && status[0].contains("action=\"add header\""),
+        "{status:?}"
+    );
+    assert_eq!(header_fields(outside, "X-Spam-Score").len(), 1, "{outside}");
+    assert!(
+        outside.contains("Received: from client.test ([192.0.2.10])"),
+        "{outside}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rspamd_down_tempfails_or_accepts_as_fail_mode_says() {
+    let mut rspamd = Rspamd::start();
+    let sink = Sink::start(&[], 0, true).await;
+    let mut cfg = MxPodConfig::new(&sink.addr());
+    cfg.extra = rspamd_filter(&rspamd.url, "tempfail");
+    let tempfail = MxPod::start(cfg.clone()).await;
+    cfg.extra = rspamd_filter(&rspamd.url, "accept");
+    let accept = MxPod::start(cfg).await;
+
+    // while rspamd answers, both scan and queue (from 127.0.0.1: "no action")
+    for (pod, tag) in [(&tempfail, "up-t"), (&accept, "up-a")] {
+        let mut c = Smtp::connect(pod.smtp).await;
+        c.expect("EHLO client.test", "250").await;
+        let r = c
+            .mail("alice@sender.test", &["user@example.test"], &plain(tag, ""))
+            .await;
+        assert!(r.starts_with("250 2.0.0"), "{tag}: {r}\n{}", pod.log_text());
+        c.quit().await;
+    }
+
+    rspamd.stop();
+
+    let mut c = Smtp::connect(tempfail.smtp).await;
+    c.expect("EHLO client.test", "250").await;
+    let r = c
+        .mail(
+            "alice@sender.test",
+            &["user@example.test"],
+            &plain("down-t", ""),
+        )
+        .await;
+    assert!(
+        r.starts_with("451 4.7.1"),
+        "rspamd down, fail_mode tempfail: {r}\n{}",
+        tempfail.log_text()
+    );
+    // the session goes on: the sender may retry later, or now
+    c.expect("NOOP", "250").await;
+    c.quit().await;
+    assert_eq!(
+        tempfail.queued().await,
+        1,
+        "only the message scanned earlier"
+    );
+    assert_eq!(rejected(&tempfail, "filter_unavailable").await, 1);
+
+    let mut c = Smtp::connect(accept.smtp).await;
+    c.expect("EHLO client.test", "250").await;
+    let r = c
+        .mail(
+            "alice@sender.test",
+            &["user@example.test"],
+            &plain("down-a", ""),
+        )
+        .await;
+    assert!(
+        r.starts_with("250 2.0.0"),
+        "rspamd down, fail_mode accept: {r}\n{}",
+        accept.log_text()
+    );
+    c.quit().await;
+    assert_eq!(accept.queued().await, 2);
+    assert_eq!(rejected(&accept, "filter_unavailable").await, 0);
+
+    let dumps = replay_to_sink(&accept, &sink, 2).await;
+    let scanned = find(&dumps, "up-a");
+    assert_eq!(header_fields(scanned, "X-Spam-Score").len(), 1, "{scanned}");
+    assert_eq!(
+        header_fields(scanned, "X-Spam-Status").len(),
+        1,
+        "{scanned}"
+    );
+    let unscanned = find(&dumps, "down-a");
+    assert!(
+        header_fields(unscanned, "X-Spam-Status").is_empty(),
+        "accepted unscanned: no verdict is claimed: {unscanned}"
+    );
+}
