@@ -171,6 +171,8 @@ pub struct MxPodConfig {
     pub ip: std::net::IpAddr,
     /// Admin API port (a free one when unset).
     pub admin_port: Option<u16>,
+    /// SMTP port (a free one when unset).
+    pub smtp_port: Option<u16>,
     /// Admin bearer token (a generated one when unset).
     pub token: Option<String>,
     /// TOML appended to the `[smtp]` table. By default the per-client limits are off: the
@@ -198,6 +200,7 @@ impl MxPodConfig {
             queue_extra: String::new(),
             ip: [127, 0, 0, 1].into(),
             admin_port: None,
+            smtp_port: None,
             token: None,
             smtp_extra: "max_connections_per_ip = 1000\nmax_messages_per_minute = 0\nmax_recipients_per_minute = 0\n".into(),
             extra: String::new(),
@@ -238,7 +241,10 @@ impl MxPod {
         queue_dir: PathBuf,
         cfg: MxPodConfig,
     ) -> MxPod {
-        let smtp = SocketAddr::new(cfg.ip, free_port_on(cfg.ip));
+        let smtp = SocketAddr::new(
+            cfg.ip,
+            cfg.smtp_port.unwrap_or_else(|| free_port_on(cfg.ip)),
+        );
         let admin_port = cfg.admin_port.unwrap_or_else(|| free_port_on(cfg.ip));
         let token = cfg
             .token

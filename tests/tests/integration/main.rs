@@ -3,6 +3,7 @@
 //! many on two cores.
 
 mod admin;
+mod check_mx;
 mod crash;
 mod disk_full;
 mod dns_rfc2136;

@@ -6,6 +6,7 @@
 //! leader election test, which runs two.
 
 mod deletion;
+mod dns;
 mod leader;
 mod reconcile;
 mod validation;

@@ -1,0 +1,315 @@
+//! DNS publication through a real PowerDNS: the operator adds the backup's MX beside the
+//! primary's, its host's address from the LoadBalancer's ingress, ownership TXT records;
+//! verifies them at the authoritative server; repairs drift; refuses unsafe priorities and
+//! records it does not own (until adopted); and removes exactly its own records on deletion.
+
+use std::time::Duration;
+
+use backupmx_tests::{
+    kube::{Cluster, Operator, cluster, condition, eventually},
+    realparts::PowerDns,
+};
+use k8s_openapi::api::core::v1::Service;
+use kube::{
+    Api,
+    api::{Patch, PatchParams},
+};
+use serde_json::{Value, json};
+
+fn get(cluster: &Cluster, ns: &str, what: &str) -> Option<Value> {
+    let out = cluster.kubectl(&["-n", ns, "get", what, "-o", "json"]);
+    out.status
+        .success()
+        .then(|| serde_json::from_slice(&out.stdout).unwrap())
+}
+
+fn apply(cluster: &Cluster, ns: &str, obj: Value) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("obj.json");
+    std::fs::write(&file, obj.to_string()).unwrap();
+    cluster.kubectl_ok(&["-n", ns, "apply", "-f", &file.to_string_lossy()]);
+}
+
+/// A PowerDNS serving example.test with the primary's MX and address.
+async fn zone() -> PowerDns {
+    let pdns = PowerDns::start();
+    pdns.create_zone("example.test").await;
+    pdns.set_records(
+        "example.test",
+        "example.test",
+        "MX",
+        300,
+        &["10 mail.example.test."],
+    )
+    .await;
+    pdns.set_records(
+        "example.test",
+        "mail.example.test",
+        "A",
+        300,
+        &["192.0.2.10"],
+    )
+    .await;
+    pdns
+}
+
+fn credentials(cluster: &Cluster, ns: &str, pdns: &PowerDns) {
+    apply(
+        cluster,
+        ns,
+        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "dns-credentials"},
+               "stringData": {"apiKey": pdns.api_key}}),
+    );
+}
+
+fn backupmx(name: &str, pdns: &PowerDns, mx: Value, dns_extra: Value) -> Value {
+    let mut dns = json!({
+        "provider": "powerdns", "zone": "example.test",
+        "credentialsSecretRef": {"name": "dns-credentials"},
+        "powerdns": {"url": pdns.api_url, "serverId": pdns.server_id},
+        "nameservers": [pdns.dns_addr()],
+    });
+    dns.as_object_mut()
+        .unwrap()
+        .extend(dns_extra.as_object().unwrap().clone());
+    json!({"apiVersion": "backupmx.io/v1alpha1", "kind": "BackupMx", "metadata": {"name": name},
+        "spec": {"domains": ["example.test"], "primary": {"host": "127.0.0.1", "port": 9},
+                 "storage": {"size": "1Gi"}, "mx": mx, "deletionPolicy": "Orphan", "dns": dns}})
+}
+
+async fn dns_ready(cluster: &Cluster, ns: &str, name: &str, reason: &str) -> Value {
+    eventually(
+        &format!("DNSReady reason {reason}"),
+        Duration::from_secs(60),
+        || async {
+            let b = get(cluster, ns, &format!("bmx/{name}"))?;
+            (condition(&b, "DNSReady")?.1 == reason).then_some(b)
+        },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_are_published_verified_repaired_and_removed() {
+    let cluster = cluster();
+    let ns = cluster.namespace("dns").await;
+    let pdns = zone().await;
+    credentials(cluster, &ns, &pdns);
+    let _op = Operator::start(
+        cluster,
+        "op-dns",
+        &[
+            "--namespace",
+            &ns,
+            "--leader-elect=false",
+            "--dns-resync",
+            "2s",
+        ],
+    );
+    apply(
+        cluster,
+        &ns,
+        backupmx(
+            "example",
+            &pdns,
+            json!({"hostname": "mx2.example.test", "priority": 20, "ttl": 300}),
+            json!({}),
+        ),
+    );
+    // no cloud load balancer yet: nothing is published
+    let b = dns_ready(cluster, &ns, "example", "WaitingForAddress").await;
+    assert_eq!(condition(&b, "DNSReady").unwrap().0, "False");
+    assert_eq!(pdns.dig("example.test", "MX"), "10 mail.example.test.");
+
+    // the "cloud controller" gives the LoadBalancer Service its address
+    let client = cluster.client().await;
+    let svcs: Api<Service> = Api::namespaced(client.clone(), &ns);
+    eventually("the SMTP Service", Duration::from_secs(30), || async {
+        svcs.get_opt("example-smtp").await.ok()?
+    })
+    .await;
+    svcs.patch_status(
+        "example-smtp",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": {"loadBalancer": {"ingress": [{"ip": "198.51.100.5"}]}}})),
+    )
+    .await
+    .unwrap();
+    let b = dns_ready(cluster, &ns, "example", "Published").await;
+    assert_eq!(condition(&b, "DNSReady").unwrap().0, "True");
+    assert_eq!(b["status"]["dns"]["verified"], true);
+    let records: Vec<String> =
+        serde_json::from_value(b["status"]["dns"]["records"].clone()).unwrap();
+    assert!(
+        records.contains(&"example.test MX 20 mx2.example.test".to_string()),
+        "{records:?}"
+    );
+    assert!(
+        records.contains(&"mx2.example.test A 198.51.100.5".to_string()),
+        "{records:?}"
+    );
+    let mx = pdns.dig("example.test", "MX");
+    assert!(
+        mx.contains("10 mail.example.test.") && mx.contains("20 mx2.example.test."),
+        "{mx}"
+    );
+    assert_eq!(pdns.dig("mx2.example.test", "A"), "198.51.100.5");
+    let claim = pdns.dig("_backupmx.example.test", "TXT");
+    assert!(claim.contains(&format!("owner={ns}/example")), "{claim}");
+
+    // drift: someone puts the MX RRset back to the primary alone; the operator repairs it
+    pdns.set_records(
+        "example.test",
+        "example.test",
+        "MX",
+        300,
+        &["10 mail.example.test."],
+    )
+    .await;
+    eventually(
+        "the backup MX put back",
+        Duration::from_secs(60),
+        || async {
+            pdns.dig("example.test", "MX")
+                .contains("20 mx2.example.test.")
+                .then_some(())
+        },
+    )
+    .await;
+    let events = cluster.kubectl_ok(&["-n", &ns, "get", "events.v1.events.k8s.io", "-o", "json"]);
+    assert!(events.contains("DriftRepaired"), "{events}");
+
+    // an unsafe priority is refused and nothing changes
+    cluster.kubectl_ok(&[
+        "-n",
+        &ns,
+        "patch",
+        "bmx/example",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"mx":{"priority":5}}}"#,
+    ]);
+    let b = dns_ready(cluster, &ns, "example", "PriorityNotHigherThanPrimary").await;
+    assert!(
+        condition(&b, "DNSReady").unwrap().2.contains("lowest, 10"),
+        "{b}"
+    );
+    assert!(
+        pdns.dig("example.test", "MX")
+            .contains("20 mx2.example.test.")
+    );
+    // a safe change replaces only our own MX
+    cluster.kubectl_ok(&[
+        "-n",
+        &ns,
+        "patch",
+        "bmx/example",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"mx":{"priority":30}}}"#,
+    ]);
+    dns_ready(cluster, &ns, "example", "Published").await;
+    let mx = pdns.dig("example.test", "MX");
+    assert!(
+        mx.contains("30 mx2.example.test.") && !mx.contains("20 mx2") && mx.contains("10 mail"),
+        "{mx}"
+    );
+
+    // deletion removes exactly our records
+    cluster.kubectl_ok(&["-n", &ns, "delete", "bmx/example", "--wait=false"]);
+    eventually(
+        "the BackupMx to be deleted",
+        Duration::from_secs(60),
+        || async { get(cluster, &ns, "bmx/example").is_none().then_some(()) },
+    )
+    .await;
+    assert_eq!(pdns.dig("example.test", "MX"), "10 mail.example.test.");
+    assert_eq!(pdns.dig("mx2.example.test", "A"), "");
+    assert_eq!(pdns.dig("_backupmx.example.test", "TXT"), "");
+    assert_eq!(
+        pdns.dig("mail.example.test", "A"),
+        "192.0.2.10",
+        "the primary's records stay"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_made_by_hand_conflict_until_adopted_and_another_owner_is_refused() {
+    let cluster = cluster();
+    let ns = cluster.namespace("dnsadopt").await;
+    let pdns = zone().await;
+    // a backup MX someone published by hand before the operator
+    pdns.set_records(
+        "example.test",
+        "example.test",
+        "MX",
+        300,
+        &["10 mail.example.test.", "20 mx2.example.test."],
+    )
+    .await;
+    pdns.set_records(
+        "example.test",
+        "mx2.example.test",
+        "A",
+        300,
+        &["198.51.100.5"],
+    )
+    .await;
+    credentials(cluster, &ns, &pdns);
+    let _op = Operator::start(
+        cluster,
+        "op-dnsadopt",
+        &[
+            "--namespace",
+            &ns,
+            "--leader-elect=false",
+            "--dns-resync",
+            "2s",
+        ],
+    );
+    let mx = json!({"hostname": "mx2.example.test", "priority": 20, "addresses": ["198.51.100.5"]});
+    apply(
+        cluster,
+        &ns,
+        backupmx("first", &pdns, mx.clone(), json!({})),
+    );
+    let b = dns_ready(cluster, &ns, "first", "Conflict").await;
+    assert!(
+        condition(&b, "DNSReady")
+            .unwrap()
+            .2
+            .contains("spec.dns.adopt"),
+        "{b}"
+    );
+    assert_eq!(
+        pdns.dig("_backupmx.example.test", "TXT"),
+        "",
+        "nothing written while in conflict"
+    );
+
+    apply(
+        cluster,
+        &ns,
+        backupmx("first", &pdns, mx.clone(), json!({"adopt": true})),
+    );
+    dns_ready(cluster, &ns, "first", "Published").await;
+    assert!(
+        pdns.dig("_backupmx.example.test", "TXT")
+            .contains(&format!("owner={ns}/first"))
+    );
+
+    // a second BackupMx naming the same host never takes the first one's records
+    apply(
+        cluster,
+        &ns,
+        backupmx("second", &pdns, mx, json!({"adopt": true})),
+    );
+    let b = dns_ready(cluster, &ns, "second", "Conflict").await;
+    assert!(
+        condition(&b, "DNSReady")
+            .unwrap()
+            .2
+            .contains(&format!("{ns}/first")),
+        "{b}"
+    );
+}
