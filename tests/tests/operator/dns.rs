@@ -255,7 +255,6 @@ async fn records_made_by_hand_conflict_until_adopted_and_another_owner_is_refuse
         &["198.51.100.5"],
     )
     .await;
-    credentials(cluster, &ns, &pdns);
     let _op = Operator::start(
         cluster,
         "op-dnsadopt",
@@ -273,6 +272,24 @@ async fn records_made_by_hand_conflict_until_adopted_and_another_owner_is_refuse
         &ns,
         backupmx("first", &pdns, mx.clone(), json!({})),
     );
+    // provider errors are conditions with a precise reason, retried
+    let b = dns_ready(cluster, &ns, "first", "CredentialsMissing").await;
+    assert!(
+        condition(&b, "DNSReady")
+            .unwrap()
+            .2
+            .contains("dns-credentials"),
+        "{b}"
+    );
+    apply(
+        cluster,
+        &ns,
+        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "dns-credentials"},
+               "stringData": {"apiKey": "wrong-key"}}),
+    );
+    let b = dns_ready(cluster, &ns, "first", "ProviderAuthFailed").await;
+    assert!(condition(&b, "DNSReady").unwrap().2.contains("401"), "{b}");
+    credentials(cluster, &ns, &pdns);
     let b = dns_ready(cluster, &ns, "first", "Conflict").await;
     assert!(
         condition(&b, "DNSReady")
