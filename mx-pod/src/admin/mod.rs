@@ -60,6 +60,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/queue/flush", post(flush))
         .route("/v1/replay", get(get_replay).put(put_replay))
         .route("/v1/drain", post(drain))
+        .route("/v1/drill", post(drill))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint".into()) })
         .with_state(state)
 }
@@ -265,7 +266,15 @@ async fn show_message(State(s): State<AdminState>, Path(id): Path<String>) -> Re
     };
     match s.queue.get(id) {
         Some(env) => Json(env).into_response(),
-        None => queue_error(QueueError::NotFound(id)),
+        None => match s.queue.finished(id) {
+            // it left the queue: its final per-recipient state, marked as finished
+            Some(env) => {
+                let mut v = serde_json::to_value(env).unwrap_or_default();
+                v["finished"] = json!(true);
+                Json(v).into_response()
+            }
+            None => queue_error(QueueError::NotFound(id)),
+        },
     }
 }
 
@@ -428,12 +437,130 @@ async fn put_replay(
     get_replay(State(s)).await
 }
 
-async fn drain(State(s): State<AdminState>, headers: HeaderMap) -> Response {
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct DrainBody {
+    /// Deliver everything to this SMTP server (`host:port`) instead of the primaries: another
+    /// backup that keeps it while the primary is down (scale-down).
+    forward_to: Option<String>,
+}
+
+async fn drain(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
     authorized!(s, headers);
+    let req: DrainBody = if body.is_empty() {
+        DrainBody::default()
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(b) => b,
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!(
+                        "bad request body: {e}; expected {{}} or {{\"forward_to\":\"host:port\"}}"
+                    ),
+                );
+            }
+        }
+    };
+    if let Some(target) = &req.forward_to
+        && let Err(e) = crate::config::parse_host_port(target)
+    {
+        return error(StatusCode::UNPROCESSABLE_ENTITY, format!("forward_to: {e}"));
+    }
     if !s.draining.swap(true, Ordering::Relaxed) {
         tracing::warn!("drain requested: no longer accepting SMTP; delivering what is queued");
         s.smtp_stop.cancel();
     }
+    if req.forward_to != s.replay.forward_to() {
+        match &req.forward_to {
+            Some(t) => {
+                tracing::warn!(to = %t, "draining: forwarding every queued message to another server")
+            }
+            None => tracing::info!("draining: delivering to the primaries"),
+        }
+        s.replay.set_forward_to(req.forward_to.clone());
+    }
     let (messages, bytes) = s.queue.totals();
-    Json(json!({"draining": true, "messages": messages, "bytes": bytes})).into_response()
+    Json(
+        json!({"draining": true, "messages": messages, "bytes": bytes,
+        "forward_to": s.replay.forward_to()}),
+    )
+    .into_response()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DrillBody {
+    domain: String,
+}
+
+/// `POST /v1/drill`: queues a held test message from `<>` to `postmaster@DOMAIN` and returns
+/// its id; the caller releases it and follows it with `GET /v1/queue/messages/{id}` (the
+/// failover drill: the whole path through the backup, without touching the primary).
+async fn drill(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    authorized!(s, headers);
+    let req: DrillBody = match serde_json::from_slice(&body) {
+        Ok(b) => b,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("bad request body: {e}; expected {{\"domain\":\"example.com\"}}"),
+            );
+        }
+    };
+    let Some(domain) = s.config.domain(&req.domain) else {
+        return error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("{} is not a configured domain", req.domain),
+        );
+    };
+    let id = s.queue.new_id();
+    let date = chrono::Utc::now().format("%a, %d %b %Y %H:%M:%S +0000");
+    let message = format!(
+        "Received: by {host} (mx-pod failover drill) id {id}; {date}\r\nFrom: backupmx drill <postmaster@{domain}>\r\nTo: <postmaster@{domain}>\r\nSubject: backupmx failover drill {id}\r\nDate: {date}\r\nMessage-ID: <drill.{id}@{host}>\r\nAuto-Submitted: auto-generated\r\n\r\nThis message tests that mail queued on the backup MX {host} reaches the primary.\r\nIt can be deleted.\r\n",
+        host = s.config.hostname,
+        domain = domain.name,
+    )
+    .into_bytes();
+    let reservation = match s.queue.reserve(message.len() as u64) {
+        Ok(r) => r,
+        Err(e) => return queue_error(e),
+    };
+    let env = crate::queue::message::Envelope {
+        id,
+        kind: crate::queue::message::MessageKind::Mail,
+        arrival: crate::queue::message::now_micros(),
+        sender: String::new(),
+        recipients: vec![crate::queue::message::Recipient::new(
+            format!("postmaster@{}", domain.name),
+            None,
+            crate::queue::message::Notify::default(),
+        )],
+        size: message.len() as u64,
+        env_id: None,
+        ret: None,
+        smtputf8: false,
+        eight_bit: false,
+        client: crate::queue::message::ClientInfo {
+            ip: "127.0.0.1".into(),
+            helo: "drill".into(),
+        },
+        held: true,
+        delay_warned: false,
+    };
+    match s.queue.enqueue(env, message, reservation).await {
+        Ok(id) => {
+            tracing::info!(id = %id, domain = %domain.name, "failover drill message queued (held)");
+            Json(json!({"id": id.to_string()})).into_response()
+        }
+        Err(e) => queue_error(e),
+    }
 }

@@ -102,9 +102,15 @@ pub struct Queue {
     inner: Arc<Inner>,
 }
 
+/// How many finished messages are remembered for `GET /v1/queue/messages/{id}`.
+pub const FINISHED_KEPT: usize = 1000;
+
 struct Inner {
     store: Store,
     state: Mutex<State>,
+    /// The last messages that left the queue (delivered, bounced, expired, deleted), newest last,
+    /// with their final per-recipient state: so "what happened to message X" has an answer.
+    finished: Mutex<std::collections::VecDeque<Envelope>>,
     work: Notify,
     max_bytes: u64,
     next_id: AtomicU64,
@@ -169,6 +175,7 @@ impl Queue {
                     reserved: 0,
                     holds,
                 }),
+                finished: Mutex::new(std::collections::VecDeque::new()),
                 work: Notify::new(),
                 max_bytes: cfg.max_bytes.0,
                 next_id: AtomicU64::new(max_id.saturating_add(1).max(now)),
@@ -321,8 +328,34 @@ impl Queue {
         if let Err(e) = self.inner.store.append_nowait(record) {
             tracing::error!(id = %env.id, error = %e, "cannot record delivery state");
         }
+        if env.is_done() {
+            self.remember_finished(env.clone());
+        }
         self.inner.work.notify_waiters();
         Some(env)
+    }
+
+    fn remember_finished(&self, env: Envelope) {
+        let mut f = self
+            .inner
+            .finished
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if f.len() >= FINISHED_KEPT {
+            f.pop_front();
+        }
+        f.push_back(env);
+    }
+
+    /// A message that recently left the queue, with its final per-recipient state (not kept
+    /// across restarts; the last [`FINISHED_KEPT`]).
+    pub fn finished(&self, id: QueueId) -> Option<Envelope> {
+        let f = self
+            .inner
+            .finished
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        f.iter().rev().find(|e| e.id == id).cloned()
     }
 
     /// Removes a message (admin delete, expiry, damaged body); `Err` when it is unknown or a
@@ -338,6 +371,7 @@ impl Queue {
             st.index.remove(id).ok_or(QueueError::NotFound(id))?.env
         };
         self.inner.store.append(Record::Remove(id)).await?;
+        self.remember_finished(env.clone());
         self.inner.work.notify_waiters();
         Ok(env)
     }

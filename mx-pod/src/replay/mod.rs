@@ -75,6 +75,8 @@ struct Inner {
     limiter: Mutex<RateLimiter>,
     routes: Mutex<HashMap<String, RouteHealth>>,
     primary_up: Mutex<HashMap<String, bool>>,
+    /// While draining for a scale-down: deliver everything here instead of the primaries.
+    forward_to: Mutex<Option<String>>,
 }
 
 impl Replay {
@@ -107,6 +109,7 @@ impl Replay {
                 settings,
                 routes: Mutex::new(HashMap::new()),
                 primary_up: Mutex::new(HashMap::new()),
+                forward_to: Mutex::new(None),
             }),
         }
     }
@@ -137,6 +140,18 @@ impl Replay {
             }
         }
         drop(routes);
+        self.inner.queue.wake();
+    }
+
+    /// Where every message goes instead of its primary (a drain for scale-down), if anywhere.
+    pub fn forward_to(&self) -> Option<String> {
+        lock(&self.inner.forward_to).clone()
+    }
+
+    /// Sends everything to `target` instead of the primaries (or back to them with `None`).
+    pub fn set_forward_to(&self, target: Option<String>) {
+        *lock(&self.inner.forward_to) = target;
+        self.reset_backoff(None);
         self.inner.queue.wake();
     }
 
@@ -239,7 +254,7 @@ impl Replay {
 
     async fn worker(self, index: usize, shutdown: CancellationToken) {
         let mut rx = self.inner.settings.subscribe();
-        let mut conn: Option<(String, SmtpClient)> = None;
+        let mut conn: Conn = None;
         debug!(worker = index, "replay worker started");
         loop {
             if shutdown.is_cancelled() {
@@ -253,7 +268,7 @@ impl Replay {
                 }
                 continue;
             }
-            let prefer = conn.as_ref().map(|(r, _)| r.clone());
+            let prefer = conn.as_ref().map(|(k, _)| k.route.clone());
             let job = self
                 .inner
                 .queue
@@ -274,7 +289,7 @@ impl Replay {
     }
 
     /// Delivers one job to its route's primary and records the outcome.
-    async fn deliver(&self, job: Job, conn: &mut Option<(String, SmtpClient)>) {
+    async fn deliver(&self, job: Job, conn: &mut Conn) {
         let cfg = &self.inner.config;
         let Some(domain) = cfg.domain(&job.route) else {
             error!(id = %job.env.id, route = %job.route, "no configured domain for queued mail; holding it");
@@ -289,17 +304,27 @@ impl Replay {
         };
         let rcpts = job.recipients();
         let mut attempt = 0;
+        // connections are kept per target server: a change of target (a drain forwarding to
+        // another backup) never reuses a connection to the old one
+        let target = self.forward_to().unwrap_or_else(|| domain.primary.clone());
         let outcome = loop {
             attempt += 1;
-            let reused = conn.as_ref().is_some_and(|(r, c)| {
-                *r == job.route && c.usable() && c.sent < cfg.replay.max_messages_per_connection
+            let reused = conn.as_ref().is_some_and(|(k, c)| {
+                k.route == job.route
+                    && k.target == target
+                    && c.usable()
+                    && c.sent < cfg.replay.max_messages_per_connection
             });
             if !reused {
                 close(conn).await;
-                match SmtpClient::connect(&domain.primary, &cfg.hostname, cfg.replay.timeout.0)
-                    .await
-                {
-                    Ok(c) => *conn = Some((job.route.clone(), c)),
+                match SmtpClient::connect(&target, &cfg.hostname, cfg.replay.timeout.0).await {
+                    Ok(c) => {
+                        let key = ConnKey {
+                            route: job.route.clone(),
+                            target: target.clone(),
+                        };
+                        *conn = Some((key, c))
+                    }
                     Err(e) => break Err(e),
                 }
             }
@@ -721,7 +746,17 @@ impl Replay {
     }
 }
 
-async fn close(conn: &mut Option<(String, SmtpClient)>) {
+/// What a worker's open connection serves: a route, at a target server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ConnKey {
+    route: String,
+    target: String,
+}
+
+/// A worker's open connection, kept for the next job of the same route and target.
+type Conn = Option<(ConnKey, SmtpClient)>;
+
+async fn close(conn: &mut Conn) {
     if let Some((_, c)) = conn.take() {
         c.quit().await;
     }
