@@ -130,6 +130,15 @@ pub struct BackupMxSpec {
     #[serde(default)]
     pub replay: ReplaySpec,
 
+    /// Periods in which replay is held although the primary answers (its upgrades).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub maintenance_windows: Vec<MaintenanceWindow>,
+
+    /// Notifications besides Kubernetes events: a webhook and/or an email, one per change
+    /// (primary down, recovered, queue too old, near retention, disk filling).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alerts: Option<AlertsSpec>,
+
     /// Which recipients are accepted, checked at RCPT time so unknown addresses are refused in
     /// the SMTP dialogue and never bounced later (no backscatter).
     #[serde(default)]
@@ -399,6 +408,11 @@ pub struct ReplaySpec {
     /// Hold all queued mail (no delivery) until set back to false.
     #[serde(default)]
     pub paused: bool,
+    /// Once the primary is healthy again, workers grow from 1 to `maxWorkers` over this time,
+    /// so a primary that just came back is not flooded.
+    #[serde(default = "default_ramp_up")]
+    #[schemars(pattern(DURATION_PATTERN))]
+    pub ramp_up: String,
 }
 
 impl Default for ReplaySpec {
@@ -407,8 +421,61 @@ impl Default for ReplaySpec {
             max_workers: default_max_workers(),
             rate_per_second: default_rate(),
             paused: false,
+            ramp_up: default_ramp_up(),
         }
     }
+}
+
+fn default_ramp_up() -> String {
+    "2m".into()
+}
+
+/// A period in which the primary is not to be fed (an upgrade, a migration): mail only queues.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MaintenanceWindow {
+    /// One-off window: when it opens (RFC 3339, e.g. `2026-12-01T02:00:00Z`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("format" = "date-time"))]
+    pub start: Option<String>,
+    /// Recurring window: when it opens, as a cron expression (`minute hour day month weekday`,
+    /// e.g. `0 2 * * 6` for Saturdays at 02:00) in `timeZone`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<String>,
+    /// IANA time zone of `schedule` (default `UTC`), e.g. `Europe/Berlin`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_zone: Option<String>,
+    /// How long the window stays open.
+    #[schemars(pattern(DURATION_PATTERN))]
+    pub duration: String,
+    /// Why (shown in status and events).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// Where alerts go besides Kubernetes events.
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AlertsSpec {
+    /// A URL that gets a JSON POST per alert (Slack-compatible: it has a `text` field).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(r"^https?://.+"))]
+    pub webhook_url: Option<String>,
+    /// An address that gets an email per alert, sent through `smtpRelay`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(r"^[^@\s]+@[^@\s]+$"))]
+    pub email: Option<String>,
+    /// SMTP relay (`host:port`) for the alert emails.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub smtp_relay: Option<String>,
+    /// Alert when the oldest queued message is older than this.
+    #[serde(default = "default_queue_age_warning")]
+    #[schemars(pattern(DURATION_PATTERN))]
+    pub queue_age_warning: String,
+}
+
+fn default_queue_age_warning() -> String {
+    "1h".into()
 }
 
 /// Recipient validation.
@@ -610,6 +677,102 @@ pub struct BackupMxStatus {
     /// The records published in DNS.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dns: Option<DnsStatus>,
+    /// The primary as the operator's probe sees it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub primary: Option<PrimaryStatus>,
+    /// Maintenance windows: the open one and the next.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub maintenance: Option<MaintenanceStatus>,
+    /// Which alerts are raised (so each change is notified once).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alerts: Option<AlertState>,
+    /// The last failover drill.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drill: Option<DrillStatus>,
+}
+
+/// The primary's health.
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PrimaryStatus {
+    /// `host:port` probed.
+    pub target: String,
+    /// Whether it answers SMTP (absent until the probe thresholds are first reached).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub healthy: Option<bool>,
+    /// When it became healthy or unhealthy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
+    /// The last probe.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_probe: Option<String>,
+    /// Why the last probe failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+/// Maintenance window state.
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MaintenanceStatus {
+    /// Whether a window is open now.
+    pub active: bool,
+    /// The open window's reason.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// When the open window closes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ends_at: Option<String>,
+    /// When the next window opens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_start: Option<String>,
+    /// The next window's reason.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_reason: Option<String>,
+}
+
+/// Raised alerts.
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AlertState {
+    /// The primary is down.
+    #[serde(default)]
+    pub primary_down: bool,
+    /// Mail is queued.
+    #[serde(default)]
+    pub queueing: bool,
+    /// The oldest message is older than `spec.alerts.queueAgeWarning`.
+    #[serde(default)]
+    pub queue_old: bool,
+    /// The oldest message has used 80% of `spec.retention`.
+    #[serde(default)]
+    pub near_retention: bool,
+    /// A pod's queue uses more than 80% of its volume.
+    #[serde(default)]
+    pub disk_high: bool,
+}
+
+/// A failover drill.
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DrillStatus {
+    /// The value of the `backupmx.io/drill` annotation this drill answers.
+    pub request: String,
+    /// `Running`, `Passed` or `Failed`.
+    pub result: String,
+    /// What happened.
+    pub message: String,
+    /// The pod that queued the test message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
+    /// The test message's queue id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message_id: Option<String>,
+    /// When it started.
+    pub started: String,
+    /// Whether the test message has been released for delivery.
+    #[serde(default)]
+    pub released: bool,
 }
 
 /// DNS publication state.
@@ -688,8 +851,11 @@ pub struct PodQueueStatus {
 pub struct ReplayStatus {
     /// Replay workers per pod.
     pub workers: u32,
-    /// Why that many (`Paused`, `PrimaryProbedByPods`, ...).
+    /// Why that many: `PrimaryDown`, `Paused`, `MaintenanceWindow`, `RampingUp`, `Backoff`, `Full`.
     pub reason: String,
+    /// The details.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
 }
 
 /// A standard Kubernetes condition (the `metav1.Condition` shape).

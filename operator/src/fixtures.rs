@@ -181,6 +181,8 @@ impl Context {
             pods,
             dns: crate::reconcile::dns::DnsFactory::FromSpec,
             dns_resync: std::time::Duration::from_secs(300),
+            probers: Arc::new(crate::health::Probers::disabled()),
+            http: reqwest::Client::new(),
         };
         (Arc::new(ctx), ApiServerVerifier(handle))
     }

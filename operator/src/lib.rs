@@ -19,11 +19,14 @@ pub mod check_mx;
 pub mod crd;
 pub mod dns;
 pub mod error;
+pub mod health;
 pub mod leader;
+pub mod maintenance;
 pub mod metrics;
 pub mod pod_admin;
 pub mod reconcile;
 pub mod render;
+pub mod replay_control;
 pub mod validate;
 
 #[cfg(test)]

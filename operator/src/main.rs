@@ -48,6 +48,9 @@ enum Command {
     Crdgen,
     /// Check a domain's MX records and the SMTP servers they name.
     CheckMx(CheckMxArgs),
+    /// Run a failover drill on a BackupMx and wait for its result (a test message through the
+    /// backup to the primary's postmaster; the primary is not touched).
+    Drill(DrillArgs),
 }
 
 #[derive(Args)]
@@ -66,6 +69,18 @@ struct CheckMxArgs {
     /// `table` for people, `json` for programs.
     #[arg(long, value_enum, default_value_t = Output::Table)]
     output: Output,
+}
+
+#[derive(Args)]
+struct DrillArgs {
+    /// The BackupMx.
+    name: String,
+    /// Its namespace (the kubeconfig's default when unset).
+    #[arg(long, short)]
+    namespace: Option<String>,
+    /// How long to wait for the result.
+    #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
+    timeout: std::time::Duration,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -129,6 +144,18 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE
+            }
+        }
+        Command::Drill(a) => {
+            init_logging(LogFormat::Text);
+            let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+            match runtime.block_on(drill(a)) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::FAILURE,
+                Err(e) => {
+                    eprintln!("drill: {e:#}");
+                    ExitCode::from(2)
+                }
             }
         }
         Command::Run(args) => {
@@ -232,11 +259,16 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         pods: PodAdmin::default(),
         dns: backupmx_operator::reconcile::dns::DnsFactory::FromSpec,
         dns_resync: args.dns_resync,
+        probers: Arc::new(backupmx_operator::health::Probers::new()),
+        http: reqwest::Client::new(),
     });
     ready.store(true, std::sync::atomic::Ordering::Relaxed);
     let controller = |stop: CancellationToken| {
         let (ctx, scope) = (ctx.clone(), scope.clone());
-        async move { reconcile::run(ctx, scope, async move { stop.cancelled().await }).await }
+        async move {
+            let wake = ctx.probers.subscribe();
+            reconcile::run(ctx, scope, wake, async move { stop.cancelled().await }).await
+        }
     };
     let result = if args.leader_elect {
         let lease = LeaseConfig {
@@ -254,6 +286,54 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let _ = http.await;
     info!("backupmx-operator stopped");
     result
+}
+
+/// Annotates the BackupMx and waits for the operator's verdict; true when it passed.
+async fn drill(a: DrillArgs) -> anyhow::Result<bool> {
+    use backupmx_operator::{crd::BackupMx, reconcile::drill::ANNOTATION};
+    use kube::{
+        Api,
+        api::{Patch, PatchParams},
+    };
+    let client = kube::Client::try_default()
+        .await
+        .context("cannot configure the Kubernetes client")?;
+    let api: Api<BackupMx> = match &a.namespace {
+        Some(ns) => Api::namespaced(client, ns),
+        None => Api::default_namespaced(client),
+    };
+    let request = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    api.patch(
+        &a.name,
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({"metadata": {"annotations": {ANNOTATION: request}}})),
+    )
+    .await
+    .with_context(|| format!("cannot annotate BackupMx {}", a.name))?;
+    println!(
+        "drill {request} requested on {}; waiting for the operator...",
+        a.name
+    );
+    let deadline = std::time::Instant::now() + a.timeout;
+    loop {
+        let bmx = api.get(&a.name).await.context("cannot read the BackupMx")?;
+        if let Some(d) = bmx
+            .status
+            .and_then(|s| s.drill)
+            .filter(|d| d.request == request)
+        {
+            println!("{}: {}", d.result, d.message);
+            if d.result != "Running" {
+                return Ok(d.result == "Passed");
+            }
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "no result within {:?} (is the operator running?)",
+            a.timeout
+        );
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
 }
 
 async fn wait_for_signal() {

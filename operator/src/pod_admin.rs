@@ -6,7 +6,7 @@ use std::{net::IpAddr, time::Duration};
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
-use mx_pod::admin::QueueSummary;
+use mx_pod::admin::{QueueSummary, ReplayStatusBody};
 
 use crate::render::ADMIN_PORT;
 
@@ -65,18 +65,144 @@ impl PodAdmin {
 
     /// `POST /v1/drain` on the pod at `ip`: it stops accepting mail and delivers what it holds.
     pub async fn drain(&self, ip: IpAddr, token: &str) -> Result<(), String> {
-        let url = self.url(ip, "/v1/drain");
+        self.drain_to(ip, token, None).await
+    }
+
+    /// `POST /v1/drain`, delivering to `forward_to` (`host:port`) instead of the primary when
+    /// given (a scale-down while the primary is down: the queue moves to another pod).
+    pub async fn drain_to(
+        &self,
+        ip: IpAddr,
+        token: &str,
+        forward_to: Option<&str>,
+    ) -> Result<(), String> {
+        let body = match forward_to {
+            Some(t) => serde_json::json!({ "forward_to": t }),
+            None => serde_json::json!({}),
+        };
+        self.send(reqwest::Method::POST, ip, "/v1/drain", token, body)
+            .await
+            .map(|_| ())
+    }
+
+    /// `GET /v1/replay` of the pod at `ip`.
+    pub async fn replay(&self, ip: IpAddr) -> Result<ReplayStatusBody, String> {
+        let url = self.url(ip, "/v1/replay");
         let resp = self
             .http
-            .post(&url)
-            .bearer_auth(token)
+            .get(&url)
             .send()
             .await
-            .map_err(|e| format!("POST {url}: {}", error_text(&e)))?;
+            .map_err(|e| format!("GET {url}: {}", error_text(&e)))?;
         if !resp.status().is_success() {
-            return Err(format!("POST {url}: HTTP {}", resp.status()));
+            return Err(format!("GET {url}: HTTP {}", resp.status()));
         }
-        Ok(())
+        resp.json()
+            .await
+            .map_err(|e| format!("GET {url}: bad answer: {e}"))
+    }
+
+    /// `PUT /v1/replay`: the pod's replay workers and rate.
+    pub async fn set_replay(
+        &self,
+        ip: IpAddr,
+        token: &str,
+        workers: u32,
+        rate_per_second: u32,
+    ) -> Result<(), String> {
+        let body = serde_json::json!({"workers": workers, "rate_per_second": rate_per_second});
+        self.send(reqwest::Method::PUT, ip, "/v1/replay", token, body)
+            .await
+            .map(|_| ())
+    }
+
+    /// `POST /v1/drill`: queues a held test message to `postmaster@DOMAIN`; returns its id.
+    pub async fn drill(&self, ip: IpAddr, token: &str, domain: &str) -> Result<String, String> {
+        let v = self
+            .send(
+                reqwest::Method::POST,
+                ip,
+                "/v1/drill",
+                token,
+                serde_json::json!({ "domain": domain }),
+            )
+            .await?;
+        v["id"]
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| format!("POST /v1/drill: no id in {v}"))
+    }
+
+    /// `POST /v1/queue/release` of one message.
+    pub async fn release(&self, ip: IpAddr, token: &str, id: &str) -> Result<(), String> {
+        self.send(
+            reqwest::Method::POST,
+            ip,
+            "/v1/queue/release",
+            token,
+            serde_json::json!({ "id": id }),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// `DELETE /v1/queue/messages/{id}`.
+    pub async fn delete(&self, ip: IpAddr, token: &str, id: &str) -> Result<(), String> {
+        self.send(
+            reqwest::Method::DELETE,
+            ip,
+            &format!("/v1/queue/messages/{id}"),
+            token,
+            serde_json::Value::Null,
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// `GET /v1/queue/messages/{id}`: the message (queued, or recently finished), if known.
+    pub async fn message(&self, ip: IpAddr, id: &str) -> Result<Option<serde_json::Value>, String> {
+        let url = self.url(ip, &format!("/v1/queue/messages/{id}"));
+        let resp = self
+            .http
+            .get(&url)
+            .send()
+            .await
+            .map_err(|e| format!("GET {url}: {}", error_text(&e)))?;
+        if resp.status() == reqwest::StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        if !resp.status().is_success() {
+            return Err(format!("GET {url}: HTTP {}", resp.status()));
+        }
+        resp.json()
+            .await
+            .map(Some)
+            .map_err(|e| format!("GET {url}: bad answer: {e}"))
+    }
+
+    async fn send(
+        &self,
+        method: reqwest::Method,
+        ip: IpAddr,
+        path: &str,
+        token: &str,
+        body: serde_json::Value,
+    ) -> Result<serde_json::Value, String> {
+        let url = self.url(ip, path);
+        let resp = self
+            .http
+            .request(method.clone(), &url)
+            .bearer_auth(token)
+            .json(&body)
+            .send()
+            .await
+            .map_err(|e| format!("{method} {url}: {}", error_text(&e)))?;
+        let status = resp.status();
+        let text = resp.text().await.unwrap_or_default();
+        if !status.is_success() {
+            return Err(format!("{method} {url}: HTTP {status}: {}", text.trim()));
+        }
+        Ok(serde_json::from_str(&text).unwrap_or(serde_json::Value::Null))
     }
 }
 

@@ -163,6 +163,24 @@ pub fn validate(spec: &BackupMxSpec) -> Result<(), InvalidSpec> {
                 .into(),
         );
     }
+    problems.extend(duration("spec.replay.rampUp", &spec.replay.ramp_up).err());
+    for (i, w) in spec.maintenance_windows.iter().enumerate() {
+        if let Err(e) = crate::maintenance::check(w) {
+            problems.push(format!("spec.maintenanceWindows[{i}].{e}"));
+        }
+    }
+    if let Some(a) = &spec.alerts {
+        problems.extend(duration("spec.alerts.queueAgeWarning", &a.queue_age_warning).err());
+        if a.email.is_some() && a.smtp_relay.is_none() {
+            problems
+                .push("spec.alerts.smtpRelay: needed to send alerts to spec.alerts.email".into());
+        }
+        if let Some(r) = &a.smtp_relay
+            && let Err(e) = mx_pod::config::parse_host_port(r)
+        {
+            problems.push(format!("spec.alerts.smtpRelay: {e}"));
+        }
+    }
     let r = &spec.recipients;
     problems.extend(duration("spec.recipients.cacheTtl", &r.cache_ttl).err());
     problems.extend(duration("spec.recipients.negativeTtl", &r.negative_ttl).err());

@@ -82,19 +82,61 @@ pub async fn apply(bmx: &BackupMx, ctx: &Context) -> Result<Action> {
         }
     }
 
-    let image = bmx.spec.image.as_deref().unwrap_or(&ctx.mxpod_image);
+    // Observe the pods first: a scale-down waits for the pods it removes to drain.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let pods = pods
+        .list(&ListParams::default().labels(&selector_string(bmx)))
+        .await
+        .map_err(Error::kube("list mx-pods"))?
+        .items;
+    let queues = ctx.pods.queues(&pods).await;
     let sts_api: Api<StatefulSet> = Api::namespaced(client.clone(), &ns);
-    let sts = sts_api
-        .patch(
-            &names.statefulset,
-            &pp,
-            &Patch::Apply(apply_body(&statefulset(
-                bmx,
-                image,
-                &config_hash(&toml),
-                &ctx.caps,
-            ))),
+    let current_replicas = sts_api
+        .get_opt(&names.statefulset)
+        .await
+        .map_err(Error::kube(format!(
+            "get StatefulSet {}",
+            names.statefulset
+        )))?
+        .and_then(|s| s.spec.replicas)
+        .unwrap_or(bmx.spec.replicas);
+    let hash = config_hash(&toml);
+    let replay = super::replay::control(
+        bmx,
+        ctx,
+        &pods,
+        &queues,
+        Some(&token),
+        &hash,
+        current_replicas,
+    )
+    .await;
+    let replicas = if current_replicas > bmx.spec.replicas && !replay.drained {
+        current_replicas
+    } else {
+        bmx.spec.replicas
+    };
+    if current_replicas > bmx.spec.replicas && replay.drained {
+        publish(
+            ctx,
+            bmx,
+            EventType::Normal,
+            "ScaledDown",
+            format!(
+                "pods {}..{} drained (their volumes are kept): scaling down to {}",
+                bmx.spec.replicas,
+                current_replicas - 1,
+                bmx.spec.replicas
+            ),
         )
+        .await;
+    }
+
+    let image = bmx.spec.image.as_deref().unwrap_or(&ctx.mxpod_image);
+    let mut desired = statefulset(bmx, image, &hash, &ctx.caps);
+    desired.spec.replicas = Some(replicas);
+    let sts = sts_api
+        .patch(&names.statefulset, &pp, &Patch::Apply(apply_body(&desired)))
         .await
         .map_err(Error::kube(format!(
             "apply StatefulSet {}",
@@ -111,13 +153,6 @@ pub async fn apply(bmx: &BackupMx, ctx: &Context) -> Result<Action> {
             names.pdb
         )))?;
 
-    // Observe: pods ready, and each running pod's queue.
-    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
-    let pods = pods
-        .list(&ListParams::default().labels(&selector_string(bmx)))
-        .await
-        .map_err(Error::kube("list mx-pods"))?
-        .items;
     let dns = super::dns::sync(bmx, &lb_addresses, ctx).await;
     let mut requeue = RESYNC;
     if let Some(outcome) = &dns {
@@ -133,6 +168,69 @@ pub async fn apply(bmx: &BackupMx, ctx: &Context) -> Result<Action> {
             requeue = requeue.min(r);
         }
     }
+    if let Some(r) = replay.requeue {
+        requeue = requeue.min(r);
+    }
+    if !replay.draining.is_empty() {
+        requeue = requeue.min(std::time::Duration::from_secs(2));
+    }
+
+    // alerts: each change told once
+    let queue = status::queue_status(&queues);
+    let disk: Vec<(String, u64)> = queues
+        .iter()
+        .filter_map(|q| {
+            q.result
+                .as_ref()
+                .ok()
+                .map(|s| (q.pod.clone(), s.disk_bytes))
+        })
+        .collect();
+    let before = bmx
+        .status
+        .as_ref()
+        .and_then(|s| s.alerts.clone())
+        .unwrap_or_default();
+    let now_alerts = super::alerts::state(bmx, replay.healthy, &queue, &disk);
+    for alert in super::alerts::changes(
+        bmx,
+        &before,
+        &now_alerts,
+        &queue,
+        replay.primary.last_error.as_deref(),
+        &disk,
+    ) {
+        let t = if alert.warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        };
+        publish(ctx, bmx, t, alert.reason, &alert.message).await;
+        if alert.notify {
+            for failure in super::alerts::notify(bmx, ctx, &alert).await {
+                publish(ctx, bmx, EventType::Warning, "AlertNotDelivered", failure).await;
+            }
+        }
+    }
+
+    // the failover drill, if one is asked for
+    let drill = super::drill::step(bmx, ctx, &pods, Some(&token), &replay.decision).await;
+    if let Some(d) = &drill {
+        let was = bmx.status.as_ref().and_then(|s| s.drill.as_ref());
+        let changed = was.is_none_or(|w| w.request != d.request || w.result != d.result);
+        if changed && d.result != "Running" {
+            let t = if d.result == "Passed" {
+                EventType::Normal
+            } else {
+                EventType::Warning
+            };
+            publish(ctx, bmx, t, &format!("Drill{}", d.result), &d.message).await;
+        }
+        if d.result == "Running" {
+            requeue = requeue.min(std::time::Duration::from_secs(2));
+        }
+    }
+
     let seen = Observed {
         replicas: bmx.spec.replicas,
         ready_replicas: sts
@@ -140,8 +238,11 @@ pub async fn apply(bmx: &BackupMx, ctx: &Context) -> Result<Action> {
             .as_ref()
             .and_then(|s| s.ready_replicas)
             .unwrap_or(0),
-        queues: ctx.pods.queues(&pods).await,
+        queues,
         dns: dns.map(|o| (o.status, o.condition)),
+        replay: Some(replay),
+        alerts: Some(now_alerts),
+        drill,
     };
     let new = status::applied(bmx, &seen);
     announce_transition(bmx, &new, ctx).await;

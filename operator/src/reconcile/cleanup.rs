@@ -34,6 +34,7 @@ use crate::{
 /// Cleans up before `bmx` is deleted; an `Err(WaitingForDelivery)` keeps the finalizer.
 pub async fn cleanup(bmx: &BackupMx, ctx: &Context) -> Result<Action> {
     let ns = bmx.namespace().ok_or(Error::NoNamespace)?;
+    ctx.probers.remove(&format!("{ns}/{}", bmx.name_any()));
     // first stop pointing senders at the backup: remove exactly our DNS records
     match super::dns::remove(bmx, ctx).await {
         Ok(removed) if !removed.is_empty() => {
@@ -92,17 +93,32 @@ pub async fn cleanup(bmx: &BackupMx, ctx: &Context) -> Result<Action> {
             .map_err(Error::kube("get the admin-token Secret"))?
             .as_ref()
             .and_then(token_of);
-        match token {
+        match &token {
             Some(token) => {
                 for pod in &pods {
                     if let Some(ip) = pod_ip(pod)
-                        && let Err(e) = ctx.pods.drain(ip, &token).await
+                        && let Err(e) = ctx.pods.drain(ip, token).await
                     {
                         warn!(pod = %pod.name_any(), error = %e, "could not start draining");
                     }
                 }
             }
             None => warn!("no admin token: cannot tell the pods to drain"),
+        }
+        // keep replay going while deletion waits: the pods deliver as the primary allows
+        if let Ok(config) = crate::render::config::mxpod_config(bmx) {
+            let hash = crate::render::config::config_hash(&config.to_toml());
+            let queues = ctx.pods.queues(&pods).await;
+            super::replay::control(
+                bmx,
+                ctx,
+                &pods,
+                &queues,
+                token.as_deref(),
+                &hash,
+                bmx.spec.replicas,
+            )
+            .await;
         }
     }
     let queues = ctx.pods.queues(&pods).await;

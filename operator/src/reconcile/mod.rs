@@ -13,9 +13,12 @@
 //! - Deletion (with `deletionPolicy: Drain`) completes only once every pod reports an empty
 //!   queue; volume claims are never deleted.
 
+pub mod alerts;
 pub mod apply;
 pub mod cleanup;
 pub mod dns;
+pub mod drill;
+pub mod replay;
 pub mod status;
 #[cfg(test)]
 mod tests;
@@ -71,6 +74,10 @@ pub struct Context {
     pub dns: dns::DnsFactory,
     /// How often published records are compared with the provider when nothing changed.
     pub dns_resync: Duration,
+    /// One prober of the primary per BackupMx.
+    pub probers: Arc<crate::health::Probers>,
+    /// HTTP client for alert webhooks.
+    pub http: reqwest::Client,
 }
 
 /// Which namespaces the controller watches.
@@ -97,8 +104,15 @@ impl Scope {
 pub async fn run(
     ctx: Arc<Context>,
     scope: Scope,
+    wake: tokio::sync::mpsc::UnboundedReceiver<()>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
+    // a prober's verdict changed: decide again at once (every object: transitions are rare)
+    let woken =
+        futures::stream::unfold(
+            wake,
+            |mut rx| async move { rx.recv().await.map(|()| ((), rx)) },
+        );
     let client = ctx.client.clone();
     let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=backupmx-operator");
     Controller::new(
@@ -116,6 +130,7 @@ pub async fn run(
         let name = pod.labels().get("app.kubernetes.io/instance")?.clone();
         Some(ObjectRef::<BackupMx>::new(&name).within(&ns))
     })
+    .reconcile_all_on(woken)
     .with_config(kube::runtime::controller::Config::default().debounce(Duration::from_millis(500)))
     .graceful_shutdown_on(shutdown)
     .run(reconcile, error_policy, ctx)

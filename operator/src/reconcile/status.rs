@@ -17,6 +17,9 @@ use crate::{
 pub const READY: &str = "Ready";
 pub const DEGRADED: &str = "Degraded";
 pub const DELETING: &str = "Deleting";
+pub const PRIMARY_HEALTHY: &str = "PrimaryHealthy";
+pub const REPLAYING: &str = "Replaying";
+pub const DRAINING: &str = "Draining";
 
 /// Sums the pods' queues; pods whose admin API failed are listed with the error.
 pub fn queue_status(queues: &[PodQueue]) -> QueueStatus {
@@ -84,6 +87,11 @@ pub struct Observed {
     pub queues: Vec<PodQueue>,
     /// A fresh DNS result (`None`: DNS not managed, or not synced this pass).
     pub dns: Option<(crate::crd::DnsStatus, Condition)>,
+    /// The replay step's outcome.
+    pub replay: Option<super::replay::ReplayOutcome>,
+    pub alerts: Option<crate::crd::AlertState>,
+    /// `None`: the previous drill status stands.
+    pub drill: Option<crate::crd::DrillStatus>,
 }
 
 /// The status after a successful apply pass.
@@ -157,22 +165,118 @@ pub fn applied(bmx: &BackupMx, seen: &Observed) -> BackupMxStatus {
         }
         None => None,
     };
-    let paused = bmx.spec.replay.paused;
+    let prev_status = bmx.status.clone().unwrap_or_default();
+    let (replay, primary, maintenance) = match &seen.replay {
+        Some(r) => {
+            let (status, reason, message) = match r.healthy {
+                Some(true) => (
+                    ConditionStatus::True,
+                    "PrimaryUp",
+                    format!("{} answers SMTP", r.primary.target),
+                ),
+                Some(false) => (
+                    ConditionStatus::False,
+                    "PrimaryDown",
+                    format!(
+                        "{}: {}",
+                        r.primary.target,
+                        r.primary.last_error.as_deref().unwrap_or("no answer")
+                    ),
+                ),
+                None => (
+                    ConditionStatus::Unknown,
+                    "NotProbedYet",
+                    format!("{} not judged yet", r.primary.target),
+                ),
+            };
+            set_condition(
+                &mut conditions,
+                &previous,
+                condition(bmx, PRIMARY_HEALTHY, status, reason, message),
+            );
+            let replaying = if r.decision.workers > 0 {
+                ConditionStatus::True
+            } else {
+                ConditionStatus::False
+            };
+            set_condition(
+                &mut conditions,
+                &previous,
+                condition(
+                    bmx,
+                    REPLAYING,
+                    replaying,
+                    r.decision.reason,
+                    r.decision.message.clone(),
+                ),
+            );
+            if !r.draining.is_empty() {
+                let left: Vec<String> = r
+                    .draining
+                    .iter()
+                    .map(|(p, n)| {
+                        format!(
+                            "{p}: {}",
+                            n.map_or("unknown".to_string(), |n| n.to_string())
+                        )
+                    })
+                    .collect();
+                set_condition(
+                    &mut conditions,
+                    &previous,
+                    condition(
+                        bmx,
+                        DRAINING,
+                        ConditionStatus::True,
+                        "ScaleDown",
+                        format!(
+                            "draining before the scale-down to {} pod(s); messages left: {}",
+                            bmx.spec.replicas,
+                            left.join(", ")
+                        ),
+                    ),
+                );
+            } else if previous.iter().any(|c| c.type_ == DRAINING) {
+                set_condition(
+                    &mut conditions,
+                    &previous,
+                    condition(
+                        bmx,
+                        DRAINING,
+                        ConditionStatus::False,
+                        "Idle",
+                        "no pod is draining",
+                    ),
+                );
+            }
+            (
+                Some(ReplayStatus {
+                    workers: r.decision.workers,
+                    reason: r.decision.reason.into(),
+                    message: r.decision.message.clone(),
+                }),
+                Some(r.primary.clone()),
+                (!bmx.spec.maintenance_windows.is_empty()).then(|| r.maintenance.clone()),
+            )
+        }
+        None => (
+            prev_status.replay.clone(),
+            prev_status.primary.clone(),
+            prev_status.maintenance.clone(),
+        ),
+    };
     BackupMxStatus {
         observed_generation: bmx.metadata.generation,
         conditions,
         replicas: Some(seen.replicas),
         ready_replicas: Some(seen.ready_replicas),
         queue: Some(queue),
-        replay: Some(ReplayStatus {
-            workers: if paused {
-                0
-            } else {
-                bmx.spec.replay.max_workers
-            },
-            reason: if paused { "Paused" } else { "PodsProbePrimary" }.into(),
-        }),
+        replay,
         dns,
+        primary,
+        maintenance,
+        alerts: seen.alerts.clone().or(prev_status.alerts),
+        drill: seen.drill.clone().or(prev_status.drill),
     }
 }
 
@@ -264,6 +368,9 @@ mod tests {
                     result: Err("timeout".into()),
                 }],
                 dns: None,
+                replay: None,
+                alerts: None,
+                drill: None,
             },
         );
         let ready = s.condition(READY).unwrap();

@@ -126,15 +126,11 @@ pub fn mxpod_config(bmx: &BackupMx) -> Result<Config, InvalidSpec> {
             listen: ([0, 0, 0, 0], ADMIN_PORT).into(),
             token_file: Some(format!("{TOKEN_DIR}/{}", super::TOKEN_KEY).into()),
         },
-        // Until the operator drives replay from its own health checks, each pod probes the
-        // primary itself (`auto`) and delivers with up to `maxWorkers` sessions.
+        // The operator decides replay (its probe, windows, ramp) and pushes the workers to each
+        // pod: a pod starts holding everything until told otherwise.
         replay: ReplayConfig {
-            workers: if replay.paused {
-                0
-            } else {
-                replay.max_workers as usize
-            },
-            auto: true,
+            workers: 0,
+            auto: false,
             rate_per_second: replay.rate_per_second,
             probe_interval: HumanDuration(
                 duration(
@@ -200,18 +196,31 @@ mod tests {
         assert_eq!(c.queue.max_bytes, Size((1u64 << 30) / 100 * 80));
         assert_eq!(c.queue.dir.to_str(), Some("/var/lib/mx-pod/queue"));
         assert_eq!(c.smtp.listen[0].port(), SMTP_PORT);
-        assert!(c.replay.auto);
-        assert_eq!(c.replay.workers, 8);
+        assert!(!c.replay.auto, "the operator decides replay");
+        assert_eq!(
+            c.replay.workers, 0,
+            "pods start holding until the operator says"
+        );
     }
 
     #[test]
-    fn paused_renders_zero_workers_and_changes_the_hash() {
+    fn pausing_does_not_roll_the_pods() {
         let mut bmx = backupmx();
         let running = mxpod_config(&bmx).unwrap().to_toml();
         bmx.spec.replay.paused = true;
-        let paused = mxpod_config(&bmx).unwrap();
-        assert_eq!(paused.replay.workers, 0);
-        assert_ne!(config_hash(&running), config_hash(&paused.to_toml()));
+        let paused = mxpod_config(&bmx).unwrap().to_toml();
+        assert_eq!(
+            config_hash(&running),
+            config_hash(&paused),
+            "pushed at run time, not rendered"
+        );
+        bmx.spec.primary.host = "mail2.example.com".into();
+        let cutover = mxpod_config(&bmx).unwrap().to_toml();
+        assert_ne!(
+            config_hash(&running),
+            config_hash(&cutover),
+            "a new primary rolls the pods"
+        );
     }
 
     #[test]

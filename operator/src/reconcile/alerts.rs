@@ -1,0 +1,348 @@
+//! Alerts: every change of what needs attention becomes a Kubernetes event and, for the ones a
+//! person must act on, a webhook POST and/or an email. The raised set is kept in
+//! `status.alerts`, so each change is told once — one "down" and one "recovered" per outage —
+//! across reconcile passes and operator restarts.
+//!
+//! | alert | raised when | webhook/email |
+//! |---|---|---|
+//! | `PrimaryDown` / `PrimaryRecovered` | the probe's verdict flips | yes |
+//! | `QueueingStarted` / `ReplayFinished` | mail is queued / the queue is empty again | no (event) |
+//! | `QueueAgeWarning` / `QueueAgeNormal` | the oldest message passes `spec.alerts.queueAgeWarning` | yes |
+//! | `RetentionNear` / `RetentionNormal` | the oldest message has used 80% of `spec.retention` | yes |
+//! | `DiskFilling` / `DiskNormal` | a pod's queue uses over 80% of its volume | yes |
+
+use std::time::Duration;
+
+use chrono::{SecondsFormat, Utc};
+use mail_builder::MessageBuilder;
+use serde_json::json;
+use tracing::warn;
+
+use super::Context;
+use crate::{
+    crd::{AlertState, BackupMx, QueueStatus},
+    validate::{duration, quantity_bytes},
+};
+
+/// One change to tell.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Alert {
+    /// PascalCase reason (event reason, webhook `event`).
+    pub reason: &'static str,
+    pub message: String,
+    /// A problem (Warning event) rather than a recovery.
+    pub warning: bool,
+    /// Also sent to the webhook and the email.
+    pub notify: bool,
+}
+
+/// The alert state from the pass' observations.
+pub fn state(
+    bmx: &BackupMx,
+    healthy: Option<bool>,
+    queue: &QueueStatus,
+    disk_bytes: &[(String, u64)],
+) -> AlertState {
+    let spec = &bmx.spec;
+    let warn_age = spec
+        .alerts
+        .as_ref()
+        .and_then(|a| duration("queueAgeWarning", &a.queue_age_warning).ok())
+        .unwrap_or(Duration::from_secs(3600));
+    let retention =
+        duration("retention", &spec.retention).unwrap_or(Duration::from_secs(5 * 86400));
+    let volume = quantity_bytes(&spec.storage.size).unwrap_or(u64::MAX);
+    let age = Duration::from_secs(queue.oldest_age_seconds);
+    AlertState {
+        primary_down: healthy == Some(false),
+        queueing: queue.messages > 0,
+        queue_old: queue.messages > 0 && age > warn_age,
+        near_retention: queue.messages > 0 && age.as_secs_f64() > retention.as_secs_f64() * 0.8,
+        disk_high: disk_bytes
+            .iter()
+            .any(|(_, b)| *b as f64 > volume as f64 * 0.8),
+    }
+}
+
+/// The changes from `before` to `now`.
+pub fn changes(
+    bmx: &BackupMx,
+    before: &AlertState,
+    now: &AlertState,
+    queue: &QueueStatus,
+    primary_error: Option<&str>,
+    disk_bytes: &[(String, u64)],
+) -> Vec<Alert> {
+    let domains = bmx.spec.domains.join(", ");
+    let primary = &bmx.spec.primary.host;
+    let mut out = Vec::new();
+    let mut flip = |was: bool, is: bool, up: Alert, down: Alert| {
+        if !was && is {
+            out.push(up);
+        } else if was && !is {
+            out.push(down);
+        }
+    };
+    flip(
+        before.primary_down,
+        now.primary_down,
+        Alert {
+            reason: "PrimaryDown",
+            message: format!(
+                "primary {primary} is down ({}): mail for {domains} is queued on the backup",
+                primary_error.unwrap_or("no answer")
+            ),
+            warning: true,
+            notify: true,
+        },
+        Alert {
+            reason: "PrimaryRecovered",
+            message: format!(
+                "primary {primary} answers again: queued mail for {domains} is being replayed"
+            ),
+            warning: false,
+            notify: true,
+        },
+    );
+    flip(
+        before.queueing,
+        now.queueing,
+        Alert {
+            reason: "QueueingStarted",
+            message: format!("{} message(s) queued for {domains}", queue.messages),
+            warning: false,
+            notify: false,
+        },
+        Alert {
+            reason: "ReplayFinished",
+            message: format!("the queue for {domains} is empty: everything was delivered"),
+            warning: false,
+            notify: false,
+        },
+    );
+    flip(
+        before.queue_old,
+        now.queue_old,
+        Alert {
+            reason: "QueueAgeWarning",
+            message: format!(
+                "the oldest queued message is {} old ({} queued)",
+                human(queue.oldest_age_seconds),
+                queue.messages
+            ),
+            warning: true,
+            notify: true,
+        },
+        Alert {
+            reason: "QueueAgeNormal",
+            message: "no queued message is older than the warning age any more".into(),
+            warning: false,
+            notify: true,
+        },
+    );
+    flip(
+        before.near_retention,
+        now.near_retention,
+        Alert {
+            reason: "RetentionNear",
+            message: format!(
+                "the oldest queued message is {} old; at {} it is bounced to its sender",
+                human(queue.oldest_age_seconds),
+                bmx.spec.retention
+            ),
+            warning: true,
+            notify: true,
+        },
+        Alert {
+            reason: "RetentionNormal",
+            message: "no queued message is near the retention limit any more".into(),
+            warning: false,
+            notify: true,
+        },
+    );
+    let fullest = disk_bytes.iter().max_by_key(|(_, b)| *b);
+    flip(
+        before.disk_high,
+        now.disk_high,
+        Alert {
+            reason: "DiskFilling",
+            message: format!(
+                "the queue of {} uses {} MiB, over 80% of its {} volume: new mail will be deferred (452) when it is full",
+                fullest.map(|f| f.0.as_str()).unwrap_or("a pod"),
+                fullest.map_or(0, |f| f.1 >> 20),
+                bmx.spec.storage.size
+            ),
+            warning: true,
+            notify: true,
+        },
+        Alert {
+            reason: "DiskNormal",
+            message: "every pod's queue is under 80% of its volume again".into(),
+            warning: false,
+            notify: true,
+        },
+    );
+    out
+}
+
+fn human(secs: u64) -> String {
+    humantime::format_duration(Duration::from_secs(secs)).to_string()
+}
+
+/// Sends `alert` to the webhook and the email of `spec.alerts`; returns what failed.
+pub async fn notify(bmx: &BackupMx, ctx: &Context, alert: &Alert) -> Vec<String> {
+    let Some(a) = &bmx.spec.alerts else {
+        return Vec::new();
+    };
+    let mut failed = Vec::new();
+    let name = format!(
+        "{}/{}",
+        bmx.metadata.namespace.as_deref().unwrap_or_default(),
+        bmx.metadata.name.as_deref().unwrap_or_default()
+    );
+    let when = Utc::now().to_rfc3339_opts(SecondsFormat::Secs, true);
+    if let Some(url) = &a.webhook_url {
+        let body = json!({
+            "text": format!("[backupmx {name}] {}: {}", alert.reason, alert.message),
+            "event": alert.reason,
+            "severity": if alert.warning { "warning" } else { "info" },
+            "backupmx": name,
+            "domains": bmx.spec.domains,
+            "message": alert.message,
+            "time": when,
+        });
+        let sent = ctx
+            .http
+            .post(url)
+            .timeout(Duration::from_secs(10))
+            .json(&body)
+            .send()
+            .await;
+        match sent {
+            Ok(r) if r.status().is_success() => {}
+            Ok(r) => failed.push(format!("webhook {url}: HTTP {}", r.status())),
+            Err(e) => failed.push(format!("webhook {url}: {e}")),
+        }
+    }
+    if let Some(to) = &a.email {
+        let Some(relay) = &a.smtp_relay else {
+            failed.push("email: spec.alerts.smtpRelay is not set".into());
+            return failed;
+        };
+        if let Err(e) = email(bmx, relay, to, &name, alert, &when).await {
+            failed.push(format!("email to {to} via {relay}: {e}"));
+        }
+    }
+    for f in &failed {
+        warn!(backupmx = %name, alert = alert.reason, error = %f, "alert not delivered");
+    }
+    failed
+}
+
+async fn email(
+    bmx: &BackupMx,
+    relay: &str,
+    to: &str,
+    name: &str,
+    alert: &Alert,
+    when: &str,
+) -> Result<(), String> {
+    use mx_pod::{
+        queue::message::{ClientInfo, Envelope, MessageKind, Notify, QueueId, Recipient},
+        replay::client::SmtpClient,
+    };
+    let from = format!("backupmx@{}", bmx.spec.mx.hostname);
+    let body = MessageBuilder::new()
+        .from(("backupmx", from.as_str()))
+        .to(to)
+        .subject(format!("[backupmx {name}] {}", alert.reason))
+        .header(
+            "Auto-Submitted",
+            mail_builder::headers::raw::Raw::new("auto-generated"),
+        )
+        .text_body(format!(
+            "{}\n\nBackupMx: {name}\nDomains: {}\nTime: {when}\n",
+            alert.message,
+            bmx.spec.domains.join(", ")
+        ))
+        .write_to_vec()
+        .map_err(|e| e.to_string())?;
+    let env = Envelope {
+        id: QueueId(0),
+        kind: MessageKind::Mail,
+        arrival: 0,
+        sender: from.clone(),
+        recipients: vec![Recipient::new(to.to_string(), None, Notify::default())],
+        size: body.len() as u64,
+        env_id: None,
+        ret: None,
+        smtputf8: false,
+        eight_bit: false,
+        client: ClientInfo::default(),
+        held: false,
+        delay_warned: false,
+    };
+    let mut c = SmtpClient::connect(relay, &bmx.spec.mx.hostname, Duration::from_secs(15))
+        .await
+        .map_err(|e| e.to_string())?;
+    let rcpts: Vec<(usize, &Recipient)> = env.recipients.iter().enumerate().collect();
+    let result = c.send(&env, &rcpts, &body).await.map_err(|e| e.to_string());
+    c.quit().await;
+    let result = result?;
+    match result.results.first() {
+        Some((_, mx_pod::queue::RcptResult::Delivered(_))) => Ok(()),
+        Some((_, other)) => Err(format!("{other:?}")),
+        None => Err("no answer for the recipient".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fixtures::backupmx;
+
+    #[test]
+    fn each_change_is_told_once() {
+        let bmx = backupmx();
+        let q = QueueStatus {
+            messages: 3,
+            oldest_age_seconds: 7200,
+            ..Default::default()
+        };
+        let before = AlertState::default();
+        let now = state(&bmx, Some(false), &q, &[("example-0".into(), 900 << 20)]);
+        assert!(now.primary_down && now.queueing && now.queue_old && now.disk_high);
+        assert!(!now.near_retention);
+        let c = changes(&bmx, &before, &now, &q, Some("connection refused"), &[]);
+        let reasons: Vec<_> = c.iter().map(|a| a.reason).collect();
+        assert_eq!(
+            reasons,
+            [
+                "PrimaryDown",
+                "QueueingStarted",
+                "QueueAgeWarning",
+                "DiskFilling"
+            ]
+        );
+        assert!(c[0].message.contains("connection refused"));
+        assert!(
+            changes(&bmx, &now, &now, &q, None, &[]).is_empty(),
+            "no change, nothing told"
+        );
+        let empty = QueueStatus::default();
+        let after = state(&bmx, Some(true), &empty, &[]);
+        let reasons: Vec<_> = changes(&bmx, &now, &after, &empty, None, &[])
+            .iter()
+            .map(|a| a.reason)
+            .collect();
+        assert_eq!(
+            reasons,
+            [
+                "PrimaryRecovered",
+                "ReplayFinished",
+                "QueueAgeNormal",
+                "DiskNormal"
+            ]
+        );
+    }
+}

@@ -1,0 +1,232 @@
+//! How many replay workers each pod runs: the operator's decision, from the primary's health,
+//! `spec.replay.paused`, the maintenance windows, the ramp-up, and what the pods report.
+//!
+//! | state | workers | reason |
+//! |---|---|---|
+//! | `spec.replay.paused` | 0 | `Paused` |
+//! | inside a maintenance window | 0 | `MaintenanceWindow` |
+//! | primary down, not yet probed, or just changed (cutover) | 0 | `PrimaryDown` |
+//! | healthy for less than `rampUp` | 1 … `maxWorkers`, linearly | `RampingUp` |
+//! | a pod reports `421`/`4xx` backoff from the primary | half of the above (at least 1) | `Backoff` |
+//! | healthy for `rampUp` and more | `maxWorkers` | `Full` |
+//!
+//! Pods whose configuration is not the current one (a rolling update in progress, e.g. after a
+//! change of primary) get 0 whatever the decision: they may still name the old primary.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+use crate::{health::Health, maintenance::WindowState};
+
+/// What the operator decides.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub workers: u32,
+    /// PascalCase: `Paused`, `MaintenanceWindow`, `PrimaryDown`, `RampingUp`, `Backoff`, `Full`.
+    pub reason: &'static str,
+    pub message: String,
+}
+
+/// The facts the decision is made from.
+pub struct Inputs<'a> {
+    pub paused: bool,
+    pub window: &'a WindowState,
+    /// The prober's view; `None` before the first probe.
+    pub health: Option<&'a Health>,
+    /// `host:port` the spec names now (a health report about another target is stale).
+    pub target: &'a str,
+    pub now: DateTime<Utc>,
+    pub ramp_up: Duration,
+    pub max_workers: u32,
+    /// Some pod reports the primary pushing back (`421`, `4xx`).
+    pub backoff: bool,
+}
+
+/// Decides the workers per pod.
+pub fn decide(i: &Inputs<'_>) -> Decision {
+    if i.paused {
+        return Decision {
+            workers: 0,
+            reason: "Paused",
+            message: "spec.replay.paused is true: mail is queued, not delivered".into(),
+        };
+    }
+    if let Some((reason, end)) = &i.window.active {
+        return Decision {
+            workers: 0,
+            reason: "MaintenanceWindow",
+            message: format!(
+                "inside a maintenance window ({reason}) until {}",
+                end.to_rfc3339()
+            ),
+        };
+    }
+    let health = i.health.filter(|h| h.target == i.target);
+    let since = match health {
+        Some(Health {
+            healthy: Some(true),
+            since: Some(since),
+            ..
+        }) => *since,
+        Some(h) if h.healthy == Some(false) => {
+            return Decision {
+                workers: 0,
+                reason: "PrimaryDown",
+                message: format!(
+                    "primary {} is down: {}",
+                    i.target,
+                    h.last_error.as_deref().unwrap_or("no answer")
+                ),
+            };
+        }
+        _ => {
+            return Decision {
+                workers: 0,
+                reason: "PrimaryDown",
+                message: format!("primary {} not confirmed healthy yet", i.target),
+            };
+        }
+    };
+    let max = i.max_workers.max(1);
+    let healthy_for = (i.now - since).to_std().unwrap_or_default();
+    let ramped = if i.ramp_up.is_zero() || healthy_for >= i.ramp_up {
+        max
+    } else {
+        let share = healthy_for.as_secs_f64() / i.ramp_up.as_secs_f64();
+        (1 + ((max - 1) as f64 * share).floor() as u32).min(max)
+    };
+    if i.backoff {
+        let w = (ramped / 2).max(1);
+        return Decision {
+            workers: w,
+            reason: "Backoff",
+            message: format!("the primary pushes back (421/4xx): {w} of {max} workers"),
+        };
+    }
+    if ramped < max {
+        Decision {
+            workers: ramped,
+            reason: "RampingUp",
+            message: format!(
+                "primary healthy for {}s: {ramped} of {max} workers, full after {}s",
+                healthy_for.as_secs(),
+                i.ramp_up.as_secs()
+            ),
+        }
+    } else {
+        Decision {
+            workers: max,
+            reason: "Full",
+            message: format!("primary healthy: all {max} workers"),
+        }
+    }
+}
+
+/// When the decision changes next by itself (ramp steps, a window boundary), for a requeue.
+pub fn next_change(i: &Inputs<'_>, d: &Decision) -> Option<Duration> {
+    let window = i
+        .window
+        .next_change()
+        .and_then(|t| (t - i.now).to_std().ok());
+    let ramp = (d.reason == "RampingUp" || d.reason == "Backoff").then(|| {
+        // one step of the ramp, at least a second
+        (i.ramp_up / i.max_workers.max(1)).max(Duration::from_secs(1))
+    });
+    match (window, ramp) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+    }
+
+    fn healthy(since: &str) -> Health {
+        Health {
+            target: "mail.example.com:25".into(),
+            healthy: Some(true),
+            since: Some(at(since)),
+            ..Default::default()
+        }
+    }
+
+    fn inputs<'a>(health: Option<&'a Health>, window: &'a WindowState, now: &str) -> Inputs<'a> {
+        Inputs {
+            paused: false,
+            window,
+            health,
+            target: "mail.example.com:25",
+            now: at(now),
+            ramp_up: Duration::from_secs(120),
+            max_workers: 8,
+            backoff: false,
+        }
+    }
+
+    #[test]
+    fn down_unknown_paused_and_windows_hold_everything() {
+        let w = WindowState::default();
+        assert_eq!(
+            decide(&inputs(None, &w, "2026-12-01T00:00:00Z")).reason,
+            "PrimaryDown"
+        );
+        let down = Health {
+            target: "mail.example.com:25".into(),
+            healthy: Some(false),
+            last_error: Some("connection refused".into()),
+            ..Default::default()
+        };
+        let d = decide(&inputs(Some(&down), &w, "2026-12-01T00:00:00Z"));
+        assert_eq!((d.workers, d.reason), (0, "PrimaryDown"));
+        assert!(d.message.contains("connection refused"));
+
+        let up = healthy("2026-11-30T00:00:00Z");
+        let mut i = inputs(Some(&up), &w, "2026-12-01T00:00:00Z");
+        i.paused = true;
+        assert_eq!(decide(&i).reason, "Paused");
+        let open = WindowState {
+            active: Some(("upgrade".into(), at("2026-12-01T02:00:00Z"))),
+            next: None,
+        };
+        let d = decide(&inputs(Some(&up), &open, "2026-12-01T00:00:00Z"));
+        assert_eq!((d.workers, d.reason), (0, "MaintenanceWindow"));
+    }
+
+    #[test]
+    fn health_of_another_target_is_not_trusted_after_a_cutover() {
+        let w = WindowState::default();
+        let mut old = healthy("2026-11-30T00:00:00Z");
+        old.target = "old.example.com:25".into();
+        assert_eq!(
+            decide(&inputs(Some(&old), &w, "2026-12-01T00:00:00Z")).workers,
+            0
+        );
+    }
+
+    #[test]
+    fn ramp_goes_from_one_to_max_over_ramp_up_and_backoff_halves() {
+        let w = WindowState::default();
+        let up = healthy("2026-12-01T00:00:00Z");
+        let at_s = |s: u32| {
+            decide(&inputs(
+                Some(&up),
+                &w,
+                &format!("2026-12-01T00:{:02}:{:02}Z", s / 60, s % 60),
+            ))
+        };
+        assert_eq!((at_s(0).workers, at_s(0).reason), (1, "RampingUp"));
+        assert_eq!(at_s(60).workers, 4);
+        assert_eq!((at_s(120).workers, at_s(120).reason), (8, "Full"));
+        let mut i = inputs(Some(&up), &w, "2026-12-01T00:05:00Z");
+        i.backoff = true;
+        let d = decide(&i);
+        assert_eq!((d.workers, d.reason), (4, "Backoff"));
+        assert_eq!(next_change(&i, &d), Some(Duration::from_secs(15)));
+    }
+}
