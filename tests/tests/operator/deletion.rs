@@ -18,7 +18,9 @@ fn bmx_json(name: &str, policy: &str, primary_port: u16) -> String {
     serde_json::json!({"apiVersion": "backupmx.io/v1alpha1", "kind": "BackupMx",
         "metadata": {"name": name},
         "spec": {"domains": ["example.test"], "replicas": 1, "deletionPolicy": policy,
-                 "primary": {"host": "127.0.0.1", "port": primary_port},
+                 "primary": {"host": "127.0.0.1", "port": primary_port,
+                             "healthCheck": {"interval": "1s", "timeout": "1s", "failureThreshold": 1, "successThreshold": 1}},
+                 "replay": {"rampUp": "1s"},
                  "storage": {"size": "1Gi"}, "mx": {"hostname": "mx2.example.test"}}})
     .to_string()
 }
@@ -155,7 +157,16 @@ async fn drain_deletion_waits_until_the_queue_is_delivered_and_keeps_the_volume(
 
     // the primary comes back: the pod delivers, deletion completes
     let sink = Sink::start(&[], primary_port, true).await;
-    pod.set_replay(2, 0).await;
+    // the operator's probe sees the primary and gives the pod workers
+    eventually(
+        "the operator to set replay workers",
+        Duration::from_secs(60),
+        || async {
+            let (_, r) = pod.get("/v1/replay").await;
+            (r["workers"].as_u64().unwrap_or(0) > 0).then_some(())
+        },
+    )
+    .await;
     pod.wait_empty(Duration::from_secs(60)).await;
     eventually(
         "the BackupMx to be deleted",

@@ -14,7 +14,7 @@ fn apply_bmx(ns: &str, name: &str) {
         &file,
         serde_json::json!({"apiVersion": "backupmx.io/v1alpha1", "kind": "BackupMx",
             "metadata": {"name": name},
-            "spec": {"domains": ["example.com"], "primary": {"host": "mail.example.com"},
+            "spec": {"domains": ["example.com"], "primary": {"host": "127.0.0.1", "port": 9},
                      "storage": {"size": "1Gi"}, "mx": {"hostname": "mx2.example.com"}}})
         .to_string(),
     )

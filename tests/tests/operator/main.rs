@@ -9,4 +9,5 @@ mod deletion;
 mod dns;
 mod leader;
 mod reconcile;
+mod replay;
 mod validation;

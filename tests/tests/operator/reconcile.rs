@@ -25,13 +25,19 @@ async fn example_becomes_owned_objects_and_a_second_pass_changes_nothing() {
         "op-reconcile",
         &["--namespace", &ns, "--leader-elect=false"],
     );
-    cluster.kubectl_ok(&[
-        "-n",
-        &ns,
-        "apply",
-        "-f",
-        &repo().join("examples/backupmx.yaml").to_string_lossy(),
-    ]);
+    // the example as a user applies it, with the primary on loopback: the operator probes it,
+    // and tests talk to 127.0.0.0/8 only
+    let example = std::fs::read_to_string(repo().join("examples/backupmx.yaml"))
+        .unwrap()
+        .replace("host: mail.example.com", "host: 127.0.0.1\n    port: 9");
+    assert!(
+        example.contains("host: 127.0.0.1"),
+        "the example names its primary"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("backupmx.yaml");
+    std::fs::write(&file, example).unwrap();
+    cluster.kubectl_ok(&["-n", &ns, "apply", "-f", &file.to_string_lossy()]);
 
     let bmx = eventually(
         "status with observedGeneration 1",
@@ -118,7 +124,7 @@ async fn example_becomes_owned_objects_and_a_second_pass_changes_nothing() {
     let config = mx_pod::config::Config::parse(toml, "ConfigMap").expect("mx-pod accepts it");
     assert_eq!(config.hostname, "mx2.example.com");
     assert_eq!(config.domains[0].name, "example.com");
-    assert_eq!(config.domains[0].primary, "mail.example.com:25");
+    assert_eq!(config.domains[0].primary, "127.0.0.1:9");
     assert_eq!(config.queue.retention.to_string(), "5days");
 
     // Secret with a token

@@ -7,7 +7,7 @@ use backupmx_tests::kube::{Operator, cluster, condition, eventually};
 use serde_json::Value;
 
 const VALID: &str = r#"{"apiVersion":"backupmx.io/v1alpha1","kind":"BackupMx","metadata":{"name":"NAME"},
-  "spec":{"domains":["example.com"],"primary":{"host":"mail.example.com"},"storage":{"size":"1Gi"},
+  "spec":{"domains":["example.com"],"primary":{"host":"127.0.0.1","port":9},"storage":{"size":"1Gi"},
           "mx":{"hostname":"mx2.example.com"}}}"#;
 
 /// `kubectl apply` without kubectl's own validation: what the API server's schema says.
@@ -116,7 +116,8 @@ async fn schema_rejects_malformed_fields_at_apply() {
     .unwrap();
     assert_eq!(v["spec"]["replicas"], 2);
     assert_eq!(v["spec"]["retention"], "5d");
-    assert_eq!(v["spec"]["primary"]["port"], 25);
+    assert_eq!(v["spec"]["primary"]["healthCheck"]["interval"], "10s");
+    assert_eq!(v["spec"]["replay"]["rampUp"], "2m");
     assert_eq!(v["spec"]["deletionPolicy"], "Drain");
 }
 
@@ -132,6 +133,7 @@ async fn invalid_spec_is_refused_with_a_reason_an_event_and_nothing_applied() {
     // passes the schema, fails the operator's checks: the backup named like the primary,
     // a delay warning after the bounce
     let bad = with("bad", |v| {
+        v["spec"]["primary"]["host"] = "mail.example.com".into();
         v["spec"]["mx"]["hostname"] = "mail.example.com".into();
         v["spec"]["retention"] = "1h".into();
         v["spec"]["delayWarning"] = "4h".into();

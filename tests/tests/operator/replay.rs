@@ -1,0 +1,597 @@
+//! The operator drives replay from the primary's health: outage and recovery with a ramp, a
+//! maintenance window, a cutover, a scale-down drain, alerts to a webhook, the failover drill.
+//!
+//! The primaries are real Postfix instances; each pod of the StatefulSet is played by a real
+//! mx-pod on the pod's IP (127.0.0.0/8, SMTP on 2525 and admin on 8025 as in the rendered
+//! config), with the test acting as the kubelet.
+
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use axum::{Json, Router, routing::post};
+use backupmx_tests::{
+    MxPod, MxPodConfig, Primary, free_port,
+    kube::{Cluster, Operator, cluster, condition, eventually, run_pod},
+    message, send, seq_of,
+};
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use kube::{Api, api::DeleteParams};
+use serde_json::{Value, json};
+
+fn get(cluster: &Cluster, ns: &str, what: &str) -> Option<Value> {
+    let out = cluster.kubectl(&["-n", ns, "get", what, "-o", "json"]);
+    out.status
+        .success()
+        .then(|| serde_json::from_slice(&out.stdout).unwrap())
+}
+
+fn apply(cluster: &Cluster, ns: &str, obj: &Value) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("obj.json");
+    std::fs::write(&file, obj.to_string()).unwrap();
+    cluster.kubectl_ok(&["-n", ns, "apply", "-f", &file.to_string_lossy()]);
+}
+
+fn patch(cluster: &Cluster, ns: &str, patch: Value) {
+    cluster.kubectl_ok(&[
+        "-n",
+        ns,
+        "patch",
+        "bmx/example",
+        "--type=merge",
+        "-p",
+        &patch.to_string(),
+    ]);
+}
+
+/// A BackupMx for example.test whose primary is `primary`, probed every second.
+fn backupmx(primary_port: u16, replicas: i32, extra: Value) -> Value {
+    let mut spec = json!({
+        "domains": ["example.test"], "replicas": replicas, "deletionPolicy": "Orphan",
+        "primary": {"host": "127.0.0.1", "port": primary_port,
+                    "healthCheck": {"interval": "1s", "timeout": "1s", "failureThreshold": 2, "successThreshold": 2}},
+        "storage": {"size": "1Gi"}, "mx": {"hostname": "mx2.example.test"},
+        "replay": {"maxWorkers": 3, "ratePerSecond": 2, "rampUp": "6s"},
+    });
+    spec.as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().unwrap().clone());
+    json!({"apiVersion": "backupmx.io/v1alpha1", "kind": "BackupMx",
+           "metadata": {"name": "example"}, "spec": spec})
+}
+
+/// The StatefulSet's pods, played by real mx-pods at `127.0.0.{ip_base + ordinal}`.
+struct Pods {
+    pods: Vec<Option<MxPod>>,
+    /// Replaced pods' processes: kept (stopped) because their directory holds the volume.
+    retired: Vec<MxPod>,
+    ips: Vec<String>,
+    token: String,
+}
+
+impl Pods {
+    async fn start(
+        cluster: &Cluster,
+        ns: &str,
+        replicas: usize,
+        ip_base: u8,
+        primary: &str,
+    ) -> Pods {
+        let client = cluster.client().await;
+        let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+        let token = eventually(
+            "the admin-token Secret",
+            Duration::from_secs(60),
+            || async {
+                let s = secrets.get_opt("example-admin-token").await.ok()??;
+                String::from_utf8(s.data?.get("token")?.0.clone()).ok()
+            },
+        )
+        .await;
+        let mut me = Pods {
+            pods: Vec::new(),
+            retired: Vec::new(),
+            ips: Vec::new(),
+            token,
+        };
+        for i in 0..replicas {
+            me.ips.push(format!("127.0.0.{}", ip_base as usize + i));
+            me.pods.push(None);
+            me.run(cluster, ns, i, primary).await;
+        }
+        me
+    }
+
+    /// Starts (or restarts) the mx-pod of pod `i` against `primary` and marks the pod running.
+    async fn run(&mut self, cluster: &Cluster, ns: &str, i: usize, primary: &str) {
+        let client = cluster.client().await;
+        let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+        let name = format!("example-{i}");
+        eventually(&format!("pod {name}"), Duration::from_secs(90), || async {
+            pods.get_opt(&name)
+                .await
+                .ok()?
+                .filter(|p| p.metadata.deletion_timestamp.is_none())
+        })
+        .await;
+        let mut cfg = MxPodConfig::new(primary);
+        cfg.ip = self.ips[i].parse().unwrap();
+        cfg.admin_port = Some(backupmx_operator::render::ADMIN_PORT);
+        cfg.smtp_port = Some(backupmx_operator::render::SMTP_PORT);
+        cfg.token = Some(self.token.clone());
+        cfg.workers = 0; // as rendered: the operator decides
+        cfg.rate = 2;
+        let pod = match self.pods[i].take() {
+            // the same volume: the queue survives the pod's replacement
+            Some(mut old) => {
+                old.kill9();
+                let dir = old.queue_dir.clone();
+                self.retired.push(old);
+                MxPod::start_with_queue_dir(backupmx_tests::state_dir("mxpod"), dir, cfg).await
+            }
+            None => MxPod::start(cfg).await,
+        };
+        self.pods[i] = Some(pod);
+        run_pod(&client, ns, &name, &self.ips[i]).await;
+    }
+
+    fn pod(&self, i: usize) -> &MxPod {
+        self.pods[i].as_ref().expect("running")
+    }
+
+    async fn workers(&self, i: usize) -> u64 {
+        let (_, r) = self.pod(i).get("/v1/replay").await;
+        r["workers"].as_u64().unwrap_or(0)
+    }
+}
+
+async fn send_n(pod: &MxPod, tag: &str, n: usize) -> Vec<String> {
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let r = send(
+            pod.smtp,
+            "sender@sender.test",
+            &["user@example.test"],
+            &message(tag, i, 300),
+        )
+        .await
+        .unwrap();
+        assert!(r.ok(), "{r:?}");
+        ids.push(format!("{tag}.{i}@test"));
+    }
+    ids
+}
+
+fn status(cluster: &Cluster, ns: &str) -> Value {
+    get(cluster, ns, "bmx/example")
+        .map(|b| b["status"].clone())
+        .unwrap_or(Value::Null)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outage_holds_replay_then_recovery_ramps_up_and_delivers_in_order() {
+    let cluster = cluster();
+    let ns = cluster.namespace("outage").await;
+    let mut primary = Primary::start();
+    primary.down();
+    let port: u16 = primary.addr().rsplit_once(':').unwrap().1.parse().unwrap();
+    let _op = Operator::start(
+        cluster,
+        "op-outage",
+        &["--namespace", &ns, "--leader-elect=false"],
+    );
+    apply(cluster, &ns, &backupmx(port, 1, json!({})));
+    let pods = Pods::start(cluster, &ns, 1, 101, &primary.addr()).await;
+
+    eventually("PrimaryHealthy=False", Duration::from_secs(60), || async {
+        let b = get(cluster, &ns, "bmx/example")?;
+        (condition(&b, "PrimaryHealthy")?.1 == "PrimaryDown").then_some(())
+    })
+    .await;
+    let s = status(cluster, &ns);
+    assert_eq!(
+        (
+            s["replay"]["workers"].as_u64(),
+            s["replay"]["reason"].as_str()
+        ),
+        (Some(0), Some("PrimaryDown"))
+    );
+    assert_eq!(s["primary"]["healthy"], false);
+    assert!(s["primary"]["lastError"].as_str().is_some(), "{s}");
+    let sent = send_n(pods.pod(0), "outage", 8).await;
+    assert_eq!(pods.workers(0).await, 0, "held while the primary is down");
+    eventually("the queue in status", Duration::from_secs(60), || async {
+        (status(cluster, &ns)["queue"]["messages"] == 8).then_some(())
+    })
+    .await;
+
+    // recovery: healthy after 2 good probes, then 1 worker growing to 3 over 6 s
+    primary.up();
+    let mut seen = Vec::new();
+    eventually("replay at full speed", Duration::from_secs(90), || {
+        let s = status(cluster, &ns);
+        let step = (
+            s["replay"]["workers"].as_u64().unwrap_or(0),
+            s["replay"]["reason"].as_str().unwrap_or("").to_string(),
+        );
+        if seen.last() != Some(&step) {
+            seen.push(step.clone());
+        }
+        async move { (step.1 == "Full").then_some(()) }
+    })
+    .await;
+    println!("replay steps seen: {seen:?}");
+    assert!(
+        seen.iter()
+            .any(|(w, r)| r == "RampingUp" && *w >= 1 && *w < 3),
+        "a ramp: {seen:?}"
+    );
+    let ramp: Vec<u64> = seen
+        .iter()
+        .skip_while(|(_, r)| r == "PrimaryDown")
+        .map(|(w, _)| *w)
+        .collect();
+    assert!(
+        ramp.windows(2).all(|w| w[0] <= w[1]),
+        "workers only grow while healthy: {seen:?}"
+    );
+    assert_eq!(pods.workers(0).await, 3);
+    pods.pod(0).wait_empty(Duration::from_secs(60)).await;
+    let order = primary.received_order();
+    assert_eq!(order, sent, "delivered once each, in arrival order");
+    let b = get(cluster, &ns, "bmx/example").unwrap();
+    assert_eq!(condition(&b, "Replaying").unwrap().0, "True");
+    assert_eq!(condition(&b, "PrimaryHealthy").unwrap().0, "True");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_maintenance_window_holds_replay_though_the_primary_is_up() {
+    let cluster = cluster();
+    let ns = cluster.namespace("window").await;
+    let primary = Primary::start();
+    let port: u16 = primary.addr().rsplit_once(':').unwrap().1.parse().unwrap();
+    let _op = Operator::start(
+        cluster,
+        "op-window",
+        &["--namespace", &ns, "--leader-elect=false"],
+    );
+    let start = chrono::Utc::now() - chrono::Duration::seconds(5);
+    let windows = json!({"maintenanceWindows": [
+        {"start": start.to_rfc3339_opts(chrono::SecondsFormat::Secs, true), "duration": "25s", "reason": "primary upgrade"},
+        {"schedule": "0 3 * * *", "timeZone": "Europe/Berlin", "duration": "1h", "reason": "nightly backup"}
+    ]});
+    apply(cluster, &ns, &backupmx(port, 1, windows));
+    let pods = Pods::start(cluster, &ns, 1, 111, &primary.addr()).await;
+    let s = eventually(
+        "MaintenanceWindow with a healthy primary",
+        Duration::from_secs(60),
+        || async {
+            let s = status(cluster, &ns);
+            (s["replay"]["reason"] == "MaintenanceWindow" && s["primary"]["healthy"] == true)
+                .then_some(s)
+        },
+    )
+    .await;
+    assert_eq!(s["maintenance"]["active"], true);
+    assert_eq!(s["maintenance"]["reason"], "primary upgrade");
+    assert_eq!(s["maintenance"]["nextReason"], "nightly backup", "{s}");
+    let sent = send_n(pods.pod(0), "window", 3).await;
+    // while the window is open: held
+    let s = status(cluster, &ns);
+    assert_eq!(
+        s["maintenance"]["active"], true,
+        "the window is still open: {s}"
+    );
+    assert_eq!(pods.workers(0).await, 0);
+    assert!(primary.received_order().is_empty());
+    // it closes: replay starts and delivers
+    eventually(
+        "the window to close and replay to start",
+        Duration::from_secs(60),
+        || async { (status(cluster, &ns)["maintenance"]["active"] == false).then_some(()) },
+    )
+    .await;
+    pods.pod(0).wait_empty(Duration::from_secs(60)).await;
+    assert_eq!(primary.received_order(), sent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cutover_sends_queued_mail_to_the_new_primary_only() {
+    let cluster = cluster();
+    let ns = cluster.namespace("cutover").await;
+    let mut old = Primary::start();
+    let new = Primary::start();
+    old.down();
+    let old_port: u16 = old.addr().rsplit_once(':').unwrap().1.parse().unwrap();
+    let new_port: u16 = new.addr().rsplit_once(':').unwrap().1.parse().unwrap();
+    let op = Operator::start(
+        cluster,
+        "op-cutover",
+        &["--namespace", &ns, "--leader-elect=false"],
+    );
+    apply(cluster, &ns, &backupmx(old_port, 1, json!({})));
+    let mut pods = Pods::start(cluster, &ns, 1, 121, &old.addr()).await;
+    let sent = send_n(pods.pod(0), "cutover", 4).await;
+    eventually("PrimaryDown", Duration::from_secs(60), || async {
+        (status(cluster, &ns)["replay"]["reason"] == "PrimaryDown").then_some(())
+    })
+    .await;
+
+    // the migration: the spec names the new primary; the old one comes back meanwhile
+    patch(
+        cluster,
+        &ns,
+        json!({"spec": {"primary": {"port": new_port}}}),
+    );
+    eventually(
+        "the new target in status",
+        Duration::from_secs(60),
+        || async {
+            (status(cluster, &ns)["primary"]["target"] == format!("127.0.0.1:{new_port}"))
+                .then_some(())
+        },
+    )
+    .await;
+    old.up();
+    // the pod still runs the old configuration: it gets no workers, whatever the probe says
+    let passes = op.reconciles(&ns, "example").await;
+    eventually("two more passes", Duration::from_secs(60), || async {
+        (op.reconciles(&ns, "example").await >= passes + 2).then_some(())
+    })
+    .await;
+    assert_eq!(
+        pods.workers(0).await,
+        0,
+        "a pod with the old primary gets no workers"
+    );
+    assert!(
+        old.received_order().is_empty(),
+        "nothing reaches the old primary"
+    );
+
+    // the rolling update replaces the pod (the test plays the kubelet: same volume, new config)
+    let client = cluster.client().await;
+    let api: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    api.delete("example-0", &DeleteParams::default().grace_period(0))
+        .await
+        .unwrap();
+    pods.run(cluster, &ns, 0, &new.addr()).await;
+    pods.pod(0).wait_empty(Duration::from_secs(90)).await;
+    assert_eq!(
+        new.received_order(),
+        sent,
+        "every queued message at the new primary, in order"
+    );
+    assert!(old.received_order().is_empty(), "and none at the old one");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scale_down_drains_the_removed_pod_first_and_loses_nothing() {
+    let cluster = cluster();
+    let ns = cluster.namespace("scale").await;
+    let mut primary = Primary::start();
+    primary.down();
+    let port: u16 = primary.addr().rsplit_once(':').unwrap().1.parse().unwrap();
+    let _op = Operator::start(
+        cluster,
+        "op-scale",
+        &["--namespace", &ns, "--leader-elect=false"],
+    );
+    apply(cluster, &ns, &backupmx(port, 3, json!({})));
+    let pods = Pods::start(cluster, &ns, 3, 131, &primary.addr()).await;
+    let on_2 = send_n(pods.pod(2), "pod2", 4).await;
+    let on_0 = send_n(pods.pod(0), "pod0", 2).await;
+    eventually("PrimaryDown", Duration::from_secs(60), || async {
+        (status(cluster, &ns)["replay"]["reason"] == "PrimaryDown").then_some(())
+    })
+    .await;
+
+    patch(cluster, &ns, json!({"spec": {"replicas": 2}}));
+    // pod 2 drains into pod 0 (the primary is down), then the StatefulSet shrinks
+    let b = eventually("Draining=True", Duration::from_secs(60), || async {
+        let b = get(cluster, &ns, "bmx/example")?;
+        (condition(&b, "Draining")?.0 == "True").then_some(b)
+    })
+    .await;
+    assert!(
+        condition(&b, "Draining").unwrap().2.contains("example-2"),
+        "{b}"
+    );
+    eventually(
+        "the StatefulSet scaled to 2",
+        Duration::from_secs(90),
+        || async {
+            (get(cluster, &ns, "statefulset/example")?["spec"]["replicas"] == 2).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        pods.pod(2).queued().await,
+        0,
+        "pod 2 is empty before it goes"
+    );
+    assert_eq!(pods.pod(0).queued().await, 6, "its mail is on pod 0 now");
+    let (_, q2) = pods.pod(2).get("/v1/queue").await;
+    assert_eq!(q2["draining"], true);
+    let events = cluster.kubectl_ok(&["-n", &ns, "get", "events.v1.events.k8s.io", "-o", "json"]);
+    assert!(events.contains("ScaledDown"), "{events}");
+    // the primary comes back: everything arrives exactly once
+    primary.up();
+    pods.pod(0).wait_empty(Duration::from_secs(90)).await;
+    let mut got: Vec<String> = primary.received_order();
+    got.sort();
+    let mut want: Vec<String> = on_2.into_iter().chain(on_0).collect();
+    want.sort();
+    assert_eq!(got, want, "zero loss, no duplicates");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alerts_reach_the_webhook_once_per_change() {
+    let received: Arc<Mutex<Vec<Value>>> = Arc::default();
+    let app = Router::new().route(
+        "/hook",
+        post({
+            let received = received.clone();
+            move |Json(v): Json<Value>| async move {
+                received.lock().unwrap().push(v);
+                "ok"
+            }
+        }),
+    );
+    let port = free_port();
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let cluster = cluster();
+    let ns = cluster.namespace("alerts").await;
+    let mut primary = Primary::start();
+    let pport: u16 = primary.addr().rsplit_once(':').unwrap().1.parse().unwrap();
+    let op = Operator::start(
+        cluster,
+        "op-alerts",
+        &["--namespace", &ns, "--leader-elect=false"],
+    );
+    apply(
+        cluster,
+        &ns,
+        &backupmx(
+            pport,
+            1,
+            json!({"alerts": {"webhookUrl": format!("http://127.0.0.1:{port}/hook")}}),
+        ),
+    );
+    let _pods = Pods::start(cluster, &ns, 1, 141, &primary.addr()).await;
+    eventually("the primary healthy", Duration::from_secs(60), || async {
+        (status(cluster, &ns)["primary"]["healthy"] == true).then_some(())
+    })
+    .await;
+    primary.down();
+    eventually(
+        "one PrimaryDown at the webhook",
+        Duration::from_secs(60),
+        || async {
+            received
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|v| v["event"] == "PrimaryDown")
+                .then_some(())
+        },
+    )
+    .await;
+    primary.up();
+    eventually(
+        "one PrimaryRecovered at the webhook",
+        Duration::from_secs(60),
+        || async {
+            received
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|v| v["event"] == "PrimaryRecovered")
+                .then_some(())
+        },
+    )
+    .await;
+    // a few more passes change nothing
+    let passes = op.reconciles(&ns, "example").await;
+    eventually("three more passes", Duration::from_secs(90), || async {
+        (op.reconciles(&ns, "example").await >= passes + 3).then_some(())
+    })
+    .await;
+    let got = received.lock().unwrap().clone();
+    let count = |e: &str| got.iter().filter(|v| v["event"] == e).count();
+    assert_eq!(
+        (count("PrimaryDown"), count("PrimaryRecovered")),
+        (1, 1),
+        "{got:?}"
+    );
+    let down = got.iter().find(|v| v["event"] == "PrimaryDown").unwrap();
+    assert!(
+        down["text"].as_str().unwrap().contains("is down"),
+        "Slack-style text: {down}"
+    );
+    assert_eq!(down["backupmx"], format!("{ns}/example"));
+    let events = cluster.kubectl_ok(&["-n", &ns, "get", "events.v1.events.k8s.io", "-o", "json"]);
+    assert!(
+        events.contains("PrimaryDown") && events.contains("PrimaryRecovered"),
+        "{events}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_drill_passes_with_a_healthy_primary_and_fails_with_a_dead_one() {
+    let cluster = cluster();
+    let ns = cluster.namespace("drill").await;
+    let mut primary = Primary::start();
+    let port: u16 = primary.addr().rsplit_once(':').unwrap().1.parse().unwrap();
+    let _op = Operator::start(
+        cluster,
+        "op-drill",
+        &["--namespace", &ns, "--leader-elect=false"],
+    );
+    apply(cluster, &ns, &backupmx(port, 1, json!({})));
+    let _pods = Pods::start(cluster, &ns, 1, 151, &primary.addr()).await;
+    eventually("replay running", Duration::from_secs(60), || async {
+        let s = status(cluster, &ns);
+        (s["replay"]["workers"].as_u64().unwrap_or(0) > 0).then_some(())
+    })
+    .await;
+
+    // the command line: annotates, waits, prints, exit status
+    let out = std::process::Command::new(backupmx_tests::kube::operator_bin())
+        .args(["drill", "example", "-n", &ns, "--timeout", "90s"])
+        .env("KUBECONFIG", cluster.kubeconfig())
+        .output()
+        .unwrap();
+    let text = backupmx_tests::kube::text(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("Passed") && text.contains("accepted by the primary"),
+        "{text}"
+    );
+    let drills: Vec<Vec<u8>> = primary
+        .delivered()
+        .into_iter()
+        .filter(|m| String::from_utf8_lossy(m).contains("backupmx failover drill"))
+        .collect();
+    assert_eq!(
+        drills.len(),
+        1,
+        "the test message reached the primary's postmaster"
+    );
+    assert!(seq_of(&drills[0]).is_none());
+
+    primary.down();
+    eventually("PrimaryDown", Duration::from_secs(60), || async {
+        (status(cluster, &ns)["replay"]["reason"] == "PrimaryDown").then_some(())
+    })
+    .await;
+    cluster.kubectl_ok(&[
+        "-n",
+        &ns,
+        "annotate",
+        "bmx/example",
+        "backupmx.io/drill=second",
+        "--overwrite",
+    ]);
+    let d = eventually("the drill's verdict", Duration::from_secs(90), || async {
+        let d = status(cluster, &ns)["drill"].clone();
+        (d["request"] == "second" && d["result"] != "Running").then_some(d)
+    })
+    .await;
+    assert_eq!(d["result"], "Failed", "{d}");
+    assert!(
+        d["message"].as_str().unwrap().contains("replay is held"),
+        "{d}"
+    );
+    let events = cluster.kubectl_ok(&["-n", &ns, "get", "events.v1.events.k8s.io", "-o", "json"]);
+    assert!(
+        events.contains("DrillPassed") && events.contains("DrillFailed"),
+        "{events}"
+    );
+}
