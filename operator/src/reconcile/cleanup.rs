@@ -34,7 +34,6 @@ use crate::{
 /// Cleans up before `bmx` is deleted; an `Err(WaitingForDelivery)` keeps the finalizer.
 pub async fn cleanup(bmx: &BackupMx, ctx: &Context) -> Result<Action> {
     let ns = bmx.namespace().ok_or(Error::NoNamespace)?;
-    ctx.probers.remove(&format!("{ns}/{}", bmx.name_any()));
     // first stop pointing senders at the backup: remove exactly our DNS records
     match super::dns::remove(bmx, ctx).await {
         Ok(removed) if !removed.is_empty() => {
@@ -180,7 +179,12 @@ pub async fn cleanup(bmx: &BackupMx, ctx: &Context) -> Result<Action> {
 }
 
 /// Deletion may go ahead.
-async fn finish(bmx: &BackupMx, _ctx: &Context) -> Result<Action> {
+async fn finish(bmx: &BackupMx, ctx: &Context) -> Result<Action> {
+    // the prober lives as long as deletion may still replay (a drain waits for the primary):
+    // removing it on every pass would restart it from "unknown" and never reach healthy
+    let ns = bmx.namespace().unwrap_or_default();
+    ctx.probers.remove(&format!("{ns}/{}", bmx.name_any()));
+    ctx.metrics.forget(&ns, &bmx.name_any());
     info!(name = %bmx.name_any(), "cleanup done; removing the finalizer");
     Ok(Action::await_change())
 }
