@@ -1,5 +1,6 @@
 //! The operator's Prometheus metrics (prefix `backupmx_`): reconciles, their duration and their
-//! errors per BackupMx object, and whether this replica leads. Labels are bounded: object keys
+//! errors per BackupMx object, the primary's health and the replay workers pushed to the pods,
+//! and whether this replica leads. Labels are bounded: object keys
 //! (one series per BackupMx) and the error kind from [`crate::Error::kind`].
 
 use std::time::Instant;
@@ -32,6 +33,10 @@ pub struct Metrics {
     pub reconcile_errors: Family<ErrorLabels, Counter>,
     pub reconcile_duration: Family<ObjectLabels, Histogram>,
     pub leader: Gauge,
+    /// 1 healthy, 0 down; absent until the first verdict.
+    pub primary_healthy: Family<ObjectLabels, Gauge>,
+    /// Replay workers per pod the operator decided (0: held).
+    pub replay_workers: Family<ObjectLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -43,6 +48,8 @@ impl Default for Metrics {
             Histogram::new([0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0])
         });
         let leader = Gauge::default();
+        let primary_healthy = Family::<ObjectLabels, Gauge>::default();
+        let replay_workers = Family::<ObjectLabels, Gauge>::default();
         registry.register(
             "reconcile",
             "Reconcile passes per BackupMx",
@@ -63,12 +70,24 @@ impl Default for Metrics {
             "1 while this replica holds the leader lease and runs the controller",
             leader.clone(),
         );
+        registry.register(
+            "primary_healthy",
+            "1 while the operator's probe finds the BackupMx's primary healthy, 0 while down",
+            primary_healthy.clone(),
+        );
+        registry.register(
+            "replay_workers",
+            "Replay workers per pod the operator decided for the BackupMx (0: held)",
+            replay_workers.clone(),
+        );
         Self {
             registry,
             reconciles,
             reconcile_errors,
             reconcile_duration,
             leader,
+            primary_healthy,
+            replay_workers,
         }
     }
 }
@@ -96,6 +115,35 @@ impl Metrics {
                 kind: kind.to_string(),
             })
             .inc();
+    }
+
+    /// Records the replay step's verdict for `namespace/name`.
+    pub fn replay_state(&self, namespace: &str, name: &str, healthy: Option<bool>, workers: u32) {
+        let labels = ObjectLabels {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+        };
+        match healthy {
+            Some(h) => {
+                self.primary_healthy.get_or_create(&labels).set(i64::from(h));
+            }
+            None => {
+                self.primary_healthy.remove(&labels);
+            }
+        }
+        self.replay_workers
+            .get_or_create(&labels)
+            .set(i64::from(workers));
+    }
+
+    /// Forgets the per-object gauges of a deleted BackupMx.
+    pub fn forget(&self, namespace: &str, name: &str) {
+        let labels = ObjectLabels {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+        };
+        self.primary_healthy.remove(&labels);
+        self.replay_workers.remove(&labels);
     }
 
     /// The Prometheus text exposition.
@@ -137,5 +185,29 @@ mod tests {
             r#"backupmx_reconcile_errors_total{namespace="mail",name="example",kind="conflict"} 1"#
         ));
         assert!(text.contains("backupmx_reconcile_duration_seconds_count"));
+    }
+
+    #[test]
+    fn primary_health_and_workers_follow_the_verdict_and_vanish_on_delete() {
+        let m = Metrics::default();
+        m.replay_state("mail", "example", None, 0);
+        let text = m.encode();
+        assert!(!text.contains("backupmx_primary_healthy{"), "{text}");
+        assert!(text.contains(r#"backupmx_replay_workers{namespace="mail",name="example"} 0"#));
+        m.replay_state("mail", "example", Some(true), 4);
+        let text = m.encode();
+        assert!(
+            text.contains(r#"backupmx_primary_healthy{namespace="mail",name="example"} 1"#),
+            "{text}"
+        );
+        assert!(text.contains(r#"backupmx_replay_workers{namespace="mail",name="example"} 4"#));
+        m.replay_state("mail", "example", Some(false), 0);
+        assert!(
+            m.encode()
+                .contains(r#"backupmx_primary_healthy{namespace="mail",name="example"} 0"#)
+        );
+        m.forget("mail", "example");
+        let text = m.encode();
+        assert!(!text.contains(r#"name="example""#), "{text}");
     }
 }

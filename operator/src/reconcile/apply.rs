@@ -111,6 +111,12 @@ pub async fn apply(bmx: &BackupMx, ctx: &Context) -> Result<Action> {
         current_replicas,
     )
     .await;
+    ctx.metrics.replay_state(
+        &ns,
+        &bmx.name_any(),
+        replay.healthy,
+        replay.decision.workers,
+    );
     let replicas = if current_replicas > bmx.spec.replicas && !replay.drained {
         current_replicas
     } else {
