@@ -4,7 +4,7 @@
 CARGO ?= cargo
 SHELL := /bin/bash
 
-.PHONY: all deps build release test unit integration lint demo bench crds clean
+.PHONY: all deps build release test unit integration lint demo bench crds images chart-test clean
 
 all: build
 
@@ -35,8 +35,21 @@ bench: deps release
 	MXPOD_BIN=target/release/mx-pod bash bench/run.sh
 
 ## crds: generate crds/backupmx.yaml from the Rust types (a unit test fails when it is stale)
+## and copy it into the chart (tests/tests/operator/chart.rs checks they are byte-identical)
 crds:
 	$(CARGO) run -q -p backupmx-operator -- crdgen > crds/backupmx.yaml
+	cp crds/backupmx.yaml charts/backupmx-operator/crds/backupmx.yaml
+
+## images: static release binaries -> target/images/{mx-pod,backupmx-operator}.tar (docker-archive,
+## no registry or daemon), each built twice and compared, checked and run from its own root
+## filesystem (images/build.sh; root, a few minutes). Not part of `make test`.
+images:
+	bash images/build.sh
+
+## chart-test: the Helm chart's tests alone (lint, schema, render, validation, install on the
+## real API server with the chart's RBAC); `make test` runs them too
+chart-test: deps
+	$(CARGO) test -p backupmx-tests --test operator chart
 
 clean:
 	$(CARGO) clean

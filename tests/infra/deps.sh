@@ -124,6 +124,13 @@ stop_packaged_daemons() {
 
 install_packages
 
+# the chart tests' tools: helm, kubernetes-validate (tests/infra/helm/install.sh), promtool and the
+# Argo CD / Flux / Prometheus Operator models (install-checkers.sh), all under
+# ${BACKUPMX_HELM_BIN:-$HOME/.cache/backupmx/helm/bin}; idempotent (a second run takes ~1-5 s)
+log "chart tools: tests/infra/helm/install.sh, install-checkers.sh"
+bash "$(dirname "$0")/helm/install.sh"
+bash "$(dirname "$0")/helm/install-checkers.sh"
+
 # the kube test tier's control plane (idempotent: returns at once when the binaries exist;
 # output dir ${BACKUPMX_KUBE_BIN:-$HOME/.cache/backupmx/kube-1.20/bin})
 log "kube control plane: tests/infra/kube/build.sh"

@@ -435,3 +435,40 @@ pub fn condition(obj: &Value, type_: &str) -> Option<(String, String, String)> {
 pub fn names<K: ResourceExt>(objs: &[K]) -> Vec<String> {
     objs.iter().map(|o| o.name_any()).collect()
 }
+
+/// Starts the operator with another identity than the cluster's admin: `kubeconfig` (e.g. one
+/// holding a ServiceAccount's token), `args` exactly as given (they start with `run`; the
+/// caller leaves `--metrics-addr` out: a free local port is added) and extra environment (e.g.
+/// `POD_NAMESPACE`, `POD_NAME`, `RUST_LOG`, as a Deployment's downward API would set them).
+/// `identity` names the replica in [`Operator::identity`] (pass the same as `POD_NAME`).
+pub fn start_operator_as(
+    kubeconfig: &Path,
+    identity: &str,
+    args: &[String],
+    env: &[(String, String)],
+) -> Operator {
+    let dir = state_dir("operator");
+    let log = dir.path().join("operator.log");
+    let port = free_port();
+    let file = fs::File::create(&log).unwrap();
+    let child = Command::new(operator_bin())
+        .args(args)
+        .arg(format!("--metrics-addr=127.0.0.1:{port}"))
+        .env_remove("WATCH_NAMESPACE")
+        .env_remove("POD_NAMESPACE")
+        .env_remove("POD_NAME")
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .env("KUBECONFIG", kubeconfig)
+        .stdin(Stdio::null())
+        .stdout(file.try_clone().unwrap())
+        .stderr(file)
+        .spawn()
+        .expect("start backupmx-operator");
+    Operator {
+        child: Some(child),
+        log,
+        metrics: format!("http://127.0.0.1:{port}"),
+        identity: identity.into(),
+        _dir: dir,
+    }
+}

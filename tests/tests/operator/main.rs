@@ -5,6 +5,7 @@
 //! Every test has its own namespace and its own operator process (namespace scope), except the
 //! leader election test, which runs two.
 
+mod chart;
 mod deletion;
 mod dns;
 mod leader;
