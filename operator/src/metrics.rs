@@ -125,7 +125,9 @@ impl Metrics {
         };
         match healthy {
             Some(h) => {
-                self.primary_healthy.get_or_create(&labels).set(i64::from(h));
+                self.primary_healthy
+                    .get_or_create(&labels)
+                    .set(i64::from(h));
             }
             None => {
                 self.primary_healthy.remove(&labels);
