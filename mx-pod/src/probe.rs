@@ -1,10 +1,26 @@
-//! The SMTP health probe of a primary: connect, `220` greeting, `EHLO`, `QUIT`. Shared by
-//! mx-pod's standalone `replay.auto` mode and the operator's health checks, so both judge a
-//! primary the same way. A greeting other than `220` (a `421` or `554` "go away") is a failure.
+//! The SMTP health probe of a primary: connect, `220` greeting, `EHLO`, optionally `STARTTLS`
+//! and a TLS handshake with `EHLO` again, then `QUIT`. Shared by mx-pod's standalone
+//! `replay.auto` mode and the operator's health checks, so both judge a primary the same way. A
+//! greeting other than `220` (a `421` or `554` "go away") is a failure.
+//!
+//! With STARTTLS the certificate is not verified, as MTAs do between themselves by default
+//! (Postfix `smtp_tls_security_level = may`: self-signed and private-CA certificates are the
+//! norm for a primary). The handshake itself is checked (signatures, TLS 1.2+), so a primary
+//! whose TLS is broken (no certificate, expired key, refused handshake) is unhealthy.
 
-use std::time::{Duration, Instant};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
-use crate::replay::client::{Capabilities, ClientError, SmtpClient};
+use rustls::{
+    DigitallySignedStruct, SignatureScheme,
+    client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+    pki_types::{CertificateDer, ServerName, UnixTime},
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::replay::client::{Capabilities, ClientError, ServerReply, SmtpClient};
 
 /// What a successful probe saw.
 #[derive(Debug, Clone)]
@@ -13,24 +29,187 @@ pub struct ProbeReport {
     pub banner: String,
     pub capabilities: Capabilities,
     pub elapsed: Duration,
+    /// With STARTTLS: the negotiated protocol and cipher suite (`TLSv1_3 TLS13_AES_256_GCM_SHA384`).
+    pub tls: Option<String>,
 }
 
 /// Probes `addr` (`host:port`), saying `helo`; the whole exchange must end within `timeout`.
 pub async fn probe(addr: &str, helo: &str, timeout: Duration) -> Result<ProbeReport, ClientError> {
+    probe_with(addr, helo, timeout, false).await
+}
+
+/// Like [`probe`]; with `starttls` the primary must also offer `STARTTLS`, complete a TLS
+/// handshake and answer `EHLO` inside TLS.
+pub async fn probe_with(
+    addr: &str,
+    helo: &str,
+    timeout: Duration,
+    starttls: bool,
+) -> Result<ProbeReport, ClientError> {
     let started = Instant::now();
     let run = async {
-        let client = SmtpClient::connect(addr, helo, timeout).await?;
-        let report = ProbeReport {
+        let mut client = SmtpClient::connect(addr, helo, timeout).await?;
+        let mut report = ProbeReport {
             banner: client.greeting.lines.first().cloned().unwrap_or_default(),
             capabilities: client.caps.clone(),
-            elapsed: started.elapsed(),
+            elapsed: Duration::ZERO,
+            tls: None,
         };
-        client.quit().await;
+        if starttls {
+            if !client.caps.starttls {
+                client.quit().await;
+                return Err(ClientError::Protocol(
+                    "STARTTLS is not offered in the EHLO reply".into(),
+                ));
+            }
+            let reply = client.command("STARTTLS\r\n", "STARTTLS").await?;
+            if reply.code != 220 {
+                client.quit().await;
+                return Err(ClientError::Refused {
+                    stage: "STARTTLS",
+                    reply,
+                });
+            }
+            let tcp = client.into_tcp_for_tls()?;
+            report.tls = Some(tls_ehlo(tcp, addr, helo).await?);
+        } else {
+            client.quit().await;
+        }
+        report.elapsed = started.elapsed();
         Ok(report)
     };
     tokio::time::timeout(timeout, run)
         .await
         .unwrap_or(Err(ClientError::Timeout("the whole probe")))
+}
+
+/// The TLS handshake on `tcp`, then `EHLO` and `QUIT` inside TLS; returns "protocol cipher".
+async fn tls_ehlo(
+    tcp: tokio::net::TcpStream,
+    addr: &str,
+    helo: &str,
+) -> Result<String, ClientError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ClientError::Protocol(format!("TLS set-up: {e}")))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(OpportunisticTls(provider)))
+        .with_no_client_auth();
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let name = ServerName::try_from(host.to_string())
+        .map_err(|e| ClientError::Protocol(format!("TLS server name {host:?}: {e}")))?;
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .map_err(|e| ClientError::Protocol(format!("TLS handshake: {e}")))?;
+    let (_, conn) = tls.get_ref();
+    let negotiated = format!(
+        "{:?} {:?}",
+        conn.protocol_version()
+            .ok_or_else(|| ClientError::Protocol("TLS: no protocol version".into()))?,
+        conn.negotiated_cipher_suite()
+            .ok_or_else(|| ClientError::Protocol("TLS: no cipher suite".into()))?
+            .suite()
+    );
+    tls.write_all(format!("EHLO {helo}\r\n").as_bytes())
+        .await
+        .map_err(|e| ClientError::Io(e.to_string()))?;
+    let reply = read_reply(&mut tls).await?;
+    if reply.code != 250 {
+        return Err(ClientError::Refused {
+            stage: "EHLO after STARTTLS",
+            reply,
+        });
+    }
+    let _ = tls.write_all(b"QUIT\r\n").await;
+    let _ = tls.shutdown().await;
+    Ok(negotiated)
+}
+
+/// Reads one reply (bounded) from a TLS stream.
+async fn read_reply<S: AsyncReadExt + Unpin>(s: &mut S) -> Result<ServerReply, ClientError> {
+    let mut buf = Vec::new();
+    let mut lines = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        if s.read(&mut byte)
+            .await
+            .map_err(|e| ClientError::Io(e.to_string()))?
+            == 0
+        {
+            return Err(ClientError::Closed("EHLO after STARTTLS"));
+        }
+        if byte[0] != b'\n' {
+            buf.push(byte[0]);
+            if buf.len() > 4096 || lines.len() > 100 {
+                return Err(ClientError::Protocol("reply too long".into()));
+            }
+            continue;
+        }
+        let line = String::from_utf8_lossy(buf.strip_suffix(b"\r").unwrap_or(&buf)).into_owned();
+        buf.clear();
+        let code: u16 = line
+            .get(..3)
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| ClientError::Protocol(format!("bad reply line {line:?}")))?;
+        let more = line.as_bytes().get(3) == Some(&b'-');
+        lines.push(line.get(4..).unwrap_or("").to_owned());
+        if !more {
+            return Ok(ServerReply { code, lines });
+        }
+    }
+}
+
+/// Accepts any certificate (opportunistic TLS between MTAs) but checks the handshake's
+/// signatures with the crypto provider.
+#[derive(Debug)]
+struct OpportunisticTls(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for OpportunisticTls {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
 }
 
 #[cfg(test)]
@@ -86,6 +265,100 @@ mod tests {
             probe(&addr, "mx2.test", Duration::from_secs(5))
                 .await
                 .is_err()
+        );
+    }
+
+    /// A server offering STARTTLS: `handshake` false answers 220 and then closes (a broken TLS
+    /// stack); true completes TLS with a self-signed certificate and answers EHLO inside.
+    async fn tls_server(handshake: bool) -> String {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let ck = rcgen::generate_simple_self_signed(vec!["primary.test".to_string()]).unwrap();
+        let cert = CertificateDer::from(ck.cert.der().to_vec());
+        let key =
+            rustls::pki_types::PrivateKeyDer::try_from(ck.signing_key.serialize_der()).unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert], key)
+        .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        tokio::spawn(async move {
+            let (s, _) = l.accept().await.unwrap();
+            let mut r = BufReader::new(s);
+            r.get_mut()
+                .write_all(b"220 primary.test ESMTP\r\n")
+                .await
+                .unwrap();
+            let mut line = String::new();
+            while r.read_line(&mut line).await.unwrap_or(0) > 0 {
+                if line.starts_with("EHLO") {
+                    r.get_mut()
+                        .write_all(b"250-primary.test\r\n250 STARTTLS\r\n")
+                        .await
+                        .unwrap();
+                } else if line.starts_with("STARTTLS") {
+                    r.get_mut()
+                        .write_all(b"220 2.0.0 go ahead\r\n")
+                        .await
+                        .unwrap();
+                    if !handshake {
+                        return;
+                    }
+                    let tls = acceptor.accept(r.into_inner()).await.unwrap();
+                    let mut t = BufReader::new(tls);
+                    let mut l2 = String::new();
+                    while t.read_line(&mut l2).await.unwrap_or(0) > 0 {
+                        let reply: &[u8] = if l2.starts_with("EHLO") {
+                            b"250-primary.test\r\n250 PIPELINING\r\n"
+                        } else {
+                            b"221 bye\r\n"
+                        };
+                        let _ = t.get_mut().write_all(reply).await;
+                        let _ = t.get_mut().flush().await;
+                        l2.clear();
+                    }
+                    return;
+                } else {
+                    let _ = r.get_mut().write_all(b"221 bye\r\n").await;
+                }
+                line.clear();
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn starttls_probe_completes_the_handshake_and_ehlo_inside_tls() {
+        let addr = tls_server(true).await;
+        let r = probe_with(&addr, "mx2.test", Duration::from_secs(5), true)
+            .await
+            .unwrap();
+        let tls = r.tls.expect("TLS details");
+        assert!(tls.starts_with("TLSv1_3"), "{tls}");
+    }
+
+    #[tokio::test]
+    async fn starttls_probe_fails_on_a_broken_handshake_or_when_not_offered() {
+        let addr = tls_server(false).await;
+        let err = probe_with(&addr, "mx2.test", Duration::from_secs(5), true)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("TLS handshake"), "{err}");
+        let addr = server("220 primary.test ESMTP\r\n").await; // offers STARTTLS, answers 221
+        let err = probe_with(&addr, "mx2.test", Duration::from_secs(5), true)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("STARTTLS refused"), "{err}");
+        // without starttls the same kind of server is healthy
+        let addr = server("220 primary.test ESMTP\r\n").await;
+        assert!(
+            probe(&addr, "mx2.test", Duration::from_secs(5))
+                .await
+                .is_ok()
         );
     }
 

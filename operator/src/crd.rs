@@ -212,6 +212,10 @@ pub struct HealthCheckSpec {
     #[serde(default = "default_success_threshold")]
     #[schemars(range(min = 1, max = 100))]
     pub success_threshold: u32,
+    /// Also require STARTTLS: the primary must offer it, complete a TLS handshake (TLS 1.2+;
+    /// its certificate is not verified, as between MTAs) and answer EHLO inside TLS.
+    #[serde(default)]
+    pub start_tls: bool,
 }
 
 impl Default for HealthCheckSpec {
@@ -221,6 +225,7 @@ impl Default for HealthCheckSpec {
             timeout: default_probe_timeout(),
             failure_threshold: default_failure_threshold(),
             success_threshold: default_success_threshold(),
+            start_tls: false,
         }
     }
 }

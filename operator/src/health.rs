@@ -75,6 +75,8 @@ pub struct ProbeSettings {
     pub timeout: Duration,
     pub failure_threshold: u32,
     pub success_threshold: u32,
+    /// Probe with STARTTLS and a TLS handshake too.
+    pub starttls: bool,
 }
 
 /// The last known health of one primary.
@@ -205,7 +207,13 @@ async fn run(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
-        let result = mx_pod::probe::probe(&settings.target, &settings.helo, settings.timeout).await;
+        let result = mx_pod::probe::probe_with(
+            &settings.target,
+            &settings.helo,
+            settings.timeout,
+            settings.starttls,
+        )
+        .await;
         let now = Utc::now();
         let ok = result.is_ok();
         let changed = h.observe(ok);
@@ -284,6 +292,7 @@ mod tests {
                 timeout: Duration::from_secs(1),
                 failure_threshold: 2,
                 success_threshold: 1,
+                starttls: false,
             },
         );
         tokio::time::timeout(Duration::from_secs(5), rx.recv())

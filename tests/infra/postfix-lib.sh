@@ -77,6 +77,7 @@ discard               unix  -       -       n       -       -       discard
 local                 unix  -       n       n       -       -       local
 virtual               unix  -       n       n       -       -       virtual
 anvil                 unix  -       -       n       -       1       anvil
+tlsmgr                unix  -       -       n       1000?   1       tlsmgr
 scache                unix  -       -       n       -       1       scache
 postlog               unix-dgram n  -       n       -       1       postlogd
 EOF

@@ -192,6 +192,17 @@ impl SmtpClient {
         Ok(c)
     }
 
+    /// Gives the TCP connection up for a TLS handshake after a `220` to `STARTTLS`. Bytes the
+    /// server sent after that reply (before the handshake) are an injection attempt: refused.
+    pub fn into_tcp_for_tls(self) -> Result<TcpStream, ClientError> {
+        if self.start != self.buf.len() {
+            return Err(ClientError::Protocol(
+                "data after the 220 reply to STARTTLS (refused: plaintext injection)".into(),
+            ));
+        }
+        Ok(self.stream)
+    }
+
     /// False once the connection can no longer be used for another transaction.
     pub fn usable(&self) -> bool {
         !self.broken

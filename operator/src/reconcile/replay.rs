@@ -78,6 +78,7 @@ pub async fn control(
             timeout: duration("timeout", &hc.timeout).unwrap_or(Duration::from_secs(5)),
             failure_threshold: hc.failure_threshold,
             success_threshold: hc.success_threshold,
+            starttls: hc.start_tls,
         },
     );
     let health = ctx.probers.health(&key);

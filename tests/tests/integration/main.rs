@@ -15,6 +15,7 @@ mod filter_rspamd;
 mod filter_smtp;
 mod lifecycle;
 mod outage;
+mod probe_tls;
 mod rate;
 mod relay_battery;
 mod smuggling;
