@@ -1157,14 +1157,18 @@ fn get_json(ns: &str, what: &str) -> Option<Value> {
         .then(|| serde_json::from_slice(&out.stdout).unwrap())
 }
 
+/// Applies `examples/backupmx.yaml` with its primary moved to 127.0.0.1 (port 1, closed): the
+/// operator probes the primary, and tests talk to loopback only.
 fn apply_example(ns: &str) {
-    cluster().kubectl_ok(&[
-        "-n",
-        ns,
-        "apply",
-        "-f",
-        repo().join("examples/backupmx.yaml").to_str().unwrap(),
-    ]);
+    let example = fs::read_to_string(repo().join("examples/backupmx.yaml")).unwrap();
+    assert!(example.contains("host: mail.example.com"), "{example}");
+    let local = example.replace(
+        "host: mail.example.com",
+        "host: 127.0.0.1\n    port: 1",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let file = temp_file(&dir, "backupmx.yaml", &local);
+    cluster().kubectl_ok(&["-n", ns, "apply", "-f", file.to_str().unwrap()]);
 }
 
 /// What the operator does for one BackupMx, all of it done as the chart's ServiceAccount.
