@@ -1162,10 +1162,7 @@ fn get_json(ns: &str, what: &str) -> Option<Value> {
 fn apply_example(ns: &str) {
     let example = fs::read_to_string(repo().join("examples/backupmx.yaml")).unwrap();
     assert!(example.contains("host: mail.example.com"), "{example}");
-    let local = example.replace(
-        "host: mail.example.com",
-        "host: 127.0.0.1\n    port: 1",
-    );
+    let local = example.replace("host: mail.example.com", "host: 127.0.0.1\n    port: 1");
     let dir = tempfile::tempdir().unwrap();
     let file = temp_file(&dir, "backupmx.yaml", &local);
     cluster().kubectl_ok(&["-n", ns, "apply", "-f", file.to_str().unwrap()]);
