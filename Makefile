@@ -4,7 +4,7 @@
 CARGO ?= cargo
 SHELL := /bin/bash
 
-.PHONY: all deps build release test unit integration lint demo bench crds images chart-test clean
+.PHONY: all deps build release test unit integration lint demo bench crds images chart-test node-test clean
 
 all: build
 
@@ -50,6 +50,12 @@ images:
 ## real API server with the chart's RBAC); `make test` runs them too
 chart-test: deps
 	$(CARGO) test -p backupmx-tests --test operator chart
+
+## node-test: the operator's replay scenarios with a REAL node (kubelet, containerd, runc, CNI
+## bridge) running the mx-pod image (tests/tests/node/, tests/infra/node/; root). `make test`
+## runs them too (the `node` test target)
+node-test: deps
+	$(CARGO) test -p backupmx-tests --test node
 
 clean:
 	$(CARGO) clean

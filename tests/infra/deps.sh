@@ -21,10 +21,17 @@
 #   sqlite3          creates that database from the schema (powerdns.sh)
 #   bind9            named and tsig-keygen: RFC 2136 dynamic updates with TSIG (tests/infra/bind.sh)
 #                    (nsupdate comes with bind9-dnsutils above)
+#   containerd runc containernetworking-plugins   the real node of the node tier
+#                    (tests/infra/node/: containerd + runc run the pods, the CNI bridge and
+#                    host-local plugins give them IPs on 10.244.0.0/24)
+#   iptables conntrack nftables   the kubelet's iptables chains; stop.sh removes them (nft
+#                    deletes tables that were empty and absent before)
+#   gcc libc6-dev    the pod sandbox ("pause") image, compiled static from tests/infra/node/pause.c
 #
 # The kube build (kube-apiserver, kube-controller-manager, kube-scheduler v1.20.2 from Debian's
 # source package, kubectl from its .deb) installs its own build dependencies (Go 1.19, dpkg-dev,
-# two golang-*-dev packages) only when it has something to build.
+# two golang-*-dev packages) only when it has something to build. The node build (kubelet,
+# kube-proxy, knode-cri: tests/infra/node/build.sh) reuses its source tree and Go cache.
 #
 # No daemon is started by the install: /usr/sbin/policy-rc.d (exit 101) is created when absent
 # (and left in place), and Postfix is preseeded to "No configuration", so it does not even
@@ -40,7 +47,8 @@ LOG_TAG=deps
 log() { printf '[%s] %s\n' "$LOG_TAG" "$*"; }
 
 PKGS=(postfix swaks libnet-ssleay-perl curl bind9-dnsutils procps iproute2 python3 util-linux coreutils etcd-server openssl
-  rspamd pdns-server pdns-backend-sqlite3 sqlite3 bind9)
+  rspamd pdns-server pdns-backend-sqlite3 sqlite3 bind9
+  containerd runc containernetworking-plugins iptables conntrack nftables gcc libc6-dev)
 
 [ "$(id -u)" = 0 ] || { echo "[deps] ERROR: run as root (apt-get)" >&2; exit 1; }
 
@@ -135,3 +143,8 @@ bash "$(dirname "$0")/helm/install-checkers.sh"
 # output dir ${BACKUPMX_KUBE_BIN:-$HOME/.cache/backupmx/kube-1.20/bin})
 log "kube control plane: tests/infra/kube/build.sh"
 bash "$(dirname "$0")/kube/build.sh"
+
+# the node tier's kubelet, kube-proxy and knode-cri, into the same directory (idempotent; reuses
+# the control plane's build dir ~/.cache/backupmx/kube-1.20/bin/.build)
+log "kube node: tests/infra/node/build.sh"
+bash "$(dirname "$0")/node/build.sh"
