@@ -165,7 +165,7 @@ pub fn operator_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
+        let status = crate::clean_cargo_env(&mut Command::new(cargo))
             .current_dir(repo())
             .args([
                 "build",

@@ -23,6 +23,7 @@ use std::{
 };
 
 pub mod kube;
+pub mod node;
 pub mod realparts;
 
 use serde_json::Value;
@@ -63,11 +64,36 @@ pub fn require_root() {
 }
 
 /// The `mx-pod` binary, built once per test run.
+/// Removes the variables `cargo test` sets for a test binary (`CARGO_PKG_NAME`,
+/// `CARGO_MANIFEST_DIR`, `OUT_DIR`, ...) from a command that runs cargo: build scripts (ring's)
+/// declare `rerun-if-env-changed` on some of them, so a nested `cargo build` would rebuild the
+/// dependency tree, and the next build from a shell would rebuild it back.
+pub fn clean_cargo_env(cmd: &mut Command) -> &mut Command {
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy();
+        if k.starts_with("CARGO_PKG_")
+            || k.starts_with("CARGO_MANIFEST_")
+            || k.starts_with("CARGO_BIN_")
+            || [
+                "CARGO_CRATE_NAME",
+                "CARGO_PRIMARY_PACKAGE",
+                "CARGO_TARGET_TMPDIR",
+                "CARGO_RUSTC_CURRENT_DIR",
+                "OUT_DIR",
+            ]
+            .contains(&k.as_ref())
+        {
+            cmd.env_remove(k.as_ref());
+        }
+    }
+    cmd
+}
+
 pub fn mxpod_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
+        let status = clean_cargo_env(&mut Command::new(cargo))
             .current_dir(repo())
             .args(["build", "-q", "-p", "mx-pod", "--bin", "mx-pod"])
             .status()

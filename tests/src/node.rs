@@ -1,0 +1,761 @@
+//! The real-node tier: a v1.20 control plane (etcd, kube-apiserver, kube-controller-manager,
+//! kube-scheduler: `tests/infra/kube/start.sh`) plus a real node (containerd, runc, the CNI
+//! bridge, kubelet: `tests/infra/node/start.sh`), started once per test binary. The StatefulSet
+//! the operator makes is run by the kubelet from the `backupmx/mx-pod:VERSION` image
+//! (`tests/infra/node/mx-pod-image.sh`, imported into containerd), its volume claims bind to
+//! hostPath PersistentVolumes the harness makes ([`Node::volumes`]), and the operator runs
+//! outside the cluster as a process ([`Node::operator`]) that reaches the pods on their pod IPs
+//! through the node's bridge.
+//!
+//! Network: loopback and the node's bridge only. The host owns the bridge's gateway address
+//! ([`Node::gateway`], 10.244.0.1): pods reach the host there (a [`BridgePrimary`] listens on
+//! it) and the host reaches the pods on their pod IPs (10.244.0.0/24). Pods have no default
+//! route.
+//!
+//! Both scripts get this process' PID (`KUBE_OWNER_PID`, `KNODE_OWNER_PID`): when the test
+//! binary exits, even by a crash, their watchdogs stop everything and restore the host (bridge,
+//! iptables chains, cgroups, sysctls) within a second or two.
+
+use std::{
+    fs,
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener},
+    ops::Deref,
+    path::{Path, PathBuf},
+    process::{Command, Output, Stdio},
+    sync::OnceLock,
+    time::{Duration, Instant},
+};
+
+use k8s_openapi::api::core::v1::{Pod, Secret, ServiceAccount};
+use kube::{Api, Client, api::DeleteParams};
+use serde_json::{Value, json};
+
+use crate::{
+    Primary, clean_cargo_env, free_port, free_port_on,
+    kube::{Cluster, eventually, kube_bin_dir, text},
+    repo, require, require_root, state_dir,
+};
+
+/// The StorageClass the harness' PersistentVolumes belong to (no provisioner: the volumes are
+/// made by [`Node::volumes`]).
+pub const STORAGE_CLASS: &str = "backupmx-local";
+
+/// uid and gid the mx-pod image runs as (hostPath volumes get no fsGroup: the harness chowns).
+pub const POD_UID: u32 = 65532;
+
+/// The control plane and the node of this test binary.
+pub struct Node {
+    /// The control plane (kubeconfig, kubectl).
+    pub cluster: Cluster,
+    /// The node's state directory (`tests/infra/node/start.sh STATEDIR`); the volumes live in
+    /// `STATEDIR/volumes/`, so the watchdog's purge removes them too.
+    pub state: PathBuf,
+    /// The node's name.
+    pub name: String,
+    /// The host's address on the pod network (the bridge's gateway).
+    pub gateway: Ipv4Addr,
+    /// The mx-pod image the pods run (`backupmx/mx-pod:VERSION`).
+    pub image: String,
+    /// How long the pieces took to come up (printed by [`node`]).
+    pub timings: Timings,
+}
+
+/// Start-up times, for the record.
+#[derive(Debug, Clone, Copy)]
+pub struct Timings {
+    pub image: Duration,
+    pub operator_build: Duration,
+    pub control_plane: Duration,
+    pub node: Duration,
+}
+
+/// Fails the test unless every binary and package the node tier needs is there.
+fn require_node_parts(bin: &Path) {
+    require_root();
+    for b in [
+        "kube-apiserver",
+        "kube-controller-manager",
+        "kube-scheduler",
+        "kubectl",
+        "kubelet",
+        "knode-cri",
+    ] {
+        assert!(
+            bin.join(b).exists(),
+            "{} is missing: run `make deps` (tests/infra/kube/build.sh and \
+             tests/infra/node/build.sh build the Kubernetes 1.20 binaries into {})",
+            bin.join(b).display(),
+            bin.display()
+        );
+    }
+    for cmd in [
+        "etcd",
+        "containerd",
+        "runc",
+        "ctr",
+        "iptables",
+        "nft",
+        "gcc",
+        "postfix",
+    ] {
+        require(cmd);
+    }
+    assert!(
+        Path::new("/usr/lib/cni/bridge").exists() && Path::new("/usr/lib/cni/host-local").exists(),
+        "the CNI plugins are not installed: run `make deps` (containernetworking-plugins)"
+    );
+}
+
+/// The `backupmx-operator` binary (debug), built once per test binary.
+pub fn operator_binary() -> PathBuf {
+    crate::kube::operator_bin()
+}
+
+fn run_script(what: &str, cmd: &mut Command) -> Output {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("run {what}: {e}"));
+    assert!(out.status.success(), "{what} failed:\n{}", text(&out));
+    out
+}
+
+/// Builds (incrementally) and returns the mx-pod image tarball and its reference.
+pub fn mxpod_image() -> (PathBuf, String) {
+    static IMAGE: OnceLock<(PathBuf, String)> = OnceLock::new();
+    IMAGE
+        .get_or_init(|| {
+            let mut cmd = Command::new("bash");
+            cmd.arg(repo().join("tests/infra/node/mx-pod-image.sh"))
+                .current_dir(repo());
+            let out = run_script(
+                "tests/infra/node/mx-pod-image.sh",
+                clean_cargo_env(&mut cmd),
+            );
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            let mut lines = stdout.lines();
+            let tar = PathBuf::from(lines.next().expect("tarball path"));
+            let image = lines.next().expect("image reference").to_owned();
+            assert!(tar.exists(), "{} missing", tar.display());
+            (tar, image)
+        })
+        .clone()
+}
+
+/// Starts the control plane and the node on first use (once per test binary), applies the
+/// BackupMx CRD and the StorageClass.
+pub fn node() -> &'static Node {
+    static NODE: OnceLock<Node> = OnceLock::new();
+    NODE.get_or_init(|| {
+        let bin_dir = kube_bin_dir();
+        require_node_parts(&bin_dir);
+
+        let t = Instant::now();
+        let (tarball, image) = mxpod_image();
+        let image_time = t.elapsed();
+        let t = Instant::now();
+        operator_binary();
+        let operator_build = t.elapsed();
+
+        // the control plane, with the scheduler; the API server reaches the kubelet on the
+        // node's InternalIP (the bridge), not on the host name
+        let t = Instant::now();
+        let kstate = state_dir("kube").keep();
+        run_script(
+            "tests/infra/kube/start.sh",
+            Command::new("bash")
+                .arg(repo().join("tests/infra/kube/start.sh"))
+                .arg(&kstate)
+                .env("KUBE_BIN_DIR", &bin_dir)
+                .env("KUBE_OWNER_PID", std::process::id().to_string())
+                .env("KUBE_WITH_KCM", "1")
+                .env("KUBE_WITH_SCHEDULER", "1")
+                .env(
+                    "KUBE_APISERVER_EXTRA_ARGS",
+                    "--kubelet-preferred-address-types=InternalIP",
+                )
+                .env_remove("KUBE_API_PORT")
+                .env_remove("KUBECONFIG"),
+        );
+        let control_plane = t.elapsed();
+
+        // the node, with the image imported; no kube-proxy (nothing here uses Service IPs)
+        let t = Instant::now();
+        let state = state_dir("node").keep();
+        run_script(
+            "tests/infra/node/start.sh",
+            Command::new("bash")
+                .arg(repo().join("tests/infra/node/start.sh"))
+                .arg(&state)
+                .arg(&kstate)
+                .env("KUBE_BIN_DIR", &bin_dir)
+                .env("KNODE_BIN_DIR", &bin_dir)
+                .env("KNODE_OWNER_PID", std::process::id().to_string())
+                .env("KNODE_WITH_PROXY", "0")
+                .env("KNODE_IMAGES", &tarball)
+                .env_remove("KUBECONFIG"),
+        );
+        let node_time = t.elapsed();
+        let env = fs::read_to_string(state.join("env")).expect("node env");
+        let var = |k: &str| {
+            env.lines()
+                .find_map(|l| l.strip_prefix(&format!("export {k}=")))
+                .unwrap_or_else(|| panic!("{k} in the node's env"))
+                .to_owned()
+        };
+        let node = Node {
+            cluster: Cluster {
+                state: kstate,
+                bin_dir,
+            },
+            name: var("KNODE_NAME"),
+            gateway: var("KNODE_GATEWAY").parse().expect("gateway address"),
+            state,
+            image,
+            timings: Timings {
+                image: image_time,
+                operator_build,
+                control_plane,
+                node: node_time,
+            },
+        };
+        fs::create_dir_all(node.state.join("volumes")).unwrap();
+
+        let c = &node.cluster;
+        c.kubectl_ok(&[
+            "apply",
+            "-f",
+            &repo().join("crds/backupmx.yaml").to_string_lossy(),
+        ]);
+        c.kubectl_ok(&[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd/backupmxes.backupmx.io",
+        ]);
+        node.apply(
+            None,
+            &json!({"apiVersion": "storage.k8s.io/v1", "kind": "StorageClass",
+                "metadata": {"name": STORAGE_CLASS},
+                "provisioner": "kubernetes.io/no-provisioner",
+                "volumeBindingMode": "WaitForFirstConsumer", "reclaimPolicy": "Retain"}),
+        );
+        println!(
+            "node tier up: image {:.1?}, operator build {:.1?}, control plane {:.1?}, node {} \
+             Ready {:.1?} (gateway {})",
+            node.timings.image,
+            node.timings.operator_build,
+            node.timings.control_plane,
+            node.name,
+            node.timings.node,
+            node.gateway
+        );
+        node
+    })
+}
+
+impl Node {
+    /// A kube-rs client (admin).
+    pub async fn client(&self) -> Client {
+        self.cluster.client().await
+    }
+
+    /// kubectl that must succeed; returns its stdout.
+    pub fn kubectl_ok(&self, args: &[&str]) -> String {
+        self.cluster.kubectl_ok(args)
+    }
+
+    /// `kubectl -n NS get WHAT -o json`, or None when it fails (e.g. not found).
+    pub fn get(&self, ns: &str, what: &str) -> Option<Value> {
+        let out = self.cluster.kubectl(&["-n", ns, "get", what, "-o", "json"]);
+        out.status
+            .success()
+            .then(|| serde_json::from_slice(&out.stdout).expect("kubectl JSON"))
+    }
+
+    /// `kubectl apply` of one object (in `ns`, or cluster-scoped).
+    pub fn apply(&self, ns: Option<&str>, obj: &Value) {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("obj.json");
+        fs::write(&file, obj.to_string()).unwrap();
+        let file = file.to_string_lossy().into_owned();
+        match ns {
+            Some(ns) => self.kubectl_ok(&["-n", ns, "apply", "-f", &file]),
+            None => self.kubectl_ok(&["apply", "-f", &file]),
+        };
+    }
+
+    /// A new namespace (unique name starting with `prefix`) whose default ServiceAccount exists
+    /// (pods are refused until it does).
+    pub async fn namespace(&self, prefix: &str) -> String {
+        let ns = self.cluster.namespace(prefix).await;
+        let sas: Api<ServiceAccount> = Api::namespaced(self.client().await, &ns);
+        eventually(
+            "the namespace's default ServiceAccount",
+            Duration::from_secs(60),
+            || async { sas.get_opt("default").await.ok().flatten() },
+        )
+        .await;
+        ns
+    }
+
+    /// Makes the volumes of a StatefulSet's claims `CLAIM-STS-0..replicas` in `ns`: one hostPath
+    /// PersistentVolume each (class [`STORAGE_CLASS`], `size`, reclaim Retain, pre-bound to the
+    /// claim through `claimRef`), its directory under the node's state dir, owned by the pods'
+    /// uid. Returns the directories (the pods' queues are visible there from the host).
+    pub fn volumes(
+        &self,
+        ns: &str,
+        claim: &str,
+        sts: &str,
+        replicas: usize,
+        size: &str,
+    ) -> Vec<PathBuf> {
+        (0..replicas)
+            .map(|i| {
+                let claim_name = format!("{claim}-{sts}-{i}");
+                let pv = format!("{ns}-{claim_name}");
+                let dir = self.state.join("volumes").join(&pv);
+                fs::create_dir_all(&dir).unwrap();
+                std::os::unix::fs::chown(&dir, Some(POD_UID), Some(POD_UID)).unwrap();
+                self.apply(
+                    None,
+                    &json!({"apiVersion": "v1", "kind": "PersistentVolume",
+                    "metadata": {"name": pv, "labels": {"backupmx.test/namespace": ns}},
+                    "spec": {
+                        "capacity": {"storage": size}, "accessModes": ["ReadWriteOnce"],
+                        "storageClassName": STORAGE_CLASS,
+                        "persistentVolumeReclaimPolicy": "Retain",
+                        "volumeMode": "Filesystem",
+                        "claimRef": {"namespace": ns, "name": claim_name},
+                        "hostPath": {"path": dir, "type": "Directory"},
+                    }}),
+                );
+                dir
+            })
+            .collect()
+    }
+
+    /// Starts the operator as a process outside the cluster, watching `ns` only, without
+    /// leader election, with `--mxpod-image` = the imported image.
+    pub fn operator(&self, ns: &str, identity: &str) -> NodeOperator {
+        let dir = state_dir("operator");
+        let log = dir.path().join("operator.log");
+        let port = free_port();
+        let file = fs::File::create(&log).unwrap();
+        let child = Command::new(operator_binary())
+            .args(["run", "--namespace", ns, "--leader-elect=false"])
+            .args(["--identity", identity, "--mxpod-image", &self.image])
+            .arg(format!("--metrics-addr=127.0.0.1:{port}"))
+            .env_remove("WATCH_NAMESPACE")
+            .env_remove("POD_NAMESPACE")
+            .env_remove("MXPOD_IMAGE")
+            .env("KUBECONFIG", self.cluster.kubeconfig())
+            .env("RUST_LOG", "info,backupmx_operator=debug")
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .expect("start backupmx-operator");
+        NodeOperator {
+            child,
+            log,
+            metrics: format!("http://127.0.0.1:{port}"),
+            _dir: dir,
+        }
+    }
+
+    /// Waits until pod `ns/name` is Running and Ready (as the kubelet reports it), not being
+    /// deleted, and, when `not_uid` is given, is not that (an older) incarnation; returns it.
+    pub async fn ready_pod(
+        &self,
+        ns: &str,
+        name: &str,
+        not_uid: Option<&str>,
+        timeout: Duration,
+    ) -> RunningPod {
+        let pods: Api<Pod> = Api::namespaced(self.client().await, ns);
+        let pod = eventually(
+            &format!("pod {ns}/{name} Ready on the node"),
+            timeout,
+            || async {
+                let p = pods.get_opt(name).await.ok()??;
+                if p.metadata.deletion_timestamp.is_some()
+                    || not_uid.is_some_and(|u| p.metadata.uid.as_deref() == Some(u))
+                {
+                    return None;
+                }
+                let status = p.status.as_ref()?;
+                let ready = status
+                    .conditions
+                    .as_ref()?
+                    .iter()
+                    .any(|c| c.type_ == "Ready" && c.status == "True");
+                (ready && status.pod_ip.is_some()).then_some(p)
+            },
+        )
+        .await;
+        let status = pod.status.as_ref().unwrap();
+        assert_eq!(
+            pod.spec.as_ref().and_then(|s| s.node_name.as_deref()),
+            Some(self.name.as_str()),
+            "scheduled to the real node"
+        );
+        let container_id = status
+            .container_statuses
+            .as_ref()
+            .and_then(|c| c.first())
+            .and_then(|c| c.container_id.clone())
+            .unwrap_or_default();
+        RunningPod {
+            ns: ns.to_owned(),
+            name: name.to_owned(),
+            uid: pod.metadata.uid.clone().unwrap_or_default(),
+            ip: status.pod_ip.as_ref().unwrap().parse().expect("pod IP"),
+            container_id: container_id
+                .strip_prefix("containerd://")
+                .unwrap_or(&container_id)
+                .to_owned(),
+        }
+    }
+
+    /// Waits until pod `ns/name` with `uid` is gone from the API (the kubelet finished it).
+    pub async fn pod_gone(&self, ns: &str, name: &str, uid: &str, timeout: Duration) {
+        let pods: Api<Pod> = Api::namespaced(self.client().await, ns);
+        eventually(
+            &format!("pod {ns}/{name} (uid {uid}) to be gone"),
+            timeout,
+            || async {
+                match pods.get_opt(name).await {
+                    Ok(None) => Some(()),
+                    Ok(Some(p)) => (p.metadata.uid.as_deref() != Some(uid)).then_some(()),
+                    Err(_) => None,
+                }
+            },
+        )
+        .await;
+    }
+
+    /// The admin token of BackupMx `name` (its Secret), once the operator made it.
+    pub async fn admin_token(&self, ns: &str, name: &str) -> String {
+        let secrets: Api<Secret> = Api::namespaced(self.client().await, ns);
+        eventually(
+            "the admin-token Secret",
+            Duration::from_secs(60),
+            || async {
+                let s = secrets
+                    .get_opt(&format!("{name}-admin-token"))
+                    .await
+                    .ok()??;
+                String::from_utf8(s.data?.get("token")?.0.clone()).ok()
+            },
+        )
+        .await
+    }
+
+    /// `kubectl exec` of a command in the pod's container (the image has no shell: give the
+    /// program and its arguments); returns (success, stdout+stderr).
+    pub fn exec(&self, pod: &RunningPod, cmd: &[&str]) -> (bool, String) {
+        let mut args = vec!["-n", &pod.ns, "exec", &pod.name, "--"];
+        args.extend_from_slice(cmd);
+        let out = self.cluster.kubectl(&args);
+        (out.status.success(), text(&out))
+    }
+
+    /// Deletes a pod (graceful, as a person or a controller would); returns at once.
+    pub async fn delete_pod(&self, pod: &RunningPod) {
+        let pods: Api<Pod> = Api::namespaced(self.client().await, &pod.ns);
+        pods.delete(&pod.name, &DeleteParams::default())
+            .await
+            .expect("delete pod");
+    }
+
+    /// `kill -9` of the pod's container process from the host (the kubelet restarts it): its
+    /// PIDs are found through the container's cgroup, by container ID.
+    pub fn kill_container(&self, pod: &RunningPod) -> usize {
+        assert!(
+            !pod.container_id.is_empty(),
+            "no container ID for {}",
+            pod.name
+        );
+        let mut killed = 0;
+        for hierarchy in ["pids", "memory", "cpu", "systemd", "unified", ""] {
+            let root = Path::new("/sys/fs/cgroup").join(hierarchy).join("kubepods");
+            for dir in find_dirs(&root, &pod.container_id) {
+                let procs = fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+                for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                    let ok = Command::new("kill")
+                        .args(["-KILL", &pid.to_string()])
+                        .status()
+                        .is_ok_and(|s| s.success());
+                    killed += usize::from(ok);
+                }
+            }
+            if killed > 0 {
+                break;
+            }
+        }
+        assert!(
+            killed > 0,
+            "no process of container {} found",
+            pod.container_id
+        );
+        killed
+    }
+
+    /// Deletes the namespace (and with it the pods) without waiting; the volumes stay until the
+    /// node is purged.
+    pub fn delete_namespace(&self, ns: &str) {
+        let _ = self
+            .cluster
+            .kubectl(&["delete", "namespace", ns, "--wait=false"]);
+    }
+}
+
+/// The operator as a process outside the cluster (killed when dropped).
+pub struct NodeOperator {
+    child: std::process::Child,
+    pub log: PathBuf,
+    pub metrics: String,
+    _dir: tempfile::TempDir,
+}
+
+impl NodeOperator {
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Value of `backupmx_reconcile_total` for one object (0 when absent or not up yet).
+    pub async fn reconciles(&self, ns: &str, name: &str) -> u64 {
+        let Ok(r) = reqwest::get(format!("{}/metrics", self.metrics)).await else {
+            return 0;
+        };
+        let text = r.text().await.unwrap_or_default();
+        let needle = format!("backupmx_reconcile_total{{namespace=\"{ns}\",name=\"{name}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&needle))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for NodeOperator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Directories named `name` below `root` (cgroup trees are shallow).
+fn find_dirs(root: &Path, name: &str) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                let p = e.path();
+                if e.file_name() == name {
+                    out.push(p.clone());
+                }
+                stack.push(p);
+            }
+        }
+    }
+    out
+}
+
+/// A pod the kubelet runs: where to reach it.
+#[derive(Debug, Clone)]
+pub struct RunningPod {
+    pub ns: String,
+    pub name: String,
+    pub uid: String,
+    pub ip: IpAddr,
+    pub container_id: String,
+}
+
+impl RunningPod {
+    /// Its SMTP address (the rendered config's port 2525 on the pod IP).
+    pub fn smtp(&self) -> SocketAddr {
+        SocketAddr::new(self.ip, backupmx_operator::render::SMTP_PORT)
+    }
+
+    /// A client of its admin API (port 8025 on the pod IP) with the BackupMx's token.
+    pub fn admin(&self, token: &str) -> PodAdmin {
+        PodAdmin {
+            base: format!(
+                "http://{}:{}",
+                self.ip,
+                backupmx_operator::render::ADMIN_PORT
+            ),
+            token: token.to_owned(),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()
+                .unwrap(),
+        }
+    }
+}
+
+/// mx-pod's admin API in a pod, reached from the host over the bridge.
+pub struct PodAdmin {
+    pub base: String,
+    token: String,
+    http: reqwest::Client,
+}
+
+impl PodAdmin {
+    /// GET a path: status and JSON; None when the pod does not answer.
+    pub async fn try_get(&self, path: &str) -> Option<(u16, Value)> {
+        let r = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .ok()?;
+        let code = r.status().as_u16();
+        let body = r.text().await.ok()?;
+        Some((
+            code,
+            serde_json::from_str(&body).unwrap_or(Value::String(body)),
+        ))
+    }
+
+    /// GET a path that must answer 200.
+    pub async fn get(&self, path: &str) -> Value {
+        let (code, v) = self
+            .try_get(path)
+            .await
+            .unwrap_or_else(|| panic!("{}{path} does not answer", self.base));
+        assert_eq!(code, 200, "GET {}{path}: {v}", self.base);
+        v
+    }
+
+    /// Messages in the pod's queue.
+    pub async fn queued(&self) -> u64 {
+        self.get("/v1/queue").await["messages"]
+            .as_u64()
+            .expect("messages")
+    }
+
+    /// The pod's current replay workers.
+    pub async fn workers(&self) -> u64 {
+        self.get("/v1/replay").await["workers"]
+            .as_u64()
+            .expect("workers")
+    }
+
+    /// Waits until the pod's queue is empty.
+    pub async fn wait_empty(&self, timeout: Duration) {
+        eventually(
+            &format!("the queue of {} to empty", self.base),
+            timeout,
+            || async { (self.try_get("/v1/queue").await?.1["messages"] == 0).then_some(()) },
+        )
+        .await;
+    }
+}
+
+// === a primary the pods can reach ===
+
+/// A real Postfix primary (`tests/infra/postfix-primary.sh`, delivering into one maildir) that
+/// also listens on the node's gateway address, where the pods reach the host. The script runs
+/// it on 127.0.0.1:PORT; each [`BridgePrimary::up`] adds a `GATEWAY:PORT inet smtpd` service
+/// to its master.cf and reloads it. Down means stopped: both addresses refuse.
+pub struct BridgePrimary {
+    inner: Primary,
+    pub gateway: Ipv4Addr,
+}
+
+impl BridgePrimary {
+    /// Starts a primary on a port free on both 127.0.0.1 and the gateway.
+    pub fn start(node: &Node) -> BridgePrimary {
+        let port = loop {
+            let p = free_port_on(IpAddr::V4(node.gateway));
+            if TcpListener::bind(("127.0.0.1", p)).is_ok() {
+                break p;
+            }
+        };
+        let mut me = BridgePrimary {
+            inner: Primary::start_on(port),
+            gateway: node.gateway,
+        };
+        me.listen_on_gateway();
+        me
+    }
+
+    /// Where the pods (and the operator's probe) reach it.
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::new(IpAddr::V4(self.gateway), self.inner.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.inner.port
+    }
+
+    fn listen_on_gateway(&mut self) {
+        let etc = self.inner.dir.path().join("etc");
+        let service = format!("{}:{}", self.gateway, self.inner.port);
+        let out = Command::new("postconf")
+            .arg("-c")
+            .arg(&etc)
+            .arg("-Me")
+            .arg(format!("{service}/inet={service} inet n - n - - smtpd"))
+            .output()
+            .expect("postconf");
+        assert!(out.status.success(), "postconf -M: {}", text(&out));
+        let out = Command::new("postfix")
+            .arg("-c")
+            .arg(&etc)
+            .arg("reload")
+            .output()
+            .expect("postfix reload");
+        assert!(out.status.success(), "postfix reload: {}", text(&out));
+        let addr = self.addr();
+        let start = Instant::now();
+        while std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_err() {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "Postfix does not listen on {addr} after reload"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Starts Postfix again (the maildir and maillog are kept) on both addresses.
+    pub fn up(&mut self) {
+        self.inner.up();
+        self.listen_on_gateway();
+    }
+
+    /// Stops Postfix (an outage): both addresses refuse afterwards.
+    pub fn down(&mut self) {
+        self.inner.down();
+        assert!(
+            std::net::TcpStream::connect_timeout(&self.addr(), Duration::from_secs(1)).is_err(),
+            "{} still accepts after the primary stopped",
+            self.addr()
+        );
+    }
+}
+
+impl Deref for BridgePrimary {
+    type Target = Primary;
+    fn deref(&self) -> &Primary {
+        &self.inner
+    }
+}
+
+/// Deletes the namespace when dropped (at the end of a test, passed or not), so finished
+/// tests' pods do not keep running on the node.
+pub struct NamespaceGuard {
+    pub ns: String,
+}
+
+impl Drop for NamespaceGuard {
+    fn drop(&mut self) {
+        node().delete_namespace(&self.ns);
+    }
+}
