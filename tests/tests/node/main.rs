@@ -287,9 +287,12 @@ async fn a_maintenance_window_holds_replay_though_the_primary_is_up() {
     .await;
     // the window opens now (the pods are up: its 40 s are not spent waiting for them)
     let start = chrono::Utc::now() - chrono::Duration::seconds(5);
+    // a daily window 12 hours away, in Tokyo's time (UTC+9, no DST): never open during the test
+    let tokyo_hour = (chrono::Utc::now() + chrono::Duration::hours(12 + 9)).format("%H");
+    let nightly = format!("0 {tokyo_hour} * * *");
     s.patch(json!({"spec": {"maintenanceWindows": [
         {"start": start.to_rfc3339_opts(chrono::SecondsFormat::Secs, true), "duration": "45s", "reason": "primary upgrade"},
-        {"schedule": "0 3 * * *", "timeZone": "Europe/Berlin", "duration": "1h", "reason": "nightly backup"}
+        {"schedule": nightly, "timeZone": "Asia/Tokyo", "duration": "1h", "reason": "nightly backup"}
     ]}}));
     let st = eventually(
         "MaintenanceWindow with a healthy primary",

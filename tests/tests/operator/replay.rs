@@ -257,13 +257,25 @@ async fn a_maintenance_window_holds_replay_though_the_primary_is_up() {
         "op-window",
         &["--namespace", &ns, "--leader-elect=false"],
     );
-    let start = chrono::Utc::now() - chrono::Duration::seconds(5);
-    let windows = json!({"maintenanceWindows": [
-        {"start": start.to_rfc3339_opts(chrono::SecondsFormat::Secs, true), "duration": "25s", "reason": "primary upgrade"},
-        {"schedule": "0 3 * * *", "timeZone": "Europe/Berlin", "duration": "1h", "reason": "nightly backup"}
-    ]});
-    apply(cluster, &ns, &backupmx(port, 1, windows));
+    apply(cluster, &ns, &backupmx(port, 1, json!({})));
     let pods = Pods::start(cluster, &ns, 1, 111, &primary.addr()).await;
+    eventually("the primary healthy", Duration::from_secs(60), || async {
+        (status(cluster, &ns)["primary"]["healthy"] == true).then_some(())
+    })
+    .await;
+    // the window opens now (the operator and pods are up: its 45 s are not spent waiting for
+    // them); a daily window 12 hours away, in Tokyo's time (UTC+9, no DST), is the next one
+    let start = chrono::Utc::now() - chrono::Duration::seconds(5);
+    let tokyo_hour = (chrono::Utc::now() + chrono::Duration::hours(12 + 9)).format("%H");
+    let nightly = format!("0 {tokyo_hour} * * *");
+    patch(
+        cluster,
+        &ns,
+        json!({"spec": {"maintenanceWindows": [
+            {"start": start.to_rfc3339_opts(chrono::SecondsFormat::Secs, true), "duration": "45s", "reason": "primary upgrade"},
+            {"schedule": nightly, "timeZone": "Asia/Tokyo", "duration": "1h", "reason": "nightly backup"}
+        ]}}),
+    );
     let s = eventually(
         "MaintenanceWindow with a healthy primary",
         Duration::from_secs(60),
