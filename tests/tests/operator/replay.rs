@@ -1,7 +1,8 @@
 //! The operator drives replay from the primary's health: outage and recovery with a ramp, a
-//! maintenance window, a cutover, a scale-down drain, alerts to a webhook, the failover drill.
+//! maintenance window, backoff when the primary says `421`, a cutover, a scale-down drain,
+//! alerts to a webhook, the failover drill.
 //!
-//! The primaries are real Postfix instances; each pod of the StatefulSet is played by a real
+//! The primaries are real Postfix instances (smtp-sink for the one that answers `421`); each pod of the StatefulSet is played by a real
 //! mx-pod on the pod's IP (127.0.0.0/8, SMTP on 2525 and admin on 8025 as in the rendered
 //! config), with the test acting as the kubelet.
 
@@ -12,7 +13,7 @@ use std::{
 
 use axum::{Json, Router, routing::post};
 use backupmx_tests::{
-    MxPod, MxPodConfig, Primary, free_port,
+    MxPod, MxPodConfig, Primary, Sink, free_port,
     kube::{Cluster, Operator, cluster, condition, eventually, run_pod},
     message, send, seq_of,
 };
@@ -618,4 +619,76 @@ async fn the_drill_passes_with_a_healthy_primary_and_fails_with_a_dead_one() {
         events.contains("DrillPassed") && events.contains("DrillFailed"),
         "{events}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_answering_421_backs_the_workers_off_until_it_takes_mail_again() {
+    let cluster = cluster();
+    let ns = cluster.namespace("backoff").await;
+    // healthy to the probe (220, EHLO, QUIT) but `421` and a hang-up at MAIL FROM
+    let busy = Sink::start(&["-Q", "mail"], 0, false).await;
+    let port = busy.port;
+    let _op = Operator::start(
+        cluster,
+        "op-backoff",
+        &["--namespace", &ns, "--leader-elect=false"],
+    );
+    let replay = json!({"replay": {"maxWorkers": 4, "ratePerSecond": 5, "rampUp": "1s"}});
+    apply(cluster, &ns, &backupmx(port, 1, replay));
+    let pods = Pods::start(cluster, &ns, 1, 121, &busy.addr()).await;
+    eventually("the primary healthy", Duration::from_secs(60), || async {
+        (status(cluster, &ns)["primary"]["healthy"] == true).then_some(())
+    })
+    .await;
+    let sent = send_n(pods.pod(0), "backoff", 4).await;
+
+    // the pod reports the 421s; the operator halves the workers and says why (during the 1 s
+    // ramp half of 1 is still 1; once ramped, half of 4)
+    let s = eventually(
+        "replay reason Backoff with 2 of 4 workers",
+        Duration::from_secs(60),
+        || async {
+            let s = status(cluster, &ns);
+            (s["replay"]["reason"] == "Backoff" && s["replay"]["workers"] == 2).then_some(s)
+        },
+    )
+    .await;
+    assert!(
+        s["replay"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("421")),
+        "{s}"
+    );
+    eventually(
+        "2 workers pushed to the pod",
+        Duration::from_secs(30),
+        || async { (pods.workers(0).await == 2).then_some(()) },
+    )
+    .await;
+    assert_eq!(pods.pod(0).queued().await, 4, "deferred, not lost");
+
+    // the primary takes mail again on the same port: delivered in order, back to full speed
+    busy.stop();
+    let sink = Sink::start(&[], port, true).await;
+    pods.pod(0).wait_empty(Duration::from_secs(60)).await;
+    let got: Vec<String> = sink
+        .dumped()
+        .iter()
+        .map(|(_, m)| {
+            let seq = seq_of(m).expect("X-Seq");
+            format!("backoff.{seq}@test")
+        })
+        .collect();
+    let mut unique = got.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), 4, "each message once: {got:?}");
+    let mut want = sent.clone();
+    want.sort();
+    assert_eq!(unique, want);
+    eventually("replay reason Full", Duration::from_secs(60), || async {
+        let s = status(cluster, &ns);
+        (s["replay"]["reason"] == "Full" && s["replay"]["workers"] == 4).then_some(())
+    })
+    .await;
 }
