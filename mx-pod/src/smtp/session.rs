@@ -483,6 +483,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     self.reject(RejectReason::TooManyRecipients, "rcpt");
                     return Ok(None);
                 }
+                let mut to = to;
+                // RFC 5321 4.5.1: `RCPT TO:<postmaster>` (no domain) must be accepted; it goes
+                // to the postmaster of the first configured domain (at the primary)
+                // (smtp-proto gives an empty address for a path without `@`: read the line)
+                if is_bare_postmaster(raw)
+                    && let Some(first) = self.ctx.config.domains.first()
+                {
+                    to.address = format!("postmaster@{}", first.name);
+                }
                 let relay = policy::relay::check(&self.ctx.config, &to.address, raw);
                 if !self.verdict(relay, "rcpt") {
                     return Ok(self.count_error());
@@ -833,6 +842,18 @@ pub fn has_bare_line_ending(body: &[u8]) -> bool {
         prev = b;
     }
     false
+}
+
+/// True for `RCPT TO:<postmaster>` (any case, parameters allowed): the one address without a
+/// domain RFC 5321 4.5.1 requires a server to accept.
+fn is_bare_postmaster(raw_line: &[u8]) -> bool {
+    let Some(lt) = raw_line.iter().position(|&b| b == b'<') else {
+        return false;
+    };
+    let rest = &raw_line[lt + 1..];
+    rest.iter()
+        .position(|&b| b == b'>')
+        .is_some_and(|gt| rest[..gt].eq_ignore_ascii_case(b"postmaster"))
 }
 
 #[cfg(test)]

@@ -228,6 +228,24 @@ async fn relay_and_sequence_errors() {
 }
 
 #[tokio::test]
+async fn bare_postmaster_is_accepted_for_the_first_domain() {
+    let mut h = start().await;
+    let c = &mut h.client;
+    c.cmd("EHLO client.test", "250").await;
+    c.cmd("MAIL FROM:<a@sender.test>", "250").await;
+    c.cmd("RCPT TO:<Postmaster>", "250").await;
+    // only the bare form: a postmaster elsewhere is still relaying
+    c.cmd("RCPT TO:<postmaster@elsewhere.test>", "550 5.7.1")
+        .await;
+    c.cmd("RCPT TO:<postmaster@>", "5").await;
+    c.cmd("DATA", "354").await;
+    c.raw(b"Subject: hi\r\n\r\nhello\r\n.\r\n", "250").await;
+    let queued = h.queue.list(None, 10);
+    assert_eq!(queued.len(), 1);
+    assert_eq!(queued[0].recipients[0].address, "postmaster@example.test");
+}
+
+#[tokio::test]
 async fn limits_on_size_and_recipients() {
     let mut h = start().await;
     let c = &mut h.client;
