@@ -124,7 +124,8 @@ pub fn build(
         status.push_str("\r\n");
         status.push_str(&format!("Final-Recipient: rfc822; {}\r\n", r.address));
         if let Some(o) = &r.orcpt {
-            status.push_str(&format!("Original-Recipient: {o}\r\n"));
+            let o = crate::replay::client::orcpt_address(o);
+            status.push_str(&format!("Original-Recipient: rfc822; {o}\r\n"));
         }
         let action = match kind {
             DsnKind::Failed => "failed",
@@ -244,7 +245,7 @@ mod tests {
         let env = original();
         let rcpts = [DsnRecipient {
             address: "bob@example.test".into(),
-            orcpt: Some("rfc822;bob@example.test".into()),
+            orcpt: Some("bob@example.test".into()),
             diagnostic: "550 5.1.1 No such user".into(),
         }];
         let report = Report {
@@ -273,7 +274,7 @@ mod tests {
         assert!(text.contains("Action: failed"));
         assert!(text.contains("Status: 5.1.1"));
         assert!(text.contains("Original-Envelope-Id: ENV42"));
-        assert!(text.contains("Original-Recipient: rfc822;bob@example.test"));
+        assert!(text.contains("Original-Recipient: rfc822; bob@example.test"));
         assert!(text.contains("Subject: hi"), "headers returned");
         assert!(
             !text.contains("secret body"),

@@ -737,6 +737,18 @@ async fn read_reply(r: &mut BufReader<tokio::net::tcp::OwnedReadHalf>) -> std::i
 /// Sends one message over a fresh connection; `Err` when the connection failed (no reply to
 /// the end of DATA was read: the message must be considered not accepted).
 pub async fn send(addr: SocketAddr, from: &str, to: &[&str], data: &[u8]) -> std::io::Result<Sent> {
+    let to: Vec<(&str, &str)> = to.iter().map(|t| (*t, "")).collect();
+    send_with_params(addr, from, &to, data).await
+}
+
+/// Like [`send`], each recipient with ESMTP parameters as a sending MTA gives them
+/// (`("u@example.test", "NOTIFY=FAILURE ORCPT=rfc822;u@example.test")`).
+pub async fn send_with_params(
+    addr: SocketAddr,
+    from: &str,
+    to: &[(&str, &str)],
+    data: &[u8],
+) -> std::io::Result<Sent> {
     let s = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(addr))
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect"))??;
@@ -748,7 +760,13 @@ pub async fn send(addr: SocketAddr, from: &str, to: &[&str], data: &[u8]) -> std
             return Ok(Sent { reply: greeting });
         }
         let mut cmds = vec!["EHLO client.test".to_owned(), format!("MAIL FROM:<{from}>")];
-        cmds.extend(to.iter().map(|t| format!("RCPT TO:<{t}>")));
+        cmds.extend(to.iter().map(|(t, params)| {
+            if params.is_empty() {
+                format!("RCPT TO:<{t}>")
+            } else {
+                format!("RCPT TO:<{t}> {params}")
+            }
+        }));
         cmds.push("DATA".into());
         for c in cmds {
             w.write_all(format!("{c}\r\n").as_bytes()).await?;

@@ -471,33 +471,40 @@ impl SmtpClient {
     }
 
     fn rcpt_command(&self, r: &Recipient) -> String {
-        let mut s = format!("RCPT TO:<{}>", r.address);
-        if self.caps.dsn {
-            let n = &r.notify;
-            if n.explicit {
-                let mut v = Vec::new();
-                if n.never {
-                    v.push("NEVER");
-                } else {
-                    if n.success {
-                        v.push("SUCCESS");
-                    }
-                    if n.failure {
-                        v.push("FAILURE");
-                    }
-                    if n.delay {
-                        v.push("DELAY");
-                    }
-                }
-                s.push_str(&format!(" NOTIFY={}", v.join(",")));
-            }
-            if let Some(o) = &r.orcpt {
-                s.push_str(&format!(" ORCPT={}", o));
-            }
-        }
-        s.push_str("\r\n");
-        s
+        rcpt_line(&self.caps, r)
     }
+}
+
+/// `RCPT TO:<address>` with the DSN parameters when the server offers DSN.
+fn rcpt_line(caps: &Capabilities, r: &Recipient) -> String {
+    let mut s = format!("RCPT TO:<{}>", r.address);
+    if caps.dsn {
+        let n = &r.notify;
+        if n.explicit {
+            let mut v = Vec::new();
+            if n.never {
+                v.push("NEVER");
+            } else {
+                if n.success {
+                    v.push("SUCCESS");
+                }
+                if n.failure {
+                    v.push("FAILURE");
+                }
+                if n.delay {
+                    v.push("DELAY");
+                }
+            }
+            s.push_str(&format!(" NOTIFY={}", v.join(",")));
+        }
+        // stored decoded (smtp-proto accepts only the rfc822 type): sent as RFC 3461
+        // `ORCPT=rfc822;xtext`
+        if let Some(o) = &r.orcpt {
+            s.push_str(&format!(" ORCPT=rfc822;{}", xtext(orcpt_address(o))));
+        }
+    }
+    s.push_str("\r\n");
+    s
 }
 
 /// Maps a reply to a recipient result: 2xx delivered, 4xx retried, 5xx failed.
@@ -529,6 +536,14 @@ pub fn dot_stuff(body: &[u8]) -> Vec<u8> {
 }
 
 /// RFC 3461 xtext encoding for ENVID.
+/// The address of a stored ORCPT value (decoded; a leading `rfc822;` is dropped if present).
+pub fn orcpt_address(stored: &str) -> &str {
+    match stored.split_once(';') {
+        Some((t, a)) if t.trim().eq_ignore_ascii_case("rfc822") => a.trim(),
+        _ => stored,
+    }
+}
+
 fn xtext(s: &str) -> String {
     let mut out = String::new();
     for b in s.bytes() {
@@ -577,6 +592,36 @@ mod tests {
         assert!(matches!(classify(&r(250)), RcptResult::Delivered(_)));
         assert!(matches!(classify(&r(451)), RcptResult::Deferred(_)));
         assert!(matches!(classify(&r(550)), RcptResult::Failed(_)));
+    }
+
+    #[test]
+    fn orcpt_is_sent_with_its_address_type_and_xtext() {
+        use crate::queue::message::Notify;
+        let notify = Notify {
+            failure: true,
+            explicit: true,
+            ..Notify::default()
+        };
+        let r = Recipient::new(
+            "bob@example.test".into(),
+            Some("Bob+Tax=1@Example.test".into()),
+            notify,
+        );
+        let dsn = Capabilities {
+            dsn: true,
+            ..Capabilities::default()
+        };
+        assert_eq!(
+            rcpt_line(&dsn, &r),
+            "RCPT TO:<bob@example.test> NOTIFY=FAILURE ORCPT=rfc822;Bob+2BTax+3D1@Example.test\r\n"
+        );
+        // without DSN at the primary: no parameters
+        assert_eq!(
+            rcpt_line(&Capabilities::default(), &r),
+            "RCPT TO:<bob@example.test>\r\n"
+        );
+        assert_eq!(orcpt_address("rfc822; a@b.test"), "a@b.test");
+        assert_eq!(orcpt_address("a@b.test"), "a@b.test");
     }
 
     #[test]

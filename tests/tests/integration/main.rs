@@ -7,6 +7,7 @@ mod check_mx;
 mod crash;
 mod disk_full;
 mod dns_rfc2136;
+mod dsn_params;
 mod expiry;
 mod faults;
 mod filter_dns;
