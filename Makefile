@@ -4,7 +4,7 @@
 CARGO ?= cargo
 SHELL := /bin/bash
 
-.PHONY: all deps build release test unit integration lint demo bench crds images chart-test node-test clean
+.PHONY: all deps build release test unit integration lint demo demo-cluster bench crds images chart-test node-test clean
 
 all: build
 
@@ -29,6 +29,11 @@ lint:
 ## demo: a real Postfix primary, mx-pod in front of it, an outage drill a person can watch
 demo: deps release
 	MXPOD_BIN=target/release/mx-pod bash demo/standalone.sh
+
+## demo-cluster: the operator's outage drill on a real single-node Kubernetes (kubelet, containerd),
+## with PowerDNS, a Postfix primary and a sending Postfix; builds what it needs (root, ~5 min)
+demo-cluster: deps
+	bash demo/cluster.sh
 
 ## bench: mx-pod against Postfix as a backup MX and smtp-sink, same machine, same run
 bench: deps release
