@@ -457,6 +457,7 @@ pub fn start_operator_as(
         .env_remove("WATCH_NAMESPACE")
         .env_remove("POD_NAMESPACE")
         .env_remove("POD_NAME")
+        .env_remove("MXPOD_IMAGE")
         .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .env("KUBECONFIG", kubeconfig)
         .stdin(Stdio::null())

@@ -31,8 +31,8 @@ use kube::{Api, Client, api::DeleteParams};
 use serde_json::{Value, json};
 
 use crate::{
-    Primary, clean_cargo_env, free_port, free_port_on,
-    kube::{Cluster, eventually, kube_bin_dir, text},
+    Primary, clean_cargo_env, free_port_on,
+    kube::{Cluster, Operator, eventually, kube_bin_dir, operator_bin, start_operator_as, text},
     repo, require, require_root, state_dir,
 };
 
@@ -106,11 +106,6 @@ fn require_node_parts(bin: &Path) {
     );
 }
 
-/// The `backupmx-operator` binary (debug), built once per test binary.
-pub fn operator_binary() -> PathBuf {
-    crate::kube::operator_bin()
-}
-
 fn run_script(what: &str, cmd: &mut Command) -> Output {
     let out = cmd
         .stdin(Stdio::null())
@@ -154,7 +149,7 @@ pub fn node() -> &'static Node {
         let (tarball, image) = mxpod_image();
         let image_time = t.elapsed();
         let t = Instant::now();
-        operator_binary();
+        operator_bin();
         let operator_build = t.elapsed();
 
         // the control plane, with the scheduler; the API server reaches the kubelet on the
@@ -338,31 +333,26 @@ impl Node {
 
     /// Starts the operator as a process outside the cluster, watching `ns` only, without
     /// leader election, with `--mxpod-image` = the imported image.
-    pub fn operator(&self, ns: &str, identity: &str) -> NodeOperator {
-        let dir = state_dir("operator");
-        let log = dir.path().join("operator.log");
-        let port = free_port();
-        let file = fs::File::create(&log).unwrap();
-        let child = Command::new(operator_binary())
-            .args(["run", "--namespace", ns, "--leader-elect=false"])
-            .args(["--identity", identity, "--mxpod-image", &self.image])
-            .arg(format!("--metrics-addr=127.0.0.1:{port}"))
-            .env_remove("WATCH_NAMESPACE")
-            .env_remove("POD_NAMESPACE")
-            .env_remove("MXPOD_IMAGE")
-            .env("KUBECONFIG", self.cluster.kubeconfig())
-            .env("RUST_LOG", "info,backupmx_operator=debug")
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().unwrap())
-            .stderr(file)
-            .spawn()
-            .expect("start backupmx-operator");
-        NodeOperator {
-            child,
-            log,
-            metrics: format!("http://127.0.0.1:{port}"),
-            _dir: dir,
-        }
+    pub fn operator(&self, ns: &str, identity: &str) -> Operator {
+        let args: Vec<String> = [
+            "run",
+            "--namespace",
+            ns,
+            "--leader-elect=false",
+            "--identity",
+            identity,
+            "--mxpod-image",
+            &self.image,
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+        start_operator_as(
+            &self.cluster.kubeconfig(),
+            identity,
+            &args,
+            &[("RUST_LOG".into(), "info,backupmx_operator=debug".into())],
+        )
     }
 
     /// Waits until pod `ns/name` is Running and Ready (as the kubelet reports it), not being
@@ -513,39 +503,6 @@ impl Node {
 }
 
 /// The operator as a process outside the cluster (killed when dropped).
-pub struct NodeOperator {
-    child: std::process::Child,
-    pub log: PathBuf,
-    pub metrics: String,
-    _dir: tempfile::TempDir,
-}
-
-impl NodeOperator {
-    pub fn log_text(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Value of `backupmx_reconcile_total` for one object (0 when absent or not up yet).
-    pub async fn reconciles(&self, ns: &str, name: &str) -> u64 {
-        let Ok(r) = reqwest::get(format!("{}/metrics", self.metrics)).await else {
-            return 0;
-        };
-        let text = r.text().await.unwrap_or_default();
-        let needle = format!("backupmx_reconcile_total{{namespace=\"{ns}\",name=\"{name}\"}} ");
-        text.lines()
-            .find_map(|l| l.strip_prefix(&needle))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0)
-    }
-}
-
-impl Drop for NodeOperator {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// Directories named `name` below `root` (cgroup trees are shallow).
 fn find_dirs(root: &Path, name: &str) -> Vec<PathBuf> {
     let mut out = Vec::new();

@@ -21,12 +21,9 @@ use std::{
 use axum::{Json, Router, routing::post};
 use backupmx_tests::{
     free_port,
-    kube::{condition, eventually, text},
+    kube::{Operator, condition, eventually, operator_bin, text},
     message,
-    node::{
-        BridgePrimary, NamespaceGuard, Node, NodeOperator, RunningPod, STORAGE_CLASS, node,
-        operator_binary,
-    },
+    node::{BridgePrimary, NamespaceGuard, Node, RunningPod, STORAGE_CLASS, node},
     send, seq_of,
 };
 use serde_json::{Value, json};
@@ -56,7 +53,7 @@ fn backupmx(primary: &BridgePrimary, replicas: usize, extra: Value) -> Value {
 struct Setup {
     node: &'static Node,
     ns: String,
-    op: NodeOperator,
+    op: Operator,
     token: String,
     pods: Vec<RunningPod>,
     started: Instant,
@@ -579,7 +576,7 @@ async fn the_drill_passes_with_a_healthy_primary_and_fails_with_a_dead_one() {
     .await;
 
     // the command line: annotates, waits, prints, exit status
-    let out = std::process::Command::new(operator_binary())
+    let out = std::process::Command::new(operator_bin())
         .args(["drill", "example", "-n", &s.ns, "--timeout", "90s"])
         .env("KUBECONFIG", node.cluster.kubeconfig())
         .output()
