@@ -56,7 +56,7 @@ images:
 chart-test: deps
 	$(CARGO) test -p backupmx-tests --test operator chart
 
-## node-test: the operator's replay scenarios with a REAL node (kubelet, containerd, runc, CNI
+## node-test: the operator's replay and disaster scenarios with a REAL node (kubelet, containerd, runc, CNI
 ## bridge) running the mx-pod image (tests/tests/node/, tests/infra/node/; root). `make test`
 ## runs them too (the `node` test target)
 node-test: deps

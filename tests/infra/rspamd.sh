@@ -15,7 +15,9 @@
 # every DNS check fails fast, nothing leaves the host; point it at a powerdns.sh instance to
 # serve e.g. an RBL zone); RSPAMD_SMALL_TLD=1 (an 11-entry public-suffix list instead of ~9600:
 # a cold start takes ~5 s instead of ~20 s, but URL detection only knows those TLDs);
-# BACKUPMX_RSPAMD_CACHE (default /var/cache/backupmx-rspamd); START_WAIT_S (default 300),
+# RSPAMD_EXTRA_BIND=IP (the normal worker also listens on IP:PORT, e.g. the real-node tier's
+# bridge gateway, where pods reach the host); BACKUPMX_RSPAMD_CACHE (default
+# /var/cache/backupmx-rspamd); START_WAIT_S (default 300),
 # STOP_WAIT_S (default 15).
 #
 # The config is Debian's /etc/rspamd with overrides in DIR/etc: no redis (Bayes, ratelimit etc.
@@ -53,6 +55,10 @@ write_config() {
   rm -rf "$e"
   mkdir -p "$e/local.d" "$e/override.d" "$RP_DIR/db" "$RP_DIR/run" "$RP_DIR/logdir"
   printf 'bind_socket = "127.0.0.1:%s";\ncount = 1;\n' "$1" > "$e/override.d/worker-normal.inc"
+  if [[ -n "${RSPAMD_EXTRA_BIND:-}" ]]; then
+    [[ "$RSPAMD_EXTRA_BIND" =~ ^[0-9.]+$ ]] || die "RSPAMD_EXTRA_BIND must be an IPv4 address, not '$RSPAMD_EXTRA_BIND'"
+    printf 'bind_socket = "%s:%s";\n' "$RSPAMD_EXTRA_BIND" "$1" >> "$e/override.d/worker-normal.inc"
+  fi
   printf 'bind_socket = "127.0.0.1:%s";\ncount = 1;\n' "$2" > "$e/override.d/worker-controller.inc"
   printf 'enabled = false;\n' > "$e/override.d/worker-proxy.inc"
   printf 'type = "console";\nlevel = "info";\n' > "$e/override.d/logging.inc"

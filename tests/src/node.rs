@@ -17,17 +17,21 @@
 //! iptables chains, cgroups, sysctls) within a second or two.
 
 use std::{
+    collections::BTreeSet,
     fs,
     net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener},
     ops::Deref,
     path::{Path, PathBuf},
     process::{Command, Output, Stdio},
-    sync::OnceLock,
+    sync::{Arc, OnceLock, atomic::AtomicUsize},
     time::{Duration, Instant},
 };
 
-use k8s_openapi::api::core::v1::{Pod, Secret, ServiceAccount};
-use kube::{Api, Client, api::DeleteParams};
+use k8s_openapi::api::core::v1::{Pod, Secret, Service, ServiceAccount};
+use kube::{
+    Api, Client,
+    api::{DeleteParams, Patch, PatchParams},
+};
 use serde_json::{Value, json};
 
 use crate::{
@@ -334,11 +338,16 @@ impl Node {
     /// Starts the operator as a process outside the cluster, watching `ns` only, without
     /// leader election, with `--mxpod-image` = the imported image.
     pub fn operator(&self, ns: &str, identity: &str) -> Operator {
-        let args: Vec<String> = [
+        self.operator_with(ns, identity, &["--leader-elect=false"])
+    }
+
+    /// [`Node::operator`] with other `run` flags instead of `--leader-elect=false` (e.g. leader
+    /// election through a Lease in `ns`).
+    pub fn operator_with(&self, ns: &str, identity: &str, extra: &[&str]) -> Operator {
+        let mut args: Vec<String> = [
             "run",
             "--namespace",
             ns,
-            "--leader-elect=false",
             "--identity",
             identity,
             "--mxpod-image",
@@ -347,6 +356,7 @@ impl Node {
         .iter()
         .map(|a| a.to_string())
         .collect();
+        args.extend(extra.iter().map(|a| a.to_string()));
         start_operator_as(
             &self.cluster.kubeconfig(),
             identity,
@@ -407,6 +417,49 @@ impl Node {
                 .unwrap_or(&container_id)
                 .to_owned(),
         }
+    }
+
+    /// The SMTP address of pod `ns/name` when it is Ready and not being deleted (where a
+    /// sender that follows the pod, as a Service would, connects now); None otherwise.
+    pub async fn smtp_of(&self, ns: &str, name: &str) -> Option<SocketAddr> {
+        let pods: Api<Pod> = Api::namespaced(self.client().await, ns);
+        let p = pods.get_opt(name).await.ok()??;
+        if p.metadata.deletion_timestamp.is_some() {
+            return None;
+        }
+        let status = p.status?;
+        let ready = status
+            .conditions?
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True");
+        let ip: IpAddr = status.pod_ip?.parse().ok()?;
+        ready.then(|| SocketAddr::new(ip, backupmx_operator::render::SMTP_PORT))
+    }
+
+    /// Plays the cloud controller: gives LoadBalancer Service `ns/name` the address `ip` in
+    /// `status.loadBalancer.ingress` (once the Service exists).
+    pub async fn set_load_balancer(&self, ns: &str, name: &str, ip: IpAddr) {
+        let svcs: Api<Service> = Api::namespaced(self.client().await, ns);
+        let svc = eventually(
+            &format!("Service {ns}/{name}"),
+            Duration::from_secs(60),
+            || async { svcs.get_opt(name).await.ok()? },
+        )
+        .await;
+        assert_eq!(
+            svc.spec.and_then(|s| s.type_).as_deref(),
+            Some("LoadBalancer"),
+            "{name} is a LoadBalancer Service"
+        );
+        svcs.patch_status(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"status": {"loadBalancer": {"ingress": [{"ip": ip.to_string()}]}}}),
+            ),
+        )
+        .await
+        .expect("patch the Service's status");
     }
 
     /// Waits until pod `ns/name` with `uid` is gone from the API (the kubelet finished it).
@@ -493,6 +546,40 @@ impl Node {
         killed
     }
 
+    /// Mounts a tmpfs of `size` (e.g. `12m`) owned by the pods' uid on a volume's directory,
+    /// inside the node's mount namespace (where the kubelet and containerd see it; the host's
+    /// mounts do not propagate there). Unmounted when the guard is dropped.
+    pub fn mount_small_volume(&self, dir: &Path, size: &str) -> SmallVolume {
+        let holder = fs::read_to_string(self.state.join("nsholder.pid"))
+            .expect("the node's namespace holder PID");
+        let nsenter = |args: &[&str]| {
+            let out = Command::new("nsenter")
+                .args(["-t", holder.trim(), "-m", "--"])
+                .args(args)
+                .output()
+                .expect("run nsenter");
+            assert!(
+                out.status.success(),
+                "{args:?} in the node's namespace: {}",
+                text(&out)
+            );
+        };
+        let options = format!("size={size},uid={POD_UID},gid={POD_UID},mode=0750");
+        nsenter(&[
+            "mount",
+            "-t",
+            "tmpfs",
+            "-o",
+            &options,
+            "tmpfs",
+            &dir.to_string_lossy(),
+        ]);
+        SmallVolume {
+            holder: holder.trim().to_owned(),
+            dir: dir.to_owned(),
+        }
+    }
+
     /// Deletes the namespace (and with it the pods) without waiting; the volumes stay until the
     /// node is purged.
     pub fn delete_namespace(&self, ns: &str) {
@@ -502,7 +589,22 @@ impl Node {
     }
 }
 
-/// The operator as a process outside the cluster (killed when dropped).
+/// A small filesystem on a volume's directory ([`Node::mount_small_volume`]); unmounted when
+/// dropped.
+pub struct SmallVolume {
+    holder: String,
+    dir: PathBuf,
+}
+
+impl Drop for SmallVolume {
+    fn drop(&mut self) {
+        let _ = Command::new("nsenter")
+            .args(["-t", &self.holder, "-m", "--", "umount", "-l"])
+            .arg(&self.dir)
+            .status();
+    }
+}
+
 /// Directories named `name` below `root` (cgroup trees are shallow).
 fn find_dirs(root: &Path, name: &str) -> Vec<PathBuf> {
     let mut out = Vec::new();
@@ -714,5 +816,148 @@ pub struct NamespaceGuard {
 impl Drop for NamespaceGuard {
     fn drop(&mut self) {
         node().delete_namespace(&self.ns);
+    }
+}
+
+// === a sending MTA under load ===
+
+/// What a [`Load`] did.
+#[derive(Debug, Default, Clone)]
+pub struct LoadReport {
+    /// The acknowledged Message-IDs in the order the `250`s came (the pod's arrival order).
+    pub acked: Vec<String>,
+    /// Messages an attempt of which broke off before the reply to the end of DATA was read:
+    /// the pod may have kept that copy too (the one duplicate SMTP allows, RFC 5321 §6.1).
+    pub uncertain: BTreeSet<String>,
+    /// Attempts refused with a `4xx` reply (e.g. `421 4.3.2` while the pod shuts down).
+    pub refused: usize,
+    /// Attempts that could not connect or broke off.
+    pub broken: usize,
+}
+
+impl LoadReport {
+    /// Checks what a primary received against what was acknowledged: every acknowledged
+    /// message arrived (zero loss), no message twice unless an attempt of it broke off, and
+    /// the acknowledged messages in arrival order (first copies).
+    pub fn check_delivered(&self, received: &[String]) {
+        let tag = self.acked.first().and_then(|id| id.split('.').next());
+        let mine: Vec<&String> = received
+            .iter()
+            .filter(|id| tag.is_some_and(|t| id.starts_with(&format!("{t}."))))
+            .collect();
+        let mut seen = BTreeSet::new();
+        let mut first_copies = Vec::new();
+        for id in mine {
+            if seen.insert(id.clone()) {
+                first_copies.push(id.clone());
+            } else {
+                assert!(
+                    self.uncertain.contains(id),
+                    "{id} delivered twice though every attempt of it got a reply"
+                );
+            }
+        }
+        let lost: Vec<&String> = self.acked.iter().filter(|id| !seen.contains(*id)).collect();
+        assert!(
+            lost.is_empty(),
+            "acknowledged but never delivered: {lost:?}"
+        );
+        assert_eq!(
+            first_copies, self.acked,
+            "delivered in the order the pod acknowledged them"
+        );
+    }
+}
+
+/// A sending MTA's behaviour, as a task: messages `TAG.0 .. TAG.(n-1)` to pod `ns/name`, one
+/// after another, `pace` apart; each is retried (every 200 ms) until it is acknowledged, as an
+/// MTA's queue would, following the pod to its new IP when it is replaced. Bounded by `n` and
+/// by [`Load::DEADLINE`].
+pub struct Load {
+    task: tokio::task::JoinHandle<LoadReport>,
+    acked: Arc<AtomicUsize>,
+    tag: String,
+}
+
+impl Load {
+    /// The longest a load may run (it panics after that).
+    pub const DEADLINE: Duration = Duration::from_secs(300);
+
+    pub fn start(ns: &str, pod: &str, tag: &str, n: usize, pace: Duration) -> Load {
+        let acked = Arc::new(AtomicUsize::new(0));
+        let (ns, pod, tag_owned) = (ns.to_owned(), pod.to_owned(), tag.to_owned());
+        let counter = acked.clone();
+        let task = tokio::spawn(async move {
+            let node = node();
+            let started = Instant::now();
+            let mut report = LoadReport::default();
+            for i in 0..n {
+                let id = format!("{tag_owned}.{i}@test");
+                let data = crate::message(&tag_owned, i, 2000);
+                loop {
+                    assert!(
+                        started.elapsed() < Self::DEADLINE,
+                        "load {tag_owned}: message {i} not acknowledged after {:?}: {report:?}",
+                        Self::DEADLINE
+                    );
+                    let Some(addr) = node.smtp_of(&ns, &pod).await else {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        continue;
+                    };
+                    let attempt = tokio::time::timeout(
+                        Duration::from_secs(30),
+                        crate::send(addr, "sender@sender.test", &["user@example.test"], &data),
+                    )
+                    .await;
+                    match attempt {
+                        Ok(Ok(r)) if r.ok() => break,
+                        Ok(Ok(r)) => {
+                            assert!(
+                                r.code() / 100 == 4,
+                                "load {tag_owned}: message {i} refused for good: {r:?}"
+                            );
+                            report.refused += 1;
+                        }
+                        _ => {
+                            report.broken += 1;
+                            report.uncertain.insert(id.clone());
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                report.acked.push(id);
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::time::sleep(pace).await;
+            }
+            report
+        });
+        Load {
+            task,
+            acked,
+            tag: tag.to_owned(),
+        }
+    }
+
+    /// Messages acknowledged so far.
+    pub fn acked(&self) -> usize {
+        self.acked.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Waits until at least `k` messages were acknowledged.
+    pub async fn wait_acked(&self, k: usize) {
+        eventually(
+            &format!("{k} messages of load {} acknowledged", self.tag),
+            Self::DEADLINE,
+            || async { (self.acked() >= k).then_some(()) },
+        )
+        .await;
+    }
+
+    /// Waits for the load to finish; its report.
+    pub async fn finish(self) -> LoadReport {
+        match self.task.await {
+            Ok(r) => r,
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        }
     }
 }

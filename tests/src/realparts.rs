@@ -87,10 +87,28 @@ impl Rspamd {
     /// server that answers REFUSED, a plain message from an outside address scores ~7 ("add
     /// header"); from 127.0.0.1 ~0.9 ("no action").
     pub fn start_with_dns(dns: Option<&str>) -> Rspamd {
+        Self::start_with_env(dns.map(|d| ("RSPAMD_DNS", d)).into_iter().collect())
+    }
+
+    /// Starts rspamd whose normal worker also listens on `ip` (same port as [`Rspamd::url`]),
+    /// e.g. the real node's bridge gateway where pods reach the host; returns it and that URL.
+    pub fn start_also_on(ip: std::net::Ipv4Addr) -> (Rspamd, String) {
+        let ip = ip.to_string();
+        let r = Self::start_with_env(vec![("RSPAMD_EXTRA_BIND", &ip)]);
+        let port = r
+            .url
+            .rsplit(':')
+            .next()
+            .expect("port in RSPAMD_URL")
+            .to_owned();
+        let url = format!("http://{ip}:{port}");
+        (r, url)
+    }
+
+    fn start_with_env(env: Vec<(&str, &str)>) -> Rspamd {
         require_root();
         require("rspamd");
         let dir = state_dir("rspamd");
-        let env: Vec<(&str, &str)> = dns.map(|d| ("RSPAMD_DNS", d)).into_iter().collect();
         let out = infra("rspamd.sh", "start", dir.path(), &env);
         Rspamd {
             url: env_value(&out, "RSPAMD_URL", "rspamd.sh"),

@@ -3,7 +3,9 @@
 //! PersistentVolumes, and the operator running outside the cluster as a process that reaches
 //! the pods on their pod IPs. The real-node twins of `tests/operator/replay.rs` (where the test
 //! plays the kubelet): outage and ramp, maintenance window, cutover, scale-down drain, webhook
-//! alerts, failover drill.
+//! alerts, failover drill. Issue 9's disaster scenarios (pods deleted and killed under load,
+//! a rolling update, the leader killed, rspamd during an outage, a full volume, deletion with
+//! DNS, spec errors) are in [`disaster`].
 //!
 //! The primaries are real Postfix instances listening on the node's gateway address (where pods
 //! reach the host); mail is sent to the pods' IPs on port 2525. The control plane and the node
@@ -27,6 +29,8 @@ use backupmx_tests::{
     send, seq_of,
 };
 use serde_json::{Value, json};
+
+mod disaster;
 
 /// Pods come up in a few seconds; deleting one takes the kubelet 1.20 ~10 s, sometimes a minute.
 const POD_TIMEOUT: Duration = Duration::from_secs(150);
@@ -64,12 +68,31 @@ impl Setup {
     /// A namespace, volumes for `replicas` pods, the operator, the BackupMx; returns once every
     /// pod is Running and Ready on the node.
     async fn new(prefix: &str, primary: &BridgePrimary, replicas: usize, extra: Value) -> Setup {
+        Self::new_with(prefix, primary, replicas, extra, false, |_, _| {}).await
+    }
+
+    /// [`Setup::new`], the operator electing a leader through a Lease in the namespace when
+    /// `leader_election`, and `prepare(namespace, volume directories)` run before the
+    /// BackupMx is applied.
+    async fn new_with(
+        prefix: &str,
+        primary: &BridgePrimary,
+        replicas: usize,
+        extra: Value,
+        leader_election: bool,
+        prepare: impl FnOnce(&str, &[std::path::PathBuf]),
+    ) -> Setup {
         let node = node();
         let started = Instant::now();
         let ns = node.namespace(prefix).await;
         let guard = NamespaceGuard { ns: ns.clone() };
-        node.volumes(&ns, "queue", "example", replicas, "1Gi");
-        let op = node.operator(&ns, &format!("op-{prefix}"));
+        let dirs = node.volumes(&ns, "queue", "example", replicas, "1Gi");
+        prepare(&ns, &dirs);
+        let op = if leader_election {
+            node.operator_with(&ns, &format!("op-{prefix}-a"), &["--lease-namespace", &ns])
+        } else {
+            node.operator(&ns, &format!("op-{prefix}"))
+        };
         node.apply(Some(&ns), &backupmx(primary, replicas, extra));
         let token = node.admin_token(&ns, "example").await;
         let mut pods = Vec::new();
