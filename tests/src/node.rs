@@ -58,6 +58,10 @@ pub struct Node {
     pub name: String,
     /// The host's address on the pod network (the bridge's gateway).
     pub gateway: Ipv4Addr,
+    /// An address on the pod network no pod gets (`KNODE_LB_IP`): what the harness writes into
+    /// a LoadBalancer Service's `status.loadBalancer.ingress`, as a cloud controller would;
+    /// kube-proxy routes it to the Service's pods.
+    pub lb_ip: Ipv4Addr,
     /// The mx-pod image the pods run (`backupmx/mx-pod:VERSION`).
     pub image: String,
     /// How long the pieces took to come up (printed by [`node`]).
@@ -82,6 +86,7 @@ fn require_node_parts(bin: &Path) {
         "kube-scheduler",
         "kubectl",
         "kubelet",
+        "kube-proxy",
         "knode-cri",
     ] {
         assert!(
@@ -178,7 +183,8 @@ pub fn node() -> &'static Node {
         );
         let control_plane = t.elapsed();
 
-        // the node, with the image imported; no kube-proxy (nothing here uses Service IPs)
+        // the node, with the image imported, and kube-proxy (a LoadBalancer Service's address
+        // reaches the pods)
         let t = Instant::now();
         let state = state_dir("node").keep();
         run_script(
@@ -190,7 +196,7 @@ pub fn node() -> &'static Node {
                 .env("KUBE_BIN_DIR", &bin_dir)
                 .env("KNODE_BIN_DIR", &bin_dir)
                 .env("KNODE_OWNER_PID", std::process::id().to_string())
-                .env("KNODE_WITH_PROXY", "0")
+                .env("KNODE_WITH_PROXY", "1")
                 .env("KNODE_IMAGES", &tarball)
                 .env_remove("KUBECONFIG"),
         );
@@ -209,6 +215,9 @@ pub fn node() -> &'static Node {
             },
             name: var("KNODE_NAME"),
             gateway: var("KNODE_GATEWAY").parse().expect("gateway address"),
+            lb_ip: var("KNODE_LB_IP")
+                .parse()
+                .expect("KNODE_LB_IP: the node's pod network must be a /24"),
             state,
             image,
             timings: Timings {

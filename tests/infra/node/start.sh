@@ -98,6 +98,14 @@ TIMEOUT=${KNODE_READY_TIMEOUT:-120}
 GATEWAY=${BASH_REMATCH[1]}.${BASH_REMATCH[2]}.${BASH_REMATCH[3]}.$((BASH_REMATCH[4] + 1))
 PREFIX=${BASH_REMATCH[5]}
 NODE_IP=${KNODE_NODE_IP:-$GATEWAY}
+# In a /24, pods get .2-.239; .240-.254 are kept for "load balancer" addresses a test writes
+# into a Service's status.loadBalancer.ingress (kube-proxy routes them to the pods, as a cloud
+# load balancer would). KNODE_LB_IP is the first of them.
+RANGE_END='' LB_IP=''
+if [ "$PREFIX" = 24 ]; then
+  RANGE_END=${BASH_REMATCH[1]}.${BASH_REMATCH[2]}.${BASH_REMATCH[3]}.239
+  LB_IP=${BASH_REMATCH[1]}.${BASH_REMATCH[2]}.${BASH_REMATCH[3]}.240
+fi
 KUBELET_ADDR=${KNODE_KUBELET_ADDRESS:-$NODE_IP}
 OWNER_PID=${KNODE_OWNER_PID:-}
 starttime() { { sed 's/.*) //' "/proc/$1/stat" 2>/dev/null || true; } | cut -d' ' -f20; }
@@ -234,7 +242,7 @@ cat > "$STATEDIR/cni/net.d/10-knode.conflist" <<EOF
   "plugins": [
     { "type": "bridge", "bridge": "$BRIDGE", "isGateway": true, "ipMasq": false, "hairpinMode": true,
       "ipam": { "type": "host-local", "dataDir": "$STATEDIR/cni/ipam",
-                "ranges": [[{ "subnet": "$POD_CIDR", "gateway": "$GATEWAY" }]] } },
+                "ranges": [[{ "subnet": "$POD_CIDR", "gateway": "$GATEWAY"${RANGE_END:+, \"rangeEnd\": \"$RANGE_END\"} }]] } },
     { "type": "portmap", "capabilities": { "portMappings": true } }
   ]
 }
@@ -366,6 +374,7 @@ export KNODE_NAME=$NODE
 export KNODE_NODE_IP=$NODE_IP
 export KNODE_GATEWAY=$GATEWAY
 export KNODE_POD_CIDR=$POD_CIDR
+export KNODE_LB_IP=$LB_IP
 export KNODE_STATEDIR=$STATEDIR
 export KNODE_CRI_ENDPOINT=unix://$SOCK
 export KNODE_SNAPSHOTTER=$SNAP

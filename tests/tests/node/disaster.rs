@@ -411,7 +411,8 @@ async fn zone() -> PowerDns {
 }
 
 /// (k) The operator publishes the backup MX and its address (from the LoadBalancer ingress the
-/// harness writes, as a cloud controller would) in a real PowerDNS; deleting the BackupMx
+/// harness writes, as a cloud controller would) in a real PowerDNS, and mail sent to that
+/// address on port 25 reaches the pod through kube-proxy; deleting the BackupMx
 /// removes exactly those records, and its claim and the mail on it stay: a BackupMx applied
 /// again picks the mail up and delivers it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -437,7 +438,7 @@ async fn deleting_the_backupmx_removes_its_dns_records_and_keeps_the_mail() {
         volume = dirs[0].clone();
     })
     .await;
-    let lb: IpAddr = "198.51.100.25".parse().unwrap();
+    let lb = IpAddr::V4(node.lb_ip);
     node.set_load_balancer(&s.ns, "example-smtp", lb).await;
     let published = |reason: &'static str| {
         let s = &s;
@@ -461,7 +462,22 @@ async fn deleting_the_backupmx_removes_its_dns_records_and_keeps_the_mail() {
         "{mx}"
     );
     assert_eq!(pdns.dig("mx2.example.test", "A"), lb.to_string());
-    let sent = send_n(&s.pods[0], "kept", 5).await;
+    // a sending MTA reaches the backup where the MX points: the load balancer's address,
+    // port 25 (kube-proxy forwards it to the pod's 2525)
+    let mut sent = Vec::new();
+    for i in 0..5 {
+        let r = send(
+            std::net::SocketAddr::new(lb, 25),
+            "sender@sender.test",
+            &["user@example.test"],
+            &message("kept", i, 300),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("SMTP to the load balancer {lb}:25: {e}"));
+        assert!(r.ok(), "{r:?}");
+        sent.push(format!("kept.{i}@test"));
+    }
+    assert_eq!(s.pods[0].admin(&s.token).queued().await, 5);
 
     node.kubectl_ok(&["-n", &s.ns, "delete", "bmx/example", "--wait=false"]);
     eventually("the BackupMx deleted", Duration::from_secs(90), || async {
