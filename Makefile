@@ -1,10 +1,11 @@
-# backupmx — the two commands: `make demo` (the main job) and `make test` (every test).
+# backupmx — the two commands: `make demo` (the main job: the outage drill on a real
+# single-node Kubernetes) and `make test` (every test).
 # `make deps` installs the system packages they need (Debian/Ubuntu, as root).
 
 CARGO ?= cargo
 SHELL := /bin/bash
 
-.PHONY: all deps build release test unit integration lint demo demo-cluster bench crds images chart-test node-test clean
+.PHONY: all deps build release test unit integration lint demo demo-cluster demo-standalone bench crds images chart-test node-test clean
 
 all: build
 
@@ -26,14 +27,18 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-## demo: a real Postfix primary, mx-pod in front of it, an outage drill a person can watch
-demo: deps release
-	MXPOD_BIN=target/release/mx-pod bash demo/standalone.sh
-
-## demo-cluster: the operator's outage drill on a real single-node Kubernetes (kubelet, containerd),
-## with PowerDNS, a Postfix primary and a sending Postfix; builds what it needs (root, ~5 min)
-demo-cluster: deps
+## demo: the main job. The operator's outage drill on a real single-node Kubernetes (kubelet,
+## containerd, kube-proxy) with PowerDNS, a Postfix primary, a sending Postfix and smtp-source
+## load; builds what it needs, cleans up after itself (root; ~6 min with builds, ~2 min after)
+demo: deps
 	bash demo/cluster.sh
+
+## demo-cluster: the same as `make demo` (its former name)
+demo-cluster: demo
+
+## demo-standalone: no Kubernetes: one mx-pod in front of a real Postfix primary, the same drill
+demo-standalone: deps release
+	MXPOD_BIN=target/release/mx-pod bash demo/standalone.sh
 
 ## bench: mx-pod against Postfix as a backup MX and smtp-sink, same machine, same run
 bench: deps release

@@ -12,15 +12,19 @@
 #     cannot reach the API server here; the operator reaches the pods on their pod IPs)
 #   4 start PowerDNS (example.com: MX 10 mail.example.com -> 127.0.0.1) and a Postfix primary for
 #     example.com on 127.0.0.1 and on the node's bridge address 10.244.0.1 (where pods reach it)
-#   5 apply a BackupMx (2 replicas, DNS through PowerDNS): pods, kubectl get bmx, dig MX
+#   5 apply a BackupMx (2 replicas, DNS through PowerDNS): pods; the demo plays the cloud
+#     controller and gives the SMTP Service a load-balancer address (10.244.0.240, routed to the
+#     pods by kube-proxy); the operator publishes it: kubectl get bmx, dig MX
 #   6 stop the primary (the outage); the operator holds replay: reason PrimaryDown
 #   7 send DEMO_MESSAGES numbered messages through a sending Postfix that tries the primary first
-#     and falls back to the backup (smtp_fallback_relay); the queue grows in kubectl get bmx
+#     and falls back to the backup (smtp_fallback_relay), then DEMO_LOAD more with smtp-source
+#     through the load balancer's address; the queue grows in kubectl get bmx
 #   8 start the primary again; the operator ramps replay up; watch the queue drain
 #   9 check the primary's maildir: every message exactly once, in arrival order per pod
 #  10 summary table; everything is stopped and the host restored on exit (also on error/Ctrl-C)
 #
-# Environment (defaults): DEMO_MESSAGES (20), DEMO_RATE (1: replay messages/s per pod, so the
+# Environment (defaults): DEMO_MESSAGES (20), DEMO_LOAD (60: smtp-source messages through the
+# load balancer, counted, not numbered), DEMO_RATE (2: replay messages/s per pod, so the
 # ramp can be watched), DEMO_MAX_WORKERS (3), DEMO_RAMP_UP (10s), DEMO_REPLICAS (2),
 # DEMO_SEND (postfix: through a sending Postfix with smtp_fallback_relay; swaks: straight to the
 # pods), DEMO_REPLAY_TIMEOUT (180 s), DEMO_BUILD_TIMEOUT (2400 s), DEMO_KEEP (0; 1 keeps the work
@@ -40,7 +44,8 @@ LOG_TAG=demo-cluster
 . "$ROOT/tests/infra/postfix-lib.sh"
 
 N=${DEMO_MESSAGES:-20}
-RATE=${DEMO_RATE:-1}
+LOAD=${DEMO_LOAD:-60}
+RATE=${DEMO_RATE:-2}
 MAXW=${DEMO_MAX_WORKERS:-3}
 RAMP=${DEMO_RAMP_UP:-10s}
 REPLICAS=${DEMO_REPLICAS:-2}
@@ -256,18 +261,20 @@ T_CP=$(since "$t0")
 . "$KSTATE/env" # KUBECONFIG, KUBE_API_URL, KUBE_TOKEN, KUBE_CA; PATH: kubectl 1.20 first
 log "control plane ready in ${T_CP}s at $KUBE_API_URL"
 
-log "the node: a bridge knode0 (10.244.0.1/24), containerd + runc, kubelet; the image imported"
-cmdline "KNODE_WITH_PROXY=0 KNODE_IMAGES=$IMAGE_TAR tests/infra/node/start.sh $NSTATE $KSTATE"
+log "the node: a bridge knode0 (10.244.0.1/24), containerd + runc, kubelet, kube-proxy; the image imported"
+cmdline "KNODE_WITH_PROXY=1 KNODE_IMAGES=$IMAGE_TAR tests/infra/node/start.sh $NSTATE $KSTATE"
 NODE_STARTED=1
 t0=$(now)
 env -u KUBECONFIG KUBE_BIN_DIR="$KUBE_BIN" KNODE_BIN_DIR="$KUBE_BIN" KNODE_OWNER_PID=$$ \
-  KNODE_WITH_PROXY=0 KNODE_IMAGES="$IMAGE_TAR" \
+  KNODE_WITH_PROXY=1 KNODE_IMAGES="$IMAGE_TAR" \
   timeout 300 bash tests/infra/node/start.sh "$NSTATE" "$KSTATE" 2>&1 | tail -n 4 | indent
 [ -f "$NSTATE/env" ] || die "the node did not start (see above)"
 T_NODE=$(since "$t0")
 NODE_NAME=$(sed -n 's/^export KNODE_NAME=//p' "$NSTATE/env")
 GW=$(sed -n 's/^export KNODE_GATEWAY=//p' "$NSTATE/env")
 [ -n "$GW" ] || die "no KNODE_GATEWAY in $NSTATE/env"
+LB_IP=$(sed -n 's/^export KNODE_LB_IP=//p' "$NSTATE/env")
+[ -n "$LB_IP" ] || die "no KNODE_LB_IP in $NSTATE/env"
 log "node $NODE_NAME Ready in ${T_NODE}s; the host is $GW on the pod network"
 cmdline "kubectl get nodes -o wide"
 k get nodes -o wide 2>&1 | indent || true
@@ -494,10 +501,21 @@ log "$REPLICAS pods Ready in ${T_PODS}s: ${POD_IPS[*]}"
 cmdline "kubectl -n $NS get statefulset,pods,pvc -o wide"
 kn get statefulset,pods,pvc -o wide 2>&1 | cut -c1-150 | indent || true
 
-log "no cloud load balancer here: the backup's address for DNS comes from spec.mx.addresses (the pod IPs)"
-addrs=$(printf '"%s",' "${POD_IPS[@]}")
-cmdline "kubectl -n $NS patch bmx $BMX --type=merge -p '{\"spec\":{\"mx\":{\"addresses\":[${addrs%,}]}}}'"
-kn patch "bmx/$BMX" --type=merge -p "{\"spec\":{\"mx\":{\"addresses\":[${addrs%,}]}}}" 2>&1 | indent
+log "no cloud here: the demo plays the cloud controller and gives the LoadBalancer Service $BMX-smtp"
+log "the address $LB_IP (kube-proxy routes it to the pods' port 2525); the operator publishes it"
+cmdline "curl -X PATCH \$KUBE_API_URL/api/v1/namespaces/$NS/services/$BMX-smtp/status -d '{\"status\":{\"loadBalancer\":{\"ingress\":[{\"ip\":\"$LB_IP\"}]}}}'"
+wait_for 60 "Service $BMX-smtp" kn get "service/$BMX-smtp" > /dev/null 2>&1 || die "no Service $BMX-smtp"
+curl -sS --fail -m 10 --cacert "$KUBE_CA" -H "Authorization: Bearer $KUBE_TOKEN" \
+  -X PATCH -H 'Content-Type: application/merge-patch+json' \
+  -d "{\"status\":{\"loadBalancer\":{\"ingress\":[{\"ip\":\"$LB_IP\"}]}}}" \
+  "$KUBE_API_URL/api/v1/namespaces/$NS/services/$BMX-smtp/status" > /dev/null ||
+  die "could not write the Service's status.loadBalancer.ingress"
+cmdline "kubectl -n $NS get service $BMX-smtp"
+kn get service "$BMX-smtp" 2>&1 | indent || true
+lb_answers() { swaks --server "$LB_IP:25" --quit-after EHLO --timeout 5 > "$WORK/lb.out" 2>&1; }
+wait_for 30 "an SMTP greeting at $LB_IP:25" lb_answers || problem "nothing answers at the load balancer's address $LB_IP:25"
+cmdline "swaks --server $LB_IP:25 --quit-after EHLO   # through kube-proxy to a pod"
+grep -E '^<-' "$WORK/lb.out" | head -n 2 | indent || true
 dns_ready() { [ "$(cond DNSReady)" = "True Published" ]; }
 healthy() { [ "$(jp '{.status.primary.healthy}')" = true ] && [ "$(jp '{.status.replay.reason}')" = Full ]; }
 wait_for 60 "DNSReady=True" dns_ready || problem "DNS not published: DNSReady $(cond DNSReady): $(jp '{.status.conditions[?(@.type=="DNSReady")].message}')"
@@ -633,19 +651,36 @@ else
     fi
   done
 fi
+LOADED=0
+if [ "$LOAD" -gt 0 ]; then
+  log "and $LOAD more with smtp-source, 4 sessions, to where the MX points: the load balancer $LB_IP:25"
+  cmdline "smtp-source -s 4 -m $LOAD -l 2048 -S 'load message' -f loader@sender.test -t load@$DOMAIN $LB_IP:25"
+  rc=0
+  timeout 120 smtp-source -s 4 -m "$LOAD" -l 2048 -S 'load message' -f loader@sender.test \
+    -t "load@$DOMAIN" "$LB_IP:25" > "$WORK/smtp-source.out" 2>&1 || rc=$?
+  if [ "$rc" = 0 ] && ! grep -qiE 'error|warning|fatal' "$WORK/smtp-source.out"; then
+    LOADED=$LOAD
+    log "smtp-source: $LOAD messages accepted (exit 0, no errors)"
+  else
+    problem "smtp-source exit $rc: $(head -n 3 "$WORK/smtp-source.out" | tr '\n' ' ')"
+  fi
+  sleep 2 # the operator refreshes status.queue every 2 s here
+  kn get bmx 2>&1 | indent || true
+fi
+TOTAL=$((SENT + LOADED))
 LIVE=0
 for ((i = 0; i < REPLICAS; i++)); do
   q=$(pod_queue "${POD_IPS[$i]}")
   log "$BMX-$i (${POD_IPS[$i]}) queues $q message(s)  (GET /v1/queue on its admin API)"
   [[ "$q" =~ ^[0-9]+$ ]] && LIVE=$((LIVE + q))
 done
-[ "$LIVE" = "$SENT" ] || problem "the pods queue $LIVE messages, $SENT were accepted"
+[ "$LIVE" = "$TOTAL" ] || problem "the pods queue $LIVE messages, $TOTAL were accepted"
 log "waiting for the operator's status to count them (it reads every pod's queue; max 30 s)"
-counted() { [ "$(jp '{.status.queue.messages}')" = "$SENT" ]; }
-wait_for 30 "status.queue.messages = $SENT" counted || true
+counted() { [ "$(jp '{.status.queue.messages}')" = "$TOTAL" ]; }
+wait_for 30 "status.queue.messages = $TOTAL" counted || true
 QUEUED=$(jp '{.status.queue.messages}')
 QUEUED=${QUEUED:-0}
-[ "$QUEUED" = "$N" ] || problem "status.queue.messages is $QUEUED, expected $N"
+[ "$QUEUED" = "$((N + LOAD))" ] || problem "status.queue.messages is $QUEUED, expected $((N + LOAD))"
 show_bmx
 cmdline "kubectl -n $NS get bmx $BMX -o jsonpath='{.status.replay.reason}'"
 jp '{.status.replay.reason}' | indent
@@ -678,12 +713,12 @@ for ((s = 0; s <= REPLAY_T; s++)); do
     if [[ "$q" =~ ^[0-9]+$ ]]; then left=$((left + q)); else left='?'; fi
   done
   got=$(in_maildir)
-  printf '    %5ss  %-12s %7s  %-14s %-24s %s\n' "$s" "$reason" "$workers" "$squeue" "${pq# }" "$got/$N"
+  printf '    %5ss  %-12s %7s  %-14s %-24s %s\n' "$s" "$reason" "$workers" "$squeue" "${pq# }" "$got/$((N + LOAD))"
   if [ "$reason/$workers" != "$last" ]; then
     STEPS_SEEN+=("$reason/$workers")
     last="$reason/$workers"
   fi
-  if [ "$left" = 0 ] && [ "$got" -ge "$SENT" ]; then break; fi
+  if [ "$left" = 0 ] && [ "$got" -ge "$TOTAL" ]; then break; fi
   sleep 1
 done
 DRAIN_S=$(since "$T_UP")
@@ -743,7 +778,7 @@ with open(sent_tsv) as fh:
 want = [s for s, _ in sent]
 pod_of = dict(sent)
 # 1. the maildir: one file per delivered message
-seen, other = {}, 0
+seen, other, load = {}, 0, 0
 for sub in ("new", "cur"):
     d = os.path.join(maildir, sub)
     for f in sorted(os.listdir(d)) if os.path.isdir(d) else []:
@@ -751,13 +786,15 @@ for sub in ("new", "cur"):
             s = (email.message_from_binary_file(fh).get("Subject") or "").strip()
         if s in pod_of:
             seen[s] = seen.get(s, 0) + 1
+        elif s == "load message":
+            load += 1
         else:
             other += 1
 delivered = len(seen)
 dups = sum(c - 1 for c in seen.values())
 missing = [s for s in want if s not in seen]
-print("maildir: %d file(s) with a demo subject, %d distinct, %d duplicate(s), %d other file(s)"
-      % (sum(seen.values()), delivered, dups, other))
+print("maildir: %d file(s) with a demo subject, %d distinct, %d duplicate(s), %d load message(s), %d other file(s)"
+      % (sum(seen.values()), delivered, dups, load, other))
 for s in missing:
     print("  missing: %s (queued on %s)" % (s, pod_of[s]))
 for s, c in sorted(seen.items()):
@@ -784,12 +821,12 @@ for pod in sorted(set(p for _, p in sent)):
     print("%s: %d accepted, %d received by the primary, %s" % (pod, len(expect), len(got),
           "in order" if got == expect else "%d out of order" % inv if inv else
           "in order, %d missing" % (len(expect) - len(got))))
-print("RESULT %d %d %d %d" % (delivered, dups, out_of_order, len(order)))
+print("RESULT %d %d %d %d %d" % (delivered, dups, out_of_order, len(order), load))
 PY
 sed '$d' "$WORK/check.out" | indent
-DELIVERED=0 DUPS=0 OOO=0 IN_LOG=0
+DELIVERED=0 DUPS=0 OOO=0 IN_LOG=0 LOAD_GOT=0
 if [ "$(tail -n 1 "$WORK/check.out" | cut -d' ' -f1)" = RESULT ]; then
-  read -r _ DELIVERED DUPS OOO IN_LOG < <(tail -n 1 "$WORK/check.out")
+  read -r _ DELIVERED DUPS OOO IN_LOG LOAD_GOT < <(tail -n 1 "$WORK/check.out")
 else
   problem "the maildir/maillog check itself failed (see above)"
 fi
@@ -798,6 +835,7 @@ LOST=$((N - DELIVERED))
 [ "$DUPS" = 0 ] || problem "$DUPS duplicate deliveries"
 [ "$OOO" = 0 ] || problem "$OOO message(s) out of order"
 [ "$IN_LOG" = "$N" ] || problem "the primary's maillog shows $IN_LOG receptions, expected $N"
+[ "$LOAD_GOT" = "$LOADED" ] || problem "$LOAD_GOT of the $LOADED smtp-source messages are in the primary's maildir"
 
 # ================================================================ 10
 banner "Summary"
@@ -812,8 +850,10 @@ if [ "$SEND_MODE" = postfix ]; then
 else
   row "  (sent straight to the pods with swaks)" "-" "-" ""
 fi
-row "queued (kubectl get bmx: status.queue)" "$QUEUED" "$N" "$(ok "$QUEUED" "$N")"
+row "smtp-source load through the load balancer" "$LOADED" "$LOAD" "$(ok "$LOADED" "$LOAD")"
+row "queued (kubectl get bmx: status.queue)" "$QUEUED" "$((N + LOAD))" "$(ok "$QUEUED" "$((N + LOAD))")"
 row "delivered to the primary's maildir" "$DELIVERED" "$N" "$(ok "$DELIVERED" "$N")"
+row "  and the smtp-source load" "$LOAD_GOT" "$LOAD" "$(ok "$LOAD_GOT" "$LOAD")"
 row "lost" "$LOST" 0 "$(ok "$LOST" 0)"
 row "bounced by the pods (5xx from the primary)" "$BOUNCED" 0 "$(ok "$BOUNCED" 0)"
 row "duplicates" "$DUPS" 0 "$(ok "$DUPS" 0)"
