@@ -806,6 +806,15 @@ pub async fn send_with_params(
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "SMTP exchange"))?
 }
 
+/// The Message-IDs of [`message`]s tagged `tag` (`TAG.SEQ@test`) among `ids`, in their order.
+pub fn with_tag(ids: &[String], tag: &str) -> Vec<String> {
+    let prefix = format!("{tag}.");
+    ids.iter()
+        .filter(|id| id.starts_with(&prefix))
+        .cloned()
+        .collect()
+}
+
 /// `X-Seq` of a delivered message, if any.
 pub fn seq_of(msg: &[u8]) -> Option<usize> {
     let text = String::from_utf8_lossy(msg);

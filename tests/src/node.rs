@@ -850,18 +850,17 @@ impl LoadReport {
     /// the acknowledged messages in arrival order (first copies).
     pub fn check_delivered(&self, received: &[String]) {
         let tag = self.acked.first().and_then(|id| id.split('.').next());
-        let mine: Vec<&String> = received
-            .iter()
-            .filter(|id| tag.is_some_and(|t| id.starts_with(&format!("{t}."))))
-            .collect();
+        let mine = tag
+            .map(|t| crate::with_tag(received, t))
+            .unwrap_or_default();
         let mut seen = BTreeSet::new();
         let mut first_copies = Vec::new();
         for id in mine {
             if seen.insert(id.clone()) {
-                first_copies.push(id.clone());
+                first_copies.push(id);
             } else {
                 assert!(
-                    self.uncertain.contains(id),
+                    self.uncertain.contains(&id),
                     "{id} delivered twice though every attempt of it got a reply"
                 );
             }

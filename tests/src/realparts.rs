@@ -198,6 +198,61 @@ impl PowerDns {
         }
     }
 
+    /// A PowerDNS serving `example.test` with the primary's records only: MX
+    /// `10 mail.example.test.` and `mail.example.test A 192.0.2.10`.
+    pub async fn with_example_test() -> PowerDns {
+        let pdns = Self::start();
+        pdns.create_zone("example.test").await;
+        pdns.set_records(
+            "example.test",
+            "example.test",
+            "MX",
+            300,
+            &["10 mail.example.test."],
+        )
+        .await;
+        pdns.set_records(
+            "example.test",
+            "mail.example.test",
+            "A",
+            300,
+            &["192.0.2.10"],
+        )
+        .await;
+        pdns
+    }
+
+    /// Asserts that [`PowerDns::with_example_test`]'s zone holds the primary's records and
+    /// nothing of the backup's (its MX, its address, the ownership TXT).
+    pub fn assert_only_primary_records(&self) {
+        assert_eq!(self.dig("example.test", "MX"), "10 mail.example.test.");
+        assert_eq!(self.dig("mx2.example.test", "A"), "");
+        assert_eq!(self.dig("_backupmx.example.test", "TXT"), "");
+        assert_eq!(
+            self.dig("mail.example.test", "A"),
+            "192.0.2.10",
+            "the primary's records stay"
+        );
+    }
+
+    /// A BackupMx `spec.dns` publishing in `zone` on this server, its API key in the Secret
+    /// `dns-credentials` (see [`PowerDns::credentials_secret`]), verified at its DNS address.
+    pub fn backupmx_dns(&self, zone: &str) -> Value {
+        serde_json::json!({
+            "provider": "powerdns", "zone": zone,
+            "credentialsSecretRef": {"name": "dns-credentials"},
+            "powerdns": {"url": self.api_url, "serverId": self.server_id},
+            "nameservers": [self.dns_addr()],
+        })
+    }
+
+    /// The Secret `dns-credentials` with this server's API key (`apiKey`).
+    pub fn credentials_secret(&self) -> Value {
+        serde_json::json!({"apiVersion": "v1", "kind": "Secret",
+                           "metadata": {"name": "dns-credentials"},
+                           "stringData": {"apiKey": self.api_key}})
+    }
+
     /// The DNS address, `127.0.0.1:PORT` (what `filter.resolver` names).
     pub fn dns_addr(&self) -> String {
         self.dns.clone()

@@ -364,12 +364,7 @@ async fn a_full_volume_on_one_pod_refuses_with_452_and_loses_nothing() {
         .wait_empty(Duration::from_secs(180))
         .await;
     let got = primary.received_order();
-    let of = |tag: &str| -> Vec<String> {
-        got.iter()
-            .filter(|id| id.starts_with(&format!("{tag}.")))
-            .cloned()
-            .collect()
-    };
+    let of = |tag: &str| with_tag(&got, tag);
     assert_eq!(of("full"), acked, "pod 1's mail once each, in order");
     assert_eq!(of("other"), on_0, "pod 0's mail once each, in order");
     assert!(of("refused").is_empty(), "the refused message was not kept");
@@ -387,29 +382,6 @@ async fn a_full_volume_on_one_pod_refuses_with_452_and_loses_nothing() {
     drop(mount);
 }
 
-/// A PowerDNS serving example.test with the primary's MX and address.
-async fn zone() -> PowerDns {
-    let pdns = PowerDns::start();
-    pdns.create_zone("example.test").await;
-    pdns.set_records(
-        "example.test",
-        "example.test",
-        "MX",
-        300,
-        &["10 mail.example.test."],
-    )
-    .await;
-    pdns.set_records(
-        "example.test",
-        "mail.example.test",
-        "A",
-        300,
-        &["192.0.2.10"],
-    )
-    .await;
-    pdns
-}
-
 /// (k) The operator publishes the backup MX and its address (from the LoadBalancer ingress the
 /// harness writes, as a cloud controller would) in a real PowerDNS, and mail sent to that
 /// address on port 25 reaches the pod through kube-proxy; deleting the BackupMx
@@ -418,23 +390,14 @@ async fn zone() -> PowerDns {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_the_backupmx_removes_its_dns_records_and_keeps_the_mail() {
     let node = node();
-    let pdns = zone().await;
+    let pdns = PowerDns::with_example_test().await;
     let mut primary = BridgePrimary::start(node);
     primary.down();
-    let dns = json!({
-        "provider": "powerdns", "zone": "example.test",
-        "credentialsSecretRef": {"name": "dns-credentials"},
-        "powerdns": {"url": pdns.api_url, "serverId": pdns.server_id},
-        "nameservers": [pdns.dns_addr()],
-    });
+    let dns = pdns.backupmx_dns("example.test");
     let extra = json!({"dns": dns, "mx": {"hostname": "mx2.example.test", "priority": 20}});
     let mut volume = PathBuf::new();
     let s = Setup::new_with("dnsdel", &primary, 1, extra.clone(), false, |ns, dirs| {
-        node.apply(
-            Some(ns),
-            &json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "dns-credentials"},
-                    "stringData": {"apiKey": pdns.api_key}}),
-        );
+        node.apply(Some(ns), &pdns.credentials_secret());
         volume = dirs[0].clone();
     })
     .await;
@@ -484,14 +447,7 @@ async fn deleting_the_backupmx_removes_its_dns_records_and_keeps_the_mail() {
         s.bmx().is_none().then_some(())
     })
     .await;
-    assert_eq!(pdns.dig("example.test", "MX"), "10 mail.example.test.");
-    assert_eq!(pdns.dig("mx2.example.test", "A"), "");
-    assert_eq!(pdns.dig("_backupmx.example.test", "TXT"), "");
-    assert_eq!(
-        pdns.dig("mail.example.test", "A"),
-        "192.0.2.10",
-        "the primary's records stay"
-    );
+    pdns.assert_only_primary_records();
     // the garbage collector removes the StatefulSet, its pod and the admin Secret; the claim
     // and the queue on the volume stay
     node.pod_gone(&s.ns, &s.pods[0].name, &s.pods[0].uid, POD_TIMEOUT)

@@ -26,7 +26,7 @@ use backupmx_tests::{
     kube::{Operator, condition, eventually, operator_bin, text},
     message,
     node::{BridgePrimary, NamespaceGuard, Node, RunningPod, STORAGE_CLASS, node},
-    send, seq_of,
+    send, seq_of, with_tag,
 };
 use serde_json::{Value, json};
 
@@ -475,12 +475,7 @@ async fn scale_down_drains_the_removed_pod_first_and_loses_nothing() {
     let mut want: Vec<String> = on_2.iter().chain(&on_0).cloned().collect();
     want.sort();
     assert_eq!(sorted, want, "zero loss, no duplicates");
-    let of = |tag: &str| -> Vec<String> {
-        got.iter()
-            .filter(|id| id.starts_with(&format!("{tag}.")))
-            .cloned()
-            .collect()
-    };
+    let of = |tag: &str| with_tag(&got, tag);
     assert_eq!(of("pod2"), on_2, "pod 2's mail in its arrival order");
     assert_eq!(of("pod0"), on_0, "pod 0's mail in its arrival order");
     s.done("scale-down");
