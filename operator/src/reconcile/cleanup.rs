@@ -84,6 +84,8 @@ pub async fn cleanup(bmx: &BackupMx, ctx: &Context) -> Result<Action> {
         .await
         .map_err(Error::kube("list mx-pods"))?
         .items;
+    // one read of every pod's queue serves the replay decision and the status below
+    let queues = ctx.pods.queues(&pods).await;
     if !pods.is_empty() {
         let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
         let token = secrets
@@ -107,7 +109,6 @@ pub async fn cleanup(bmx: &BackupMx, ctx: &Context) -> Result<Action> {
         // keep replay going while deletion waits: the pods deliver as the primary allows
         if let Ok(config) = crate::render::config::mxpod_config(bmx) {
             let hash = crate::render::config::config_hash(&config.to_toml());
-            let queues = ctx.pods.queues(&pods).await;
             super::replay::control(
                 bmx,
                 ctx,
@@ -120,7 +121,6 @@ pub async fn cleanup(bmx: &BackupMx, ctx: &Context) -> Result<Action> {
             .await;
         }
     }
-    let queues = ctx.pods.queues(&pods).await;
     let queue = status::queue_status(&queues);
     let unreachable: Vec<String> = queue
         .pods
