@@ -18,9 +18,8 @@ use rustls::{
     client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
     pki_types::{CertificateDer, ServerName, UnixTime},
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::replay::client::{Capabilities, ClientError, ServerReply, SmtpClient};
+use crate::replay::client::{Capabilities, ClientError, SmtpClient};
 
 /// What a successful probe saw.
 #[derive(Debug, Clone)]
@@ -48,7 +47,7 @@ pub async fn probe_with(
 ) -> Result<ProbeReport, ClientError> {
     let started = Instant::now();
     let run = async {
-        let mut client = SmtpClient::connect(addr, helo, timeout).await?;
+        let client = SmtpClient::connect(addr, helo, timeout).await?;
         let mut report = ProbeReport {
             banner: client.greeting.lines.first().cloned().unwrap_or_default(),
             capabilities: client.caps.clone(),
@@ -62,16 +61,11 @@ pub async fn probe_with(
                     "STARTTLS is not offered in the EHLO reply".into(),
                 ));
             }
-            let reply = client.command("STARTTLS\r\n", "STARTTLS").await?;
-            if reply.code != 220 {
-                client.quit().await;
-                return Err(ClientError::Refused {
-                    stage: "STARTTLS",
-                    reply,
-                });
-            }
-            let tcp = client.into_tcp_for_tls()?;
-            report.tls = Some(tls_ehlo(tcp, addr, helo).await?);
+            let (tls, negotiated) = client
+                .starttls(&opportunistic_tls()?, server_name(addr)?, helo)
+                .await?;
+            tls.quit().await;
+            report.tls = Some(negotiated);
         } else {
             client.quit().await;
         }
@@ -83,12 +77,8 @@ pub async fn probe_with(
         .unwrap_or(Err(ClientError::Timeout("the whole probe")))
 }
 
-/// The TLS handshake on `tcp`, then `EHLO` and `QUIT` inside TLS; returns "protocol cipher".
-async fn tls_ehlo(
-    tcp: tokio::net::TcpStream,
-    addr: &str,
-    helo: &str,
-) -> Result<String, ClientError> {
+/// A TLS connector for opportunistic TLS towards the primary (see [`OpportunisticTls`]).
+fn opportunistic_tls() -> Result<tokio_rustls::TlsConnector, ClientError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
@@ -96,70 +86,15 @@ async fn tls_ehlo(
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(OpportunisticTls(provider)))
         .with_no_client_auth();
-    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    let name = ServerName::try_from(host.to_string())
-        .map_err(|e| ClientError::Protocol(format!("TLS server name {host:?}: {e}")))?;
-    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(name, tcp)
-        .await
-        .map_err(|e| ClientError::Protocol(format!("TLS handshake: {e}")))?;
-    let (_, conn) = tls.get_ref();
-    let negotiated = format!(
-        "{:?} {:?}",
-        conn.protocol_version()
-            .ok_or_else(|| ClientError::Protocol("TLS: no protocol version".into()))?,
-        conn.negotiated_cipher_suite()
-            .ok_or_else(|| ClientError::Protocol("TLS: no cipher suite".into()))?
-            .suite()
-    );
-    tls.write_all(format!("EHLO {helo}\r\n").as_bytes())
-        .await
-        .map_err(|e| ClientError::Io(e.to_string()))?;
-    let reply = read_reply(&mut tls).await?;
-    if reply.code != 250 {
-        return Err(ClientError::Refused {
-            stage: "EHLO after STARTTLS",
-            reply,
-        });
-    }
-    let _ = tls.write_all(b"QUIT\r\n").await;
-    let _ = tls.shutdown().await;
-    Ok(negotiated)
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
 }
 
-/// Reads one reply (bounded) from a TLS stream.
-async fn read_reply<S: AsyncReadExt + Unpin>(s: &mut S) -> Result<ServerReply, ClientError> {
-    let mut buf = Vec::new();
-    let mut lines = Vec::new();
-    let mut byte = [0u8; 1];
-    loop {
-        if s.read(&mut byte)
-            .await
-            .map_err(|e| ClientError::Io(e.to_string()))?
-            == 0
-        {
-            return Err(ClientError::Closed("EHLO after STARTTLS"));
-        }
-        if byte[0] != b'\n' {
-            buf.push(byte[0]);
-            if buf.len() > 4096 || lines.len() > 100 {
-                return Err(ClientError::Protocol("reply too long".into()));
-            }
-            continue;
-        }
-        let line = String::from_utf8_lossy(buf.strip_suffix(b"\r").unwrap_or(&buf)).into_owned();
-        buf.clear();
-        let code: u16 = line
-            .get(..3)
-            .and_then(|c| c.parse().ok())
-            .ok_or_else(|| ClientError::Protocol(format!("bad reply line {line:?}")))?;
-        let more = line.as_bytes().get(3) == Some(&b'-');
-        lines.push(line.get(4..).unwrap_or("").to_owned());
-        if !more {
-            return Ok(ServerReply { code, lines });
-        }
-    }
+/// The TLS server name of `host:port` (a DNS name or an IP address).
+fn server_name(addr: &str) -> Result<ServerName<'static>, ClientError> {
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    ServerName::try_from(host.to_string())
+        .map_err(|e| ClientError::Protocol(format!("TLS server name {host:?}: {e}")))
 }
 
 /// Accepts any certificate (opportunistic TLS between MTAs) but checks the handshake's
@@ -329,6 +264,36 @@ mod tests {
             }
         });
         addr
+    }
+
+    /// RFC 3207 §5 / CVE-2011-0411: a reply smuggled in the same packet as the 220 to
+    /// STARTTLS would be read as if it came inside TLS; the client refuses the session.
+    #[tokio::test]
+    async fn starttls_refuses_data_sent_with_the_220() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            let (s, _) = l.accept().await.unwrap();
+            let mut r = BufReader::new(s);
+            r.get_mut()
+                .write_all(b"220 p.test ESMTP\r\n")
+                .await
+                .unwrap();
+            let mut line = String::new();
+            while r.read_line(&mut line).await.unwrap_or(0) > 0 {
+                let reply: &[u8] = if line.starts_with("EHLO") {
+                    b"250-p.test\r\n250 STARTTLS\r\n"
+                } else {
+                    b"220 2.0.0 go ahead\r\n250 2.0.0 injected\r\n"
+                };
+                r.get_mut().write_all(reply).await.unwrap();
+                line.clear();
+            }
+        });
+        let err = probe_with(&addr, "mx2.test", Duration::from_secs(5), true)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("plaintext injection"), "{err}");
     }
 
     #[tokio::test]

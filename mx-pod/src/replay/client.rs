@@ -10,9 +10,10 @@
 use std::time::Duration;
 
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::TcpStream,
 };
+use tokio_rustls::{TlsConnector, rustls::pki_types::ServerName};
 
 use crate::queue::{
     RcptResult,
@@ -124,9 +125,13 @@ pub struct TxResult {
     pub throttled: bool,
 }
 
+/// What an [`SmtpClient`] talks over: a TCP connection, or TLS on it after `STARTTLS`.
+trait ClientIo: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> ClientIo for T {}
+
 /// An open SMTP client session.
 pub struct SmtpClient {
-    stream: TcpStream,
+    stream: Box<dyn ClientIo>,
     buf: Vec<u8>,
     start: usize,
     timeout: Duration,
@@ -151,7 +156,22 @@ impl SmtpClient {
                 error: e.to_string(),
             })?;
         let _ = stream.set_nodelay(true);
-        let mut c = SmtpClient {
+        let mut c = SmtpClient::over(Box::new(stream), timeout);
+        let greeting = c.read_reply("greeting").await?;
+        if greeting.code != 220 {
+            return Err(ClientError::Refused {
+                stage: "greeting",
+                reply: greeting,
+            });
+        }
+        c.greeting = greeting;
+        c.hello(helo, "EHLO").await?;
+        Ok(c)
+    }
+
+    /// A session on an open stream, before its greeting (or its TLS session) is read.
+    fn over(stream: Box<dyn ClientIo>, timeout: Duration) -> Self {
+        SmtpClient {
             stream,
             buf: Vec::with_capacity(4096),
             start: 0,
@@ -163,25 +183,19 @@ impl SmtpClient {
             caps: Capabilities::default(),
             sent: 0,
             broken: false,
-        };
-        let greeting = c.read_reply("greeting").await?;
-        if greeting.code != 220 {
-            return Err(ClientError::Refused {
-                stage: "greeting",
-                reply: greeting,
-            });
         }
-        c.greeting = greeting;
-        let ehlo = c.command(&format!("EHLO {helo}\r\n"), "EHLO").await?;
+    }
+
+    /// Says EHLO (HELO when EHLO is refused) and keeps the capabilities; `stage` names the
+    /// EHLO in errors.
+    async fn hello(&mut self, helo: &str, stage: &'static str) -> Result<(), ClientError> {
+        let ehlo = self.command(&format!("EHLO {helo}\r\n"), stage).await?;
         if ehlo.code == 250 {
-            c.caps = Capabilities::parse(&ehlo);
+            self.caps = Capabilities::parse(&ehlo);
         } else if ehlo.code == 421 {
-            return Err(ClientError::Refused {
-                stage: "EHLO",
-                reply: ehlo,
-            });
+            return Err(ClientError::Refused { stage, reply: ehlo });
         } else {
-            let helo_reply = c.command(&format!("HELO {helo}\r\n"), "HELO").await?;
+            let helo_reply = self.command(&format!("HELO {helo}\r\n"), "HELO").await?;
             if helo_reply.code != 250 {
                 return Err(ClientError::Refused {
                     stage: "HELO",
@@ -189,18 +203,50 @@ impl SmtpClient {
                 });
             }
         }
-        Ok(c)
+        Ok(())
     }
 
-    /// Gives the TCP connection up for a TLS handshake after a `220` to `STARTTLS`. Bytes the
-    /// server sent after that reply (before the handshake) are an injection attempt: refused.
-    pub fn into_tcp_for_tls(self) -> Result<TcpStream, ClientError> {
+    /// `STARTTLS` (RFC 3207): after its `220`, the TLS handshake through `connector` for
+    /// `name`, then EHLO again inside TLS. Returns the session over TLS (the capabilities
+    /// replaced by the new EHLO's) and the negotiated "protocol cipher". Bytes the server sent
+    /// after the `220` (before the handshake) are an injection attempt: refused.
+    pub async fn starttls(
+        mut self,
+        connector: &TlsConnector,
+        name: ServerName<'static>,
+        helo: &str,
+    ) -> Result<(SmtpClient, String), ClientError> {
+        let reply = self.command("STARTTLS\r\n", "STARTTLS").await?;
+        if reply.code != 220 {
+            self.quit().await;
+            return Err(ClientError::Refused {
+                stage: "STARTTLS",
+                reply,
+            });
+        }
         if self.start != self.buf.len() {
             return Err(ClientError::Protocol(
                 "data after the 220 reply to STARTTLS (refused: plaintext injection)".into(),
             ));
         }
-        Ok(self.stream)
+        let handshake = tokio::time::timeout(self.timeout, connector.connect(name, self.stream));
+        let tls = handshake
+            .await
+            .map_err(|_| ClientError::Timeout("TLS handshake"))?
+            .map_err(|e| ClientError::Protocol(format!("TLS handshake: {e}")))?;
+        let (_, conn) = tls.get_ref();
+        let negotiated = format!(
+            "{:?} {:?}",
+            conn.protocol_version()
+                .ok_or_else(|| ClientError::Protocol("TLS: no protocol version".into()))?,
+            conn.negotiated_cipher_suite()
+                .ok_or_else(|| ClientError::Protocol("TLS: no cipher suite".into()))?
+                .suite()
+        );
+        let mut c = SmtpClient::over(Box::new(tls), self.timeout);
+        c.greeting = self.greeting;
+        c.hello(helo, "EHLO after STARTTLS").await?;
+        Ok((c, negotiated))
     }
 
     /// False once the connection can no longer be used for another transaction.
