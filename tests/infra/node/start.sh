@@ -32,9 +32,9 @@
 #   KNODE_KUBELET_EXTRA_ARGS / KNODE_PROXY_EXTRA_ARGS
 #   KNODE_OWNER_PID   PID of the process that owns this node (a Rust test binary passes
 #                     std::process::id()): a detached watchdog (STATEDIR/watchdog.pid, log
-#                     STATEDIR/logs/watchdog.log) runs `stop.sh STATEDIR --purge` once that
-#                     process is gone (same /proc/PID/stat start time check as
-#                     tests/infra/kube/watchdog.sh), so host state is restored even after a crash.
+#                     STATEDIR/logs/watchdog.log; the control plane's ../kube/watchdog.sh) runs
+#                     `stop.sh STATEDIR --purge` once that process is gone, so host state is
+#                     restored even after a crash.
 #
 # Host-wide side effects (all undone by stop.sh): sysctls net.ipv4.ip_forward=1,
 # net.bridge.bridge-nf-call-iptables=1, plus those kubelet sets itself
@@ -138,8 +138,8 @@ fail() {
 # covered too; it waits for this script to finish first)
 if [ -n "$OWNER_PID" ]; then
   if [ -f "$STATEDIR/watchdog.pid" ]; then bash "$HERE/stop.sh" "$STATEDIR" --watchdog-only; fi
-  setsid nohup bash "$HERE/watchdog.sh" "$STATEDIR" "$OWNER_PID" "$OWNER_START" "$$" "$(starttime $$)" \
-    </dev/null >/dev/null 2>>"$STATEDIR/logs/watchdog.log" &
+  setsid nohup bash "$HERE/../kube/watchdog.sh" "$STATEDIR" "$OWNER_PID" "$OWNER_START" "$$" "$(starttime $$)" \
+    "$HERE/stop.sh" </dev/null >/dev/null 2>>"$STATEDIR/logs/watchdog.log" &
   echo $! > "$STATEDIR/watchdog.pid"
   log "watchdog (pid $!) will run stop.sh --purge when pid $OWNER_PID exits"
 fi
