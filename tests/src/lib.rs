@@ -25,6 +25,7 @@ use std::{
 pub mod kube;
 pub mod node;
 pub mod realparts;
+pub mod webhook;
 
 use serde_json::Value;
 use tokio::{

@@ -13,20 +13,17 @@
 //! host's state restored, when it exits.
 
 use std::{
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicUsize, Ordering},
-    },
+    sync::atomic::{AtomicUsize, Ordering},
     time::{Duration, Instant},
 };
 
-use axum::{Json, Router, routing::post};
 use backupmx_tests::{
-    free_port,
     kube::{Operator, condition, eventually, operator_bin, text},
     message,
     node::{BridgePrimary, NamespaceGuard, Node, RunningPod, STORAGE_CLASS, node},
-    send, seq_of, with_tag,
+    send, seq_of,
+    webhook::Webhook,
+    with_tag,
 };
 use serde_json::{Value, json};
 
@@ -485,22 +482,7 @@ async fn scale_down_drains_the_removed_pod_first_and_loses_nothing() {
 /// passes run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn alerts_reach_the_webhook_once_per_change() {
-    let received: Arc<Mutex<Vec<Value>>> = Arc::default();
-    let app = Router::new().route(
-        "/hook",
-        post({
-            let received = received.clone();
-            move |Json(v): Json<Value>| async move {
-                received.lock().unwrap().push(v);
-                "ok"
-            }
-        }),
-    );
-    let port = free_port();
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
-        .await
-        .unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let hook = Webhook::start().await;
 
     let node = node();
     let mut primary = BridgePrimary::start(node);
@@ -509,7 +491,7 @@ async fn alerts_reach_the_webhook_once_per_change() {
         "alerts",
         &primary,
         1,
-        json!({"alerts": {"webhookUrl": format!("http://127.0.0.1:{port}/hook"),
+        json!({"alerts": {"webhookUrl": hook.url,
                           "email": "oncall@ops.test", "smtpRelay": relay.addr()}}),
     )
     .await;
@@ -517,33 +499,10 @@ async fn alerts_reach_the_webhook_once_per_change() {
         (s.status()["primary"]["healthy"] == true).then_some(())
     })
     .await;
-    let has = |e: &'static str| {
-        let received = received.clone();
-        move || {
-            let r = received.clone();
-            async move {
-                r.lock()
-                    .unwrap()
-                    .iter()
-                    .any(|v| v["event"] == e)
-                    .then_some(())
-            }
-        }
-    };
     primary.down();
-    eventually(
-        "PrimaryDown at the webhook",
-        Duration::from_secs(60),
-        has("PrimaryDown"),
-    )
-    .await;
+    hook.wait_for("PrimaryDown").await;
     primary.up();
-    eventually(
-        "PrimaryRecovered at the webhook",
-        Duration::from_secs(60),
-        has("PrimaryRecovered"),
-    )
-    .await;
+    hook.wait_for("PrimaryRecovered").await;
     // a few more passes (an annotation triggers each) change nothing
     for poke in 0..3 {
         let passes = s.op.reconciles(&s.ns, "example").await;
@@ -560,19 +519,7 @@ async fn alerts_reach_the_webhook_once_per_change() {
         })
         .await;
     }
-    let got = received.lock().unwrap().clone();
-    let count = |e: &str| got.iter().filter(|v| v["event"] == e).count();
-    assert_eq!(
-        (count("PrimaryDown"), count("PrimaryRecovered")),
-        (1, 1),
-        "{got:?}"
-    );
-    let down = got.iter().find(|v| v["event"] == "PrimaryDown").unwrap();
-    assert!(
-        down["text"].as_str().unwrap().contains("is down"),
-        "Slack-style text: {down}"
-    );
-    assert_eq!(down["backupmx"], format!("{}/example", s.ns));
+    hook.assert_one_down_and_one_up(&format!("{}/example", s.ns));
     let events = s.events();
     assert!(
         events.contains("PrimaryDown") && events.contains("PrimaryRecovered"),

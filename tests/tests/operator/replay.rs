@@ -6,16 +6,13 @@
 //! mx-pod on the pod's IP (127.0.0.0/8, SMTP on 2525 and admin on 8025 as in the rendered
 //! config), with the test acting as the kubelet.
 
-use std::{
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::time::Duration;
 
-use axum::{Json, Router, routing::post};
 use backupmx_tests::{
-    MxPod, MxPodConfig, Primary, Sink, free_port,
+    MxPod, MxPodConfig, Primary, Sink,
     kube::{Cluster, Operator, cluster, condition, eventually, run_pod},
     message, send, seq_of,
+    webhook::Webhook,
 };
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::{Api, api::DeleteParams};
@@ -442,22 +439,7 @@ async fn scale_down_drains_the_removed_pod_first_and_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn alerts_reach_the_webhook_once_per_change() {
-    let received: Arc<Mutex<Vec<Value>>> = Arc::default();
-    let app = Router::new().route(
-        "/hook",
-        post({
-            let received = received.clone();
-            move |Json(v): Json<Value>| async move {
-                received.lock().unwrap().push(v);
-                "ok"
-            }
-        }),
-    );
-    let port = free_port();
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
-        .await
-        .unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let hook = Webhook::start().await;
 
     let cluster = cluster();
     let ns = cluster.namespace("alerts").await;
@@ -475,7 +457,7 @@ async fn alerts_reach_the_webhook_once_per_change() {
         &backupmx(
             pport,
             1,
-            json!({"alerts": {"webhookUrl": format!("http://127.0.0.1:{port}/hook"),
+            json!({"alerts": {"webhookUrl": hook.url,
                               "email": "oncall@ops.test", "smtpRelay": relay.addr()}}),
         ),
     );
@@ -485,33 +467,9 @@ async fn alerts_reach_the_webhook_once_per_change() {
     })
     .await;
     primary.down();
-    eventually(
-        "one PrimaryDown at the webhook",
-        Duration::from_secs(60),
-        || async {
-            received
-                .lock()
-                .unwrap()
-                .iter()
-                .any(|v| v["event"] == "PrimaryDown")
-                .then_some(())
-        },
-    )
-    .await;
+    hook.wait_for("PrimaryDown").await;
     primary.up();
-    eventually(
-        "one PrimaryRecovered at the webhook",
-        Duration::from_secs(60),
-        || async {
-            received
-                .lock()
-                .unwrap()
-                .iter()
-                .any(|v| v["event"] == "PrimaryRecovered")
-                .then_some(())
-        },
-    )
-    .await;
+    hook.wait_for("PrimaryRecovered").await;
     // a few more passes (an annotation triggers each) change nothing
     for poke in 0..3 {
         let passes = op.reconciles(&ns, "example").await;
@@ -528,19 +486,7 @@ async fn alerts_reach_the_webhook_once_per_change() {
         })
         .await;
     }
-    let got = received.lock().unwrap().clone();
-    let count = |e: &str| got.iter().filter(|v| v["event"] == e).count();
-    assert_eq!(
-        (count("PrimaryDown"), count("PrimaryRecovered")),
-        (1, 1),
-        "{got:?}"
-    );
-    let down = got.iter().find(|v| v["event"] == "PrimaryDown").unwrap();
-    assert!(
-        down["text"].as_str().unwrap().contains("is down"),
-        "Slack-style text: {down}"
-    );
-    assert_eq!(down["backupmx"], format!("{ns}/example"));
+    hook.assert_one_down_and_one_up(&format!("{ns}/example"));
     let events = cluster.kubectl_ok(&["-n", &ns, "get", "events.v1.events.k8s.io", "-o", "json"]);
     assert!(
         events.contains("PrimaryDown") && events.contains("PrimaryRecovered"),
