@@ -427,10 +427,23 @@ async fn deleting_the_backupmx_removes_its_dns_records_and_keeps_the_mail() {
     assert_eq!(pdns.dig("mx2.example.test", "A"), lb.to_string());
     // a sending MTA reaches the backup where the MX points: the load balancer's address,
     // port 25 (kube-proxy forwards it to the pod's 2525)
+    // (kube-proxy programs the address a moment after the Service's status changed)
+    let lb_smtp = std::net::SocketAddr::new(lb, 25);
+    eventually(
+        "kube-proxy routes the load balancer's address",
+        Duration::from_secs(60),
+        || async {
+            tokio::net::TcpStream::connect(lb_smtp)
+                .await
+                .ok()
+                .map(|_| ())
+        },
+    )
+    .await;
     let mut sent = Vec::new();
     for i in 0..5 {
         let r = send(
-            std::net::SocketAddr::new(lb, 25),
+            lb_smtp,
             "sender@sender.test",
             &["user@example.test"],
             &message("kept", i, 300),
