@@ -19,6 +19,8 @@ pub struct WindowState {
     pub active: Option<(String, DateTime<Utc>)>,
     /// The next window to open: when and why.
     pub next: Option<(DateTime<Utc>, String)>,
+    /// When the most recent window that is over closed (replay ramps up again from there).
+    pub last_end: Option<DateTime<Utc>>,
 }
 
 impl WindowState {
@@ -108,6 +110,9 @@ pub fn evaluate(windows: &[MaintenanceWindow], now: DateTime<Utc>) -> WindowStat
             if now < end && state.active.as_ref().is_none_or(|(_, e)| end > *e) {
                 state.active = Some((reason.clone(), end));
             }
+            if end <= now && state.last_end.is_none_or(|e| end > e) {
+                state.last_end = Some(end);
+            }
         }
         if let Some(start) = next_start
             && state.next.as_ref().is_none_or(|(s, _)| start < *s)
@@ -151,10 +156,13 @@ mod tests {
             during.active,
             Some(("upgrade".into(), at("2026-12-01T04:00:00Z")))
         );
+        assert_eq!(during.last_end, None);
+        let after = evaluate(&w, at("2026-12-01T04:00:00Z"));
+        assert_eq!(after.active, None, "end is exclusive");
         assert_eq!(
-            evaluate(&w, at("2026-12-01T04:00:00Z")).active,
-            None,
-            "end is exclusive"
+            after.last_end,
+            Some(at("2026-12-01T04:00:00Z")),
+            "replay ramps from here"
         );
     }
 

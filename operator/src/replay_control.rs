@@ -6,9 +6,12 @@
 //! | `spec.replay.paused` | 0 | `Paused` |
 //! | inside a maintenance window | 0 | `MaintenanceWindow` |
 //! | primary down, not yet probed, or just changed (cutover) | 0 | `PrimaryDown` |
-//! | healthy for less than `rampUp` | 1 … `maxWorkers`, linearly | `RampingUp` |
+//! | healthy (and out of any window) for less than `rampUp` | 1 … `maxWorkers`, linearly | `RampingUp` |
 //! | a pod reports `421`/`4xx` backoff from the primary | half of the above (at least 1) | `Backoff` |
-//! | healthy for `rampUp` and more | `maxWorkers` | `Full` |
+//! | healthy (and out of any window) for `rampUp` and more | `maxWorkers` | `Full` |
+//!
+//! The ramp counts from when the primary became healthy or, when later, from the end of the
+//! last maintenance window: a primary back from an upgrade is not flooded either.
 //!
 //! Pods whose configuration is not the current one (a rolling update in progress, e.g. after a
 //! change of primary) get 0 whatever the decision: they may still name the old primary.
@@ -88,6 +91,7 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
             };
         }
     };
+    let since = i.window.last_end.map_or(since, |end| since.max(end));
     let max = i.max_workers.max(1);
     let healthy_for = (i.now - since).to_std().unwrap_or_default();
     let ramped = if i.ramp_up.is_zero() || healthy_for >= i.ramp_up {
@@ -109,7 +113,7 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
             workers: ramped,
             reason: "RampingUp",
             message: format!(
-                "primary healthy for {}s: {ramped} of {max} workers, full after {}s",
+                "primary healthy (and out of any maintenance window) for {}s: {ramped} of {max} workers, full after {}s",
                 healthy_for.as_secs(),
                 i.ramp_up.as_secs()
             ),
@@ -193,6 +197,7 @@ mod tests {
         let open = WindowState {
             active: Some(("upgrade".into(), at("2026-12-01T02:00:00Z"))),
             next: None,
+            last_end: None,
         };
         let d = decide(&inputs(Some(&up), &open, "2026-12-01T00:00:00Z"));
         assert_eq!((d.workers, d.reason), (0, "MaintenanceWindow"));
@@ -228,5 +233,30 @@ mod tests {
         let d = decide(&i);
         assert_eq!((d.workers, d.reason), (4, "Backoff"));
         assert_eq!(next_change(&i, &d), Some(Duration::from_secs(15)));
+    }
+
+    #[test]
+    fn replay_ramps_up_again_after_a_maintenance_window() {
+        // healthy for a day; the window closed 30 s ago: 30/120 of the ramp, not Full
+        let up = healthy("2026-11-30T00:00:00Z");
+        let closed = WindowState {
+            active: None,
+            next: None,
+            last_end: Some(at("2026-12-01T00:00:00Z")),
+        };
+        let d = decide(&inputs(Some(&up), &closed, "2026-12-01T00:00:30Z"));
+        assert_eq!((d.workers, d.reason), (2, "RampingUp"));
+        let d = decide(&inputs(Some(&up), &closed, "2026-12-01T00:02:00Z"));
+        assert_eq!((d.workers, d.reason), (8, "Full"));
+        // a window long ago changes nothing; a primary healthy only since after it counts
+        let old = WindowState {
+            last_end: Some(at("2026-11-01T00:00:00Z")),
+            ..closed
+        };
+        let d = decide(&inputs(Some(&up), &old, "2026-12-01T00:00:30Z"));
+        assert_eq!(d.reason, "Full");
+        let recent = healthy("2026-12-01T00:00:00Z");
+        let d = decide(&inputs(Some(&recent), &old, "2026-12-01T00:00:00Z"));
+        assert_eq!((d.workers, d.reason), (1, "RampingUp"));
     }
 }

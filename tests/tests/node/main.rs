@@ -338,11 +338,15 @@ async fn a_maintenance_window_holds_replay_though_the_primary_is_up() {
     assert_eq!(admin.workers().await, 0);
     assert_eq!(admin.queued().await, 3);
     assert!(primary.received_order().is_empty());
-    // it closes: replay starts and delivers
+    // it closes: replay ramps up from one worker (the primary was just upgraded), delivers
     eventually(
-        "the window to close and replay to start",
+        "the window to close and replay to ramp up",
         Duration::from_secs(90),
-        || async { (s.status()["maintenance"]["active"] == false).then_some(()) },
+        || async {
+            let st = s.status();
+            (st["maintenance"]["active"] == false && st["replay"]["reason"] == "RampingUp")
+                .then_some(())
+        },
     )
     .await;
     admin.wait_empty(Duration::from_secs(90)).await;

@@ -296,11 +296,15 @@ async fn a_maintenance_window_holds_replay_though_the_primary_is_up() {
     );
     assert_eq!(pods.workers(0).await, 0);
     assert!(primary.received_order().is_empty());
-    // it closes: replay starts and delivers
+    // it closes: replay ramps up from one worker (the primary was just upgraded), delivers
     eventually(
-        "the window to close and replay to start",
+        "the window to close and replay to ramp up",
         Duration::from_secs(60),
-        || async { (status(cluster, &ns)["maintenance"]["active"] == false).then_some(()) },
+        || async {
+            let st = status(cluster, &ns);
+            (st["maintenance"]["active"] == false && st["replay"]["reason"] == "RampingUp")
+                .then_some(())
+        },
     )
     .await;
     pods.pod(0).wait_empty(Duration::from_secs(60)).await;
