@@ -4,7 +4,8 @@
 SENT_TSV has one line per message a backup accepted: NUMBER <TAB> SUBJECT <TAB> QUEUE (the pod,
 or the one mx-pod), in the order each queue accepted them. Checks the primary's maildir (each
 message once; "load message" files are counted apart) and its maillog's arrival order (the
-'info: header Subject:' lines our header_checks rule logs): each queue's messages must arrive in
+order of smtpd's 'info: END-OF-MESSAGE' lines, one per committed message, each named by the
+'info: header Subject:' line our header_checks rule logs): each queue's messages must arrive in
 the order it accepted them. Prints a report; the last line is
     RESULT delivered duplicates out_of_order received_in_log load_messages
 """
@@ -40,14 +41,21 @@ for s in missing:
 for s, c in sorted(seen.items()):
     if c > 1:
         print("  duplicate: %s (%d copies)" % (s, c))
-# 2. the arrival order at the primary
-rx = re.compile(r"cleanup\[\d+\]: (\w+): info: header Subject: (demo message \d{3}) from")
-order = []
+# 2. the arrival order at the primary: the order it committed the messages in (smtpd's
+# END-OF-MESSAGE line at each final dot), each queue ID named by its Subject line
+subject_rx = re.compile(r"cleanup\[\d+\]: (\w+): info: header Subject: (demo message \d{3}) from")
+commit_rx = re.compile(r"smtpd\[\d+\]: (\w+): info: END-OF-MESSAGE from ")
+subject_of, commits = {}, []
 with open(maillog, errors="replace") as fh:
     for line in fh:
-        m = rx.search(line)
-        if m and m.group(2) in pod_of:
-            order.append((line[:15], m.group(1), m.group(2)))
+        m = subject_rx.search(line)
+        if m:
+            subject_of[m.group(1)] = m.group(2)
+        m = commit_rx.search(line)
+        if m:
+            commits.append((line[:15], m.group(1)))
+order = [(ts, qid, subject_of[qid]) for ts, qid in commits
+         if subject_of.get(qid) in pod_of]
 print("arrival at the primary (%d received):" % len(order))
 for ts, qid, s in order:
     print("  %s  %s  %-18s from %s" % (ts, qid, s, pod_of[s]))

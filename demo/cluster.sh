@@ -766,7 +766,7 @@ kn get events --sort-by=.metadata.creationTimestamp 2>&1 | grep -iE 'backupmx/|L
 # ================================================================ 9
 banner "Checking the primary's maildir: every message exactly once, in arrival order per pod"
 sleep 1 # a duplicate would arrive right behind the others
-log "order source: the primary's maillog (one 'info: header Subject:' line per received message)"
+log "order source: the primary's maillog (one smtpd 'info: END-OF-MESSAGE' line per committed message)"
 python3 demo/check-delivery.py "$MAILDIR" "$PRIMARY/maillog" "$SENT_TSV" > "$WORK/check.out" 2>&1 || true
 sed '$d' "$WORK/check.out" | indent
 DELIVERED=0 DUPS=0 OOO=0 IN_LOG=0 LOAD_GOT=0

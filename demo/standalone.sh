@@ -258,8 +258,8 @@ for ((i = 0; i < 100; i++)); do
   sleep 0.1
 done
 sleep 0.5   # a duplicate would arrive right behind the others
-log "order source: the primary's maillog, its cleanup 'info: header Subject: ...' lines (one per"
-log "message, in the order the primary received them; our header_checks INFO rule logs them)"
+log "order source: the primary's maillog, its smtpd 'info: END-OF-MESSAGE' lines (one per message,"
+log "in the order the primary committed them), named by the 'info: header Subject:' lines"
 SENT_TSV=$WORK/sent.tsv
 for ((i = 1; i <= N; i++)); do printf '%03d\tdemo message %03d\tmx-pod\n' "$i" "$i"; done > "$SENT_TSV"
 python3 demo/check-delivery.py "$MAILDIR" "$PRIMARY/maillog" "$SENT_TSV" > "$WORK/check.out" 2>&1 || true

@@ -14,9 +14,12 @@
 #   reject4@DOMAIN    450 4.2.0 Try again later
 #   reject421@DOMAIN  421 4.3.2 Service shutting down (and the connection is closed)
 #   unknown@DOMAIN    550 5.1.1 unknown user
-# Message order is observable in DIR/maillog: one "cleanup[...]: QUEUEID: message-id=<...>" line
-# per received message in arrival order, then "info: header Subject: ..." (header_checks INFO),
-# and enable_long_queue_ids=yes makes queue IDs sort by arrival time.
+# Message order is observable in DIR/maillog. The commit order (what "arrival order" means for
+# a primary) is the order of the "smtpd[...]: QUEUEID: info: END-OF-MESSAGE from ..." lines,
+# logged at the end of each message's data, before its 250 (smtpd_end_of_data_restrictions
+# INFO). Each QUEUEID also has a "cleanup[...]: QUEUEID: message-id=<...>" line and an
+# "info: header Subject: ..." line (header_checks INFO), logged while the headers stream in:
+# with several connections at once those follow the header order, not the commit order.
 #
 # Several instances may run at once (different DIR and PORT). `start` after `stop` on the same
 # DIR works and keeps the maildir, the queue and the maillog (a primary outage and recovery).
@@ -65,6 +68,7 @@ cmd_start() {
     smtpd_relay_restrictions=reject_unauth_destination \
     "smtpd_recipient_restrictions=check_recipient_access texthash:$PF_ETC/rcpt_access, reject_unauth_destination" \
     header_checks="regexp:$PF_ETC/header_checks" \
+    "smtpd_end_of_data_restrictions=check_client_access static:INFO" \
     message_size_limit=52428800 virtual_mailbox_limit=0
   # (virtual(8) refuses to start when virtual_mailbox_limit < message_size_limit; 0 = no limit)
 

@@ -13,6 +13,7 @@
 //! is skipped. Conditions are awaited with [`wait_for`], never with fixed sleeps.
 
 use std::{
+    collections::HashMap,
     fs,
     io::Read,
     net::{SocketAddr, TcpListener},
@@ -572,20 +573,49 @@ impl Primary {
         out
     }
 
-    /// Message-IDs in the order Postfix received them (its maillog's cleanup lines).
+    /// Message-IDs in the order Postfix committed them: its maillog's `END-OF-MESSAGE` lines
+    /// (logged at each message's final dot, before the `250`), each queue ID named by its
+    /// cleanup `message-id=` line. A message whose sender hung up before the dot is not in it.
     pub fn received_order(&self) -> Vec<String> {
-        let log = fs::read_to_string(self.dir.path().join("maillog")).unwrap_or_default();
-        log.lines()
-            .filter(|l| l.contains("cleanup[") && l.contains("message-id=<"))
-            .filter_map(|l| {
-                l.split("message-id=<")
-                    .nth(1)?
-                    .split('>')
-                    .next()
-                    .map(str::to_owned)
-            })
-            .collect()
+        // cleanup may log a message's message-id a moment after smtpd's END-OF-MESSAGE
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let log = fs::read_to_string(self.dir.path().join("maillog")).unwrap_or_default();
+            match commit_order(&log) {
+                Ok(order) => return order,
+                Err(e) if Instant::now() > deadline => panic!("{e}"),
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
     }
+}
+
+/// The Message-IDs of a Postfix maillog in commit order (see [`Primary::received_order`]);
+/// `Err` names a committed queue ID whose `message-id=` line is not (yet) in the log.
+pub fn commit_order(log: &str) -> Result<Vec<String>, String> {
+    // "... cleanup[7]: QUEUEID: message-id=<id>" and "... smtpd[8]: QUEUEID: info: END-OF-MESSAGE"
+    let queue_id = |l: &str, after: &str| -> Option<String> {
+        let rest = l.split_once(after)?.1;
+        Some(rest.split_once(": ")?.0.to_owned())
+    };
+    let names: HashMap<String, String> = log
+        .lines()
+        .filter(|l| l.contains("cleanup[") && l.contains("message-id=<"))
+        .filter_map(|l| {
+            let id = l.split("message-id=<").nth(1)?.split('>').next()?;
+            Some((queue_id(l, "]: ")?, id.to_owned()))
+        })
+        .collect();
+    log.lines()
+        .filter(|l| l.contains("smtpd[") && l.contains(": info: END-OF-MESSAGE from "))
+        .map(|l| {
+            let qid = queue_id(l, "]: ").unwrap_or_default();
+            names
+                .get(&qid)
+                .cloned()
+                .ok_or_else(|| format!("queue ID {qid} has no message-id line: {l}"))
+        })
+        .collect()
 }
 
 impl Drop for Primary {

@@ -377,6 +377,15 @@ impl Index {
         }
     }
 
+    /// Whether no message older than `id` is in flight on `route`: then `id` may be committed
+    /// at the primary without overtaking one (replay's commit order).
+    pub fn is_oldest_in_flight(&self, route: &str, id: QueueId) -> bool {
+        let (Some(q), Some(e)) = (self.routes.get(route), self.messages.get(&id)) else {
+            return true;
+        };
+        q.in_flight.range(..e.pos).next().is_none()
+    }
+
     /// Routes a message is in flight on.
     pub fn in_flight_routes(&self, id: QueueId) -> Vec<String> {
         let Some(e) = self.messages.get(&id) else {
@@ -451,6 +460,36 @@ mod tests {
         let stats = ix.stats();
         assert_eq!(stats.len(), 2);
         assert!(stats.iter().all(|s| s.in_flight == 1));
+    }
+
+    #[test]
+    fn a_message_commits_only_when_no_older_one_is_in_flight() {
+        let mut ix = Index::default();
+        for id in 1..=3 {
+            ix.insert(entry(id, &["a@x.test"]), 0);
+        }
+        let route = |r: &str, _| r == "x.test";
+        let first = ix.take(0, None, route).unwrap().1.env.id;
+        let second = ix.take(0, None, route).unwrap().1.env.id;
+        assert!(ix.is_oldest_in_flight("x.test", first));
+        assert!(
+            !ix.is_oldest_in_flight("x.test", second),
+            "1 is still in flight"
+        );
+        ix.put_back("x.test", first, 0);
+        assert!(
+            ix.is_oldest_in_flight("x.test", second),
+            "1 is back in the queue"
+        );
+        let again = ix.take(0, None, route).unwrap().1.env.id;
+        assert_eq!(again, first, "the put-back message is the head again");
+        assert!(!ix.is_oldest_in_flight("x.test", second));
+        ix.remove(first);
+        assert!(ix.is_oldest_in_flight("x.test", second), "1 delivered");
+        assert!(
+            ix.is_oldest_in_flight("y.test", second),
+            "no such route: nothing to wait for"
+        );
     }
 
     #[test]

@@ -273,6 +273,28 @@ impl Queue {
         self.inner.store.read_body(job.env.id, job.body)
     }
 
+    /// Whether no older message of `job`'s route is in flight: `job` may be committed now.
+    pub fn is_turn(&self, job: &Job) -> bool {
+        self.lock()
+            .index
+            .is_oldest_in_flight(&job.route, job.env.id)
+    }
+
+    /// Waits until no older message of `job`'s route is in flight (each of them delivered,
+    /// deferred or put back): the moment `job` may be committed at the primary.
+    pub async fn wait_turn(&self, job: &Job) {
+        loop {
+            // registered before the check: a change between check and wait is not missed
+            let changed = self.inner.work.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.is_turn(job) {
+                return;
+            }
+            changed.await;
+        }
+    }
+
     /// Puts a job back untouched (route failure): it stays at the head of its route.
     pub fn put_back(&self, job: &Job) {
         self.lock()

@@ -68,6 +68,10 @@ pub enum ClientError {
     Protocol(String),
     #[error("I/O error: {0}")]
     Io(String),
+    /// The message was withdrawn before its final dot (its commit turn said so): the
+    /// connection is closed, so the server discards the unfinished message.
+    #[error("withdrawn before commit: an older message of the route failed first")]
+    Withdrawn,
 }
 
 impl ClientError {
@@ -123,6 +127,27 @@ pub struct TxResult {
     pub results: Vec<(usize, RcptResult)>,
     /// The server said `421` somewhere: it closed the connection and wants fewer of them.
     pub throttled: bool,
+}
+
+/// When a transaction may end. The final dot of the data is what commits a message at the
+/// server, so whoever sends through [`SmtpClient::send`] decides when it is written.
+pub trait CommitTurn {
+    /// Whether the message may be committed at once.
+    fn ready(&self) -> bool;
+    /// Waits until it may be committed; `false`: withdraw it instead.
+    fn wait(&self) -> impl Future<Output = bool> + Send;
+}
+
+/// No ordering: every message is committed as soon as its data is written (DSNs).
+pub struct AtOnce;
+
+impl CommitTurn for AtOnce {
+    fn ready(&self) -> bool {
+        true
+    }
+    async fn wait(&self) -> bool {
+        true
+    }
 }
 
 /// What an [`SmtpClient`] talks over: a TCP connection, or TLS on it after `STARTTLS`.
@@ -365,12 +390,14 @@ impl SmtpClient {
     }
 
     /// Sends one message to `recipients` (index into the envelope, recipient), pipelined when
-    /// offered. `Err` means nothing is known about any recipient (connection-level failure).
+    /// offered, and writes its final dot when `turn` allows. `Err` means nothing is known about
+    /// any recipient (connection-level failure, or the message withdrawn).
     pub async fn send(
         &mut self,
         env: &Envelope,
         recipients: &[(usize, &Recipient)],
         body: &[u8],
+        turn: &impl CommitTurn,
     ) -> Result<TxResult, ClientError> {
         let mail = self.mail_command(env, body.len());
         let rcpts: Vec<String> = recipients
@@ -476,8 +503,20 @@ impl SmtpClient {
             return Ok(out);
         }
         let mut data = dot_stuff(body);
-        data.extend_from_slice(b".\r\n");
-        self.write(&data).await?;
+        if turn.ready() {
+            data.extend_from_slice(b".\r\n");
+            self.write(&data).await?;
+        } else {
+            // everything but the dot now, the dot in turn: the wait costs no transfer time
+            self.write(&data).await?;
+            if !turn.wait().await {
+                // SMTP has no way to cancel DATA: a connection closed before the dot is a
+                // message the server discards (RFC 5321 4.1.1.4)
+                self.broken = true;
+                return Err(ClientError::Withdrawn);
+            }
+            self.write(b".\r\n").await?;
+        }
         let final_reply = self.read_reply("end of data").await?;
         out.throttled |= final_reply.code == 421;
         let r = classify(&final_reply);

@@ -3,8 +3,16 @@
 //! `workers` concurrent delivery tasks take jobs oldest first (see `queue::index`); 0 holds
 //! everything. A worker keeps its connection for the next job of the same route, up to
 //! `max_messages_per_connection`. All workers share one rate limiter (`rate_per_second`).
-//! With one worker the primary receives the mail exactly in arrival order; with N workers the
-//! jobs are *started* in arrival order, so a message can overtake at most N-1 older ones.
+//!
+//! Order: with any number of workers the primary receives a route's mail in arrival order.
+//! Workers connect, send the envelope and transfer the data in parallel, but each holds back
+//! the final dot (the commit point at the primary) until no older message of its route is
+//! still in flight ([`CommitOrder`]). A slow connection or a slow primary process therefore
+//! delays the younger messages instead of letting them overtake. When an older message fails
+//! as a route (connection lost, `421`), the younger ones waiting for their turn are withdrawn
+//! (connection closed before the dot, the primary discards the unfinished message) and go back
+//! to the queue behind it, so the order holds across failures too. What may still reorder: a
+//! recipient the primary defers with its own `4xx` is retried after its backoff.
 //!
 //! Failures: a route-level failure (connection refused, timeout, bad greeting) puts the job
 //! back at the head and backs the route off exponentially; a `421` also halves the number of
@@ -36,7 +44,7 @@ use crate::{
     metrics::{DomainLabel, Metrics, ReasonLabel},
     queue::{Job, Queue, RcptResult, index::DSN_ROUTE, message::now_micros},
 };
-use client::{ClientError, SmtpClient};
+use client::{AtOnce, ClientError, CommitTurn, SmtpClient};
 use throttle::{RateLimiter, RouteHealth, backoff};
 
 /// The replay knobs that change at run time (`PUT /v1/replay`).
@@ -290,6 +298,8 @@ impl Replay {
 
     /// Delivers one job to its route's primary and records the outcome.
     async fn deliver(&self, job: Job, conn: &mut Conn) {
+        // before anything can wait: a failure of an older message from here on withdraws this one
+        let setbacks = self.setbacks(&job.route);
         let cfg = &self.inner.config;
         let Some(domain) = cfg.domain(&job.route) else {
             error!(id = %job.env.id, route = %job.route, "no configured domain for queued mail; holding it");
@@ -303,6 +313,11 @@ impl Replay {
             Err(e) => return self.damaged(&job, &e.to_string()).await,
         };
         let rcpts = job.recipients();
+        let turn = CommitOrder {
+            replay: self,
+            job: &job,
+            setbacks,
+        };
         let mut attempt = 0;
         // connections are kept per target server: a change of target (a drain forwarding to
         // another backup) never reuses a connection to the old one
@@ -329,9 +344,14 @@ impl Replay {
                 }
             }
             let (_, client) = conn.as_mut().expect("connected above");
-            match client.send(&job.env, &rcpts, &body).await {
+            match client.send(&job.env, &rcpts, &body, &turn).await {
                 // a reused connection the primary had already closed: retry once on a new one
-                Err(e) if reused && attempt == 1 && !e.is_throttle() => {
+                Err(e)
+                    if reused
+                        && attempt == 1
+                        && !e.is_throttle()
+                        && !matches!(e, ClientError::Withdrawn) =>
+                {
                     debug!(id = %job.env.id, error = %e, "reused connection failed; reconnecting");
                     close(conn).await;
                 }
@@ -342,6 +362,10 @@ impl Replay {
             close(conn).await;
         }
         match outcome {
+            Err(ClientError::Withdrawn) => {
+                info!(id = %job.env.id, route = %job.route, "withdrawn before commit: an older message failed; back in the queue behind it");
+                self.inner.queue.put_back(&job);
+            }
             Err(e) => {
                 warn!(id = %job.env.id, route = %job.route, primary = %domain.primary, error = %e, "delivery failed; keeping the message at the head of the queue");
                 self.route_failed(&job, e.to_string(), e.is_throttle());
@@ -367,6 +391,13 @@ impl Replay {
                 self.record(&job, tx.results, Some(&body)).await;
             }
         }
+    }
+
+    /// How many times `route` has failed or been throttled so far.
+    fn setbacks(&self, route: &str) -> u64 {
+        lock(&self.inner.routes)
+            .get(route)
+            .map_or(0, RouteHealth::setbacks)
     }
 
     fn route_failed(&self, job: &Job, error: String, throttle: bool) {
@@ -587,7 +618,7 @@ impl Replay {
         for target in targets {
             match SmtpClient::connect(&target, &cfg.hostname, cfg.replay.timeout.0).await {
                 Ok(mut c) => {
-                    let r = c.send(&job.env, &rcpts, &body).await;
+                    let r = c.send(&job.env, &rcpts, &body, &AtOnce).await;
                     c.quit().await;
                     match r {
                         Ok(tx) => return Ok(tx.results),
@@ -743,6 +774,34 @@ impl Replay {
                 _ = shutdown.cancelled() => return,
             }
         }
+    }
+}
+
+/// A delivery's commit turn: its final dot goes out only when no older message of its route is
+/// in flight, so the primary commits the route's mail in arrival order whatever the number of
+/// workers. Withdrawn when the route failed (or was throttled) since the job was taken: the
+/// older message that failed goes back to the head, and this one must not pass it.
+struct CommitOrder<'a> {
+    replay: &'a Replay,
+    job: &'a Job,
+    /// The route's setbacks when the job was taken.
+    setbacks: u64,
+}
+
+impl CommitOrder<'_> {
+    fn route_unchanged(&self) -> bool {
+        self.replay.setbacks(&self.job.route) == self.setbacks
+    }
+}
+
+impl CommitTurn for CommitOrder<'_> {
+    fn ready(&self) -> bool {
+        self.replay.inner.queue.is_turn(self.job) && self.route_unchanged()
+    }
+
+    async fn wait(&self) -> bool {
+        self.replay.inner.queue.wait_turn(self.job).await;
+        self.route_unchanged()
     }
 }
 

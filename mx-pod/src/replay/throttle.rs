@@ -49,6 +49,9 @@ impl RateLimiter {
 #[derive(Debug, Clone)]
 pub struct RouteHealth {
     failures: u32,
+    /// Route failures and `421`s ever seen (never reset): a delivery that saw this change while
+    /// it waited for its commit turn withdraws its message (see `replay::CommitOrder`).
+    setbacks: u64,
     backoff_until: Option<Instant>,
     /// How many concurrent deliveries the primary is given; halved on `421`, grows by one per
     /// `limit` successes (additive increase).
@@ -60,6 +63,7 @@ impl Default for RouteHealth {
     fn default() -> Self {
         RouteHealth {
             failures: 0,
+            setbacks: 0,
             backoff_until: None,
             limit: f64::INFINITY,
             last_error: None,
@@ -96,6 +100,7 @@ impl RouteHealth {
         error: String,
     ) -> Duration {
         self.failures = self.failures.saturating_add(1);
+        self.setbacks += 1;
         let wait = backoff(self.failures, min, max);
         self.backoff_until = Some(now + wait);
         self.last_error = Some(error);
@@ -128,6 +133,11 @@ impl RouteHealth {
 
     pub fn limit(&self) -> Option<usize> {
         self.limit.is_finite().then_some(self.limit as usize)
+    }
+
+    /// How many times the route has failed or been throttled, ever.
+    pub fn setbacks(&self) -> u64 {
+        self.setbacks
     }
 
     pub fn last_error(&self) -> Option<&str> {
@@ -207,6 +217,12 @@ mod tests {
         assert!(!h.can_take(0, t0 + Duration::from_secs(1)));
         h.reset();
         assert!(h.can_take(0, t0));
+        h.success(1);
+        assert_eq!(
+            h.setbacks(),
+            2,
+            "setbacks count every failure, success resets none"
+        );
     }
 
     #[test]

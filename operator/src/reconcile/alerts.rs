@@ -249,7 +249,7 @@ async fn email(
 ) -> Result<(), String> {
     use mx_pod::{
         queue::message::{ClientInfo, Envelope, MessageKind, Notify, QueueId, Recipient},
-        replay::client::SmtpClient,
+        replay::client::{AtOnce, SmtpClient},
     };
     let from = format!("backupmx@{}", bmx.spec.mx.hostname);
     let body = MessageBuilder::new()
@@ -286,7 +286,10 @@ async fn email(
         .await
         .map_err(|e| e.to_string())?;
     let rcpts: Vec<(usize, &Recipient)> = env.recipients.iter().enumerate().collect();
-    let result = c.send(&env, &rcpts, &body).await.map_err(|e| e.to_string());
+    let result = c
+        .send(&env, &rcpts, &body, &AtOnce)
+        .await
+        .map_err(|e| e.to_string());
     c.quit().await;
     let result = result?;
     match result.results.first() {

@@ -4,6 +4,7 @@
 
 mod admin;
 mod check_mx;
+mod commit_order;
 mod crash;
 mod disk_full;
 mod dns_rfc2136;
