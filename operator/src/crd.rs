@@ -861,6 +861,9 @@ pub struct ReplayStatus {
     /// The details.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub message: String,
+    /// When `spec.replay.paused` was last lifted (RFC 3339): the ramp-up counts from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resumed_at: Option<String>,
 }
 
 /// A standard Kubernetes condition (the `metav1.Condition` shape).

@@ -10,8 +10,9 @@
 //! | a pod reports `421`/`4xx` backoff from the primary | half of the above (at least 1) | `Backoff` |
 //! | healthy (and out of any window) for `rampUp` and more | `maxWorkers` | `Full` |
 //!
-//! The ramp counts from when the primary became healthy or, when later, from the end of the
-//! last maintenance window: a primary back from an upgrade is not flooded either.
+//! The ramp counts from the latest of: when the primary became healthy, the end of the last
+//! maintenance window, and when `spec.replay.paused` was lifted. A primary back from an upgrade
+//! is not flooded, whether the hold was a window or a pause.
 //!
 //! Pods whose configuration is not the current one (a rolling update in progress, e.g. after a
 //! change of primary) get 0 whatever the decision: they may still name the old primary.
@@ -44,6 +45,23 @@ pub struct Inputs<'a> {
     pub max_workers: u32,
     /// Some pod reports the primary pushing back (`421`, `4xx`).
     pub backoff: bool,
+    /// When `spec.replay.paused` was last lifted ([`resumed_at`]).
+    pub resumed_at: Option<DateTime<Utc>>,
+}
+
+/// When `spec.replay.paused` was last lifted: now, when the last decision was `Paused` and the
+/// spec no longer pauses; else what the status recorded before.
+pub fn resumed_at(
+    paused: bool,
+    last_reason: Option<&str>,
+    recorded: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
+) -> Option<DateTime<Utc>> {
+    if !paused && last_reason == Some("Paused") {
+        Some(now)
+    } else {
+        recorded
+    }
 }
 
 /// Decides the workers per pod.
@@ -91,7 +109,10 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
             };
         }
     };
-    let since = i.window.last_end.map_or(since, |end| since.max(end));
+    let since = [i.window.last_end, i.resumed_at]
+        .into_iter()
+        .flatten()
+        .fold(since, DateTime::max);
     let max = i.max_workers.max(1);
     let healthy_for = (i.now - since).to_std().unwrap_or_default();
     let ramped = if i.ramp_up.is_zero() || healthy_for >= i.ramp_up {
@@ -170,6 +191,7 @@ mod tests {
             ramp_up: Duration::from_secs(120),
             max_workers: 8,
             backoff: false,
+            resumed_at: None,
         }
     }
 
@@ -258,5 +280,25 @@ mod tests {
         let recent = healthy("2026-12-01T00:00:00Z");
         let d = decide(&inputs(Some(&recent), &old, "2026-12-01T00:00:00Z"));
         assert_eq!((d.workers, d.reason), (1, "RampingUp"));
+    }
+
+    #[test]
+    fn replay_ramps_up_again_when_the_pause_is_lifted() {
+        let w = WindowState::default();
+        let up = healthy("2026-11-30T00:00:00Z");
+        let now = at("2026-12-01T00:00:00Z");
+        // lifted now: recorded, and the ramp starts at 1
+        let lifted = resumed_at(false, Some("Paused"), None, now);
+        assert_eq!(lifted, Some(now));
+        let mut i = inputs(Some(&up), &w, "2026-12-01T00:00:30Z");
+        i.resumed_at = lifted;
+        assert_eq!(decide(&i).workers, 2, "30 s of a 120 s ramp");
+        i.now = at("2026-12-01T00:02:00Z");
+        assert_eq!(decide(&i).reason, "Full");
+        // later decisions keep the recorded time; a pause in force records nothing new
+        let later = at("2026-12-01T00:05:00Z");
+        assert_eq!(resumed_at(false, Some("Full"), lifted, later), lifted);
+        assert_eq!(resumed_at(true, Some("Paused"), lifted, later), lifted);
+        assert_eq!(resumed_at(false, None, None, later), None);
     }
 }

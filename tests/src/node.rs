@@ -40,6 +40,10 @@ use crate::{
     repo, require, require_root, state_dir,
 };
 
+/// How long a pod may take to become Ready on the node. Pods come up in a few seconds; deleting
+/// one takes the kubelet 1.20 ~10 s, sometimes a minute.
+pub const POD_TIMEOUT: Duration = Duration::from_secs(150);
+
 /// The StorageClass the harness' PersistentVolumes belong to (no provisioner: the volumes are
 /// made by [`Node::volumes`]).
 pub const STORAGE_CLASS: &str = "backupmx-local";
@@ -389,18 +393,10 @@ impl Node {
             timeout,
             || async {
                 let p = pods.get_opt(name).await.ok()??;
-                if p.metadata.deletion_timestamp.is_some()
-                    || not_uid.is_some_and(|u| p.metadata.uid.as_deref() == Some(u))
-                {
+                if not_uid.is_some_and(|u| p.metadata.uid.as_deref() == Some(u)) {
                     return None;
                 }
-                let status = p.status.as_ref()?;
-                let ready = status
-                    .conditions
-                    .as_ref()?
-                    .iter()
-                    .any(|c| c.type_ == "Ready" && c.status == "True");
-                (ready && status.pod_ip.is_some()).then_some(p)
+                ready_ip(&p).map(|_| p)
             },
         )
         .await;
@@ -420,7 +416,7 @@ impl Node {
             ns: ns.to_owned(),
             name: name.to_owned(),
             uid: pod.metadata.uid.clone().unwrap_or_default(),
-            ip: status.pod_ip.as_ref().unwrap().parse().expect("pod IP"),
+            ip: ready_ip(&pod).expect("a Ready pod's IP"),
             container_id: container_id
                 .strip_prefix("containerd://")
                 .unwrap_or(&container_id)
@@ -428,21 +424,22 @@ impl Node {
         }
     }
 
-    /// The SMTP address of pod `ns/name` when it is Ready and not being deleted (where a
-    /// sender that follows the pod, as a Service would, connects now); None otherwise.
-    pub async fn smtp_of(&self, ns: &str, name: &str) -> Option<SocketAddr> {
-        let pods: Api<Pod> = Api::namespaced(self.client().await, ns);
-        let p = pods.get_opt(name).await.ok()??;
-        if p.metadata.deletion_timestamp.is_some() {
-            return None;
-        }
-        let status = p.status?;
-        let ready = status
-            .conditions?
-            .iter()
-            .any(|c| c.type_ == "Ready" && c.status == "True");
-        let ip: IpAddr = status.pod_ip?.parse().ok()?;
-        ready.then(|| SocketAddr::new(ip, backupmx_operator::render::SMTP_PORT))
+    /// Waits until `pod`'s container has restarted (kill -9) and is Ready again; checks that it
+    /// is the same pod (same uid), its container restarted by the kubelet.
+    pub async fn wait_restarted(&self, pod: &RunningPod) -> RunningPod {
+        let pods: Api<Pod> = Api::namespaced(self.client().await, &pod.ns);
+        eventually("the container restarted and Ready", POD_TIMEOUT, || async {
+            let p = pods.get(&pod.name).await.ok()?;
+            let c = p.status?.container_statuses?.into_iter().next()?;
+            (c.restart_count >= 1 && c.ready).then_some(())
+        })
+        .await;
+        let restarted = self.ready_pod(&pod.ns, &pod.name, None, POD_TIMEOUT).await;
+        assert_eq!(
+            restarted.uid, pod.uid,
+            "the same pod, its container restarted"
+        );
+        restarted
     }
 
     /// Plays the cloud controller: gives LoadBalancer Service `ns/name` the address `ip` in
@@ -877,6 +874,28 @@ impl LoadReport {
     }
 }
 
+/// The IP of a pod that is Ready and not being deleted (where a Service would send traffic).
+fn ready_ip(p: &Pod) -> Option<IpAddr> {
+    if p.metadata.deletion_timestamp.is_some() {
+        return None;
+    }
+    let status = p.status.as_ref()?;
+    let ready = status
+        .conditions
+        .as_ref()?
+        .iter()
+        .any(|c| c.type_ == "Ready" && c.status == "True");
+    ready.then_some(())?;
+    status.pod_ip.as_ref()?.parse().ok()
+}
+
+/// The SMTP address of pod `name` when it is Ready and not being deleted (where a sender that
+/// follows the pod, as a Service would, connects now); None otherwise.
+async fn smtp_of(pods: &Api<Pod>, name: &str) -> Option<SocketAddr> {
+    let p = pods.get_opt(name).await.ok()??;
+    ready_ip(&p).map(|ip| SocketAddr::new(ip, backupmx_operator::render::SMTP_PORT))
+}
+
 /// A sending MTA's behaviour, as a task: messages `TAG.0 .. TAG.(n-1)` to pod `ns/name`, one
 /// after another, `pace` apart; each is retried (every 200 ms) until it is acknowledged, as an
 /// MTA's queue would, following the pod to its new IP when it is replaced. Bounded by `n` and
@@ -896,7 +915,7 @@ impl Load {
         let (ns, pod, tag_owned) = (ns.to_owned(), pod.to_owned(), tag.to_owned());
         let counter = acked.clone();
         let task = tokio::spawn(async move {
-            let node = node();
+            let pods: Api<Pod> = Api::namespaced(node().client().await, &ns);
             let started = Instant::now();
             let mut report = LoadReport::default();
             for i in 0..n {
@@ -908,7 +927,7 @@ impl Load {
                         "load {tag_owned}: message {i} not acknowledged after {:?}: {report:?}",
                         Self::DEADLINE
                     );
-                    let Some(addr) = node.smtp_of(&ns, &pod).await else {
+                    let Some(addr) = smtp_of(&pods, &pod).await else {
                         tokio::time::sleep(Duration::from_millis(200)).await;
                         continue;
                     };

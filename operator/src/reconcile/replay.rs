@@ -16,7 +16,7 @@
 
 use std::{net::IpAddr, time::Duration};
 
-use chrono::{SecondsFormat, Utc};
+use chrono::{DateTime, SecondsFormat, Utc};
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 use tracing::{info, warn};
@@ -52,6 +52,8 @@ pub struct ReplayOutcome {
     pub requeue: Option<Duration>,
     /// Whether the primary is known healthy.
     pub healthy: Option<bool>,
+    /// When `spec.replay.paused` was last lifted (for `status.replay.resumedAt`).
+    pub resumed_at: Option<DateTime<Utc>>,
 }
 
 /// Runs the replay step for `bmx`, whose StatefulSet has `current_replicas`.
@@ -99,8 +101,18 @@ pub async fn control(
             })
         })
     });
+    let last = bmx.status.as_ref().and_then(|s| s.replay.as_ref());
+    let resumed_at = replay_control::resumed_at(
+        spec.replay.paused,
+        last.map(|r| r.reason.as_str()),
+        last.and_then(|r| r.resumed_at.as_deref())
+            .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+            .map(|t| t.with_timezone(&Utc)),
+        now,
+    );
     let inputs = Inputs {
         paused: spec.replay.paused,
+        resumed_at,
         window: &window,
         health: health.as_ref(),
         target: &target,
@@ -215,6 +227,7 @@ pub async fn control(
         next_reason: window.next.as_ref().map(|n| n.1.clone()),
     };
     ReplayOutcome {
+        resumed_at,
         healthy: primary.healthy,
         decision,
         primary,

@@ -254,6 +254,9 @@ pub fn applied(bmx: &BackupMx, seen: &Observed) -> BackupMxStatus {
                     workers: r.decision.workers,
                     reason: r.decision.reason.into(),
                     message: r.decision.message.clone(),
+                    resumed_at: r
+                        .resumed_at
+                        .map(|t| t.to_rfc3339_opts(SecondsFormat::Secs, true)),
                 }),
                 Some(r.primary.clone()),
                 (!bmx.spec.maintenance_windows.is_empty()).then(|| r.maintenance.clone()),

@@ -13,6 +13,7 @@
 //! host's state restored, when it exits.
 
 use std::{
+    net::SocketAddr,
     sync::atomic::{AtomicUsize, Ordering},
     time::{Duration, Instant},
 };
@@ -20,7 +21,7 @@ use std::{
 use backupmx_tests::{
     kube::{Operator, condition, eventually, operator_bin, text},
     message,
-    node::{BridgePrimary, NamespaceGuard, Node, RunningPod, STORAGE_CLASS, node},
+    node::{BridgePrimary, NamespaceGuard, Node, POD_TIMEOUT, RunningPod, STORAGE_CLASS, node},
     send, seq_of,
     webhook::Webhook,
     with_tag,
@@ -28,9 +29,6 @@ use backupmx_tests::{
 use serde_json::{Value, json};
 
 mod disaster;
-
-/// Pods come up in a few seconds; deleting one takes the kubelet 1.20 ~10 s, sometimes a minute.
-const POD_TIMEOUT: Duration = Duration::from_secs(150);
 
 /// A BackupMx `example` for example.test whose primary is `primary`, probed every second, on
 /// volumes of the harness' StorageClass.
@@ -167,18 +165,18 @@ impl Setup {
     }
 }
 
-/// Sends `n` messages to a pod's SMTP port; each must be acknowledged with 250.
-async fn send_n(pod: &RunningPod, tag: &str, n: usize) -> Vec<String> {
+/// Sends `n` messages tagged `tag` to `to`, each acknowledged; returns their Message-IDs.
+async fn send_n(to: SocketAddr, tag: &str, n: usize) -> Vec<String> {
     let mut ids = Vec::new();
     for i in 0..n {
         let r = send(
-            pod.smtp(),
+            to,
             "sender@sender.test",
             &["user@example.test"],
             &message(tag, i, 300),
         )
         .await
-        .unwrap_or_else(|e| panic!("SMTP to {} ({}): {e}", pod.name, pod.smtp()));
+        .unwrap_or_else(|e| panic!("SMTP to {to}: {e}"));
         assert!(r.ok(), "{r:?}");
         ids.push(format!("{tag}.{i}@test"));
     }
@@ -211,27 +209,14 @@ async fn outage_holds_replay_then_recovery_ramps_up_and_delivers_in_order() {
     );
     assert_eq!(st["primary"]["healthy"], false);
     assert!(st["primary"]["lastError"].as_str().is_some(), "{st}");
-    let sent = send_n(&pod, "outage", 8).await;
+    let sent = send_n(pod.smtp(), "outage", 8).await;
     assert_eq!(admin.workers().await, 0, "held while the primary is down");
     assert_eq!(admin.queued().await, 8);
 
     // the container dies (kill -9 from the host): the kubelet restarts it on the same volume,
     // and every acknowledged message is still queued
     node.kill_container(&pod);
-    let pods: kube::Api<k8s_openapi::api::core::v1::Pod> =
-        kube::Api::namespaced(node.client().await, &s.ns);
-    eventually("the container restarted and Ready", POD_TIMEOUT, || async {
-        let p = pods.get(&pod.name).await.ok()?;
-        let st = p.status?;
-        let c = st.container_statuses?.into_iter().next()?;
-        (c.restart_count >= 1 && c.ready).then_some(())
-    })
-    .await;
-    let restarted = node.ready_pod(&s.ns, &pod.name, None, POD_TIMEOUT).await;
-    assert_eq!(
-        restarted.uid, pod.uid,
-        "the same pod, its container restarted"
-    );
+    let restarted = node.wait_restarted(&pod).await;
     assert_eq!(restarted.ip, pod.ip, "the same sandbox: the same pod IP");
     let admin = restarted.admin(&s.token);
     eventually("the restarted mx-pod answers", POD_TIMEOUT, || async {
@@ -328,7 +313,7 @@ async fn a_maintenance_window_holds_replay_though_the_primary_is_up() {
         (admin.workers().await == 0).then_some(())
     })
     .await;
-    let sent = send_n(&s.pods[0], "window", 3).await;
+    let sent = send_n(s.pods[0].smtp(), "window", 3).await;
     // while the window is open: held
     let st = s.status();
     assert_eq!(
@@ -365,7 +350,7 @@ async fn cutover_sends_queued_mail_to_the_new_primary_only() {
     old.down();
     let s = Setup::new("cutover", &old, 1, json!({})).await;
     let before = s.pods[0].clone();
-    let sent = send_n(&before, "cutover", 4).await;
+    let sent = send_n(before.smtp(), "cutover", 4).await;
     s.wait_reason("PrimaryDown").await;
 
     // the migration: the spec names the new primary; the old one comes back meanwhile
@@ -430,8 +415,8 @@ async fn scale_down_drains_the_removed_pod_first_and_loses_nothing() {
     let mut primary = BridgePrimary::start(node);
     primary.down();
     let s = Setup::new("scale", &primary, 3, json!({})).await;
-    let on_2 = send_n(&s.pods[2], "pod2", 4).await;
-    let on_0 = send_n(&s.pods[0], "pod0", 2).await;
+    let on_2 = send_n(s.pods[2].smtp(), "pod2", 4).await;
+    let on_0 = send_n(s.pods[0].smtp(), "pod0", 2).await;
     let admin0 = s.pods[0].admin(&s.token);
     let admin2 = s.pods[2].admin(&s.token);
     assert_eq!(admin2.queued().await, 4);

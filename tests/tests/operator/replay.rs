@@ -312,6 +312,56 @@ async fn a_maintenance_window_holds_replay_though_the_primary_is_up() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lifting_the_pause_ramps_replay_up_again() {
+    let cluster = cluster();
+    let ns = cluster.namespace("pause").await;
+    let primary = Primary::start();
+    let port: u16 = primary.addr().rsplit_once(':').unwrap().1.parse().unwrap();
+    let _op = Operator::start(
+        cluster,
+        "op-pause",
+        &["--namespace", &ns, "--leader-elect=false"],
+    );
+    let replay = json!({"replay": {"maxWorkers": 3, "ratePerSecond": 2, "rampUp": "12s"}});
+    apply(cluster, &ns, &backupmx(port, 1, replay));
+    let pods = Pods::start(cluster, &ns, 1, 161, &primary.addr()).await;
+    // healthy for longer than rampUp: full speed
+    eventually("replay at full speed", Duration::from_secs(60), || async {
+        (status(cluster, &ns)["replay"]["reason"] == "Full").then_some(())
+    })
+    .await;
+    patch(cluster, &ns, json!({"spec": {"replay": {"paused": true}}}));
+    eventually("replay paused", Duration::from_secs(60), || async {
+        (status(cluster, &ns)["replay"]["reason"] == "Paused").then_some(())
+    })
+    .await;
+    eventually(
+        "the pod holds its mail",
+        Duration::from_secs(30),
+        || async { (pods.workers(0).await == 0).then_some(()) },
+    )
+    .await;
+    let sent = send_n(pods.pod(0), "paused", 3).await;
+    assert!(primary.received_order().is_empty(), "held while paused");
+    // lifted: the primary has been healthy all along, yet replay starts again from one worker
+    patch(cluster, &ns, json!({"spec": {"replay": {"paused": false}}}));
+    let st = eventually("replay resumed", Duration::from_secs(60), || async {
+        let st = status(cluster, &ns);
+        (st["replay"]["reason"] != "Paused").then_some(st)
+    })
+    .await;
+    assert_eq!(st["replay"]["reason"], "RampingUp", "{st}");
+    assert!(st["replay"]["workers"].as_u64() < Some(3), "{st}");
+    assert!(st["replay"]["resumedAt"].is_string(), "{st}");
+    eventually("full speed again", Duration::from_secs(60), || async {
+        (status(cluster, &ns)["replay"]["reason"] == "Full").then_some(())
+    })
+    .await;
+    pods.pod(0).wait_empty(Duration::from_secs(60)).await;
+    assert_eq!(primary.received_order(), sent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cutover_sends_queued_mail_to_the_new_primary_only() {
     let cluster = cluster();
     let ns = cluster.namespace("cutover").await;
