@@ -12,8 +12,7 @@
 #     cannot reach the API server here; the operator reaches the pods on their pod IPs)
 #   4 start PowerDNS (example.com: MX 10 mail.example.com -> 127.0.0.1) and a Postfix primary for
 #     example.com on 127.0.0.1 and on the node's bridge address 10.244.0.1 (where pods reach it)
-#   5 kubectl apply -k: examples/dns-powerdns.yaml (a Secret and a BackupMx, DNS through
-#     PowerDNS) with this machine's values in a kustomize overlay: pods; the demo plays the cloud
+#   5 apply a BackupMx (2 replicas, DNS through PowerDNS): pods; the demo plays the cloud
 #     controller and gives the SMTP Service a load-balancer address (10.244.0.240, routed to the
 #     pods by kube-proxy); the operator publishes it: kubectl get bmx, dig MX
 #   6 stop the primary (the outage); the operator holds replay: reason PrimaryDown
@@ -58,7 +57,7 @@ KEEP=${DEMO_KEEP:-0}
 KUBE_BIN=${KUBE_BIN_DIR:-${BACKUPMX_KUBE_BIN:-$HOME/.cache/backupmx/kube-1.20/bin}}
 HELM=${HELM:-$HOME/.cache/backupmx/helm/bin/helm}
 NS=bmx-demo
-BMX=example-powerdns   # the name in examples/dns-powerdns.yaml
+BMX=example
 DOMAIN=example.com
 SC=backupmx-local
 POD_UID=65532
@@ -437,50 +436,52 @@ primary_up
 swaks --server "$GW:$P_PRIMARY" --quit-after EHLO --timeout 10 2>&1 | grep -E '^<-' | head -n 2 | indent || true
 
 # ================================================================ 5
-banner "Applying examples/dns-powerdns.yaml: $REPLICAS mx-pods for $DOMAIN, the backup MX published in PowerDNS"
-# The example as published (examples/dns-powerdns.yaml: a Secret with the PowerDNS API key and a
-# BackupMx), applied with kubectl through a kustomize overlay that sets what differs on this
-# machine: the way a user keeps a published manifest and their own values apart.
-OVERLAY=$WORK/overlay
-mkdir -p "$OVERLAY"
-cp examples/dns-powerdns.yaml "$OVERLAY/"
-cat > "$OVERLAY/kustomization.yaml" << EOF
-# examples/dns-powerdns.yaml with this machine's values (kubectl apply -k)
-namespace: $NS
-resources: [dns-powerdns.yaml]
-patchesStrategicMerge: [this-machine.yaml]
-EOF
-cat > "$OVERLAY/this-machine.yaml" << EOF
+banner "Applying a BackupMx: $REPLICAS mx-pods for $DOMAIN, the backup MX published in PowerDNS"
+cat > "$WORK/backupmx.yaml" << EOF
+# from examples/backupmx.yaml + examples/dns-powerdns.yaml, for this machine
 apiVersion: v1
 kind: Secret
-metadata: {name: powerdns-credentials}
-stringData: {apiKey: $PDNS_API_KEY}
+metadata:
+  name: powerdns-credentials
+type: Opaque
+stringData:
+  apiKey: $PDNS_API_KEY
 ---
 apiVersion: backupmx.io/v1alpha1
 kind: BackupMx
-metadata: {name: $BMX}
+metadata:
+  name: $BMX
 spec:
+  domains: [$DOMAIN]
   replicas: $REPLICAS
   primary:
-    host: "$GW"                # where the pods reach the primary (the node's bridge)
+    host: "$GW"              # where the pods reach the primary (the node's bridge)
     port: $P_PRIMARY
     healthCheck: {interval: 1s, timeout: 1s, failureThreshold: 2, successThreshold: 2}
-  storage: {size: 128Mi, storageClassName: $SC}
-  replay: {maxWorkers: $MAXW, ratePerSecond: $RATE, rampUp: $RAMP}   # slow, to watch the ramp
+  storage:
+    size: 128Mi
+    storageClassName: $SC
+  mx:
+    hostname: mx2.$DOMAIN
+    priority: 20             # a higher number than the primary's MX
+    ttl: 300
+  replay:                    # slow on purpose, so the ramp can be watched
+    maxWorkers: $MAXW
+    ratePerSecond: $RATE
+    rampUp: $RAMP
   dns:
-    powerdns: {url: "$PDNS_API_URL"}
-    nameservers: ["$PDNS_DNS"] # verify the records there
+    provider: powerdns
+    zone: $DOMAIN
+    credentialsSecretRef: {name: powerdns-credentials}
+    powerdns:
+      url: "$PDNS_API_URL"
+      serverId: localhost
+    nameservers: ["$PDNS_DNS"]   # verify the records there
 EOF
-log "the example, as published:"
-cmdline "grep -v '^#' examples/dns-powerdns.yaml"
-grep -v '^#' examples/dns-powerdns.yaml | indent
-log "this machine's values, in a kustomize overlay beside a copy of it:"
-cmdline "cat overlay/this-machine.yaml"
-sed 's/^\(stringData: {apiKey: \).*/\1(the PowerDNS API key)}/' "$OVERLAY/this-machine.yaml" | indent
-cmdline "kubectl apply -k overlay/"
+sed 's/^\(  apiKey: \).*/\1(the PowerDNS API key)/' "$WORK/backupmx.yaml" | indent
+cmdline "kubectl -n $NS apply -f backupmx.yaml"
 t0=$(now)
-"$KUBECTL" apply -k "$OVERLAY" 2>&1 | indent
-[ "${PIPESTATUS[0]}" = 0 ] || die "kubectl apply -k $OVERLAY failed"
+kn apply -f "$WORK/backupmx.yaml" 2>&1 | indent
 pods_ready() {
   local i
   for ((i = 0; i < REPLICAS; i++)); do
