@@ -10,6 +10,8 @@ use std::{fmt, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+pub use crate::trust::TlsPolicy;
+
 /// A configuration error, with the position or key path it concerns.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -42,6 +44,9 @@ pub struct Config {
     /// Filters run before queueing (rspamd, DNSBL, SPF/DMARC lookups).
     #[serde(default)]
     pub filter: FilterConfig,
+    /// What outbound TLS trusts besides the compiled-in Mozilla roots.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub trust: TrustConfig,
     /// The domains this backup MX accepts mail for.
     pub domains: Vec<DomainConfig>,
 }
@@ -93,7 +98,10 @@ pub struct TlsConfig {
 impl Default for SmtpConfig {
     fn default() -> Self {
         Self {
-            listen: vec!["0.0.0.0:25".parse().expect("static address")],
+            listen: vec![
+                "[::]:25".parse().expect("static address"),
+                "0.0.0.0:25".parse().expect("static address"),
+            ],
             max_message_size: Size(50 * 1024 * 1024),
             max_recipients: 100,
             max_connections: 1000,
@@ -109,6 +117,15 @@ impl Default for SmtpConfig {
             tls: None,
         }
     }
+}
+
+/// Trust anchors of outbound TLS (HTTPS to rspamd, SMTP under `tls_policy = "verify"`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrustConfig {
+    /// A PEM bundle of CA certificates for a private PKI, trusted besides the Mozilla roots.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
 }
 
 /// Queue storage settings.
@@ -204,6 +221,9 @@ impl Default for ReplayConfig {
 pub struct DsnConfig {
     /// Send every DSN through this host:port instead of the sender domain's MX.
     pub relay: Option<String>,
+    /// TLS towards the relay or the sender's MX: `none`, `may` (default), `encrypt`, `verify`.
+    #[serde(skip_serializing_if = "is_default")]
+    pub tls_policy: TlsPolicy,
     /// Resolver (ip:port) for MX lookups of sender domains; the system's when unset.
     pub resolver: Option<SocketAddr>,
 }
@@ -327,6 +347,11 @@ pub struct DomainConfig {
     /// SPF/DMARC checking.
     #[serde(default, skip_serializing_if = "is_default")]
     pub auth: AuthMode,
+    /// TLS towards the primary: `none`, `may` (default: STARTTLS when offered), `encrypt`
+    /// (STARTTLS required) or `verify` (required, and the certificate checked against the
+    /// primary's host name).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub tls_policy: TlsPolicy,
 }
 
 fn is_default<T: Default + PartialEq>(v: &T) -> bool {

@@ -4,7 +4,8 @@
 //! the [`queue`], which answers only once it is durable; [`replay`] takes it from the queue,
 //! oldest first, and delivers it to the domain's primary, throttled; [`dsn`] tells senders about
 //! failures. [`admin`] exposes the queue and the replay controls over HTTP, [`metrics`] the
-//! counters. [`config`] and [`probe`] are shared with the operator.
+//! counters. [`trust`] says what outbound TLS trusts and how SMTP uses it (the TLS policy).
+//! [`config`], [`probe`] and [`trust`] are shared with the operator.
 //!
 //! ```text
 //! client ──SMTP──▶ smtp ─▶ policy ─▶ queue (log on disk) ─▶ replay ──SMTP──▶ primary
@@ -17,6 +18,7 @@ pub mod admin;
 pub mod config;
 pub mod dns;
 pub mod dsn;
+pub mod listen;
 pub mod metrics;
 pub mod policy;
 pub mod probe;
@@ -24,3 +26,4 @@ pub mod queue;
 pub mod replay;
 pub mod server;
 pub mod smtp;
+pub mod trust;

@@ -345,7 +345,7 @@ impl Api {
         Ok(Api {
             base,
             token,
-            http: reqwest::Client::new(),
+            http: mx_pod::trust::Trust::webpki().client(),
         })
     }
 

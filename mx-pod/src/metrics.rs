@@ -9,7 +9,11 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::{queue::Queue, smtp::reply::RejectReason};
+use crate::{
+    queue::{Queue, RcptResult},
+    replay::client::TlsFailure,
+    smtp::reply::RejectReason,
+};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DomainLabel {
@@ -18,6 +22,21 @@ pub struct DomainLabel {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
+    pub reason: String,
+}
+
+/// A delivered message: its route and whether the session ran over TLS.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DeliveryLabel {
+    pub domain: String,
+    /// `yes` or `no`.
+    pub tls: String,
+}
+
+/// A TLS failure towards a primary or a DSN server.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TlsFailureLabel {
+    pub domain: String,
     pub reason: String,
 }
 
@@ -33,6 +52,8 @@ pub struct Metrics {
     pub delivered: Family<DomainLabel, Counter>,
     pub deferred: Family<DomainLabel, Counter>,
     pub bounced: Family<ReasonLabel, Counter>,
+    pub delivered_messages: Family<DeliveryLabel, Counter>,
+    pub tls_failures: Family<TlsFailureLabel, Counter>,
     pub replay_workers: Gauge,
     pub smtp_sessions: Gauge,
 }
@@ -56,6 +77,8 @@ impl Metrics {
             delivered: Family::default(),
             deferred: Family::default(),
             bounced: Family::default(),
+            delivered_messages: Family::default(),
+            tls_failures: Family::default(),
             replay_workers: Gauge::default(),
             smtp_sessions: Gauge::default(),
             registry: Registry::default(),
@@ -106,6 +129,16 @@ impl Metrics {
             m.bounced.clone(),
         );
         registry.register(
+            "delivered_messages",
+            "Messages committed by the primary (or a DSN server), per domain and whether the session ran over TLS",
+            m.delivered_messages.clone(),
+        );
+        registry.register(
+            "tls_failures",
+            "Sessions to a primary or DSN server where TLS failed, per domain and reason (not_offered, refused, handshake, certificate); under tls policy may the mail then went in plaintext, otherwise it was deferred",
+            m.tls_failures.clone(),
+        );
+        registry.register(
             "replay_workers",
             "Replay workers currently allowed to deliver",
             m.replay_workers.clone(),
@@ -130,6 +163,54 @@ impl Metrics {
                 reason: reason.as_str().into(),
             })
             .inc();
+    }
+
+    /// Creates the TLS series of `domain` at zero, so dashboards and alerts see zeros, not gaps.
+    pub fn tls_series(&self, domain: &str) {
+        for tls in ["yes", "no"] {
+            let _ = self.delivered_messages.get_or_create(&DeliveryLabel {
+                domain: domain.into(),
+                tls: tls.into(),
+            });
+        }
+        for f in TlsFailure::ALL {
+            let _ = self.tls_failures.get_or_create(&TlsFailureLabel {
+                domain: domain.into(),
+                reason: f.as_str().into(),
+            });
+        }
+    }
+
+    /// Counts a TLS failure of a session towards `domain`'s server.
+    pub fn tls_failure(&self, domain: &str, failure: TlsFailure) {
+        self.tls_failures
+            .get_or_create(&TlsFailureLabel {
+                domain: domain.into(),
+                reason: failure.as_str().into(),
+            })
+            .inc();
+    }
+
+    /// Counts the TLS failure a `may` session fell back to plaintext from, if any.
+    pub fn tls_fallback(&self, domain: &str, fallback: Option<TlsFailure>) {
+        if let Some(f) = fallback {
+            self.tls_failure(domain, f);
+        }
+    }
+
+    /// Counts a message the server committed (at least one recipient delivered).
+    pub fn delivered_message(&self, domain: &str, results: &[(usize, RcptResult)], tls: bool) {
+        if results
+            .iter()
+            .any(|(_, r)| matches!(r, RcptResult::Delivered(_)))
+        {
+            self.delivered_messages
+                .get_or_create(&DeliveryLabel {
+                    domain: domain.into(),
+                    tls: if tls { "yes" } else { "no" }.into(),
+                })
+                .inc();
+        }
     }
 
     /// Refreshes the queue gauges and renders the Prometheus text format.

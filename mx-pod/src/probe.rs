@@ -3,23 +3,19 @@
 //! `replay.auto` mode and the operator's health checks, so both judge a primary the same way. A
 //! greeting other than `220` (a `421` or `554` "go away") is a failure.
 //!
-//! With STARTTLS the certificate is not verified, as MTAs do between themselves by default
-//! (Postfix `smtp_tls_security_level = may`: self-signed and private-CA certificates are the
-//! norm for a primary). The handshake itself is checked (signatures, TLS 1.2+), so a primary
-//! whose TLS is broken (no certificate, expired key, refused handshake) is unhealthy.
+//! The TLS part follows the delivery's [`TlsPolicy`]: a policy that allows no plaintext
+//! (`encrypt`, `verify`) makes STARTTLS part of health, since replay could not deliver without
+//! it; `verify` also checks the certificate chain and host name, as delivery will. Under `none`
+//! and `may` the certificate is not verified, as MTAs do between themselves (self-signed and
+//! private-CA certificates are the norm for a primary), but the handshake itself is checked
+//! (signatures, TLS 1.2+), so a primary whose TLS is broken is unhealthy when STARTTLS is asked for.
 
-use std::{
-    sync::Arc,
-    time::{Duration, Instant},
+use std::time::{Duration, Instant};
+
+use crate::{
+    replay::client::{Capabilities, ClientError, SmtpClient, TlsFailure},
+    trust::{TlsPolicy, Trust, server_name},
 };
-
-use rustls::{
-    DigitallySignedStruct, SignatureScheme,
-    client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
-    pki_types::{CertificateDer, ServerName, UnixTime},
-};
-
-use crate::replay::client::{Capabilities, ClientError, SmtpClient};
 
 /// What a successful probe saw.
 #[derive(Debug, Clone)]
@@ -32,18 +28,43 @@ pub struct ProbeReport {
     pub tls: Option<String>,
 }
 
-/// Probes `addr` (`host:port`), saying `helo`; the whole exchange must end within `timeout`.
-pub async fn probe(addr: &str, helo: &str, timeout: Duration) -> Result<ProbeReport, ClientError> {
-    probe_with(addr, helo, timeout, false).await
+/// How the probe uses TLS.
+#[derive(Debug, Clone, Copy)]
+pub struct ProbeTls<'a> {
+    /// Require STARTTLS and a handshake even when the policy allows plaintext
+    /// (`healthCheck.startTls`).
+    pub starttls: bool,
+    /// The delivery policy towards this primary.
+    pub policy: TlsPolicy,
+    /// Trust anchors for `verify`.
+    pub trust: &'a Trust,
 }
 
-/// Like [`probe`]; with `starttls` the primary must also offer `STARTTLS`, complete a TLS
-/// handshake and answer `EHLO` inside TLS.
+impl ProbeTls<'_> {
+    /// Whether this probe says STARTTLS.
+    pub fn required(&self) -> bool {
+        self.starttls || !self.policy.allows_plaintext()
+    }
+}
+
+/// Probes `addr` (`host:port`), saying `helo`; the whole exchange must end within `timeout`.
+pub async fn probe(addr: &str, helo: &str, timeout: Duration) -> Result<ProbeReport, ClientError> {
+    let trust = Trust::webpki();
+    let tls = ProbeTls {
+        starttls: false,
+        policy: TlsPolicy::None,
+        trust: &trust,
+    };
+    probe_with(addr, helo, timeout, tls).await
+}
+
+/// Like [`probe`], with STARTTLS when `tls` requires it: the primary must then offer
+/// `STARTTLS`, complete a TLS handshake (verified under `verify`) and answer `EHLO` inside TLS.
 pub async fn probe_with(
     addr: &str,
     helo: &str,
     timeout: Duration,
-    starttls: bool,
+    tls: ProbeTls<'_>,
 ) -> Result<ProbeReport, ClientError> {
     let started = Instant::now();
     let run = async {
@@ -54,17 +75,32 @@ pub async fn probe_with(
             elapsed: Duration::ZERO,
             tls: None,
         };
-        if starttls {
+        if tls.required() {
             if !client.caps.starttls {
                 client.quit().await;
-                return Err(ClientError::Protocol(
-                    "STARTTLS is not offered in the EHLO reply".into(),
-                ));
+                return Err(ClientError::Tls {
+                    failure: TlsFailure::NotOffered,
+                    detail: format!(
+                        "STARTTLS is not offered in the EHLO reply of {addr} (tls policy {}{})",
+                        tls.policy,
+                        if tls.starttls {
+                            ", healthCheck.startTls"
+                        } else {
+                            ""
+                        }
+                    ),
+                });
             }
-            let (tls, negotiated) = client
-                .starttls(&opportunistic_tls()?, server_name(addr)?, helo)
+            // `none` with startTls asks for a working handshake, not for a checked certificate
+            let policy = match tls.policy {
+                TlsPolicy::Verify => TlsPolicy::Verify,
+                _ => TlsPolicy::Encrypt,
+            };
+            let name = server_name(addr).map_err(|e| ClientError::Protocol(e.0))?;
+            let (session, negotiated) = client
+                .starttls(&tls.trust.smtp_connector(policy), name, helo)
                 .await?;
-            tls.quit().await;
+            session.quit().await;
             report.tls = Some(negotiated);
         } else {
             client.quit().await;
@@ -77,83 +113,27 @@ pub async fn probe_with(
         .unwrap_or(Err(ClientError::Timeout("the whole probe")))
 }
 
-/// A TLS connector for opportunistic TLS towards the primary (see [`OpportunisticTls`]).
-fn opportunistic_tls() -> Result<tokio_rustls::TlsConnector, ClientError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| ClientError::Protocol(format!("TLS set-up: {e}")))?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(OpportunisticTls(provider)))
-        .with_no_client_auth();
-    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
-}
-
-/// The TLS server name of `host:port` (a DNS name or an IP address).
-fn server_name(addr: &str) -> Result<ServerName<'static>, ClientError> {
-    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    ServerName::try_from(host.to_string())
-        .map_err(|e| ClientError::Protocol(format!("TLS server name {host:?}: {e}")))
-}
-
-/// Accepts any certificate (opportunistic TLS between MTAs) but checks the handshake's
-/// signatures with the crypto provider.
-#[derive(Debug)]
-struct OpportunisticTls(Arc<rustls::crypto::CryptoProvider>);
-
-impl ServerCertVerifier for OpportunisticTls {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
+    use rustls::pki_types::CertificateDer;
     use tokio::{
         io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
         net::TcpListener,
     };
+
+    /// `healthCheck.startTls` under policy `may`.
+    async fn starttls_probe(addr: &str) -> Result<ProbeReport, ClientError> {
+        let trust = Trust::webpki();
+        let tls = ProbeTls {
+            starttls: true,
+            policy: TlsPolicy::May,
+            trust: &trust,
+        };
+        probe_with(addr, "mx2.test", Duration::from_secs(5), tls).await
+    }
 
     /// A scripted server: greets with `greeting`, answers EHLO and QUIT.
     async fn server(greeting: &'static str) -> String {
@@ -205,10 +185,16 @@ mod tests {
 
     /// A server offering STARTTLS: `handshake` false answers 220 and then closes (a broken TLS
     /// stack); true completes TLS with a self-signed certificate and answers EHLO inside.
-    async fn tls_server(handshake: bool) -> String {
+    /// Also returns the certificate (PEM, for `primary.test` and `127.0.0.1`).
+    async fn tls_server(handshake: bool) -> (String, String) {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap().to_string();
-        let ck = rcgen::generate_simple_self_signed(vec!["primary.test".to_string()]).unwrap();
+        let ck = rcgen::generate_simple_self_signed(vec![
+            "primary.test".to_string(),
+            "127.0.0.1".to_string(),
+        ])
+        .unwrap();
+        let pem = ck.cert.pem();
         let cert = CertificateDer::from(ck.cert.der().to_vec());
         let key =
             rustls::pki_types::PrivateKeyDer::try_from(ck.signing_key.serialize_der()).unwrap();
@@ -263,7 +249,7 @@ mod tests {
                 line.clear();
             }
         });
-        addr
+        (addr, pem)
     }
 
     /// RFC 3207 §5 / CVE-2011-0411: a reply smuggled in the same packet as the 220 to
@@ -290,34 +276,60 @@ mod tests {
                 line.clear();
             }
         });
-        let err = probe_with(&addr, "mx2.test", Duration::from_secs(5), true)
-            .await
-            .unwrap_err();
+        let err = starttls_probe(&addr).await.unwrap_err();
         assert!(err.to_string().contains("plaintext injection"), "{err}");
     }
 
     #[tokio::test]
     async fn starttls_probe_completes_the_handshake_and_ehlo_inside_tls() {
-        let addr = tls_server(true).await;
-        let r = probe_with(&addr, "mx2.test", Duration::from_secs(5), true)
-            .await
-            .unwrap();
+        let (addr, _) = tls_server(true).await;
+        let r = starttls_probe(&addr).await.unwrap();
         let tls = r.tls.expect("TLS details");
         assert!(tls.starts_with("TLSv1_3"), "{tls}");
     }
 
     #[tokio::test]
+    async fn policy_verify_checks_the_certificate_against_the_trusted_roots() {
+        let verify = |trust: Trust, addr: String| async move {
+            let tls = ProbeTls {
+                starttls: false,
+                policy: TlsPolicy::Verify,
+                trust: &trust,
+            };
+            probe_with(&addr, "mx2.test", Duration::from_secs(5), tls).await
+        };
+        // unknown issuer: refused as a certificate failure
+        let (addr, _) = tls_server(true).await;
+        let err = verify(Trust::webpki(), addr).await.unwrap_err();
+        assert_eq!(err.tls_failure(), Some(TlsFailure::Certificate), "{err}");
+        assert!(err.to_string().contains("certificate rejected"), "{err}");
+        // the same kind of server, its certificate trusted through the CA bundle: healthy
+        let (addr, pem) = tls_server(true).await;
+        let trust = Trust::with_pem(pem.as_bytes(), "test bundle").unwrap();
+        let r = verify(trust, addr).await.unwrap();
+        assert!(r.tls.is_some());
+        // a policy without plaintext asks for STARTTLS even without healthCheck.startTls
+        let addr = server("220 primary.test ESMTP\r\n").await;
+        let trust = Trust::webpki();
+        let tls = ProbeTls {
+            starttls: false,
+            policy: TlsPolicy::Encrypt,
+            trust: &trust,
+        };
+        let err = probe_with(&addr, "mx2.test", Duration::from_secs(5), tls)
+            .await
+            .unwrap_err();
+        assert_eq!(err.tls_failure(), Some(TlsFailure::Refused), "{err}");
+    }
+
+    #[tokio::test]
     async fn starttls_probe_fails_on_a_broken_handshake_or_when_not_offered() {
-        let addr = tls_server(false).await;
-        let err = probe_with(&addr, "mx2.test", Duration::from_secs(5), true)
-            .await
-            .unwrap_err();
-        assert!(err.to_string().contains("TLS handshake"), "{err}");
+        let (addr, _) = tls_server(false).await;
+        let err = starttls_probe(&addr).await.unwrap_err();
+        assert!(err.to_string().contains("TLS handshake failed"), "{err}");
         let addr = server("220 primary.test ESMTP\r\n").await; // offers STARTTLS, answers 221
-        let err = probe_with(&addr, "mx2.test", Duration::from_secs(5), true)
-            .await
-            .unwrap_err();
-        assert!(err.to_string().contains("STARTTLS refused"), "{err}");
+        let err = starttls_probe(&addr).await.unwrap_err();
+        assert!(err.to_string().contains("STARTTLS answered 221"), "{err}");
         // without starttls the same kind of server is healthy
         let addr = server("220 primary.test ESMTP\r\n").await;
         assert!(

@@ -15,7 +15,6 @@ use std::{
 };
 
 use anyhow::Context;
-use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{error, info, warn};
 
@@ -27,6 +26,7 @@ use crate::{
     queue::Queue,
     replay::Replay,
     smtp::{listener, session::SessionContext, tls::Tls},
+    trust::Trust,
 };
 
 /// Reads the admin token file (trimmed); a configured but unreadable or empty file is an error.
@@ -51,8 +51,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let config = Arc::new(config);
     let token = read_token(&config)?;
     if token.is_none() {
-        warn!("admin.token_file is not set: mutating admin calls are refused");
+        warn!(
+            "admin.token_file is not set: every admin call but /healthz, /readyz and /metrics is refused"
+        );
     }
+    let trust = Trust::load(config.trust.ca_file.as_deref())
+        .map_err(|e| anyhow::anyhow!("trust.ca_file: {e}"))?;
     let (queue, report) = Queue::open(&config.queue)
         .with_context(|| format!("cannot open the queue in {}", config.queue.dir.display()))?;
     let (messages, bytes) = queue.totals();
@@ -71,13 +75,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         error!(segment = %c, "corrupt queue segment kept for inspection");
     }
 
-    let smtp_listeners = listener::bind(&config.smtp.listen).await?;
-    let admin_listener = TcpListener::bind(config.admin.listen)
-        .await
-        .with_context(|| format!("cannot listen for the admin API on {}", config.admin.listen))?;
+    let smtp_listeners = listener::bind(&config.smtp.listen)?;
+    let admin_listener = crate::listen::bind_one(config.admin.listen, "the admin API")?;
 
     let metrics = Arc::new(Metrics::new());
-    let replay = Replay::new(config.clone(), queue.clone(), metrics.clone());
+    let replay = Replay::new(
+        config.clone(),
+        queue.clone(),
+        metrics.clone(),
+        trust.clone(),
+    );
     let smtp_stop = CancellationToken::new();
     let replay_stop = CancellationToken::new();
     let admin_stop = CancellationToken::new();
@@ -107,7 +114,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         })
     };
 
-    let filters = Arc::new(Filters::new(&config).map_err(|e| anyhow::anyhow!(e))?);
+    let filters = Arc::new(Filters::new(&config, &trust).map_err(|e| anyhow::anyhow!(e))?);
     let tls = match &config.smtp.tls {
         Some(t) => Some(Arc::new(
             Tls::new(t).map_err(|e| anyhow::anyhow!("smtp.tls: {e}"))?,

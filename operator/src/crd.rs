@@ -153,6 +153,20 @@ pub struct BackupMxSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsSpec>,
 
+    /// Where bounces and delay warnings go: a relay, and the TLS towards it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dsn: Option<DsnSpec>,
+
+    /// CA certificates trusted besides the public (Mozilla) roots, for a private PKI: checked on
+    /// every HTTPS call (the DNS provider's API, the alert webhook, an https rspamd) and for
+    /// `tlsPolicy: verify`. Mounted into the pods. Certificates are always verified on HTTPS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_bundle: Option<CaBundleSpec>,
+
+    /// The pods' NetworkPolicy (on by default).
+    #[serde(default)]
+    pub network_policy: NetworkPolicySpec,
+
     /// Expect a PROXY protocol (v1 or v2) header on every SMTP connection, for load balancers
     /// that send one (e.g. an AWS NLB with proxy protocol on), so filters see the client's IP.
     #[serde(default)]
@@ -190,6 +204,108 @@ pub struct PrimarySpec {
     /// How the primary's health is probed (SMTP banner and EHLO).
     #[serde(default)]
     pub health_check: HealthCheckSpec,
+
+    /// TLS when replaying to the primary: `none`; `may` (default: STARTTLS whenever the
+    /// primary offers it, certificate not checked, like Postfix's
+    /// `smtp_tls_security_level = may`); `encrypt` (STARTTLS required: a primary without it
+    /// gets no mail, which stays queued); `verify` (required, and the certificate checked
+    /// against `host` and the trusted CAs: the public roots and `spec.caBundle`). Under
+    /// `encrypt` and `verify` the health probe requires STARTTLS too, so a primary that cannot
+    /// take mail securely counts as down, with the reason in `status.primary.lastError`.
+    #[serde(default)]
+    pub tls_policy: TlsPolicy,
+}
+
+/// How SMTP to the primary or a DSN relay uses TLS.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsPolicy {
+    /// Never STARTTLS.
+    None,
+    /// STARTTLS when offered; the certificate is not checked.
+    #[default]
+    May,
+    /// STARTTLS required; the certificate is not checked.
+    Encrypt,
+    /// STARTTLS required and the certificate verified.
+    Verify,
+}
+
+impl From<TlsPolicy> for mx_pod::trust::TlsPolicy {
+    fn from(p: TlsPolicy) -> Self {
+        match p {
+            TlsPolicy::None => Self::None,
+            TlsPolicy::May => Self::May,
+            TlsPolicy::Encrypt => Self::Encrypt,
+            TlsPolicy::Verify => Self::Verify,
+        }
+    }
+}
+
+/// Where delivery status notifications (bounces, delay warnings) go.
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DsnSpec {
+    /// An SMTP relay (`host:port`, e.g. `smtp-relay.mail:587` or your primary) that takes every
+    /// DSN. Unset: each DSN goes straight to the sender domain's MX on port 25, which many
+    /// clouds block for pods and which makes the backup's addresses a sender in others' eyes
+    /// (SPF, reputation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 3, max = 260),
+        pattern(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}$")
+    )]
+    pub relay: Option<String>,
+    /// TLS towards the relay (or the sender's MX): as `spec.primary.tlsPolicy`.
+    #[serde(default)]
+    pub tls_policy: TlsPolicy,
+}
+
+/// A PEM bundle of CA certificates in a Secret of this namespace.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CaBundleSpec {
+    /// The Secret's name.
+    #[schemars(length(min = 1, max = 253))]
+    pub secret_name: String,
+    /// The key holding the PEM certificates.
+    #[serde(default = "default_ca_key")]
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
+}
+
+fn default_ca_key() -> String {
+    "ca.crt".into()
+}
+
+/// The NetworkPolicy of the pods.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkPolicySpec {
+    /// Make a NetworkPolicy for the pods (default `true`): SMTP open to everyone, the admin
+    /// port (queue API and `/metrics`) only from `adminFromNamespaces`. Takes effect only where
+    /// the cluster's network plugin enforces NetworkPolicy.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Namespaces whose pods may reach the admin port, each given by the labels it must carry
+    /// (a namespace selector's `matchLabels`). Default: the operator's own namespace, by the
+    /// `kubernetes.io/metadata.name` label Kubernetes sets from 1.21 on. Add Prometheus's
+    /// namespace here to scrape the pods' `/metrics`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub admin_from_namespaces: Vec<BTreeMap<String, String>>,
+}
+
+impl Default for NetworkPolicySpec {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            admin_from_namespaces: Vec::new(),
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// Health probe settings for the primary.
@@ -212,8 +328,9 @@ pub struct HealthCheckSpec {
     #[serde(default = "default_success_threshold")]
     #[schemars(range(min = 1, max = 100))]
     pub success_threshold: u32,
-    /// Also require STARTTLS: the primary must offer it, complete a TLS handshake (TLS 1.2+;
-    /// its certificate is not verified, as between MTAs) and answer EHLO inside TLS.
+    /// Also require STARTTLS: the primary must offer it, complete a TLS handshake (TLS 1.2+)
+    /// and answer EHLO inside TLS. The certificate is checked only under
+    /// `primary.tlsPolicy: verify`, as delivery does; `encrypt` and `verify` imply this.
     #[serde(default)]
     pub start_tls: bool,
 }

@@ -77,6 +77,11 @@ pub struct ProbeSettings {
     pub success_threshold: u32,
     /// Probe with STARTTLS and a TLS handshake too.
     pub starttls: bool,
+    /// The delivery's TLS policy: `encrypt`/`verify` make STARTTLS part of health, `verify`
+    /// checks the certificate as delivery will.
+    pub tls_policy: mx_pod::trust::TlsPolicy,
+    /// The CA bundle (`spec.caBundle`), trusted besides the Mozilla roots.
+    pub ca_pem: Option<String>,
 }
 
 /// The last known health of one primary.
@@ -202,18 +207,26 @@ async fn run(
     health: Arc<Mutex<Health>>,
     wake: Arc<Mutex<Option<UnboundedSender<()>>>>,
 ) {
+    let trust = match &settings.ca_pem {
+        // checked when the bundle was read (reconcile/trust.rs): it parses
+        Some(pem) => {
+            mx_pod::trust::Trust::with_pem(pem.as_bytes(), "spec.caBundle").unwrap_or_default()
+        }
+        None => mx_pod::trust::Trust::webpki(),
+    };
+    let tls = mx_pod::probe::ProbeTls {
+        starttls: settings.starttls,
+        policy: settings.tls_policy,
+        trust: &trust,
+    };
     let mut h = Hysteresis::new(settings.failure_threshold, settings.success_threshold);
     let mut ticker = tokio::time::interval(settings.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
-        let result = mx_pod::probe::probe_with(
-            &settings.target,
-            &settings.helo,
-            settings.timeout,
-            settings.starttls,
-        )
-        .await;
+        let result =
+            mx_pod::probe::probe_with(&settings.target, &settings.helo, settings.timeout, tls)
+                .await;
         let now = Utc::now();
         let ok = result.is_ok();
         let changed = h.observe(ok);
@@ -293,6 +306,8 @@ mod tests {
                 failure_threshold: 2,
                 success_threshold: 1,
                 starttls: false,
+                tls_policy: mx_pod::trust::TlsPolicy::May,
+                ca_pem: None,
             },
         );
         tokio::time::timeout(Duration::from_secs(5), rx.recv())

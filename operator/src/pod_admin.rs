@@ -30,7 +30,8 @@ impl PodAdmin {
     /// A client for admin APIs on `port`.
     pub fn new(port: u16) -> Self {
         Self {
-            http: reqwest::Client::builder()
+            http: mx_pod::trust::Trust::webpki()
+                .https()
                 .timeout(TIMEOUT)
                 .connect_timeout(TIMEOUT)
                 .build()
@@ -208,14 +209,7 @@ impl PodAdmin {
 
 /// A reqwest error with its causes, e.g. "error sending request: Connection refused".
 fn error_text(e: &reqwest::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
+    mx_pod::trust::error_chain(e)
 }
 
 /// The pod's IP, if it has one.

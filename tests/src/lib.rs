@@ -316,7 +316,7 @@ impl MxPod {
             token,
             child: None,
             log,
-            http: reqwest::Client::new(),
+            http: mx_pod::trust::Trust::webpki().client(),
             dir,
         };
         pod.restart().await;

@@ -655,7 +655,8 @@ impl RunningPod {
                 backupmx_operator::render::ADMIN_PORT
             ),
             token: token.to_owned(),
-            http: reqwest::Client::builder()
+            http: mx_pod::trust::Trust::webpki()
+                .https()
                 .timeout(Duration::from_secs(10))
                 .build()
                 .unwrap(),

@@ -133,7 +133,8 @@ impl Rspamd {
 
     /// Asks rspamd directly (`POST /checkv2` with `IP:`): its JSON answer.
     pub async fn check(&self, ip: &str, message: &[u8]) -> Value {
-        let r = reqwest::Client::new()
+        let r = mx_pod::trust::Trust::webpki()
+            .client()
             .post(format!("{}/checkv2", self.url))
             .header("IP", ip)
             .body(message.to_vec())
@@ -194,7 +195,7 @@ impl PowerDns {
             dns: env_value(&out, "PDNS_DNS", "powerdns.sh"),
             dir,
             running: true,
-            http: reqwest::Client::new(),
+            http: mx_pod::trust::Trust::webpki().client(),
         }
     }
 

@@ -1,5 +1,5 @@
-//! Bearer-token check for mutating admin calls. Without a configured token they are refused
-//! (secure by default), and the comparison takes the same time whatever the input.
+//! Bearer-token check for the admin API's `/v1` calls. Without a configured token they are
+//! refused (secure by default), and the comparison takes the same time whatever the input.
 
 use axum::http::{HeaderMap, StatusCode, header::AUTHORIZATION};
 
@@ -8,8 +8,7 @@ pub fn check(expected: Option<&str>, headers: &HeaderMap) -> Result<(), (StatusC
     let Some(expected) = expected else {
         return Err((
             StatusCode::FORBIDDEN,
-            "mutating calls are disabled: no admin token is configured (set admin.token_file)"
-                .into(),
+            "the queue API is disabled: no admin token is configured (set admin.token_file)".into(),
         ));
     };
     let given = headers

@@ -54,7 +54,8 @@ pub struct Filters {
 
 impl Filters {
     /// Builds the filters `config` asks for; the recipient cache is kept in the queue directory.
-    pub fn new(config: &Config) -> Result<Self, String> {
+    /// `trust` verifies rspamd's certificate when its URL is https.
+    pub fn new(config: &Config, trust: &crate::trust::Trust) -> Result<Self, String> {
         let f = &config.filter;
         let dnsbl = if f.dnsbl.is_empty() {
             None
@@ -79,11 +80,12 @@ impl Filters {
                 config.smtp.max_recipients_per_minute,
             )),
             dnsbl,
-            rspamd: f.rspamd.as_ref().map(rspamd::Rspamd::new),
+            rspamd: f.rspamd.as_ref().map(|r| rspamd::Rspamd::new(r, trust)),
             auth,
             recipients: Arc::new(recipients::Recipients::open(
                 &config.queue.dir,
                 &config.hostname,
+                trust.clone(),
             )),
         })
     }

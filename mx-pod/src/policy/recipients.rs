@@ -31,6 +31,7 @@ use crate::{
     config::{DomainConfig, FailMode, RecipientMode},
     replay::client::SmtpClient,
     smtp::reply::{RejectReason, Reply},
+    trust::Trust,
 };
 
 /// How often a changed cache is written to disk.
@@ -63,6 +64,8 @@ pub enum Callout {
 pub struct Recipients {
     path: PathBuf,
     hostname: String,
+    /// For callouts under the domain's `tls_policy = "verify"`.
+    trust: Trust,
     cache: Mutex<HashMap<String, Entry>>,
     dirty: AtomicBool,
 }
@@ -75,7 +78,7 @@ fn now() -> u64 {
 
 impl Recipients {
     /// Loads the cache kept in `dir` (an unreadable file is logged and replaced).
-    pub fn open(dir: &Path, hostname: &str) -> Self {
+    pub fn open(dir: &Path, hostname: &str, trust: Trust) -> Self {
         let path = dir.join(CACHE_FILE);
         let cache = match std::fs::read(&path) {
             Ok(bytes) => match serde_json::from_slice::<HashMap<String, Entry>>(&bytes) {
@@ -95,6 +98,7 @@ impl Recipients {
         Self {
             path,
             hostname: hostname.to_string(),
+            trust,
             cache: Mutex::new(cache),
             dirty: AtomicBool::new(false),
         }
@@ -124,7 +128,7 @@ impl Recipients {
                 if let Some(valid) = self.cached(&key) {
                     return self.cached_verdict(valid);
                 }
-                match callout(&domain.primary, &self.hostname, address).await {
+                match callout(domain, &self.hostname, address, &self.trust).await {
                     Callout::Exists => {
                         self.remember(key, true, rc.cache_ttl.0);
                         Verdict::Accept
@@ -240,10 +244,19 @@ impl Recipients {
     }
 }
 
-/// Asks `primary` whether it accepts mail for `address`.
-pub async fn callout(primary: &str, hostname: &str, address: &str) -> Callout {
+/// Asks the domain's primary whether it accepts mail for `address`, with the domain's TLS policy
+/// (the address is personal data: it goes encrypted wherever the primary offers STARTTLS).
+pub async fn callout(
+    domain: &DomainConfig,
+    hostname: &str,
+    address: &str,
+    trust: &Trust,
+) -> Callout {
+    let primary = &domain.primary;
     let run = async {
-        let mut c = match SmtpClient::connect(primary, hostname, CALLOUT_TIMEOUT).await {
+        let opened =
+            SmtpClient::open(primary, hostname, CALLOUT_TIMEOUT, domain.tls_policy, trust).await;
+        let mut c = match opened {
             Ok(c) => c,
             Err(e) => return Callout::Unavailable(e.to_string()),
         };
@@ -292,13 +305,14 @@ mod tests {
                 fail_mode: FailMode::Tempfail,
             },
             auth: Default::default(),
+            tls_policy: Default::default(),
         }
     }
 
     #[tokio::test]
     async fn list_mode_accepts_listed_addresses_and_wildcards() {
         let dir = tempfile::tempdir().unwrap();
-        let r = Recipients::open(dir.path(), "mx2.example.test");
+        let r = Recipients::open(dir.path(), "mx2.example.test", Trust::webpki());
         let d = domain(RecipientMode::List, &["alice@example.test"], "127.0.0.1:9");
         assert_eq!(r.check(&d, "Alice@Example.test").await, Verdict::Accept);
         assert_eq!(
@@ -312,7 +326,7 @@ mod tests {
     #[tokio::test]
     async fn verify_with_the_primary_down_uses_the_cache_then_fail_mode() {
         let dir = tempfile::tempdir().unwrap();
-        let r = Recipients::open(dir.path(), "mx2.example.test");
+        let r = Recipients::open(dir.path(), "mx2.example.test", Trust::webpki());
         let mut d = domain(RecipientMode::Verify, &[], "127.0.0.1:1"); // nothing listens
         r.remember("known@example.test".into(), true, Duration::from_secs(60));
         r.remember("gone@example.test".into(), false, Duration::from_secs(60));
@@ -330,7 +344,7 @@ mod tests {
 
         // the cache survives a restart
         r.flush().unwrap();
-        let again = Recipients::open(dir.path(), "mx2.example.test");
+        let again = Recipients::open(dir.path(), "mx2.example.test", Trust::webpki());
         assert_eq!(again.cached("known@example.test"), Some(true));
         assert_eq!(again.cached("gone@example.test"), Some(false));
     }

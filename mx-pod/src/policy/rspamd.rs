@@ -74,10 +74,12 @@ pub struct Scan {
 }
 
 impl Rspamd {
-    pub fn new(config: &RspamdConfig) -> Self {
+    /// An https `url` is verified against `trust` (the Mozilla roots and `trust.ca_file`).
+    pub fn new(config: &RspamdConfig, trust: &crate::trust::Trust) -> Self {
         let timeout = config.timeout.0;
         Self {
-            http: reqwest::Client::builder()
+            http: trust
+                .https()
                 .timeout(timeout)
                 .connect_timeout(timeout)
                 .build()
@@ -128,7 +130,7 @@ impl Rspamd {
         let resp = tokio::time::timeout(self.timeout, r.body(message.to_vec()).send())
             .await
             .map_err(|_| format!("no answer within {:?}", self.timeout))?
-            .map_err(|e| format!("POST {}: {e}", self.url))?;
+            .map_err(|e| format!("POST {}: {}", self.url, crate::trust::error_chain(&e)))?;
         if !resp.status().is_success() {
             return Err(format!("POST {}: HTTP {}", self.url, resp.status()));
         }

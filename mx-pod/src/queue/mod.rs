@@ -15,8 +15,11 @@
 //!   [`Queue::reserve`] fails and the session answers `452 4.3.1`; a full disk does the same.
 //! - Holds: an admin can hold everything, one domain, or one message. Domain and global holds
 //!   are kept in `DIR/holds.json`, message holds in the log, so both survive restarts.
+//! - One writer: [`Queue::open`] first takes the directory's lock ([`lock`]); a second server on
+//!   the same directory is refused before it reads, creates or deletes anything there.
 
 pub mod index;
+pub mod lock;
 pub mod message;
 pub mod store;
 
@@ -46,6 +49,8 @@ pub enum QueueError {
     Storage(#[from] StoreError),
     #[error("no message {0} in the queue")]
     NotFound(QueueId),
+    #[error(transparent)]
+    Locked(#[from] lock::LockError),
 }
 
 impl QueueError {
@@ -146,9 +151,11 @@ pub struct ExpiryWork {
 }
 
 impl Queue {
-    /// Opens the queue directory (creating it when missing) and rebuilds the index from disk.
+    /// Locks the queue directory (creating it, mode 0700, when missing), then rebuilds the index
+    /// from disk. The lock is held until the log's committer stops.
     pub fn open(cfg: &QueueConfig) -> Result<(Queue, RecoveryReport), QueueError> {
-        let (store, recovered, report) = Store::open(&cfg.dir, cfg.segment_size.0)?;
+        let lock = lock::DirLock::exclusive(&cfg.dir)?;
+        let (store, recovered, report) = Store::open(&cfg.dir, cfg.segment_size.0, lock)?;
         let holds = read_holds(&cfg.dir);
         let now = now_micros();
         let mut index = Index::default();

@@ -14,10 +14,14 @@ use tokio::{
     net::TcpStream,
 };
 use tokio_rustls::{TlsConnector, rustls::pki_types::ServerName};
+use tracing::warn;
 
-use crate::queue::{
-    RcptResult,
-    message::{DsnRet, Envelope, Recipient},
+use crate::{
+    queue::{
+        RcptResult,
+        message::{DsnRet, Envelope, Recipient},
+    },
+    trust::{TlsPolicy, Trust, error_chain, server_name},
 };
 
 /// Longest reply accepted from a server, all lines together.
@@ -72,6 +76,10 @@ pub enum ClientError {
     /// connection is closed, so the server discards the unfinished message.
     #[error("withdrawn before commit: an older message of the route failed first")]
     Withdrawn,
+    /// TLS could not be used with the server (and the policy does not allow plaintext, or the
+    /// failure came after STARTTLS began).
+    #[error("TLS {}: {detail}", failure.describe())]
+    Tls { failure: TlsFailure, detail: String },
 }
 
 impl ClientError {
@@ -79,6 +87,55 @@ impl ClientError {
     pub fn is_throttle(&self) -> bool {
         matches!(self, ClientError::Refused { reply, .. } if reply.code == 421)
     }
+
+    /// The TLS failure, when this is one.
+    pub fn tls_failure(&self) -> Option<TlsFailure> {
+        match self {
+            ClientError::Tls { failure, .. } => Some(*failure),
+            _ => None,
+        }
+    }
+}
+
+/// Why TLS could not be used with a server (the `reason` label of `mxpod_tls_failures_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TlsFailure {
+    /// The EHLO reply has no `STARTTLS`.
+    NotOffered,
+    /// `STARTTLS` was answered with something other than `220`.
+    Refused,
+    /// The TLS handshake failed (protocol, cipher, signature).
+    Handshake,
+    /// The certificate did not verify (policy `verify`: chain or host name).
+    Certificate,
+}
+
+impl TlsFailure {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TlsFailure::NotOffered => "not_offered",
+            TlsFailure::Refused => "refused",
+            TlsFailure::Handshake => "handshake",
+            TlsFailure::Certificate => "certificate",
+        }
+    }
+
+    /// Words for errors: "TLS {this}: detail".
+    pub fn describe(self) -> &'static str {
+        match self {
+            TlsFailure::NotOffered => "not offered",
+            TlsFailure::Refused => "refused",
+            TlsFailure::Handshake => "handshake failed",
+            TlsFailure::Certificate => "certificate rejected",
+        }
+    }
+
+    pub const ALL: [TlsFailure; 4] = [
+        TlsFailure::NotOffered,
+        TlsFailure::Refused,
+        TlsFailure::Handshake,
+        TlsFailure::Certificate,
+    ];
 }
 
 /// What the server offered in its EHLO reply.
@@ -164,6 +221,11 @@ pub struct SmtpClient {
     pub caps: Capabilities,
     /// Transactions sent over this connection.
     pub sent: usize,
+    /// The negotiated TLS protocol and cipher (`TLSv1_3 TLS13_AES_256_GCM_SHA384`), when the
+    /// session runs over TLS.
+    pub tls: Option<String>,
+    /// Under policy `may`: the TLS failure this plaintext session fell back from.
+    pub tls_fallback: Option<TlsFailure>,
     broken: bool,
 }
 
@@ -207,7 +269,58 @@ impl SmtpClient {
             },
             caps: Capabilities::default(),
             sent: 0,
+            tls: None,
+            tls_fallback: None,
             broken: false,
+        }
+    }
+
+    /// Connects as [`SmtpClient::connect`] does, then applies the TLS `policy` (RFC 3207,
+    /// Postfix's `smtp_tls_security_level`): `none` stays in plaintext; `may` says STARTTLS
+    /// when offered and, if STARTTLS or the handshake fails, delivers in plaintext on a new
+    /// connection (`tls_fallback` says why); `encrypt` and `verify` fail with
+    /// [`ClientError::Tls`] instead, so nothing is ever sent in plaintext under them. `verify`
+    /// checks the chain against `trust` and the certificate against the host of `addr`.
+    pub async fn open(
+        addr: &str,
+        helo: &str,
+        timeout: Duration,
+        policy: TlsPolicy,
+        trust: &Trust,
+    ) -> Result<Self, ClientError> {
+        let client = Self::connect(addr, helo, timeout).await?;
+        if policy == TlsPolicy::None {
+            return Ok(client);
+        }
+        if !client.caps.starttls {
+            if policy.allows_plaintext() {
+                return Ok(client);
+            }
+            client.quit().await;
+            return Err(ClientError::Tls {
+                failure: TlsFailure::NotOffered,
+                detail: format!(
+                    "{addr} does not offer STARTTLS, and tls policy {policy} allows no plaintext"
+                ),
+            });
+        }
+        let name = server_name(addr).map_err(|e| ClientError::Protocol(e.0))?;
+        match client
+            .starttls(&trust.smtp_connector(policy), name, helo)
+            .await
+        {
+            Ok((mut c, negotiated)) => {
+                c.tls = Some(negotiated);
+                Ok(c)
+            }
+            Err(ClientError::Tls { failure, detail }) if policy.allows_plaintext() => {
+                warn!(server = %addr, failure = failure.as_str(), error = %detail,
+                    "STARTTLS failed; delivering in plaintext on a new connection (tls policy may)");
+                let mut c = Self::connect(addr, helo, timeout).await?;
+                c.tls_fallback = Some(failure);
+                Ok(c)
+            }
+            Err(e) => Err(e),
         }
     }
 
@@ -244,9 +357,9 @@ impl SmtpClient {
         let reply = self.command("STARTTLS\r\n", "STARTTLS").await?;
         if reply.code != 220 {
             self.quit().await;
-            return Err(ClientError::Refused {
-                stage: "STARTTLS",
-                reply,
+            return Err(ClientError::Tls {
+                failure: TlsFailure::Refused,
+                detail: format!("STARTTLS answered {reply}"),
             });
         }
         if self.start != self.buf.len() {
@@ -258,7 +371,26 @@ impl SmtpClient {
         let tls = handshake
             .await
             .map_err(|_| ClientError::Timeout("TLS handshake"))?
-            .map_err(|e| ClientError::Protocol(format!("TLS handshake: {e}")))?;
+            .map_err(|e| {
+                let certificate = e
+                    .get_ref()
+                    .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+                    .is_some_and(|r| {
+                        matches!(
+                            r,
+                            rustls::Error::InvalidCertificate(_)
+                                | rustls::Error::NoCertificatesPresented
+                        )
+                    });
+                ClientError::Tls {
+                    failure: if certificate {
+                        TlsFailure::Certificate
+                    } else {
+                        TlsFailure::Handshake
+                    },
+                    detail: error_chain(&e),
+                }
+            })?;
         let (_, conn) = tls.get_ref();
         let negotiated = format!(
             "{:?} {:?}",

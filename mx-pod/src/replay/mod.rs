@@ -45,6 +45,8 @@ use crate::{
     queue::{Job, Queue, RcptResult, index::DSN_ROUTE, message::now_micros},
 };
 use client::{AtOnce, ClientError, CommitTurn, SmtpClient};
+
+use crate::trust::{TlsPolicy, Trust};
 use throttle::{RateLimiter, RouteHealth, backoff};
 
 /// The replay knobs that change at run time (`PUT /v1/replay`).
@@ -85,10 +87,12 @@ struct Inner {
     primary_up: Mutex<HashMap<String, bool>>,
     /// While draining for a scale-down: deliver everything here instead of the primaries.
     forward_to: Mutex<Option<String>>,
+    trust: Trust,
 }
 
 impl Replay {
-    pub fn new(config: Arc<Config>, queue: Queue, metrics: Arc<Metrics>) -> Self {
+    /// `trust` verifies primaries and DSN relays under `tls_policy = "verify"`.
+    pub fn new(config: Arc<Config>, queue: Queue, metrics: Arc<Metrics>, trust: Trust) -> Self {
         let s = ReplaySettings {
             workers: config.replay.workers,
             rate_per_second: config.replay.rate_per_second,
@@ -101,7 +105,9 @@ impl Replay {
             };
             let _ = metrics.delivered.get_or_create(&l);
             let _ = metrics.deferred.get_or_create(&l);
+            metrics.tls_series(&l.domain);
         }
+        metrics.tls_series(DSN_ROUTE);
         for reason in ["rejected", "expired", "corrupt"] {
             let _ = metrics.bounced.get_or_create(&ReasonLabel {
                 reason: reason.into(),
@@ -118,6 +124,7 @@ impl Replay {
                 routes: Mutex::new(HashMap::new()),
                 primary_up: Mutex::new(HashMap::new()),
                 forward_to: Mutex::new(None),
+                trust,
             }),
         }
     }
@@ -321,7 +328,15 @@ impl Replay {
         let mut attempt = 0;
         // connections are kept per target server: a change of target (a drain forwarding to
         // another backup) never reuses a connection to the old one
-        let target = self.forward_to().unwrap_or_else(|| domain.primary.clone());
+        let forward_to = self.forward_to();
+        // a drain's hop to another pod of this backup MX stays inside the cluster and that pod
+        // may have no certificate: STARTTLS when offered, as between MTAs
+        let policy = if forward_to.is_some() {
+            TlsPolicy::May
+        } else {
+            domain.tls_policy
+        };
+        let target = forward_to.unwrap_or_else(|| domain.primary.clone());
         let outcome = loop {
             attempt += 1;
             let reused = conn.as_ref().is_some_and(|(k, c)| {
@@ -332,8 +347,17 @@ impl Replay {
             });
             if !reused {
                 close(conn).await;
-                match SmtpClient::connect(&target, &cfg.hostname, cfg.replay.timeout.0).await {
+                let opened = SmtpClient::open(
+                    &target,
+                    &cfg.hostname,
+                    cfg.replay.timeout.0,
+                    policy,
+                    &self.inner.trust,
+                )
+                .await;
+                match opened {
                     Ok(c) => {
+                        self.inner.metrics.tls_fallback(&job.route, c.tls_fallback);
                         let key = ConnKey {
                             route: job.route.clone(),
                             target: target.clone(),
@@ -367,10 +391,17 @@ impl Replay {
                 self.inner.queue.put_back(&job);
             }
             Err(e) => {
-                warn!(id = %job.env.id, route = %job.route, primary = %domain.primary, error = %e, "delivery failed; keeping the message at the head of the queue");
+                if let Some(f) = e.tls_failure() {
+                    self.inner.metrics.tls_failure(&job.route, f);
+                }
+                warn!(id = %job.env.id, route = %job.route, primary = %domain.primary, tls_policy = %policy, error = %e, "delivery failed; keeping the message at the head of the queue");
                 self.route_failed(&job, e.to_string(), e.is_throttle());
             }
             Ok(tx) => {
+                let tls = conn.as_ref().is_some_and(|(_, c)| c.tls.is_some());
+                self.inner
+                    .metrics
+                    .delivered_message(&job.route, &tx.results, tls);
                 {
                     // lock order: queue before routes (queue.take calls may_take under its lock)
                     let in_flight = self.in_flight(&job.route);
@@ -615,17 +646,39 @@ impl Replay {
             None => mx_targets(&domain, cfg.dsn.resolver).await?,
         };
         let mut last = None;
+        let policy = cfg.dsn.tls_policy;
         for target in targets {
-            match SmtpClient::connect(&target, &cfg.hostname, cfg.replay.timeout.0).await {
+            let opened = SmtpClient::open(
+                &target,
+                &cfg.hostname,
+                cfg.replay.timeout.0,
+                policy,
+                &self.inner.trust,
+            )
+            .await;
+            match opened {
                 Ok(mut c) => {
+                    self.inner.metrics.tls_fallback(DSN_ROUTE, c.tls_fallback);
                     let r = c.send(&job.env, &rcpts, &body, &AtOnce).await;
+                    let tls = c.tls.is_some();
                     c.quit().await;
                     match r {
-                        Ok(tx) => return Ok(tx.results),
+                        Ok(tx) => {
+                            self.inner
+                                .metrics
+                                .delivered_message(DSN_ROUTE, &tx.results, tls);
+                            return Ok(tx.results);
+                        }
                         Err(e) => last = Some(e),
                     }
                 }
-                Err(e) => last = Some(e),
+                Err(e) => {
+                    if let Some(f) = e.tls_failure() {
+                        self.inner.metrics.tls_failure(DSN_ROUTE, f);
+                    }
+                    warn!(id = %job.env.id, server = %target, tls_policy = %policy, error = %e, "DSN server failed");
+                    last = Some(e)
+                }
             }
         }
         Err(last.unwrap_or(ClientError::Protocol(format!(

@@ -18,16 +18,10 @@ use super::{
     session::{Session, SessionContext},
 };
 
-/// Binds every configured SMTP address; fails with the address in the error.
-pub async fn bind(addrs: &[std::net::SocketAddr]) -> anyhow::Result<Vec<TcpListener>> {
-    let mut out = Vec::new();
-    for a in addrs {
-        let l = TcpListener::bind(a)
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot listen for SMTP on {a}: {e}"))?;
-        out.push(l);
-    }
-    Ok(out)
+/// Binds every configured SMTP address ([`crate::listen`]: IPv6 wildcards left out where there
+/// is no IPv6); fails with the address in the error.
+pub fn bind(addrs: &[std::net::SocketAddr]) -> anyhow::Result<Vec<TcpListener>> {
+    crate::listen::bind_all(addrs, "SMTP")
 }
 
 /// The running SMTP side: accept loops and the sessions they started.

@@ -109,10 +109,9 @@ async fn start_opts(o: Opts) -> Harness {
     let (queue, _) = Queue::open(&config.queue).unwrap();
     let metrics = Arc::new(Metrics::new());
     let ctx = Arc::new(SessionContext {
-        filters: o
-            .filters
-            .clone()
-            .unwrap_or_else(|| Arc::new(Filters::new(&config).unwrap())),
+        filters: o.filters.clone().unwrap_or_else(|| {
+            Arc::new(Filters::new(&config, &crate::trust::Trust::webpki()).unwrap())
+        }),
         config,
         queue: queue.clone(),
         metrics: metrics.clone(),
@@ -514,7 +513,7 @@ async fn connections_per_client_are_limited() {
         "t",
     )
     .unwrap();
-    let filters = Arc::new(Filters::new(&config).unwrap());
+    let filters = Arc::new(Filters::new(&config, &crate::trust::Trust::webpki()).unwrap());
     let first = start_opts(Opts {
         smtp: "max_connections_per_ip = 1",
         filters: Some(filters.clone()),

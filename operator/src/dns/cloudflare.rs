@@ -104,7 +104,8 @@ impl Cloudflare {
     /// (else each zone's id is looked up by name once, which needs the token's `Zone:Read`).
     pub fn new(api_base: Option<&str>, api_token: &str, zone_id: Option<&str>) -> Self {
         Self {
-            http: reqwest::Client::builder()
+            http: mx_pod::trust::Trust::webpki()
+                .https()
                 .timeout(Duration::from_secs(15))
                 .build()
                 .expect("reqwest client builds"),

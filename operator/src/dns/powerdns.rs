@@ -52,7 +52,8 @@ impl PowerDns {
     /// `url` is the API's base (`http://pdns:8081`), `server_id` usually `localhost`.
     pub fn new(url: &str, server_id: &str, api_key: &str) -> Self {
         Self {
-            http: reqwest::Client::builder()
+            http: mx_pod::trust::Trust::webpki()
+                .https()
                 .timeout(std::time::Duration::from_secs(15))
                 .build()
                 .expect("reqwest client builds"),

@@ -167,7 +167,8 @@ impl Route53 {
     ) -> Self {
         let region = region.trim();
         Self {
-            http: reqwest::Client::builder()
+            http: mx_pod::trust::Trust::webpki()
+                .https()
                 .timeout(Duration::from_secs(15))
                 .build()
                 .expect("reqwest client builds"),

@@ -41,7 +41,13 @@ pub async fn apply(bmx: &BackupMx, ctx: &Context) -> Result<Action> {
     let config = validate(&bmx.spec).and_then(|()| mxpod_config(bmx));
     let config = match config {
         Ok(c) => c,
-        Err(invalid) => return refuse(bmx, ctx, &invalid.to_string()).await,
+        Err(invalid) => return refuse(bmx, ctx, "InvalidSpec", &invalid.to_string()).await,
+    };
+    let bundle = match super::trust::load(bmx, ctx).await {
+        Ok(b) => b,
+        Err(message) => {
+            return refuse(bmx, ctx, super::trust::CA_BUNDLE_INVALID, &message).await;
+        }
     };
     let names = Names::of(bmx);
     let client = &ctx.client;
@@ -109,6 +115,7 @@ pub async fn apply(bmx: &BackupMx, ctx: &Context) -> Result<Action> {
         Some(&token),
         &hash,
         current_replicas,
+        &bundle,
     )
     .await;
     ctx.metrics.replay_state(
@@ -274,11 +281,18 @@ fn load_balancer_addresses(svc: &Service) -> Vec<std::net::IpAddr> {
 }
 
 /// An invalid spec: nothing is applied; `Ready=False` says why, with an event.
-async fn refuse(bmx: &BackupMx, ctx: &Context, message: &str) -> Result<Action> {
-    let new = status::invalid(bmx, message);
+/// `Ready=False` with `reason`; nothing is applied. An invalid spec waits for a change of the
+/// object; a CA bundle can be fixed in its Secret, which the operator does not watch, so that
+/// is looked at again after the resync period.
+async fn refuse(bmx: &BackupMx, ctx: &Context, reason: &str, message: &str) -> Result<Action> {
+    let new = status::refused(bmx, reason, message);
     announce_transition(bmx, &new, ctx).await;
     write_status(bmx, new, ctx).await?;
-    Ok(Action::await_change())
+    Ok(if reason == "InvalidSpec" {
+        Action::await_change()
+    } else {
+        Action::requeue(RESYNC)
+    })
 }
 
 /// Publishes an event when the Ready condition changes status or reason.
@@ -290,11 +304,14 @@ async fn announce_transition(bmx: &BackupMx, new: &crate::crd::BackupMxStatus, c
     let changed = before.is_none_or(|b| {
         b.status != now.status
             || b.reason != now.reason
-            || (b.reason == "InvalidSpec" && b.message != now.message)
+            || ((b.reason == "InvalidSpec" || b.reason == super::trust::CA_BUNDLE_INVALID)
+                && b.message != now.message)
     });
     if changed {
         // pods that are still starting are news, not a warning; a refused spec is
-        let type_ = if now.status == ConditionStatus::False && now.reason == "InvalidSpec" {
+        let type_ = if now.status == ConditionStatus::False
+            && (now.reason == "InvalidSpec" || now.reason == super::trust::CA_BUNDLE_INVALID)
+        {
             EventType::Warning
         } else {
             EventType::Normal

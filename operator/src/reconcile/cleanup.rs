@@ -109,6 +109,8 @@ pub async fn cleanup(bmx: &BackupMx, ctx: &Context) -> Result<Action> {
         // keep replay going while deletion waits: the pods deliver as the primary allows
         if let Ok(config) = crate::render::config::mxpod_config(bmx) {
             let hash = crate::render::config::config_hash(&config.to_toml());
+            // an unreadable CA bundle only costs a verified probe: deletion goes on
+            let bundle = super::trust::load(bmx, ctx).await.unwrap_or_default();
             super::replay::control(
                 bmx,
                 ctx,
@@ -117,6 +119,7 @@ pub async fn cleanup(bmx: &BackupMx, ctx: &Context) -> Result<Action> {
                 token.as_deref(),
                 &hash,
                 bmx.spec.replicas,
+                &bundle,
             )
             .await;
         }

@@ -22,6 +22,7 @@ pub mod replay;
 pub mod status;
 #[cfg(test)]
 mod tests;
+pub mod trust;
 
 use std::{sync::Arc, time::Duration};
 

@@ -66,6 +66,7 @@ pub async fn control(
     token: Option<&str>,
     config_hash: &str,
     current_replicas: i32,
+    bundle: &super::trust::Bundle,
 ) -> ReplayOutcome {
     let spec = &bmx.spec;
     let key = format!("{}/{}", bmx.namespace().unwrap_or_default(), bmx.name_any());
@@ -81,6 +82,8 @@ pub async fn control(
             failure_threshold: hc.failure_threshold,
             success_threshold: hc.success_threshold,
             starttls: hc.start_tls,
+            tls_policy: spec.primary.tls_policy.into(),
+            ca_pem: bundle.pem.clone(),
         },
     );
     let health = ctx.probers.health(&key);

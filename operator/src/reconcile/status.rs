@@ -285,12 +285,18 @@ pub fn applied(bmx: &BackupMx, seen: &Observed) -> BackupMxStatus {
 
 /// The status of an object whose spec failed validation: the rest of the previous status stays.
 pub fn invalid(bmx: &BackupMx, message: &str) -> BackupMxStatus {
+    refused(bmx, "InvalidSpec", message)
+}
+
+/// The status of a spec that cannot be served: `Ready=False` with `reason` (`InvalidSpec`,
+/// `CaBundleInvalid`).
+pub fn refused(bmx: &BackupMx, reason: &str, message: &str) -> BackupMxStatus {
     let mut status = bmx.status.clone().unwrap_or_default();
     let previous = status.conditions.clone();
     set_condition(
         &mut status.conditions,
         &previous,
-        condition(bmx, READY, ConditionStatus::False, "InvalidSpec", message),
+        condition(bmx, READY, ConditionStatus::False, reason, message),
     );
     status.observed_generation = bmx.metadata.generation;
     status

@@ -24,6 +24,10 @@ pub const CONFIG_FILE: &str = "mx-pod.toml";
 pub const TOKEN_DIR: &str = "/etc/mx-pod/token";
 /// Where the STARTTLS Secret is mounted.
 pub const TLS_DIR: &str = "/etc/mx-pod/tls";
+/// Where the CA bundle (`spec.caBundle`) is mounted, as `ca.crt`.
+pub const TRUST_DIR: &str = "/etc/mx-pod/trust";
+/// The file name of the mounted CA bundle.
+pub const CA_FILE: &str = "ca.crt";
 /// Mount point of the pod's volume.
 pub const DATA_DIR: &str = "/var/lib/mx-pod";
 /// Share of the volume the queue may fill before new mail gets `452 4.3.1`: the rest is room
@@ -99,12 +103,18 @@ pub fn mxpod_config(bmx: &BackupMx) -> Result<Config, InvalidSpec> {
             primary: primary.clone(),
             recipients: recipients_of(d)?,
             auth,
+            tls_policy: spec.primary.tls_policy.into(),
         });
     }
+    let dsn = spec.dsn.clone().unwrap_or_default();
     let config = Config {
         hostname: spec.mx.hostname.to_ascii_lowercase(),
         smtp: SmtpConfig {
-            listen: vec![([0, 0, 0, 0], SMTP_PORT).into()],
+            // IPv6 and IPv4 (mx-pod leaves IPv6 out quietly where the pod has none)
+            listen: vec![
+                (std::net::Ipv6Addr::UNSPECIFIED, SMTP_PORT).into(),
+                (std::net::Ipv4Addr::UNSPECIFIED, SMTP_PORT).into(),
+            ],
             shutdown_grace: HumanDuration(SHUTDOWN_GRACE),
             proxy_protocol: spec.proxy_protocol,
             tls: spec.tls.as_ref().map(|_| mx::TlsConfig {
@@ -123,7 +133,9 @@ pub fn mxpod_config(bmx: &BackupMx) -> Result<Config, InvalidSpec> {
             segment_size: Size((64 << 20).min(storage / 16).max(64 << 10)),
         },
         admin: AdminConfig {
-            listen: ([0, 0, 0, 0], ADMIN_PORT).into(),
+            // dual-stack where the pod has IPv6, IPv4 otherwise: the operator reaches each
+            // pod at its pod IP, whichever family the cluster gives
+            listen: (std::net::Ipv6Addr::UNSPECIFIED, ADMIN_PORT).into(),
             token_file: Some(format!("{TOKEN_DIR}/{}", super::TOKEN_KEY).into()),
         },
         // The operator decides replay (its probe, windows, ramp) and pushes the workers to each
@@ -141,7 +153,17 @@ pub fn mxpod_config(bmx: &BackupMx) -> Result<Config, InvalidSpec> {
             ),
             ..ReplayConfig::default()
         },
-        dsn: DsnConfig::default(),
+        dsn: DsnConfig {
+            relay: dsn.relay.clone(),
+            tls_policy: dsn.tls_policy.into(),
+            resolver: None,
+        },
+        trust: mx::TrustConfig {
+            ca_file: spec
+                .ca_bundle
+                .as_ref()
+                .map(|_| format!("{TRUST_DIR}/{CA_FILE}").into()),
+        },
         filter: FilterConfig {
             resolver,
             dns_timeout: None,
@@ -201,6 +223,34 @@ mod tests {
             c.replay.workers, 0,
             "pods start holding until the operator says"
         );
+    }
+
+    #[test]
+    fn tls_policies_the_dsn_relay_and_both_address_families_are_rendered() {
+        let c = mxpod_config(&backupmx()).unwrap();
+        assert!(c.domains.iter().all(|d| d.tls_policy == mx::TlsPolicy::May));
+        assert_eq!(c.dsn.relay, None, "DSNs go to the sender's MX by default");
+        assert!(c.trust.ca_file.is_none());
+        let families: Vec<bool> = c.smtp.listen.iter().map(|a| a.is_ipv6()).collect();
+        assert_eq!(families, vec![true, false], "SMTP on [::] and 0.0.0.0");
+        assert!(c.admin.listen.is_ipv6() && c.admin.listen.ip().is_unspecified());
+
+        let mut bmx = backupmx();
+        bmx.spec.primary.tls_policy = crate::crd::TlsPolicy::Verify;
+        bmx.spec.dsn = Some(crate::crd::DsnSpec {
+            relay: Some("smtp-relay.mail:587".into()),
+            tls_policy: crate::crd::TlsPolicy::Encrypt,
+        });
+        let c = mxpod_config(&bmx).unwrap();
+        assert!(
+            c.domains
+                .iter()
+                .all(|d| d.tls_policy == mx::TlsPolicy::Verify)
+        );
+        assert_eq!(c.dsn.relay.as_deref(), Some("smtp-relay.mail:587"));
+        assert_eq!(c.dsn.tls_policy, mx::TlsPolicy::Encrypt);
+        let parsed = Config::parse(&c.to_toml(), "rendered").unwrap();
+        assert_eq!(parsed, c, "mx-pod reads back what was rendered");
     }
 
     #[test]

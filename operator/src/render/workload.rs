@@ -18,7 +18,9 @@ use serde_json::json;
 
 use super::{
     ADMIN_PORT, CONFIG_HASH_ANNOTATION, Names, SMTP_PORT, TOKEN_KEY, child_meta,
-    config::{CONFIG_DIR, CONFIG_FILE, DATA_DIR, SHUTDOWN_GRACE, TLS_DIR, TOKEN_DIR},
+    config::{
+        CA_FILE, CONFIG_DIR, CONFIG_FILE, DATA_DIR, SHUTDOWN_GRACE, TLS_DIR, TOKEN_DIR, TRUST_DIR,
+    },
     labels, selector_labels,
 };
 use crate::{capabilities::Capabilities, crd::BackupMx};
@@ -159,6 +161,21 @@ pub fn statefulset(
             .expect("mounts")
             .push(json!({"name": "tls", "mountPath": TLS_DIR, "readOnly": true}));
     }
+    if let Some(ca) = &spec.ca_bundle {
+        let pod = &mut sts_spec["template"]["spec"];
+        pod["volumes"].as_array_mut().expect("volumes").push(json!({
+            "name": "trust",
+            "secret": {
+                "secretName": ca.secret_name,
+                "defaultMode": 0o444,
+                "items": [{"key": ca.key, "path": CA_FILE}],
+            },
+        }));
+        pod["containers"][0]["volumeMounts"]
+            .as_array_mut()
+            .expect("mounts")
+            .push(json!({"name": "trust", "mountPath": TRUST_DIR, "readOnly": true}));
+    }
     if caps.pvc_retention_policy {
         sts_spec["persistentVolumeClaimRetentionPolicy"] =
             json!({"whenDeleted": "Retain", "whenScaled": "Retain"});
@@ -288,6 +305,38 @@ mod tests {
                 .iter()
                 .any(|m| m["mountPath"] == TLS_DIR)
         );
+    }
+
+    #[test]
+    fn the_ca_bundle_key_is_mounted_where_the_config_names_it() {
+        let mut bmx = backupmx();
+        bmx.spec.ca_bundle = Some(crate::crd::CaBundleSpec {
+            secret_name: "private-ca".into(),
+            key: "bundle.pem".into(),
+        });
+        let v = serde_json::to_value(statefulset(&bmx, "i", "h", &caps(false))).unwrap();
+        let pod = &v["spec"]["template"]["spec"];
+        let vol = pod["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|vol| vol["name"] == "trust")
+            .expect("trust volume");
+        assert_eq!(vol["secret"]["secretName"], "private-ca");
+        assert_eq!(vol["secret"]["items"][0]["key"], "bundle.pem");
+        assert_eq!(vol["secret"]["items"][0]["path"], CA_FILE);
+        let config = crate::render::config::mxpod_config(&bmx).unwrap();
+        let file = config.trust.ca_file.unwrap();
+        let mount = pod["containers"][0]["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == "trust")
+            .unwrap()["mountPath"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert_eq!(file, std::path::Path::new(&mount).join(CA_FILE));
     }
 
     #[test]

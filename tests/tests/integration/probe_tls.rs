@@ -5,7 +5,22 @@
 use std::{process::Command, time::Duration};
 
 use backupmx_tests::Primary;
-use mx_pod::probe::{probe, probe_with};
+use mx_pod::{
+    probe::{ProbeTls, probe, probe_with},
+    replay::client::ClientError,
+    trust::{TlsPolicy, Trust},
+};
+
+/// `healthCheck.startTls` under the default policy `may`.
+async fn starttls_probe(addr: &str) -> Result<mx_pod::probe::ProbeReport, ClientError> {
+    let trust = Trust::webpki();
+    let tls = ProbeTls {
+        starttls: true,
+        policy: TlsPolicy::May,
+        trust: &trust,
+    };
+    probe_with(addr, "mx2.example.test", Duration::from_secs(5), tls).await
+}
 
 /// Turns on `smtpd_tls_security_level = may` with a fresh self-signed certificate (or a
 /// certificate file that does not parse, when `broken`) and reloads Postfix.
@@ -63,11 +78,11 @@ fn enable_tls(primary: &Primary, broken: bool) {
 async fn probe_until(
     addr: &str,
     what: &str,
-    ok: impl Fn(&Result<mx_pod::probe::ProbeReport, mx_pod::replay::client::ClientError>) -> bool,
-) -> Result<mx_pod::probe::ProbeReport, mx_pod::replay::client::ClientError> {
+    ok: impl Fn(&Result<mx_pod::probe::ProbeReport, ClientError>) -> bool,
+) -> Result<mx_pod::probe::ProbeReport, ClientError> {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let r = probe_with(addr, "mx2.example.test", Duration::from_secs(5), true).await;
+        let r = starttls_probe(addr).await;
         if ok(&r) || std::time::Instant::now() > deadline {
             assert!(ok(&r), "{what}: {r:?}");
             return r;
@@ -86,9 +101,7 @@ async fn starttls_probe_needs_a_working_tls_handshake_on_the_real_primary() {
         .expect("plain probe");
     assert!(!plain.capabilities.starttls);
     assert!(plain.tls.is_none());
-    let err = probe_with(&addr, "mx2.example.test", Duration::from_secs(5), true)
-        .await
-        .unwrap_err();
+    let err = starttls_probe(&addr).await.unwrap_err();
     assert!(err.to_string().contains("STARTTLS is not offered"), "{err}");
 
     // TLS on: handshake, EHLO inside TLS, the negotiated protocol reported
