@@ -179,7 +179,7 @@ name = "example.test"
 primary = "127.0.0.1:$5"
 EOF
 }
-api() { curl -sS -m 5 "http://127.0.0.1:$ADMIN/$1"; }
+api() { curl -sS -m 5 -H "Authorization: Bearer $TOKEN" "http://127.0.0.1:$ADMIN/$1"; }
 readyz_code() { curl -s -o /dev/null -m 1 -w '%{http_code}' "http://127.0.0.1:$ADMIN/readyz" || true; }
 mx_count() { api v1/queue | json_get messages; }
 # mx_count_light: the same without starting python (used in tight polling loops, so that the

@@ -222,8 +222,12 @@ pod_ip() { kn get pod "$1" -o 'jsonpath={.status.podIP}' 2> /dev/null || true; }
 pod_ready() {
   [ "$(kn get pod "$1" -o 'jsonpath={.status.conditions[?(@.type=="Ready")].status}' 2> /dev/null)" = True ]
 }
-# pod_queue IP: messages in that pod's queue, read from its admin API (GET needs no token)
-pod_queue() { curl -sS -m 3 "http://$1:8025/v1/queue" 2> /dev/null | json_get messages 2> /dev/null || echo '?'; }
+# admin_get IP PATH: a GET on a pod's admin API, with the BackupMx's admin token (every /v1 call
+# needs it: the queue holds senders and recipients), read from its Secret as a user would
+admin_token() { kn get secret "$BMX-admin-token" -o 'jsonpath={.data.token}' 2> /dev/null | base64 -d 2> /dev/null; }
+admin_get() { curl -sS -m 5 -H "Authorization: Bearer $(admin_token)" "http://$1:8025$2"; }
+# pod_queue IP: messages in that pod's queue, read from its admin API
+pod_queue() { admin_get "$1" /v1/queue 2> /dev/null | json_get messages 2> /dev/null || echo '?'; }
 
 # ================================================================ 1
 banner "Building the mx-pod image and the operator (release builds; no-ops when current)"
@@ -688,7 +692,7 @@ echo
 cmdline "kubectl -n $NS exec $BMX-0 -- mx-pod queue list --config /etc/mx-pod/config/mx-pod.toml"
 if ! kn exec "$BMX-0" -- mx-pod queue list --config /etc/mx-pod/config/mx-pod.toml > "$WORK/queue-list.out" 2>&1; then
   warn "kubectl exec failed; the pod's admin API instead:"
-  curl -sS -m 5 "http://${POD_IPS[0]}:8025/v1/queue/messages?limit=5" > "$WORK/queue-list.out" 2>&1 || true
+  admin_get "${POD_IPS[0]}" "/v1/queue/messages?limit=5" > "$WORK/queue-list.out" 2>&1 || true
 fi
 head -n 14 "$WORK/queue-list.out" | cut -c1-150 | indent || true
 
@@ -726,7 +730,7 @@ if [ "$left" != 0 ]; then
   problem "the pods' queues are not empty after ${REPLAY_T}s ($left left)"
   for ((i = 0; i < REPLICAS; i++)); do
     log "$BMX-$i: GET /v1/replay, then its last log lines:"
-    curl -sS -m 3 "http://${POD_IPS[$i]}:8025/v1/replay" 2>&1 | cut -c1-400 | indent || true
+    admin_get "${POD_IPS[$i]}" /v1/replay 2>&1 | cut -c1-400 | indent || true
     echo
     kn logs "$BMX-$i" --tail=12 2>&1 | cut -c1-250 | indent || true
   done

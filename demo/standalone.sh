@@ -83,7 +83,8 @@ cleanup() {
 trap cleanup EXIT
 trap 'echo; log "interrupted"; exit 130' INT TERM
 
-api() { curl -sS -m 5 "http://127.0.0.1:$ADMIN/$1"; }
+# every /v1 call needs the admin token (the queue holds addresses)
+api() { curl -sS -m 5 -H "Authorization: Bearer $(cat "$WORK/admin-token")" "http://127.0.0.1:$ADMIN/$1"; }
 # primary_state: "up", "down" or "?" - what mx-pod's probe thinks of the primary (GET /v1/replay
 # lists routes with primary_up; "?" when the answer has no such field)
 primary_state() {

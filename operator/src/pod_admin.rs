@@ -1,6 +1,7 @@
 //! Client for the mx-pods' admin API, reached at each pod's IP (the operator never goes through
-//! a Service: it needs every pod, not any pod). Reads use no token; mutating calls carry the
-//! bearer token from the BackupMx's Secret. Response types are mx-pod's own, so they cannot drift.
+//! a Service: it needs every pod, not any pod). Every call carries the bearer token from the
+//! BackupMx's Secret: mx-pod answers no `/v1` call without it, reads included (a queue listing
+//! holds senders and recipients). Response types are mx-pod's own, so they cannot drift.
 
 use std::{net::IpAddr, time::Duration};
 
@@ -48,19 +49,38 @@ impl PodAdmin {
     }
 
     /// `GET /v1/queue` of the pod at `ip`.
-    pub async fn queue(&self, ip: IpAddr) -> Result<QueueSummary, String> {
-        let url = self.url(ip, "/v1/queue");
+    pub async fn queue(&self, ip: IpAddr, token: &str) -> Result<QueueSummary, String> {
+        self.get(ip, "/v1/queue", token)
+            .await?
+            .ok_or_else(|| format!("GET {}: HTTP 404", self.url(ip, "/v1/queue")))
+    }
+
+    /// A `GET` with the token; `None` for a 404.
+    async fn get<T: serde::de::DeserializeOwned>(
+        &self,
+        ip: IpAddr,
+        path: &str,
+        token: &str,
+    ) -> Result<Option<T>, String> {
+        let url = self.url(ip, path);
         let resp = self
             .http
             .get(&url)
+            .bearer_auth(token)
             .send()
             .await
             .map_err(|e| format!("GET {url}: {}", error_text(&e)))?;
+        if resp.status() == reqwest::StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
         if !resp.status().is_success() {
-            return Err(format!("GET {url}: HTTP {}", resp.status()));
+            let status = resp.status();
+            let text = resp.text().await.unwrap_or_default();
+            return Err(format!("GET {url}: HTTP {status}: {}", text.trim()));
         }
         resp.json()
             .await
+            .map(Some)
             .map_err(|e| format!("GET {url}: bad answer: {e}"))
     }
 
@@ -87,20 +107,10 @@ impl PodAdmin {
     }
 
     /// `GET /v1/replay` of the pod at `ip`.
-    pub async fn replay(&self, ip: IpAddr) -> Result<ReplayStatusBody, String> {
-        let url = self.url(ip, "/v1/replay");
-        let resp = self
-            .http
-            .get(&url)
-            .send()
-            .await
-            .map_err(|e| format!("GET {url}: {}", error_text(&e)))?;
-        if !resp.status().is_success() {
-            return Err(format!("GET {url}: HTTP {}", resp.status()));
-        }
-        resp.json()
-            .await
-            .map_err(|e| format!("GET {url}: bad answer: {e}"))
+    pub async fn replay(&self, ip: IpAddr, token: &str) -> Result<ReplayStatusBody, String> {
+        self.get(ip, "/v1/replay", token)
+            .await?
+            .ok_or_else(|| format!("GET {}: HTTP 404", self.url(ip, "/v1/replay")))
     }
 
     /// `PUT /v1/replay`: the pod's replay workers and rate.
@@ -161,24 +171,14 @@ impl PodAdmin {
     }
 
     /// `GET /v1/queue/messages/{id}`: the message (queued, or recently finished), if known.
-    pub async fn message(&self, ip: IpAddr, id: &str) -> Result<Option<serde_json::Value>, String> {
-        let url = self.url(ip, &format!("/v1/queue/messages/{id}"));
-        let resp = self
-            .http
-            .get(&url)
-            .send()
+    pub async fn message(
+        &self,
+        ip: IpAddr,
+        token: &str,
+        id: &str,
+    ) -> Result<Option<serde_json::Value>, String> {
+        self.get(ip, &format!("/v1/queue/messages/{id}"), token)
             .await
-            .map_err(|e| format!("GET {url}: {}", error_text(&e)))?;
-        if resp.status() == reqwest::StatusCode::NOT_FOUND {
-            return Ok(None);
-        }
-        if !resp.status().is_success() {
-            return Err(format!("GET {url}: HTTP {}", resp.status()));
-        }
-        resp.json()
-            .await
-            .map(Some)
-            .map_err(|e| format!("GET {url}: bad answer: {e}"))
     }
 
     async fn send(
@@ -246,15 +246,19 @@ pub struct PodQueue {
 
 impl PodAdmin {
     /// Reads every pod's queue concurrently. A pod without an IP that has run before is an
-    /// error (it may hold mail); one that never started is left out.
-    pub async fn queues(&self, pods: &[Pod]) -> Vec<PodQueue> {
+    /// error (it may hold mail); one that never started is left out. Without the admin token
+    /// (not made yet) every pod counts as unreadable.
+    pub async fn queues(&self, pods: &[Pod], token: Option<&str>) -> Vec<PodQueue> {
         let calls = pods.iter().filter_map(|p| {
             let name = p.name_any();
             match pod_ip(p) {
                 Some(ip) => Some(futures::future::Either::Left(async move {
                     PodQueue {
                         pod: name,
-                        result: self.queue(ip).await,
+                        result: match token {
+                            Some(t) => self.queue(ip, t).await,
+                            None => Err("no admin token to read the queue with".into()),
+                        },
                     }
                 })),
                 None if never_started(p) => None,

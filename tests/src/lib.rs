@@ -411,15 +411,10 @@ impl MxPod {
         }
     }
 
-    /// GET an admin path; panics on transport errors, returns status and JSON (or text).
+    /// GET an admin path with the bearer token; panics on transport errors, returns status
+    /// and JSON (or text).
     pub async fn get(&self, path: &str) -> (u16, Value) {
-        let r = self
-            .http
-            .get(format!("{}{path}", self.admin))
-            .send()
-            .await
-            .expect("admin API reachable");
-        json_of(r).await
+        self.call(reqwest::Method::GET, path, None, true).await
     }
 
     /// A mutating call with the bearer token (or without, when `token` is false).

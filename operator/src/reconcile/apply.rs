@@ -95,7 +95,7 @@ pub async fn apply(bmx: &BackupMx, ctx: &Context) -> Result<Action> {
         .await
         .map_err(Error::kube("list mx-pods"))?
         .items;
-    let queues = ctx.pods.queues(&pods).await;
+    let queues = ctx.pods.queues(&pods, Some(&token)).await;
     let sts_api: Api<StatefulSet> = Api::namespaced(client.clone(), &ns);
     let current_replicas = sts_api
         .get_opt(&names.statefulset)

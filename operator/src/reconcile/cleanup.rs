@@ -84,16 +84,20 @@ pub async fn cleanup(bmx: &BackupMx, ctx: &Context) -> Result<Action> {
         .await
         .map_err(Error::kube("list mx-pods"))?
         .items;
-    // one read of every pod's queue serves the replay decision and the status below
-    let queues = ctx.pods.queues(&pods).await;
-    if !pods.is_empty() {
+    let token = if pods.is_empty() {
+        None
+    } else {
         let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
-        let token = secrets
+        secrets
             .get_opt(&Names::of(bmx).secret)
             .await
             .map_err(Error::kube("get the admin-token Secret"))?
             .as_ref()
-            .and_then(token_of);
+            .and_then(token_of)
+    };
+    // one read of every pod's queue serves the replay decision and the status below
+    let queues = ctx.pods.queues(&pods, token.as_deref()).await;
+    if !pods.is_empty() {
         match &token {
             Some(token) => {
                 for pod in &pods {

@@ -84,7 +84,7 @@ pub async fn step(
                 started: now(),
                 released: false,
             };
-            match ctx.pods.message(ip, &id).await {
+            match ctx.pods.message(ip, token, &id).await {
                 Ok(Some(m)) if m["held"] == true => {}
                 Ok(other) => {
                     return Some(fail(
@@ -135,7 +135,11 @@ async fn follow(
         next.message = format!("pod {pod_name} is gone; the test message stays in its queue");
         return next;
     };
-    let message = match ctx.pods.message(ip, id).await {
+    let Some(token) = token else {
+        next.message = "no admin token to follow the test message with".into();
+        return next;
+    };
+    let message = match ctx.pods.message(ip, token, id).await {
         Ok(m) => m,
         Err(e) => {
             next.message = format!("cannot read test message {id}: {e}");
@@ -179,9 +183,7 @@ async fn follow(
                     "test message {id} was not delivered within {}s: {why}",
                     TIMEOUT.as_secs()
                 );
-                if let Some(t) = token {
-                    let _ = ctx.pods.delete(ip, t, id).await;
-                }
+                let _ = ctx.pods.delete(ip, token, id).await;
             }
         }
     }

@@ -94,7 +94,11 @@ pub async fn control(
     let mut replays = Vec::new();
     for pod in pods {
         let Some(ip) = pod_ip(pod) else { continue };
-        replays.push((pod, ip, ctx.pods.replay(ip).await));
+        let replay = match token {
+            Some(t) => ctx.pods.replay(ip, t).await,
+            None => Err("no admin token yet".to_string()),
+        };
+        replays.push((pod, ip, replay));
     }
     let backoff = replays.iter().any(|(_, _, r)| {
         r.as_ref().is_ok_and(|r| {
