@@ -192,6 +192,8 @@ pub struct MxPodConfig {
     pub retention: String,
     pub delay_warning: String,
     pub dsn_relay: Option<String>,
+    /// TOML appended to the `[dsn]` table (e.g. `tls_policy = "verify"`).
+    pub dsn_extra: String,
     pub min_backoff: String,
     /// Extra TOML appended to the `[queue]` table.
     pub queue_extra: String,
@@ -224,6 +226,7 @@ impl MxPodConfig {
             retention: "5d".into(),
             delay_warning: "4h".into(),
             dsn_relay: None,
+            dsn_extra: String::new(),
             min_backoff: "200ms".into(),
             queue_extra: String::new(),
             ip: [127, 0, 0, 1].into(),
@@ -273,29 +276,35 @@ impl MxPod {
             cfg.ip,
             cfg.smtp_port.unwrap_or_else(|| free_port_on(cfg.ip)),
         );
-        let admin_port = cfg.admin_port.unwrap_or_else(|| free_port_on(cfg.ip));
+        let admin = SocketAddr::new(
+            cfg.ip,
+            cfg.admin_port.unwrap_or_else(|| free_port_on(cfg.ip)),
+        );
         let token = cfg
             .token
             .clone()
             .unwrap_or_else(|| format!("tok-{}", std::process::id()));
         fs::write(dir.path().join("admin-token"), format!("{token}\n")).unwrap();
         let mut toml = format!(
-            "hostname = \"mx2.example.test\"\n\n[smtp]\nlisten = [\"{smtp}\"]\nmax_message_size = \"1MiB\"\nshutdown_grace = \"20s\"\n{}\n[queue]\ndir = \"{}\"\nretention = \"{}\"\ndelay_warning = \"{}\"\nmax_bytes = \"{}\"\n{}\n\n[admin]\nlisten = \"{}:{admin_port}\"\ntoken_file = \"{}\"\n\n[replay]\nworkers = {}\nauto = {}\nrate_per_second = {}\nprobe_interval = \"200ms\"\ntimeout = \"10s\"\nmin_backoff = \"{}\"\nmax_backoff = \"2s\"\n",
+            "hostname = \"mx2.example.test\"\n\n[smtp]\nlisten = [\"{smtp}\"]\nmax_message_size = \"1MiB\"\nshutdown_grace = \"20s\"\n{}\n[queue]\ndir = \"{}\"\nretention = \"{}\"\ndelay_warning = \"{}\"\nmax_bytes = \"{}\"\n{}\n\n[admin]\nlisten = \"{admin}\"\ntoken_file = \"{}\"\n\n[replay]\nworkers = {}\nauto = {}\nrate_per_second = {}\nprobe_interval = \"200ms\"\ntimeout = \"10s\"\nmin_backoff = \"{}\"\nmax_backoff = \"2s\"\n",
             cfg.smtp_extra,
             queue_dir.display(),
             cfg.retention,
             cfg.delay_warning,
             cfg.max_bytes,
             cfg.queue_extra,
-            cfg.ip,
             dir.path().join("admin-token").display(),
             cfg.workers,
             cfg.auto,
             cfg.rate,
             cfg.min_backoff,
         );
-        if let Some(relay) = &cfg.dsn_relay {
-            toml.push_str(&format!("\n[dsn]\nrelay = \"{relay}\"\n"));
+        if cfg.dsn_relay.is_some() || !cfg.dsn_extra.is_empty() {
+            toml.push_str("\n[dsn]\n");
+            if let Some(relay) = &cfg.dsn_relay {
+                toml.push_str(&format!("relay = \"{relay}\"\n"));
+            }
+            toml.push_str(&cfg.dsn_extra);
         }
         toml.push('\n');
         toml.push_str(&cfg.extra);
@@ -312,7 +321,7 @@ impl MxPod {
             queue_dir,
             config_path,
             smtp,
-            admin: format!("http://{}:{admin_port}", cfg.ip),
+            admin: format!("http://{admin}"),
             token,
             child: None,
             log,
@@ -448,6 +457,27 @@ impl MxPod {
         assert_eq!(code, 200, "PUT /v1/replay: {body}");
     }
 
+    /// The value of one series of `/metrics`, e.g.
+    /// `mxpod_delivered_messages_total{domain="example.test",tls="yes"}`; 0 when absent.
+    pub async fn metric(&self, series: &str) -> f64 {
+        let (code, text) = self.get("/metrics").await;
+        assert_eq!(code, 200, "{text}");
+        let text = text.as_str().unwrap_or_default().to_owned();
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+            .map_or(0.0, |v| v.trim().parse().expect("a number"))
+    }
+
+    /// `GET /v1/replay`'s route entry for `domain`.
+    pub async fn route(&self, domain: &str) -> Value {
+        let (code, r) = self.get("/v1/replay").await;
+        assert_eq!(code, 200, "{r}");
+        r["routes"]
+            .as_array()
+            .and_then(|a| a.iter().find(|x| x["route"] == domain).cloned())
+            .unwrap_or_else(|| panic!("no route {domain} in {r}"))
+    }
+
     /// Messages in the queue (all routes, DSNs included).
     pub async fn queued(&self) -> u64 {
         let (code, v) = self.get("/v1/queue").await;
@@ -547,6 +577,81 @@ impl Primary {
         let dir = self.dir.path().to_str().unwrap().to_owned();
         self.script(&["stop", &dir]);
         self.running = false;
+    }
+
+    /// Sets main.cf parameters (`name=value`) and reloads Postfix: new sessions see them.
+    pub fn reconfigure(&self, settings: &[String]) {
+        let etc = self.dir.path().join("etc");
+        let out = Command::new("postconf")
+            .arg("-c")
+            .arg(&etc)
+            .arg("-e")
+            .args(settings)
+            .output()
+            .expect("run postconf");
+        assert!(
+            out.status.success(),
+            "postconf {settings:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // backdated, as tests/infra/postfix-lib.sh does: Postfix re-reads a main.cf younger
+        // than ~2 s over and over
+        let old = std::time::SystemTime::now() - Duration::from_secs(60);
+        let main_cf = fs::File::options()
+            .write(true)
+            .open(etc.join("main.cf"))
+            .unwrap();
+        main_cf.set_modified(old).unwrap();
+        let out = Command::new("postfix")
+            .arg("-c")
+            .arg(&etc)
+            .arg("reload")
+            .output()
+            .expect("run postfix reload");
+        assert!(
+            out.status.success(),
+            "postfix reload: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Turns STARTTLS on with `cert_file`/`key_file` (PEM) at `smtpd_tls_security_level =
+    /// level` (`may`, or `encrypt`: no mail without TLS), with TLS sessions logged; returns once
+    /// new sessions offer STARTTLS.
+    pub async fn enable_tls(&self, cert_file: &Path, key_file: &Path, level: &str) {
+        self.reconfigure(&[
+            format!("smtpd_tls_security_level={level}"),
+            format!("smtpd_tls_cert_file={}", cert_file.display()),
+            format!("smtpd_tls_key_file={}", key_file.display()),
+            "smtpd_tls_loglevel=1".into(),
+        ]);
+        let addr = self.addr();
+        wait_for(
+            "the primary to offer STARTTLS",
+            Duration::from_secs(30),
+            || async {
+                let c = mx_pod::replay::client::SmtpClient::connect(
+                    &addr,
+                    "probe.example.test",
+                    Duration::from_secs(5),
+                )
+                .await;
+                match c {
+                    Ok(c) => {
+                        let offered = c.caps.starttls;
+                        c.quit().await;
+                        offered
+                    }
+                    Err(_) => false,
+                }
+            },
+        )
+        .await;
+    }
+
+    /// Postfix's log so far.
+    pub fn maillog(&self) -> String {
+        fs::read_to_string(self.dir.path().join("maillog")).unwrap_or_default()
     }
 
     /// The delivered messages (maildir `new/` and `cur/`), contents.

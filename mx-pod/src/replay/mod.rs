@@ -69,6 +69,8 @@ pub struct RouteStatus {
     pub concurrency_limit: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// The TLS policy towards this route's primary.
+    pub tls_policy: TlsPolicy,
 }
 
 /// The replay engine; cheap to clone.
@@ -180,10 +182,11 @@ impl Replay {
             .config
             .domains
             .iter()
-            .map(|d| d.name.to_ascii_lowercase())
-            .map(|route| {
+            .map(|d| {
+                let route = d.name.to_ascii_lowercase();
                 let h = health.get(&route).cloned().unwrap_or_default();
                 RouteStatus {
+                    tls_policy: d.tls_policy,
                     primary_up: self
                         .inner
                         .config

@@ -1,4 +1,5 @@
-//! The admin API and the `mx-pod queue` CLI: shapes, token checks, hold/release/flush/delete.
+//! The admin API and the `mx-pod queue` CLI: shapes, token checks (every `/v1` call needs the
+//! token: listings hold senders, recipients and client addresses), hold/release/flush/delete.
 
 use std::time::Duration;
 
@@ -34,7 +35,37 @@ async fn admin_api_cli_and_metrics() {
     .unwrap();
     assert!(relayed.reply.starts_with("550 5.7.1"), "{relayed:?}");
 
-    // read-only calls need no token
+    // every /v1 call needs the token, reads included; only health, readiness and metrics are open
+    let id = "0000000000000001";
+    for (m, p) in [
+        (Method::GET, "/v1/queue".to_owned()),
+        (Method::GET, "/v1/queue/messages".to_owned()),
+        (
+            Method::GET,
+            "/v1/queue/messages?domain=example.test".to_owned(),
+        ),
+        (Method::GET, format!("/v1/queue/messages/{id}")),
+        (Method::GET, "/v1/replay".to_owned()),
+    ] {
+        let (code, body) = pod.call(m.clone(), &p, None, false).await;
+        assert_eq!(code, 401, "{m} {p} without the token: {body}");
+        assert!(
+            !body.to_string().contains("s@sender.test"),
+            "no data in the refusal: {body}"
+        );
+    }
+    for p in ["/healthz", "/readyz", "/metrics"] {
+        let (code, body) = pod.call(Method::GET, p, None, false).await;
+        assert_eq!(code, 200, "{p} is open: {body}");
+    }
+    let (_, open_metrics) = pod.call(Method::GET, "/metrics", None, false).await;
+    let open_metrics = open_metrics.as_str().unwrap();
+    for private in ["s@sender.test", "user@example.test", "127.0.0.1", "@"] {
+        assert!(
+            !open_metrics.contains(private),
+            "/metrics must carry no addresses ({private:?}):\n{open_metrics}"
+        );
+    }
     let (code, q) = pod.get("/v1/queue").await;
     assert_eq!(code, 200);
     assert_eq!(q["messages"], 3);
@@ -109,10 +140,15 @@ async fn admin_api_cli_and_metrics() {
     .await;
     let (ok, out) = pod.cli(&["queue", "list", "--config", &cfg]);
     assert!(ok && out.contains("Mail queue is empty"), "{out}");
-    let (ok, out) = pod.cli(&["queue", "list", "--admin", &pod.admin]);
-    assert!(ok, "read-only works without a token: {out}");
-    let (ok, out) = pod.cli(&["queue", "flush", "--admin", &pod.admin]);
-    assert!(!ok && out.contains("401"), "{out}");
+    for args in [["queue", "list"], ["queue", "flush"]] {
+        let mut args = args.to_vec();
+        args.extend(["--admin", &pod.admin]);
+        let (ok, out) = pod.cli(&args);
+        assert!(
+            !ok && out.contains("401") && out.contains("give --token-file or --config"),
+            "{args:?} without a token: {out}"
+        );
+    }
 
     // GET/PUT replay
     let (code, r) = pod

@@ -47,31 +47,11 @@ fn enable_tls(primary: &Primary, broken: bool) {
     if broken {
         std::fs::write(&cert, "-----BEGIN CERTIFICATE-----\nnot a certificate\n").unwrap();
     }
-    let conf = Command::new("postconf")
-        .arg("-c")
-        .arg(&etc)
-        .arg("-e")
-        .arg("smtpd_tls_security_level=may")
-        .arg(format!("smtpd_tls_cert_file={}", cert.display()))
-        .arg(format!("smtpd_tls_key_file={}", key.display()))
-        .output()
-        .unwrap();
-    assert!(
-        conf.status.success(),
-        "{}",
-        String::from_utf8_lossy(&conf.stderr)
-    );
-    let reload = Command::new("postfix")
-        .arg("-c")
-        .arg(&etc)
-        .arg("reload")
-        .output()
-        .unwrap();
-    assert!(
-        reload.status.success(),
-        "{}",
-        String::from_utf8_lossy(&reload.stderr)
-    );
+    primary.reconfigure(&[
+        "smtpd_tls_security_level=may".into(),
+        format!("smtpd_tls_cert_file={}", cert.display()),
+        format!("smtpd_tls_key_file={}", key.display()),
+    ]);
 }
 
 /// Probes until `ok` holds for the result (a reload takes effect for new smtpd processes).
