@@ -203,6 +203,8 @@ pub struct MxPodConfig {
     pub admin_port: Option<u16>,
     /// SMTP port (a free one when unset).
     pub smtp_port: Option<u16>,
+    /// `smtp.listen` when not just `ip:smtp_port` (e.g. both wildcards on that port).
+    pub smtp_listen: Vec<SocketAddr>,
     /// Admin bearer token (a generated one when unset).
     pub token: Option<String>,
     /// TOML appended to the `[smtp]` table. By default the per-client limits are off: the
@@ -232,6 +234,7 @@ impl MxPodConfig {
             ip: [127, 0, 0, 1].into(),
             admin_port: None,
             smtp_port: None,
+            smtp_listen: Vec::new(),
             token: None,
             smtp_extra: "max_connections_per_ip = 1000\nmax_messages_per_minute = 0\nmax_recipients_per_minute = 0\n".into(),
             extra: String::new(),
@@ -285,8 +288,14 @@ impl MxPod {
             .clone()
             .unwrap_or_else(|| format!("tok-{}", std::process::id()));
         fs::write(dir.path().join("admin-token"), format!("{token}\n")).unwrap();
+        let listen: Vec<String> = if cfg.smtp_listen.is_empty() {
+            vec![format!("\"{smtp}\"")]
+        } else {
+            cfg.smtp_listen.iter().map(|a| format!("\"{a}\"")).collect()
+        };
+        let listen = listen.join(", ");
         let mut toml = format!(
-            "hostname = \"mx2.example.test\"\n\n[smtp]\nlisten = [\"{smtp}\"]\nmax_message_size = \"1MiB\"\nshutdown_grace = \"20s\"\n{}\n[queue]\ndir = \"{}\"\nretention = \"{}\"\ndelay_warning = \"{}\"\nmax_bytes = \"{}\"\n{}\n\n[admin]\nlisten = \"{admin}\"\ntoken_file = \"{}\"\n\n[replay]\nworkers = {}\nauto = {}\nrate_per_second = {}\nprobe_interval = \"200ms\"\ntimeout = \"10s\"\nmin_backoff = \"{}\"\nmax_backoff = \"2s\"\n",
+            "hostname = \"mx2.example.test\"\n\n[smtp]\nlisten = [{listen}]\nmax_message_size = \"1MiB\"\nshutdown_grace = \"20s\"\n{}\n[queue]\ndir = \"{}\"\nretention = \"{}\"\ndelay_warning = \"{}\"\nmax_bytes = \"{}\"\n{}\n\n[admin]\nlisten = \"{admin}\"\ntoken_file = \"{}\"\n\n[replay]\nworkers = {}\nauto = {}\nrate_per_second = {}\nprobe_interval = \"200ms\"\ntimeout = \"10s\"\nmin_backoff = \"{}\"\nmax_backoff = \"2s\"\n",
             cfg.smtp_extra,
             queue_dir.display(),
             cfg.retention,

@@ -841,6 +841,79 @@ mod tests {
         assert_eq!(orcpt_address("a@b.test"), "a@b.test");
     }
 
+    /// A server offering STARTTLS whose TLS is broken: it says `220` and hangs up. Serves any
+    /// number of connections; returns its address and how many it has taken.
+    async fn broken_tls_server() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+        use tokio::io::{AsyncBufReadExt, BufReader};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let seen = count.clone();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut r = BufReader::new(s);
+                    r.get_mut()
+                        .write_all(b"220 p.test ESMTP\r\n")
+                        .await
+                        .unwrap();
+                    let mut line = String::new();
+                    while r.read_line(&mut line).await.unwrap_or(0) > 0 {
+                        let reply: &[u8] = if line.starts_with("EHLO") {
+                            b"250-p.test\r\n250-PIPELINING\r\n250 STARTTLS\r\n"
+                        } else if line.starts_with("STARTTLS") {
+                            let _ = r.get_mut().write_all(b"220 2.0.0 go ahead\r\n").await;
+                            return;
+                        } else {
+                            b"221 bye\r\n"
+                        };
+                        let _ = r.get_mut().write_all(reply).await;
+                        line.clear();
+                    }
+                });
+            }
+        });
+        (addr, count)
+    }
+
+    #[tokio::test]
+    async fn may_falls_back_to_plaintext_on_a_new_connection_and_encrypt_does_not() {
+        use std::sync::atomic::Ordering;
+        let trust = Trust::webpki();
+        let t = Duration::from_secs(5);
+        let (addr, conns) = broken_tls_server().await;
+        let c = SmtpClient::open(&addr, "mx2.test", t, TlsPolicy::May, &trust)
+            .await
+            .expect("may delivers without TLS");
+        assert!(c.tls.is_none());
+        assert_eq!(c.tls_fallback, Some(TlsFailure::Handshake));
+        assert_eq!(
+            conns.load(Ordering::SeqCst),
+            2,
+            "a new connection for plaintext"
+        );
+        c.quit().await;
+
+        for policy in [TlsPolicy::Encrypt, TlsPolicy::Verify] {
+            let before = conns.load(Ordering::SeqCst);
+            let err = SmtpClient::open(&addr, "mx2.test", t, policy, &trust)
+                .await
+                .err()
+                .expect("no plaintext under encrypt/verify");
+            assert_eq!(err.tls_failure(), Some(TlsFailure::Handshake), "{err}");
+            assert_eq!(conns.load(Ordering::SeqCst), before + 1, "no second try");
+        }
+
+        // none never says STARTTLS
+        let before = conns.load(Ordering::SeqCst);
+        let c = SmtpClient::open(&addr, "mx2.test", t, TlsPolicy::None, &trust)
+            .await
+            .unwrap();
+        assert!(c.tls.is_none() && c.tls_fallback.is_none());
+        assert_eq!(conns.load(Ordering::SeqCst), before + 1);
+    }
+
     #[test]
     fn xtext_escapes() {
         assert_eq!(xtext("a+b=c d"), "a+2Bb+3Dc+20d");

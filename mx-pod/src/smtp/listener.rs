@@ -106,9 +106,14 @@ async fn accept_loop(
             _ = stop.cancelled() => return,
         };
         let (stream, peer) = match accepted {
-            Ok(x) => {
+            Ok((stream, peer)) => {
                 backoff = Duration::from_millis(10);
-                x
+                // an IPv4 client of a dual-stack `[::]` socket arrives as ::ffff:a.b.c.d: filters,
+                // limits and logs must see a.b.c.d
+                (
+                    stream,
+                    std::net::SocketAddr::new(peer.ip().to_canonical(), peer.port()),
+                )
             }
             Err(e) => {
                 // e.g. EMFILE: wait a little instead of spinning

@@ -776,10 +776,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             [only] => format!("\r\n\tfor <{}>", only.address),
             _ => String::new(),
         };
+        // RFC 5321 4.1.3 address literals: [192.0.2.1], [IPv6:2001:db8::1]
+        let literal = match self.peer.ip() {
+            std::net::IpAddr::V4(a) => a.to_string(),
+            std::net::IpAddr::V6(a) => format!("IPv6:{a}"),
+        };
         format!(
             "Received: from {} ([{}])\r\n\tby {} (mx-pod) with {} id {}{};\r\n\t{}\r\n",
             sanitize(helo),
-            self.peer.ip(),
+            literal,
             self.ctx.config.hostname,
             proto,
             id,

@@ -215,3 +215,84 @@ async fn rspamd_down_tempfails_or_accepts_as_fail_mode_says() {
         "accepted unscanned: no verdict is claimed: {unscanned}"
     );
 }
+
+/// rspamd behind a TLS front (as a reverse proxy or sidecar serves it in production): with the
+/// front's CA in `trust.ca_file` the scan works over HTTPS (GTUBE refused, ham queued); a server
+/// that does not trust that CA refuses the certificate and applies its fail mode, and its log
+/// says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rspamd_over_https_is_verified_and_an_untrusted_certificate_is_the_fail_mode() {
+    let rspamd = Rspamd::start();
+    let backend: std::net::SocketAddr = rspamd
+        .url
+        .trim_start_matches("http://")
+        .parse()
+        .expect("rspamd listens on ip:port");
+    let ca = testkit::TestCa::new("rspamd front CA");
+    let front = testkit::TlsFront::start(backend, &ca.issue(&["127.0.0.1"])).await;
+    let sink = Sink::start(&[], 0, true).await;
+
+    let dir = backupmx_tests::state_dir("mxpod");
+    let ca_file = dir.path().join("ca.pem");
+    ca.write_pem(&ca_file);
+    let mut cfg = MxPodConfig::new(&sink.addr());
+    cfg.extra = format!(
+        "{}\n[trust]\nca_file = \"{}\"\n",
+        rspamd_filter(&front.url(), "tempfail"),
+        ca_file.display()
+    );
+    let trusted = MxPod::start_in(dir, cfg.clone()).await;
+    let mut c = Smtp::connect(trusted.smtp).await;
+    c.expect("EHLO client.test", "250").await;
+    let r = c
+        .mail("spammer@sender.test", &["user@example.test"], GTUBE)
+        .await;
+    assert!(
+        r.starts_with("550 5.7.1"),
+        "GTUBE refused after an HTTPS scan: {r}\n{}",
+        trusted.log_text()
+    );
+    let r = c
+        .mail(
+            "alice@sender.test",
+            &["user@example.test"],
+            &plain("https-ham", ""),
+        )
+        .await;
+    assert!(r.starts_with("250 2.0.0"), "{r}\n{}", trusted.log_text());
+    c.quit().await;
+    assert_eq!(rejected(&trusted, "spam").await, 1);
+    assert_eq!(rejected(&trusted, "filter_unavailable").await, 0);
+    let dumps = replay_to_sink(&trusted, &sink, 1).await;
+    let ham = find(&dumps, "https-ham");
+    assert_eq!(
+        header_fields(ham, "X-Spam-Status").len(),
+        1,
+        "scanned: {ham}"
+    );
+
+    // the same URL without the CA: the certificate is refused, the fail mode answers
+    cfg.extra = rspamd_filter(&front.url(), "tempfail");
+    let untrusting = MxPod::start(cfg).await;
+    let mut c = Smtp::connect(untrusting.smtp).await;
+    c.expect("EHLO client.test", "250").await;
+    let r = c
+        .mail(
+            "alice@sender.test",
+            &["user@example.test"],
+            &plain("untrusted", ""),
+        )
+        .await;
+    assert!(
+        r.starts_with("451 4.7.1"),
+        "an rspamd whose certificate is not trusted is unavailable: {r}"
+    );
+    c.quit().await;
+    assert_eq!(untrusting.queued().await, 0);
+    assert_eq!(rejected(&untrusting, "filter_unavailable").await, 1);
+    let log = untrusting.log_text();
+    assert!(
+        log.contains("rspamd unavailable") && log.contains("UnknownIssuer"),
+        "the log names the certificate problem:\n{log}"
+    );
+}

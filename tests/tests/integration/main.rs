@@ -15,6 +15,7 @@ mod filter_dns;
 mod filter_recipients;
 mod filter_rspamd;
 mod filter_smtp;
+mod ipv6;
 mod lifecycle;
 mod one_writer;
 mod outage;
