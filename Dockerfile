@@ -8,7 +8,7 @@
 #   docker build --target backupmx-operator -t backupmx/backupmx-operator:0.1.0 .
 
 # --- build: both static binaries --------------------------------------------------------------
-FROM rust:1.88-bookworm AS build
+FROM rust:1.89-bookworm AS build
 WORKDIR /build/backupmx
 # only what the build needs (no target/): the workspace and the image's /etc files
 COPY Cargo.toml Cargo.lock ./

@@ -95,6 +95,9 @@ pub struct Health {
     pub since: Option<DateTime<Utc>>,
     pub last_probe: Option<DateTime<Utc>>,
     pub last_error: Option<String>,
+    /// The last probe failed on TLS (STARTTLS missing or refused, handshake, certificate):
+    /// the primary answers SMTP but cannot take mail under the TLS policy.
+    pub tls_failed: bool,
     /// The banner of the last good probe.
     pub banner: Option<String>,
 }
@@ -237,8 +240,12 @@ async fn run(
                 Ok(r) => {
                     hs.banner = Some(r.banner.clone());
                     hs.last_error = None;
+                    hs.tls_failed = false;
                 }
-                Err(e) => hs.last_error = Some(e.to_string()),
+                Err(e) => {
+                    hs.last_error = Some(e.to_string());
+                    hs.tls_failed = e.tls_failure().is_some();
+                }
             }
             if let Some(up) = changed {
                 hs.healthy = Some(up);

@@ -341,6 +341,59 @@ impl MxPod {
         pod
     }
 
+    /// Plays a pod with the operator's rendered `mx-pod.toml` (from its ConfigMap): only what
+    /// the kubelet and the pod network decide changes. SMTP and the admin API listen on the pod
+    /// IP `ip` (the rendered ports), the queue and the token file are paths on this host; every
+    /// other setting (replay, DSN relay, TLS policies, filters) is the operator's. `ca_pem` is
+    /// what the kubelet would mount from `spec.caBundle`'s Secret at `trust.ca_file`.
+    pub async fn start_rendered(
+        rendered: &str,
+        ip: std::net::IpAddr,
+        token: &str,
+        ca_pem: Option<&str>,
+    ) -> MxPod {
+        let mut config =
+            mx_pod::config::Config::parse(rendered, "the rendered ConfigMap").expect("valid");
+        let dir = state_dir("mxpod");
+        let queue_dir = dir.path().join("queue");
+        let token_file = dir.path().join("admin-token");
+        fs::write(&token_file, format!("{token}\n")).unwrap();
+        let port = |a: &SocketAddr| a.port();
+        let smtp = SocketAddr::new(ip, port(&config.smtp.listen[0]));
+        let admin = SocketAddr::new(ip, port(&config.admin.listen));
+        config.smtp.listen = vec![smtp];
+        config.admin.listen = admin;
+        config.admin.token_file = Some(token_file);
+        config.queue.dir = queue_dir.clone();
+        match (&config.trust.ca_file, ca_pem) {
+            (Some(_), Some(pem)) => {
+                let file = dir.path().join("ca.crt");
+                fs::write(&file, pem).unwrap();
+                config.trust.ca_file = Some(file);
+            }
+            (None, None) => {}
+            (rendered, given) => panic!(
+                "the rendered trust.ca_file is {rendered:?} but the test gives {:?} CA",
+                given.map(|_| "a")
+            ),
+        }
+        let config_path = dir.path().join("mx-pod.toml");
+        fs::write(&config_path, config.to_toml()).unwrap();
+        let mut pod = MxPod {
+            queue_dir,
+            config_path,
+            smtp,
+            admin: format!("http://{admin}"),
+            token: token.to_owned(),
+            child: None,
+            log: dir.path().join("mx-pod.log"),
+            http: mx_pod::trust::Trust::webpki().client(),
+            dir,
+        };
+        pod.restart().await;
+        pod
+    }
+
     /// Starts the process again on the same configuration and queue; waits until ready.
     pub async fn restart(&mut self) {
         assert!(self.child.is_none(), "already running");

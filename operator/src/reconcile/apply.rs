@@ -280,7 +280,6 @@ fn load_balancer_addresses(svc: &Service) -> Vec<std::net::IpAddr> {
         .unwrap_or_default()
 }
 
-/// An invalid spec: nothing is applied; `Ready=False` says why, with an event.
 /// `Ready=False` with `reason`; nothing is applied. An invalid spec waits for a change of the
 /// object; a CA bundle can be fixed in its Secret, which the operator does not watch, so that
 /// is looked at again after the resync period.
@@ -317,5 +316,61 @@ async fn announce_transition(bmx: &BackupMx, new: &crate::crd::BackupMxStatus, c
             EventType::Normal
         };
         publish(ctx, bmx, type_, &now.reason, &now.message).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dns::plan::{Policy, Wanted, plan};
+
+    #[test]
+    fn an_ipv6_load_balancer_ingress_is_published_as_aaaa() {
+        let svc: Service = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "example-smtp"},
+            "status": {"loadBalancer": {"ingress": [
+                {"ip": "2001:db8::25"}, {"ip": "192.0.2.25"}, {"hostname": "lb.example.net"}
+            ]}}
+        }))
+        .unwrap();
+        let addresses = load_balancer_addresses(&svc);
+        assert_eq!(
+            addresses,
+            vec![
+                "2001:db8::25".parse::<std::net::IpAddr>().unwrap(),
+                "192.0.2.25".parse().unwrap()
+            ]
+        );
+        let wanted = Wanted {
+            owner: "mail/example".into(),
+            domains: vec!["example.com".into()],
+            mx_host: "mx2.example.com".into(),
+            priority: 20,
+            ttl: 300,
+            addresses,
+            manage_host: true,
+            adopt: false,
+            policy: Policy::UpsertOnly,
+            primary_addresses: vec![],
+        };
+        let primary_mx = crate::dns::Record::new(
+            "example.com",
+            300,
+            crate::dns::RData::Mx(10, "mail.example.com".into()),
+        );
+        let added: Vec<String> = plan(&wanted, &[primary_mx])
+            .changes
+            .add
+            .iter()
+            .map(|r| r.to_string())
+            .collect();
+        assert!(
+            added.contains(&"mx2.example.com AAAA 2001:db8::25".to_string()),
+            "{added:?}"
+        );
+        assert!(
+            added.contains(&"mx2.example.com A 192.0.2.25".to_string()),
+            "{added:?}"
+        );
     }
 }

@@ -52,6 +52,8 @@ pub struct ReplayOutcome {
     pub requeue: Option<Duration>,
     /// Whether the primary is known healthy.
     pub healthy: Option<bool>,
+    /// The last probe failed on TLS (the `tlsPolicy` cannot be met), not on SMTP.
+    pub tls_failed: bool,
     /// When `spec.replay.paused` was last lifted (for `status.replay.resumedAt`).
     pub resumed_at: Option<DateTime<Utc>>,
 }
@@ -235,6 +237,9 @@ pub async fn control(
     };
     ReplayOutcome {
         resumed_at,
+        tls_failed: health
+            .as_ref()
+            .is_some_and(|h| h.target == target && h.tls_failed),
         healthy: primary.healthy,
         decision,
         primary,

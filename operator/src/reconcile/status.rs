@@ -176,7 +176,12 @@ pub fn applied(bmx: &BackupMx, seen: &Observed) -> BackupMxStatus {
                 ),
                 Some(false) => (
                     ConditionStatus::False,
-                    "PrimaryDown",
+                    // answers SMTP, but not under the TLS policy: a different fix
+                    if r.tls_failed {
+                        "PrimaryTlsFailed"
+                    } else {
+                        "PrimaryDown"
+                    },
                     format!(
                         "{}: {}",
                         r.primary.target,

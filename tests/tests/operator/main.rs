@@ -8,7 +8,9 @@
 mod chart;
 mod deletion;
 mod dns;
+mod dsn;
 mod leader;
 mod reconcile;
 mod replay;
+mod tls;
 mod validation;

@@ -635,7 +635,7 @@ async fn a_primary_answering_421_backs_the_workers_off_until_it_takes_mail_again
     );
     let replay = json!({"replay": {"maxWorkers": 4, "ratePerSecond": 5, "rampUp": "1s"}});
     apply(cluster, &ns, &backupmx(port, 1, replay));
-    let pods = Pods::start(cluster, &ns, 1, 121, &busy.addr()).await;
+    let pods = Pods::start(cluster, &ns, 1, 171, &busy.addr()).await;
     eventually("the primary healthy", Duration::from_secs(60), || async {
         (status(cluster, &ns)["primary"]["healthy"] == true).then_some(())
     })
