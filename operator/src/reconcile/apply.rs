@@ -166,7 +166,7 @@ pub async fn apply(bmx: &BackupMx, ctx: &Context) -> Result<Action> {
             names.pdb
         )))?;
 
-    let dns = super::dns::sync(bmx, &lb_addresses, ctx).await;
+    let dns = super::dns::sync(bmx, &lb_addresses, ctx, &bundle.trust).await;
     let mut requeue = RESYNC;
     if let Some(outcome) = &dns {
         for (reason, message, warning) in &outcome.events {
