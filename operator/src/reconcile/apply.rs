@@ -220,7 +220,7 @@ pub async fn apply(bmx: &BackupMx, ctx: &Context) -> Result<Action> {
         };
         publish(ctx, bmx, t, alert.reason, &alert.message).await;
         if alert.notify {
-            for failure in super::alerts::notify(bmx, ctx, &alert).await {
+            for failure in super::alerts::notify(bmx, &alert, &bundle.trust).await {
                 publish(ctx, bmx, EventType::Warning, "AlertNotDelivered", failure).await;
             }
         }
