@@ -614,6 +614,97 @@ async fn a_webhook_with_a_certificate_from_an_unknown_ca_gets_nothing_and_the_ca
     );
 }
 
+/// Turns on STARTTLS (`smtpd_tls_security_level = may`, a test CA's certificate, the TLS details
+/// in the `Received:` header) on a running Postfix `relay`, and waits until it offers it.
+async fn offer_starttls(relay: &Primary) {
+    let etc = relay.dir.path().join("etc");
+    let (cert, key) = TestCa::new("relay test CA")
+        .issue(&["127.0.0.1", "localhost"])
+        .write(&etc);
+    let postfix = |args: &[&str]| {
+        let out = std::process::Command::new(args[0])
+            .arg("-c")
+            .arg(&etc)
+            .args(&args[1..])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            backupmx_tests::kube::text(&out)
+        );
+    };
+    postfix(&[
+        "postconf",
+        "-e",
+        "smtpd_tls_security_level=may",
+        &format!("smtpd_tls_cert_file={}", cert.display()),
+        &format!("smtpd_tls_key_file={}", key.display()),
+        "smtpd_tls_received_header=yes",
+    ]);
+    postfix(&["postfix", "reload"]);
+    // a reload reaches new smtpd processes only
+    eventually(
+        "the relay offers STARTTLS",
+        Duration::from_secs(30),
+        || async {
+            mx_pod::probe::probe(&relay.addr(), "mx2.example.test", Duration::from_secs(5))
+                .await
+                .ok()
+                .filter(|r| r.capabilities.starttls)
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_alert_email_goes_over_starttls_when_the_relay_offers_it() {
+    let relay = Primary::start();
+    offer_starttls(&relay).await;
+
+    let cluster = cluster();
+    let ns = cluster.namespace("alertmail").await;
+    let _op = Operator::start(
+        cluster,
+        "op-alertmail",
+        &["--namespace", &ns, "--leader-elect=false"],
+    );
+    // nothing listens at the primary's port: PrimaryDown is raised and mailed through the relay
+    let dead = backupmx_tests::free_port();
+    apply(
+        cluster,
+        &ns,
+        &backupmx(
+            dead,
+            1,
+            json!({"alerts": {"email": "oncall@example.test", "smtpRelay": relay.addr()}}),
+        ),
+    );
+    let subject = format!("[backupmx {ns}/example] PrimaryDown");
+    let mail = eventually(
+        "the alert email at the relay",
+        Duration::from_secs(60),
+        || async {
+            relay
+                .delivered()
+                .into_iter()
+                .map(|m| String::from_utf8_lossy(&m).into_owned())
+                .find(|m| m.contains(&subject))
+        },
+    )
+    .await;
+    let received = mail
+        .lines()
+        .skip_while(|l| !l.starts_with("Received:"))
+        .take_while(|l| l.starts_with("Received:") || l.starts_with(char::is_whitespace))
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(
+        received.contains("using TLS"),
+        "the relay received it over TLS: {received}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_drill_passes_with_a_healthy_primary_and_fails_with_a_dead_one() {
     let cluster = cluster();
