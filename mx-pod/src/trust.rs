@@ -212,6 +212,30 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
+/// Whether `e` failed because of TLS: a `rustls::Error` (an unknown issuer, a name mismatch, an
+/// expired certificate, a failed handshake) somewhere in its source chain. Needed because a
+/// refused certificate and a refused connection look alike at the top of a reqwest error, yet
+/// call for different fixes (a CA bundle vs. a network path).
+pub fn is_tls_error(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(e);
+    while let Some(err) = next {
+        if err.is::<rustls::Error>() {
+            return true;
+        }
+        // `io::Error::source` skips the error it wraps (it returns that error's source), and
+        // tokio-rustls hands rustls errors over wrapped in an `io::Error`: look inside
+        if let Some(inner) = err
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            && is_tls_error(inner)
+        {
+            return true;
+        }
+        next = err.source();
+    }
+    false
+}
+
 /// Accepts any certificate (opportunistic TLS between MTAs, Postfix `may`/`encrypt`) but checks
 /// the handshake's signatures with the crypto provider, so a broken TLS stack still fails.
 #[derive(Debug)]
@@ -285,6 +309,25 @@ mod tests {
         );
         let e = Trust::load(Some(Path::new("/nonexistent/ca.pem"))).unwrap_err();
         assert!(e.0.contains("cannot read /nonexistent/ca.pem"), "{e}");
+    }
+
+    #[test]
+    fn tls_errors_are_found_inside_io_errors_and_source_chains() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("connect")]
+        struct Outer(#[source] std::io::Error);
+        let cert = rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer);
+        let wrapped = Outer(std::io::Error::new(std::io::ErrorKind::InvalidData, cert));
+        assert!(is_tls_error(&wrapped));
+        assert!(
+            error_chain(&wrapped).contains("UnknownIssuer"),
+            "{}",
+            error_chain(&wrapped)
+        );
+        let refused = Outer(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        assert!(!is_tls_error(&refused));
+        let other = Outer(std::io::Error::other("not TLS"));
+        assert!(!is_tls_error(&other));
     }
 
     #[test]

@@ -182,7 +182,6 @@ impl Context {
             dns: crate::reconcile::dns::DnsFactory::FromSpec,
             dns_resync: std::time::Duration::from_secs(300),
             probers: Arc::new(crate::health::Probers::disabled()),
-            http: mx_pod::trust::Trust::webpki().client(),
         };
         (Arc::new(ctx), ApiServerVerifier(handle))
     }

@@ -260,7 +260,6 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         dns: backupmx_operator::reconcile::dns::DnsFactory::FromSpec,
         dns_resync: args.dns_resync,
         probers: Arc::new(backupmx_operator::health::Probers::new()),
-        http: mx_pod::trust::Trust::webpki().client(),
     });
     ready.store(true, std::sync::atomic::Ordering::Relaxed);
     let controller = |stop: CancellationToken| {

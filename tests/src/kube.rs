@@ -473,3 +473,10 @@ pub fn start_operator_as(
         _dir: dir,
     }
 }
+
+/// A Secret `name` holding the PEM CA bundle `pem` under `ca.crt`, the default key of
+/// `spec.caBundle`.
+pub fn ca_bundle_secret(name: &str, pem: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name},
+           "stringData": {"ca.crt": pem}})
+}

@@ -239,12 +239,30 @@ impl PowerDns {
     /// A BackupMx `spec.dns` publishing in `zone` on this server, its API key in the Secret
     /// `dns-credentials` (see [`PowerDns::credentials_secret`]), verified at its DNS address.
     pub fn backupmx_dns(&self, zone: &str) -> Value {
+        self.backupmx_dns_via(zone, &self.api_url)
+    }
+
+    /// [`PowerDns::backupmx_dns`] reaching the API at `api_url` (e.g. the `https://` URL of
+    /// [`PowerDns::api_behind_tls`]).
+    pub fn backupmx_dns_via(&self, zone: &str, api_url: &str) -> Value {
         serde_json::json!({
             "provider": "powerdns", "zone": zone,
             "credentialsSecretRef": {"name": "dns-credentials"},
-            "powerdns": {"url": self.api_url, "serverId": self.server_id},
+            "powerdns": {"url": api_url, "serverId": self.server_id},
             "nameservers": [self.dns_addr()],
         })
+    }
+
+    /// Puts the API behind a TLS front presenting `leaf` (issue it for `127.0.0.1`), as a
+    /// reverse proxy does in production (PowerDNS's own API speaks plain HTTP); the front's
+    /// `url()` is the `https://` base to give the operator. Runs until the test's runtime ends.
+    pub async fn api_behind_tls(&self, leaf: &testkit::Leaf) -> testkit::TlsFront {
+        let backend: SocketAddr = self
+            .api_url
+            .strip_prefix("http://")
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("PowerDNS API URL {:?} is not http://IP:PORT", self.api_url));
+        testkit::TlsFront::start(backend, leaf).await
     }
 
     /// The Secret `dns-credentials` with this server's API key (`apiKey`).

@@ -1,5 +1,7 @@
-//! A local alert webhook: an HTTP server on 127.0.0.1 that keeps every JSON body POSTed to
-//! `/hook`, for the operator's `spec.alerts.webhookUrl`.
+//! A local alert webhook: an HTTPS server on 127.0.0.1 that keeps every JSON body POSTed to
+//! `/hook`, for the operator's `spec.alerts.webhookUrl`. Its certificate comes from a CA made
+//! for the test, which the BackupMx must trust through `spec.caBundle` (see
+//! [`Webhook::ca_secret`]), as a Slack-style endpoint's is checked in production.
 
 use std::{
     sync::{Arc, Mutex},
@@ -8,18 +10,29 @@ use std::{
 
 use axum::{Json, Router, routing::post};
 use serde_json::Value;
+use testkit::{Https, Leaf, TestCa};
 
-use crate::{free_port, kube::eventually};
+use crate::kube::{ca_bundle_secret, eventually};
 
 /// The webhook server (runs until the test's runtime ends).
 pub struct Webhook {
-    /// What `spec.alerts.webhookUrl` names.
+    /// What `spec.alerts.webhookUrl` names (`https://127.0.0.1:PORT/hook`).
     pub url: String,
+    /// The CA that issued the server's certificate, PEM.
+    pub ca_pem: String,
     received: Arc<Mutex<Vec<Value>>>,
+    server: Https,
 }
 
 impl Webhook {
+    /// A webhook whose certificate (for 127.0.0.1) comes from a CA of its own.
     pub async fn start() -> Webhook {
+        let ca = TestCa::new("webhook test CA");
+        Self::start_with(&ca.issue(&["127.0.0.1", "localhost"])).await
+    }
+
+    /// A webhook presenting `leaf` (e.g. from a CA the operator is not told about).
+    pub async fn start_with(leaf: &Leaf) -> Webhook {
         let received: Arc<Mutex<Vec<Value>>> = Arc::default();
         let app = Router::new().route(
             "/hook",
@@ -31,20 +44,28 @@ impl Webhook {
                 }
             }),
         );
-        let port = free_port();
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
-            .await
-            .unwrap();
-        tokio::spawn(async move { axum::serve(listener, app).await });
+        let server = testkit::serve_https(app, leaf).await;
         Webhook {
-            url: format!("http://127.0.0.1:{port}/hook"),
+            url: format!("{}/hook", server.url),
+            ca_pem: leaf.ca_pem.clone(),
             received,
+            server,
         }
+    }
+
+    /// The Secret `name` holding this webhook's CA under `ca.crt`, for `spec.caBundle`.
+    pub fn ca_secret(&self, name: &str) -> Value {
+        ca_bundle_secret(name, &self.ca_pem)
     }
 
     /// Every body received so far, in order.
     pub fn received(&self) -> Vec<Value> {
         self.received.lock().unwrap().clone()
+    }
+
+    /// TLS handshakes that failed so far (a client that refused the certificate).
+    pub fn failed_handshakes(&self) -> usize {
+        self.server.failed_handshakes()
     }
 
     /// Waits (up to 60 s) until an alert with `"event": event` arrived.

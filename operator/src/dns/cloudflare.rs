@@ -15,6 +15,7 @@
 
 use std::{collections::HashMap, sync::Mutex, time::Duration};
 
+use mx_pod::trust::Trust;
 use reqwest::{Method, Url};
 use serde::{Deserialize, de::DeserializeOwned};
 use serde_json::{Value, json};
@@ -102,9 +103,16 @@ struct CfRecord {
 impl Cloudflare {
     /// `api_base` defaults to [`DEFAULT_API_BASE`]; `zone_id`, when given, is used for every zone
     /// (else each zone's id is looked up by name once, which needs the token's `Zone:Read`).
-    pub fn new(api_base: Option<&str>, api_token: &str, zone_id: Option<&str>) -> Self {
+    /// The API's certificate is verified against `trust` (the BackupMx's: the Mozilla roots and
+    /// `spec.caBundle`, for an API base behind a private CA).
+    pub fn new(
+        api_base: Option<&str>,
+        api_token: &str,
+        zone_id: Option<&str>,
+        trust: &Trust,
+    ) -> Self {
         Self {
-            http: mx_pod::trust::Trust::webpki()
+            http: trust
                 .https()
                 .timeout(Duration::from_secs(15))
                 .build()
@@ -148,13 +156,13 @@ impl Cloudflare {
         let resp = req
             .send()
             .await
-            .map_err(|e| DnsError::transport(NAME, what, &e))?;
+            .map_err(|e| DnsError::transport(NAME, what, e))?;
         let status = resp.status().as_u16();
         let retry = header(&resp, "retry-after");
         let text = resp
             .text()
             .await
-            .map_err(|e| DnsError::transport(NAME, what, &e))?;
+            .map_err(|e| DnsError::transport(NAME, what, e))?;
         let st: Option<Status> = serde_json::from_str(&text).ok();
         match st {
             None if (200..300).contains(&status) => {
@@ -439,6 +447,7 @@ mod tests {
         response::{IntoResponse, Response},
         routing::{get, post},
     };
+    use testkit::{Leaf, TestCa};
 
     const TOKEN: &str = "cf-test-token";
     const ZONE_ID: &str = "023e105f4ecef8ad9ca31a8372d0c353";
@@ -680,9 +689,40 @@ mod tests {
         });
     }
 
+    /// Where a fake listens (HTTPS) and the trust its certificate chains to.
+    struct Api {
+        base: String,
+        trust: Trust,
+    }
+
+    impl Api {
+        fn client(&self, token: &str, zone_id: Option<&str>) -> Cloudflare {
+            Cloudflare::new(Some(&self.base), token, zone_id, &self.trust)
+        }
+    }
+
+    /// The trust of a client that knows `ca` (the Mozilla roots and it, as `spec.caBundle`).
+    fn trusting(ca: &TestCa) -> Trust {
+        Trust::with_pem(ca.pem().as_bytes(), "test CA").unwrap()
+    }
+
     /// A fake holding example.com's primary MX, an SPF record stored bare and one stored quoted,
-    /// and an automatic-TTL A record; and its base URL.
-    async fn serve() -> (Shared, String) {
+    /// and an automatic-TTL A record, served over HTTPS with a certificate from a test CA; and
+    /// where to reach it, trusting that CA.
+    async fn serve() -> (Shared, Api) {
+        let ca = TestCa::new("cloudflare fake CA");
+        let (shared, base) = serve_with(&ca.issue(&["127.0.0.1", "localhost"])).await;
+        (
+            shared,
+            Api {
+                base,
+                trust: trusting(&ca),
+            },
+        )
+    }
+
+    /// The fake of [`serve`] presenting `leaf`; and its base URL.
+    async fn serve_with(leaf: &Leaf) -> (Shared, String) {
         let mut fake = Fake {
             page_size: 100,
             ..Default::default()
@@ -718,10 +758,8 @@ mod tests {
             .route("/client/v4/zones/{id}/dns_records", get(list))
             .route("/client/v4/zones/{id}/dns_records/batch", post(batch))
             .with_state(shared.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        (shared, format!("http://{addr}/client/v4"))
+        let https = testkit::serve_https(app, leaf).await;
+        (shared, format!("{}/client/v4", https.url))
     }
 
     fn mx(name: &str, prio: u16, host: &str, ttl: u32) -> Record {
@@ -734,8 +772,8 @@ mod tests {
 
     #[tokio::test]
     async fn add_then_read_back() {
-        let (fake, base) = serve().await;
-        let cf = Cloudflare::new(Some(&base), TOKEN, None);
+        let (fake, api) = serve().await;
+        let cf = api.client(TOKEN, None);
         let backup = mx("example.com", 20, "mx2.example.com", 3600);
         let claim = txt(
             "_backupmx.example.com",
@@ -803,8 +841,8 @@ mod tests {
 
     #[tokio::test]
     async fn remove_leaves_the_other_members() {
-        let (fake, base) = serve().await;
-        let cf = Cloudflare::new(Some(&base), TOKEN, Some(ZONE_ID));
+        let (fake, api) = serve().await;
+        let cf = api.client(TOKEN, Some(ZONE_ID));
         let backup = mx("example.com", 20, "mx2.example.com", 3600);
         cf.apply(
             "example.com",
@@ -856,7 +894,7 @@ mod tests {
 
     #[tokio::test]
     async fn reads_every_page() {
-        let (fake, base) = serve().await;
+        let (fake, api) = serve().await;
         {
             let mut f = fake.lock().unwrap();
             f.page_size = 2;
@@ -871,7 +909,7 @@ mod tests {
                 );
             }
         }
-        let cf = Cloudflare::new(Some(&base), TOKEN, None);
+        let cf = api.client(TOKEN, None);
         let got = cf.records("example.com", "many.example.com").await.unwrap();
         let texts: Vec<String> = got
             .iter()
@@ -885,8 +923,8 @@ mod tests {
 
     #[tokio::test]
     async fn wrong_token_is_auth() {
-        let (_fake, base) = serve().await;
-        let cf = Cloudflare::new(Some(&base), "wrong", None);
+        let (_fake, api) = serve().await;
+        let cf = api.client("wrong", None);
         let e = cf.records("example.com", "example.com").await.unwrap_err();
         assert_eq!(e.kind, DnsErrorKind::Auth);
         assert!(e.message.contains("Authentication error"), "{e}");
@@ -895,9 +933,9 @@ mod tests {
 
     #[tokio::test]
     async fn rate_limit_carries_retry_after() {
-        let (fake, base) = serve().await;
+        let (fake, api) = serve().await;
         fake.lock().unwrap().rate_limited = true;
-        let cf = Cloudflare::new(Some(&base), TOKEN, Some(ZONE_ID));
+        let cf = api.client(TOKEN, Some(ZONE_ID));
         let e = cf
             .apply(
                 "example.com",
@@ -917,8 +955,8 @@ mod tests {
 
     #[tokio::test]
     async fn unknown_zone_is_zone_not_found() {
-        let (_fake, base) = serve().await;
-        let cf = Cloudflare::new(Some(&base), TOKEN, None);
+        let (_fake, api) = serve().await;
+        let cf = api.client(TOKEN, None);
         let e = cf
             .records("nope.example", "nope.example")
             .await
@@ -927,7 +965,7 @@ mod tests {
         assert!(e.message.contains("nope.example"), "{e}");
 
         // a configured id the API does not know: code 7003
-        let cf = Cloudflare::new(Some(&base), TOKEN, Some("0000"));
+        let cf = api.client(TOKEN, Some("0000"));
         let e = cf.records("example.com", "example.com").await.unwrap_err();
         assert_eq!(e.kind, DnsErrorKind::ZoneNotFound);
         assert!(e.message.contains("Could not route"), "{e}");
@@ -935,8 +973,8 @@ mod tests {
 
     #[tokio::test]
     async fn refused_batch_is_rejected_with_the_message() {
-        let (fake, base) = serve().await;
-        let cf = Cloudflare::new(Some(&base), TOKEN, None);
+        let (fake, api) = serve().await;
+        let cf = api.client(TOKEN, None);
         // the primary's MX posted again: refused as a duplicate, nothing applied
         let primary = mx("example.com", 10, "mx1.example.com", 3600);
         let url = cf
@@ -981,9 +1019,57 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         drop(listener);
-        let cf = Cloudflare::new(Some(&format!("http://{addr}/client/v4")), TOKEN, None);
+        let cf = Cloudflare::new(
+            Some(&format!("https://{addr}/client/v4")),
+            TOKEN,
+            None,
+            &Trust::webpki(),
+        );
         let e = cf.records("example.com", "example.com").await.unwrap_err();
         assert_eq!(e.kind, DnsErrorKind::Unreachable);
+        assert!(e.message.contains("Connection refused"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_certificate_from_an_unknown_ca_is_a_tls_error() {
+        let known = TestCa::new("the CA in spec.caBundle");
+        let unknown = TestCa::new("another CA");
+        let (fake, base) = serve_with(&unknown.issue(&["127.0.0.1", "localhost"])).await;
+        let cf = Cloudflare::new(Some(&base), TOKEN, None, &trusting(&known));
+        let e = cf.records("example.com", "example.com").await.unwrap_err();
+        assert_eq!(e.kind, DnsErrorKind::Tls, "{e}");
+        assert_eq!(e.kind.reason(), "ProviderTlsFailed");
+        assert!(
+            e.message
+                .contains("invalid peer certificate: UnknownIssuer"),
+            "{e}"
+        );
+        assert!(e.message.contains("GET zones?name=example.com"), "{e}");
+        assert_eq!(
+            fake.lock().unwrap().zone_lookups,
+            0,
+            "no request got through"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_certificate_for_another_name_is_a_tls_error() {
+        let ca = TestCa::new("cloudflare fake CA");
+        let (fake, base) = serve_with(&ca.issue(&["api.cloudflare.test"])).await;
+        let cf = Cloudflare::new(Some(&base), TOKEN, None, &trusting(&ca));
+        let e = cf.records("example.com", "example.com").await.unwrap_err();
+        assert_eq!(e.kind, DnsErrorKind::Tls, "{e}");
+        assert!(
+            e.message
+                .contains("certificate not valid for name \"127.0.0.1\"")
+                && e.message.contains("api.cloudflare.test"),
+            "{e}"
+        );
+        assert_eq!(
+            fake.lock().unwrap().zone_lookups,
+            0,
+            "no request got through"
+        );
     }
 
     #[test]

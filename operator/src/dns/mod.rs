@@ -236,6 +236,10 @@ pub enum DnsErrorKind {
     ZoneNotFound,
     /// The provider could not be reached or timed out.
     Unreachable,
+    /// The TLS handshake with the provider's API failed, most often its certificate: not
+    /// issued by a CA the trust holds (the Mozilla roots and `spec.caBundle`), or not for the
+    /// host name the URL names. Certificates are always verified.
+    Tls,
     /// The provider refused the change (bad data, conflict on its side).
     Rejected,
     /// An answer we could not understand.
@@ -250,6 +254,7 @@ impl DnsErrorKind {
             DnsErrorKind::RateLimited(_) => "ProviderRateLimited",
             DnsErrorKind::ZoneNotFound => "ZoneNotFound",
             DnsErrorKind::Unreachable => "ProviderUnreachable",
+            DnsErrorKind::Tls => "ProviderTlsFailed",
             DnsErrorKind::Rejected => "ProviderRejected",
             DnsErrorKind::Protocol => "ProviderError",
         }
@@ -260,7 +265,10 @@ impl DnsErrorKind {
         match self {
             DnsErrorKind::RateLimited(Some(d)) => d.max(Duration::from_secs(1)),
             DnsErrorKind::RateLimited(None) => Duration::from_secs(30),
-            DnsErrorKind::Auth | DnsErrorKind::ZoneNotFound => Duration::from_secs(60),
+            // a person must act (credentials, the zone, the CA bundle or the certificate)
+            DnsErrorKind::Auth | DnsErrorKind::ZoneNotFound | DnsErrorKind::Tls => {
+                Duration::from_secs(60)
+            }
             _ => Duration::from_secs(10),
         }
     }
@@ -302,9 +310,33 @@ impl DnsError {
         )
     }
 
-    /// Maps a transport error.
-    pub fn transport(provider: &'static str, what: &str, e: &reqwest::Error) -> Self {
-        Self::new(provider, DnsErrorKind::Unreachable, format!("{what}: {e}"))
+    /// Maps a transport error: [`DnsErrorKind::Tls`] when TLS failed, else
+    /// [`DnsErrorKind::Unreachable`]. The message carries the whole cause chain (reqwest keeps
+    /// "invalid peer certificate: UnknownIssuer" or "Connection refused" in its sources); the
+    /// URL is left out when `what` already names it.
+    pub fn transport(provider: &'static str, what: &str, e: reqwest::Error) -> Self {
+        let e = if e.url().is_some_and(|u| what.contains(u.as_str())) {
+            e.without_url()
+        } else {
+            e
+        };
+        let cause = mx_pod::trust::error_chain(&e);
+        if mx_pod::trust::is_tls_error(&e) {
+            Self::new(
+                provider,
+                DnsErrorKind::Tls,
+                format!(
+                    "{what}: TLS failed: {cause} (is the API's certificate issued by a CA in \
+                     spec.caBundle, for the host name of its URL?)"
+                ),
+            )
+        } else {
+            Self::new(
+                provider,
+                DnsErrorKind::Unreachable,
+                format!("{what}: {cause}"),
+            )
+        }
     }
 }
 

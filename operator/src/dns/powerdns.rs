@@ -9,6 +9,7 @@
 
 use std::collections::BTreeMap;
 
+use mx_pod::trust::Trust;
 use serde::Deserialize;
 use serde_json::json;
 
@@ -49,10 +50,12 @@ struct Content {
 }
 
 impl PowerDns {
-    /// `url` is the API's base (`http://pdns:8081`), `server_id` usually `localhost`.
-    pub fn new(url: &str, server_id: &str, api_key: &str) -> Self {
+    /// `url` is the API's base (`https://pdns.example:8081`, or `http://` inside the cluster),
+    /// `server_id` usually `localhost`; an `https://` API's certificate is verified against
+    /// `trust` (the BackupMx's: the Mozilla roots and `spec.caBundle`).
+    pub fn new(url: &str, server_id: &str, api_key: &str, trust: &Trust) -> Self {
         Self {
-            http: mx_pod::trust::Trust::webpki()
+            http: trust
                 .https()
                 .timeout(std::time::Duration::from_secs(15))
                 .build()
@@ -80,7 +83,7 @@ impl PowerDns {
             .header("X-API-Key", &self.api_key)
             .send()
             .await
-            .map_err(|e| DnsError::transport(NAME, &format!("GET {url}"), &e))?;
+            .map_err(|e| DnsError::transport(NAME, &format!("GET {url}"), e))?;
         let status = resp.status().as_u16();
         let retry = header(&resp, "retry-after");
         let body = resp.text().await.unwrap_or_default();
@@ -196,7 +199,7 @@ impl DnsProvider for PowerDns {
             .json(&json!({ "rrsets": rrsets }))
             .send()
             .await
-            .map_err(|e| DnsError::transport(NAME, &format!("PATCH {url}"), &e))?;
+            .map_err(|e| DnsError::transport(NAME, &format!("PATCH {url}"), e))?;
         let status = resp.status().as_u16();
         if (200..300).contains(&status) {
             return Ok(());

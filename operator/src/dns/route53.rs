@@ -20,6 +20,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+use mx_pod::trust::Trust;
 use reqwest::{Method, Url};
 
 use super::{
@@ -156,7 +157,9 @@ struct Next {
 impl Route53 {
     /// `endpoint` defaults to [`DEFAULT_ENDPOINT`], `region` (the signing region) to
     /// [`DEFAULT_REGION`] when empty; `hosted_zone_id` may carry the `/hostedzone/` prefix. The
-    /// provider works on that one hosted zone, whatever zone name the calls pass.
+    /// provider works on that one hosted zone, whatever zone name the calls pass. The endpoint's
+    /// certificate is verified against `trust` (the BackupMx's: the Mozilla roots and
+    /// `spec.caBundle`, for a VPC endpoint or proxy behind a private CA).
     pub fn new(
         endpoint: Option<&str>,
         region: &str,
@@ -164,10 +167,11 @@ impl Route53 {
         access_key_id: &str,
         secret_access_key: &str,
         session_token: Option<&str>,
+        trust: &Trust,
     ) -> Self {
         let region = region.trim();
         Self {
-            http: mx_pod::trust::Trust::webpki()
+            http: trust
                 .https()
                 .timeout(Duration::from_secs(15))
                 .build()
@@ -246,7 +250,7 @@ impl Route53 {
         let resp = req
             .send()
             .await
-            .map_err(|e| DnsError::transport(NAME, what, &e))?;
+            .map_err(|e| DnsError::transport(NAME, what, e))?;
         let status = resp.status().as_u16();
         let retry = resp
             .headers()
@@ -256,7 +260,7 @@ impl Route53 {
         let text = resp
             .text()
             .await
-            .map_err(|e| DnsError::transport(NAME, what, &e))?;
+            .map_err(|e| DnsError::transport(NAME, what, e))?;
         if (200..300).contains(&status) {
             Ok(text)
         } else {
@@ -681,6 +685,7 @@ mod tests {
         http::{HeaderMap, StatusCode, Uri},
         response::{IntoResponse, Response},
     };
+    use testkit::{Leaf, TestCa};
 
     const AKID: &str = "AKIDTESTROUTE53";
     const SECRET: &str = "route53-test-secret/abc+def";
@@ -919,7 +924,7 @@ mod tests {
             .map(|n| (*n, h(n).unwrap_or_default()))
             .collect();
         let url = format!(
-            "http://{}{}",
+            "https://{}{}",
             h("host").unwrap_or_default(),
             uri.path_and_query().map_or("/", |p| p.as_str())
         );
@@ -1165,9 +1170,34 @@ mod tests {
         }
     }
 
-    /// A fake holding example.com's primary MX and SPF, a wildcard, and more names after it;
-    /// and its endpoint.
-    async fn serve(token: Option<&str>) -> (Shared, String) {
+    /// Where a fake listens (HTTPS) and the trust its certificate chains to.
+    struct Endpoint {
+        url: String,
+        trust: Trust,
+    }
+
+    /// The trust of a client that knows `ca` (the Mozilla roots and it, as `spec.caBundle`).
+    fn trusting(ca: &TestCa) -> Trust {
+        Trust::with_pem(ca.pem().as_bytes(), "test CA").unwrap()
+    }
+
+    /// A fake holding example.com's primary MX and SPF, a wildcard, and more names after it,
+    /// served over HTTPS with a certificate from a test CA; and where to reach it, trusting
+    /// that CA.
+    async fn serve(token: Option<&str>) -> (Shared, Endpoint) {
+        let ca = TestCa::new("route53 fake CA");
+        let (shared, url) = serve_with(token, &ca.issue(&["127.0.0.1", "localhost"])).await;
+        (
+            shared,
+            Endpoint {
+                url,
+                trust: trusting(&ca),
+            },
+        )
+    }
+
+    /// The fake of [`serve`] presenting `leaf`; and its URL.
+    async fn serve_with(token: Option<&str>, leaf: &Leaf) -> (Shared, String) {
         let mut alias = set("www.example.com.", "A", 0, &[]);
         alias.alias = true;
         let fake = Fake {
@@ -1189,20 +1219,19 @@ mod tests {
         };
         let shared = Arc::new(Mutex::new(fake));
         let app = Router::new().fallback(handle).with_state(shared.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        (shared, format!("http://{addr}"))
+        let https = testkit::serve_https(app, leaf).await;
+        (shared, https.url)
     }
 
-    fn client(endpoint: &str, secret: &str, token: Option<&str>) -> Route53 {
+    fn client(endpoint: &Endpoint, secret: &str, token: Option<&str>) -> Route53 {
         Route53::new(
-            Some(endpoint),
+            Some(&endpoint.url),
             "",
             &format!("/hostedzone/{ZONE}"),
             AKID,
             secret,
             token,
+            &endpoint.trust,
         )
     }
 
@@ -1344,7 +1373,15 @@ mod tests {
     #[tokio::test]
     async fn unknown_zone_is_zone_not_found() {
         let (_fake, endpoint) = serve(None).await;
-        let r53 = Route53::new(Some(&endpoint), "us-east-1", "ZNOPE", AKID, SECRET, None);
+        let r53 = Route53::new(
+            Some(&endpoint.url),
+            "us-east-1",
+            "ZNOPE",
+            AKID,
+            SECRET,
+            None,
+            &endpoint.trust,
+        );
         let e = r53.records("example.com", "example.com").await.unwrap_err();
         assert_eq!(e.kind, DnsErrorKind::ZoneNotFound);
         assert!(
@@ -1411,11 +1448,51 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         drop(listener);
-        let e = client(&format!("http://{addr}"), SECRET, None)
+        let endpoint = Endpoint {
+            url: format!("https://{addr}"),
+            trust: Trust::webpki(),
+        };
+        let e = client(&endpoint, SECRET, None)
             .records("example.com", "example.com")
             .await
             .unwrap_err();
         assert_eq!(e.kind, DnsErrorKind::Unreachable);
+        assert!(e.message.contains("Connection refused"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_certificate_from_an_unknown_ca_is_a_tls_error() {
+        let known = TestCa::new("the CA in spec.caBundle");
+        let unknown = TestCa::new("another CA");
+        let (fake, url) = serve_with(None, &unknown.issue(&["127.0.0.1", "localhost"])).await;
+        let endpoint = Endpoint {
+            url,
+            trust: trusting(&known),
+        };
+        let e = client(&endpoint, SECRET, None)
+            .apply(
+                "example.com",
+                &Changes {
+                    add: vec![mx("example.com", 20, "mx2.example.com", 300)],
+                    remove: vec![],
+                },
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind, DnsErrorKind::Tls, "{e}");
+        assert_eq!(e.kind.reason(), "ProviderTlsFailed");
+        assert!(
+            e.message
+                .contains("invalid peer certificate: UnknownIssuer"),
+            "{e}"
+        );
+        assert!(e.message.contains("GET rrset?name=example.com."), "{e}");
+        let f = fake.lock().unwrap();
+        assert_eq!(
+            (f.list_calls, f.change_bodies.len()),
+            (0, 0),
+            "no request got through"
+        );
     }
 
     #[test]

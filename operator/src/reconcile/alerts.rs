@@ -15,10 +15,10 @@ use std::time::Duration;
 
 use chrono::{SecondsFormat, Utc};
 use mail_builder::MessageBuilder;
+use mx_pod::trust::{TlsPolicy, Trust, error_chain};
 use serde_json::json;
 use tracing::warn;
 
-use super::Context;
 use crate::{
     crd::{AlertState, BackupMx, QueueStatus},
     validate::{duration, quantity_bytes},
@@ -189,8 +189,10 @@ fn human(secs: u64) -> String {
     humantime::format_duration(Duration::from_secs(secs)).to_string()
 }
 
-/// Sends `alert` to the webhook and the email of `spec.alerts`; returns what failed.
-pub async fn notify(bmx: &BackupMx, ctx: &Context, alert: &Alert) -> Vec<String> {
+/// Sends `alert` to the webhook and the email of `spec.alerts`; returns what failed, each
+/// failure also logged (warn) with where it went and the whole cause. `trust` (the BackupMx's
+/// CA bundle and the Mozilla roots) verifies the webhook's certificate.
+pub async fn notify(bmx: &BackupMx, alert: &Alert, trust: &Trust) -> Vec<String> {
     let Some(a) = &bmx.spec.alerts else {
         return Vec::new();
     };
@@ -211,34 +213,45 @@ pub async fn notify(bmx: &BackupMx, ctx: &Context, alert: &Alert) -> Vec<String>
             "message": alert.message,
             "time": when,
         });
-        let sent = ctx
-            .http
-            .post(url)
-            .timeout(Duration::from_secs(10))
-            .json(&body)
-            .send()
-            .await;
-        match sent {
-            Ok(r) if r.status().is_success() => {}
-            Ok(r) => failed.push(format!("webhook {url}: HTTP {}", r.status())),
-            Err(e) => failed.push(format!("webhook {url}: {e}")),
+        if let Err(error) = webhook(url, &body, trust).await {
+            warn!(backupmx = %name, alert = alert.reason, url = %url, %error,
+                "alert not delivered to the webhook");
+            failed.push(format!("webhook {url}: {error}"));
         }
     }
     if let Some(to) = &a.email {
         let Some(relay) = &a.smtp_relay else {
+            warn!(backupmx = %name, alert = alert.reason, to = %to,
+                "alert email not sent: spec.alerts.smtpRelay is not set");
             failed.push("email: spec.alerts.smtpRelay is not set".into());
             return failed;
         };
-        if let Err(e) = email(bmx, relay, to, &name, alert, &when).await {
-            failed.push(format!("email to {to} via {relay}: {e}"));
+        if let Err(error) = email(bmx, relay, to, &name, alert, &when, trust).await {
+            warn!(backupmx = %name, alert = alert.reason, to = %to, relay = %relay, %error,
+                "alert email not delivered");
+            failed.push(format!("email to {to} via {relay}: {error}"));
         }
-    }
-    for f in &failed {
-        warn!(backupmx = %name, alert = alert.reason, error = %f, "alert not delivered");
     }
     failed
 }
 
+/// POSTs `body` to `url`; the error is the whole cause (a refused certificate says why, e.g.
+/// "invalid peer certificate: UnknownIssuer"), without the URL, which the caller names.
+async fn webhook(url: &str, body: &serde_json::Value, trust: &Trust) -> Result<(), String> {
+    let http = trust
+        .https()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .map_err(|e| format!("HTTP client: {}", error_chain(&e)))?;
+    match http.post(url).json(body).send().await {
+        Ok(r) if r.status().is_success() => Ok(()),
+        Ok(r) => Err(format!("HTTP {}", r.status())),
+        Err(e) => Err(error_chain(&e.without_url())),
+    }
+}
+
+/// Sends the alert by email through `relay`, with STARTTLS whenever the relay offers it (TLS
+/// policy `may`: the relay's certificate is not checked, as between MTAs).
 async fn email(
     bmx: &BackupMx,
     relay: &str,
@@ -246,6 +259,7 @@ async fn email(
     name: &str,
     alert: &Alert,
     when: &str,
+    trust: &Trust,
 ) -> Result<(), String> {
     use mx_pod::{
         queue::message::{ClientInfo, Envelope, MessageKind, Notify, QueueId, Recipient},
@@ -282,9 +296,15 @@ async fn email(
         held: false,
         delay_warned: false,
     };
-    let mut c = SmtpClient::connect(relay, &bmx.spec.mx.hostname, Duration::from_secs(15))
-        .await
-        .map_err(|e| e.to_string())?;
+    let mut c = SmtpClient::open(
+        relay,
+        &bmx.spec.mx.hostname,
+        Duration::from_secs(15),
+        TlsPolicy::May,
+        trust,
+    )
+    .await
+    .map_err(|e| e.to_string())?;
     let rcpts: Vec<(usize, &Recipient)> = env.recipients.iter().enumerate().collect();
     let result = c
         .send(&env, &rcpts, &body, &AtOnce)

@@ -166,7 +166,7 @@ pub async fn apply(bmx: &BackupMx, ctx: &Context) -> Result<Action> {
             names.pdb
         )))?;
 
-    let dns = super::dns::sync(bmx, &lb_addresses, ctx).await;
+    let dns = super::dns::sync(bmx, &lb_addresses, ctx, &bundle.trust).await;
     let mut requeue = RESYNC;
     if let Some(outcome) = &dns {
         for (reason, message, warning) in &outcome.events {
@@ -220,7 +220,7 @@ pub async fn apply(bmx: &BackupMx, ctx: &Context) -> Result<Action> {
         };
         publish(ctx, bmx, t, alert.reason, &alert.message).await;
         if alert.notify {
-            for failure in super::alerts::notify(bmx, ctx, &alert).await {
+            for failure in super::alerts::notify(bmx, &alert, &bundle.trust).await {
                 publish(ctx, bmx, EventType::Warning, "AlertNotDelivered", failure).await;
             }
         }

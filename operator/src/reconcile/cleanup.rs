@@ -34,8 +34,12 @@ use crate::{
 /// Cleans up before `bmx` is deleted; an `Err(WaitingForDelivery)` keeps the finalizer.
 pub async fn cleanup(bmx: &BackupMx, ctx: &Context) -> Result<Action> {
     let ns = bmx.namespace().ok_or(Error::NoNamespace)?;
+    // the CA bundle serves the DNS API and the primary's probe; an unusable one does not stop
+    // deletion by itself: the Mozilla roots alone may still do, and a failure below says why
+    let bundle = super::trust::load(bmx, ctx).await;
+    let trust = bundle.as_ref().map(|b| b.trust.clone()).unwrap_or_default();
     // first stop pointing senders at the backup: remove exactly our DNS records
-    match super::dns::remove(bmx, ctx).await {
+    match super::dns::remove(bmx, ctx, &trust).await {
         Ok(removed) if !removed.is_empty() => {
             publish(
                 ctx,
@@ -48,7 +52,12 @@ pub async fn cleanup(bmx: &BackupMx, ctx: &Context) -> Result<Action> {
         }
         Ok(_) => {}
         Err(e) => {
-            let message = format!("cannot remove the DNS records yet: {e}");
+            let mut message = format!("cannot remove the DNS records yet: {e}");
+            if let Err(unusable) = &bundle {
+                message.push_str(&format!(
+                    " (spec.caBundle not used, the Mozilla roots alone were: {unusable})"
+                ));
+            }
             let changed = bmx
                 .status
                 .as_ref()
@@ -114,7 +123,7 @@ pub async fn cleanup(bmx: &BackupMx, ctx: &Context) -> Result<Action> {
         if let Ok(config) = crate::render::config::mxpod_config(bmx) {
             let hash = crate::render::config::config_hash(&config.to_toml());
             // an unreadable CA bundle only costs a verified probe: deletion goes on
-            let bundle = super::trust::load(bmx, ctx).await.unwrap_or_default();
+            let bundle = bundle.clone().unwrap_or_default();
             super::replay::control(
                 bmx,
                 ctx,

@@ -12,6 +12,7 @@ use std::{collections::BTreeMap, net::IpAddr, sync::Arc, time::Duration};
 use chrono::{DateTime, SecondsFormat, Utc};
 use k8s_openapi::api::core::v1::Secret;
 use kube::{Api, ResourceExt};
+use mx_pod::trust::Trust;
 
 use super::{Context, status};
 use crate::{
@@ -46,11 +47,13 @@ pub struct DnsOutcome {
 /// A problem building the provider: reason and message.
 type Problem = (&'static str, String);
 
-/// The provider `spec` names, with credentials from its Secret.
+/// The provider `spec` names, with credentials from its Secret; an HTTPS API is verified
+/// against `trust` (the BackupMx's CA bundle and the Mozilla roots).
 pub async fn provider(
     bmx: &BackupMx,
     spec: &DnsSpec,
     ctx: &Context,
+    trust: &Trust,
 ) -> Result<Arc<dyn DnsProvider>, Problem> {
     if let DnsFactory::Fixed(p) = &ctx.dns {
         return Ok(p.clone());
@@ -106,7 +109,7 @@ pub async fn provider(
     Ok(match spec.provider {
         DnsProviderKind::Powerdns => {
             let p = spec.powerdns.as_ref().ok_or_else(|| missing("powerdns"))?;
-            Arc::new(PowerDns::new(&p.url, &p.server_id, &key("apiKey")?))
+            Arc::new(PowerDns::new(&p.url, &p.server_id, &key("apiKey")?, trust))
         }
         DnsProviderKind::Rfc2136 => {
             let p = spec.rfc2136.as_ref().ok_or_else(|| missing("rfc2136"))?;
@@ -127,6 +130,7 @@ pub async fn provider(
                 p.api_url.as_deref(),
                 &key("apiToken")?,
                 p.zone_id.as_deref(),
+                trust,
             ))
         }
         DnsProviderKind::Route53 => {
@@ -139,6 +143,7 @@ pub async fn provider(
                 &key("accessKeyId")?,
                 &key("secretAccessKey")?,
                 session.as_deref(),
+                trust,
             ))
         }
     })
@@ -242,9 +247,15 @@ pub fn due(previous: Option<&DnsStatus>, synced_for: &str, resync: Duration) -> 
     }
 }
 
-/// One DNS pass for `bmx`, whose LoadBalancer has `lb_addresses`. `None` when the spec asks for
-/// no DNS management, or when nothing is due (the previous status stands).
-pub async fn sync(bmx: &BackupMx, lb_addresses: &[IpAddr], ctx: &Context) -> Option<DnsOutcome> {
+/// One DNS pass for `bmx`, whose LoadBalancer has `lb_addresses`, reaching the provider with
+/// `trust`. `None` when the spec asks for no DNS management, or when nothing is due (the
+/// previous status stands).
+pub async fn sync(
+    bmx: &BackupMx,
+    lb_addresses: &[IpAddr],
+    ctx: &Context,
+    trust: &Trust,
+) -> Option<DnsOutcome> {
     let spec = bmx.spec.dns.as_ref()?;
     let previous = bmx.status.as_ref().and_then(|s| s.dns.as_ref());
     let mut addresses: Vec<IpAddr> = if bmx.spec.mx.addresses.is_empty() {
@@ -289,7 +300,7 @@ pub async fn sync(bmx: &BackupMx, lb_addresses: &[IpAddr], ctx: &Context) -> Opt
         events: vec![(static_reason(reason), message, true)],
         retry,
     };
-    let provider = match provider(bmx, spec, ctx).await {
+    let provider = match provider(bmx, spec, ctx, trust).await {
         Ok(p) => p,
         Err((reason, message)) => {
             return Some(fail(reason, message, Some(Duration::from_secs(30))));
@@ -484,7 +495,7 @@ fn list(v: &[String]) -> String {
 
 /// Maps a reason computed at run time to the `'static` names events need.
 fn static_reason(reason: &str) -> &'static str {
-    const KNOWN: [&str; 16] = [
+    const KNOWN: [&str; 17] = [
         "CredentialsMissing",
         "InvalidSpec",
         "WaitingForAddress",
@@ -496,6 +507,7 @@ fn static_reason(reason: &str) -> &'static str {
         "ProviderRateLimited",
         "ZoneNotFound",
         "ProviderUnreachable",
+        "ProviderTlsFailed",
         "ProviderRejected",
         "ProviderError",
         "Propagating",
@@ -509,12 +521,13 @@ fn static_reason(reason: &str) -> &'static str {
         .unwrap_or("DNSError")
 }
 
-/// Removes exactly the records `bmx` owns (deletion). `Err` keeps the finalizer.
-pub async fn remove(bmx: &BackupMx, ctx: &Context) -> Result<Vec<String>, String> {
+/// Removes exactly the records `bmx` owns (deletion), reaching the provider with `trust`.
+/// `Err` keeps the finalizer.
+pub async fn remove(bmx: &BackupMx, ctx: &Context, trust: &Trust) -> Result<Vec<String>, String> {
     let Some(spec) = bmx.spec.dns.as_ref() else {
         return Ok(Vec::new());
     };
-    let provider = provider(bmx, spec, ctx)
+    let provider = provider(bmx, spec, ctx, trust)
         .await
         .map_err(|(r, m)| format!("{r}: {m}"))?;
     let names = names_by_zone(spec, bmx);

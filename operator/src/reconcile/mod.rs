@@ -77,8 +77,6 @@ pub struct Context {
     pub dns_resync: Duration,
     /// One prober of the primary per BackupMx.
     pub probers: Arc<crate::health::Probers>,
-    /// HTTP client for alert webhooks.
-    pub http: reqwest::Client,
 }
 
 /// Which namespaces the controller watches.

@@ -476,12 +476,16 @@ async fn alerts_reach_the_webhook_once_per_change() {
     let node = node();
     let mut primary = BridgePrimary::start(node);
     let relay = backupmx_tests::Sink::start(&[], 0, true).await;
-    let s = Setup::new(
+    // the webhook speaks HTTPS with a test CA's certificate: the BackupMx trusts that CA
+    let s = Setup::new_with(
         "alerts",
         &primary,
         1,
         json!({"alerts": {"webhookUrl": hook.url,
-                          "email": "oncall@ops.test", "smtpRelay": relay.addr()}}),
+                          "email": "oncall@ops.test", "smtpRelay": relay.addr()},
+               "caBundle": {"secretName": "alerts-ca"}}),
+        false,
+        |ns, _| node.apply(Some(ns), &hook.ca_secret("alerts-ca")),
     )
     .await;
     eventually("the primary healthy", Duration::from_secs(60), || async {

@@ -2,11 +2,15 @@
 //! primary's, its host's address from the LoadBalancer's ingress, ownership TXT records;
 //! verifies them at the authoritative server; repairs drift; refuses unsafe priorities and
 //! records it does not own (until adopted); and removes exactly its own records on deletion.
+//!
+//! The API is reached over HTTPS, as in production: a TLS front (a test CA's certificate) before
+//! PowerDNS's plain-HTTP API, that CA in the BackupMx's `spec.caBundle`; a certificate from a CA
+//! the BackupMx does not trust is `ProviderTlsFailed`.
 
 use std::time::Duration;
 
 use backupmx_tests::{
-    kube::{Cluster, Operator, cluster, condition, eventually},
+    kube::{Cluster, Operator, ca_bundle_secret, cluster, condition, eventually},
     realparts::PowerDns,
 };
 use k8s_openapi::api::core::v1::Service;
@@ -15,6 +19,10 @@ use kube::{
     api::{Patch, PatchParams},
 };
 use serde_json::{Value, json};
+use testkit::{TestCa, TlsFront};
+
+/// The Secret of `spec.caBundle` in these tests.
+const CA_SECRET: &str = "dns-ca";
 
 fn get(cluster: &Cluster, ns: &str, what: &str) -> Option<Value> {
     let out = cluster.kubectl(&["-n", ns, "get", what, "-o", "json"]);
@@ -34,14 +42,28 @@ fn credentials(cluster: &Cluster, ns: &str, pdns: &PowerDns) {
     apply(cluster, ns, pdns.credentials_secret());
 }
 
-fn backupmx(name: &str, pdns: &PowerDns, mx: Value, dns_extra: Value) -> Value {
-    let mut dns = pdns.backupmx_dns("example.test");
+/// `pdns`'s API behind TLS with a certificate from a new test CA, and that CA in the Secret
+/// [`CA_SECRET`] of `ns`.
+async fn api_over_tls(cluster: &Cluster, ns: &str, pdns: &PowerDns) -> TlsFront {
+    let ca = TestCa::new("PowerDNS API test CA");
+    let front = pdns
+        .api_behind_tls(&ca.issue(&["127.0.0.1", "localhost"]))
+        .await;
+    apply(cluster, ns, ca_bundle_secret(CA_SECRET, &ca.pem()));
+    front
+}
+
+/// A BackupMx publishing in example.test through the API at `api` (https), trusting the CA in
+/// [`CA_SECRET`].
+fn backupmx(name: &str, pdns: &PowerDns, api: &TlsFront, mx: Value, dns_extra: Value) -> Value {
+    let mut dns = pdns.backupmx_dns_via("example.test", &api.url());
     dns.as_object_mut()
         .unwrap()
         .extend(dns_extra.as_object().unwrap().clone());
     json!({"apiVersion": "backupmx.io/v1alpha1", "kind": "BackupMx", "metadata": {"name": name},
         "spec": {"domains": ["example.test"], "primary": {"host": "127.0.0.1", "port": 9},
-                 "storage": {"size": "1Gi"}, "mx": mx, "deletionPolicy": "Orphan", "dns": dns}})
+                 "storage": {"size": "1Gi"}, "mx": mx, "deletionPolicy": "Orphan", "dns": dns,
+                 "caBundle": {"secretName": CA_SECRET}}})
 }
 
 async fn dns_ready(cluster: &Cluster, ns: &str, name: &str, reason: &str) -> Value {
@@ -61,6 +83,7 @@ async fn records_are_published_verified_repaired_and_removed() {
     let cluster = cluster();
     let ns = cluster.namespace("dns").await;
     let pdns = PowerDns::with_example_test().await;
+    let api = api_over_tls(cluster, &ns, &pdns).await;
     credentials(cluster, &ns, &pdns);
     let _op = Operator::start(
         cluster,
@@ -79,6 +102,7 @@ async fn records_are_published_verified_repaired_and_removed() {
         backupmx(
             "example",
             &pdns,
+            &api,
             json!({"hostname": "mx2.example.test", "priority": 20, "ttl": 300}),
             json!({}),
         ),
@@ -182,7 +206,7 @@ async fn records_are_published_verified_repaired_and_removed() {
         "{mx}"
     );
 
-    // deletion removes exactly our records
+    // deletion removes exactly our records (through the same HTTPS API and CA bundle)
     cluster.kubectl_ok(&["-n", &ns, "delete", "bmx/example", "--wait=false"]);
     eventually(
         "the BackupMx to be deleted",
@@ -198,6 +222,7 @@ async fn records_made_by_hand_conflict_until_adopted_and_another_owner_is_refuse
     let cluster = cluster();
     let ns = cluster.namespace("dnsadopt").await;
     let pdns = PowerDns::with_example_test().await;
+    let api = api_over_tls(cluster, &ns, &pdns).await;
     // a backup MX someone published by hand before the operator
     pdns.set_records(
         "example.test",
@@ -230,7 +255,7 @@ async fn records_made_by_hand_conflict_until_adopted_and_another_owner_is_refuse
     apply(
         cluster,
         &ns,
-        backupmx("first", &pdns, mx.clone(), json!({})),
+        backupmx("first", &pdns, &api, mx.clone(), json!({})),
     );
     // provider errors are conditions with a precise reason, retried
     let b = dns_ready(cluster, &ns, "first", "CredentialsMissing").await;
@@ -267,7 +292,7 @@ async fn records_made_by_hand_conflict_until_adopted_and_another_owner_is_refuse
     apply(
         cluster,
         &ns,
-        backupmx("first", &pdns, mx.clone(), json!({"adopt": true})),
+        backupmx("first", &pdns, &api, mx.clone(), json!({"adopt": true})),
     );
     dns_ready(cluster, &ns, "first", "Published").await;
     assert!(
@@ -279,7 +304,7 @@ async fn records_made_by_hand_conflict_until_adopted_and_another_owner_is_refuse
     apply(
         cluster,
         &ns,
-        backupmx("second", &pdns, mx, json!({"adopt": true})),
+        backupmx("second", &pdns, &api, mx, json!({"adopt": true})),
     );
     let b = dns_ready(cluster, &ns, "second", "Conflict").await;
     assert!(
@@ -288,5 +313,60 @@ async fn records_made_by_hand_conflict_until_adopted_and_another_owner_is_refuse
             .2
             .contains(&format!("{ns}/first")),
         "{b}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_certificate_from_a_ca_not_in_the_bundle_is_provider_tls_failed() {
+    let cluster = cluster();
+    let ns = cluster.namespace("dnstls").await;
+    let pdns = PowerDns::with_example_test().await;
+    // the API's certificate comes from a CA the BackupMx is not told about
+    let issuer = TestCa::new("the API's real CA");
+    let api = pdns
+        .api_behind_tls(&issuer.issue(&["127.0.0.1", "localhost"]))
+        .await;
+    let other = TestCa::new("a CA that did not issue the API's certificate");
+    apply(cluster, &ns, ca_bundle_secret(CA_SECRET, &other.pem()));
+    credentials(cluster, &ns, &pdns);
+    let _op = Operator::start(
+        cluster,
+        "op-dnstls",
+        &[
+            "--namespace",
+            &ns,
+            "--leader-elect=false",
+            "--dns-resync",
+            "2s",
+        ],
+    );
+    let mx = json!({"hostname": "mx2.example.test", "priority": 20, "addresses": ["198.51.100.5"]});
+    apply(
+        cluster,
+        &ns,
+        backupmx("example", &pdns, &api, mx, json!({})),
+    );
+    let b = dns_ready(cluster, &ns, "example", "ProviderTlsFailed").await;
+    let (status, _, message) = condition(&b, "DNSReady").unwrap();
+    assert_eq!(status, "False");
+    assert!(
+        message.contains("invalid peer certificate: UnknownIssuer"),
+        "the certificate problem is named: {message}"
+    );
+    assert!(message.contains(&api.url()), "the API is named: {message}");
+    let events = cluster.kubectl_ok(&["-n", &ns, "get", "events.v1.events.k8s.io", "-o", "json"]);
+    assert!(events.contains("ProviderTlsFailed"), "{events}");
+    assert_eq!(
+        pdns.dig("_backupmx.example.test", "TXT"),
+        "",
+        "nothing written without a verified certificate"
+    );
+
+    // the right CA in the bundle's Secret: the next pass publishes
+    apply(cluster, &ns, ca_bundle_secret(CA_SECRET, &issuer.pem()));
+    dns_ready(cluster, &ns, "example", "Published").await;
+    assert!(
+        pdns.dig("example.test", "MX")
+            .contains("20 mx2.example.test.")
     );
 }

@@ -1,6 +1,6 @@
 //! The operator drives replay from the primary's health: outage and recovery with a ramp, a
 //! maintenance window, backoff when the primary says `421`, a cutover, a scale-down drain,
-//! alerts to a webhook, the failover drill.
+//! alerts to a webhook (over HTTPS, its CA in `spec.caBundle`), the failover drill.
 //!
 //! The primaries are real Postfix instances (smtp-sink for the one that answers `421`); each pod of the StatefulSet is played by a real
 //! mx-pod on the pod's IP (127.0.0.0/8, SMTP on 2525 and admin on 8025 as in the rendered
@@ -10,13 +10,14 @@ use std::time::Duration;
 
 use backupmx_tests::{
     MxPod, MxPodConfig, Primary, Sink,
-    kube::{Cluster, Operator, cluster, condition, eventually, run_pod},
+    kube::{Cluster, Operator, ca_bundle_secret, cluster, condition, eventually, run_pod},
     message, send, seq_of,
     webhook::Webhook,
 };
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::{Api, api::DeleteParams};
 use serde_json::{Value, json};
+use testkit::TestCa;
 
 fn get(cluster: &Cluster, ns: &str, what: &str) -> Option<Value> {
     let out = cluster.kubectl(&["-n", ns, "get", what, "-o", "json"]);
@@ -505,6 +506,8 @@ async fn alerts_reach_the_webhook_once_per_change() {
         &["--namespace", &ns, "--leader-elect=false"],
     );
     let relay = backupmx_tests::Sink::start(&[], 0, true).await;
+    // the webhook speaks HTTPS with a test CA's certificate: the BackupMx trusts that CA
+    apply(cluster, &ns, &hook.ca_secret("alerts-ca"));
     apply(
         cluster,
         &ns,
@@ -512,7 +515,8 @@ async fn alerts_reach_the_webhook_once_per_change() {
             pport,
             1,
             json!({"alerts": {"webhookUrl": hook.url,
-                              "email": "oncall@ops.test", "smtpRelay": relay.addr()}}),
+                              "email": "oncall@ops.test", "smtpRelay": relay.addr()},
+                   "caBundle": {"secretName": "alerts-ca"}}),
         ),
     );
     let _pods = Pods::start(cluster, &ns, 1, 141, &primary.addr()).await;
@@ -545,6 +549,159 @@ async fn alerts_reach_the_webhook_once_per_change() {
     assert!(
         events.contains("PrimaryDown") && events.contains("PrimaryRecovered"),
         "{events}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_with_a_certificate_from_an_unknown_ca_gets_nothing_and_the_cause_is_logged() {
+    // the webhook's certificate comes from a CA the BackupMx's bundle does not hold
+    let hook = Webhook::start_with(
+        &TestCa::new("a CA the operator is not told about").issue(&["127.0.0.1", "localhost"]),
+    )
+    .await;
+    let trusted = TestCa::new("the CA in spec.caBundle");
+
+    let cluster = cluster();
+    let ns = cluster.namespace("alerttls").await;
+    apply(cluster, &ns, &ca_bundle_secret("alerts-ca", &trusted.pem()));
+    let op = Operator::start(
+        cluster,
+        "op-alerttls",
+        &["--namespace", &ns, "--leader-elect=false"],
+    );
+    // nothing listens at the primary's port: the operator's probe finds it down, PrimaryDown
+    // is raised and sent to the webhook
+    let dead = backupmx_tests::free_port();
+    apply(
+        cluster,
+        &ns,
+        &backupmx(
+            dead,
+            1,
+            json!({"alerts": {"webhookUrl": hook.url},
+                   "caBundle": {"secretName": "alerts-ca"}}),
+        ),
+    );
+    let line = eventually(
+        "the failed webhook call in the operator's log",
+        Duration::from_secs(60),
+        || async {
+            op.log_text()
+                .lines()
+                .find(|l| l.contains("alert not delivered to the webhook"))
+                .map(str::to_owned)
+        },
+    )
+    .await;
+    assert!(line.contains(&hook.url), "the URL is logged: {line}");
+    assert!(line.contains("PrimaryDown"), "the alert is logged: {line}");
+    assert!(
+        line.contains("invalid peer certificate: UnknownIssuer"),
+        "the certificate problem is logged: {line}"
+    );
+    assert!(line.contains("WARN"), "a warning: {line}");
+    eventually(
+        "the refused handshake at the webhook",
+        Duration::from_secs(10),
+        || async { (hook.failed_handshakes() > 0).then_some(()) },
+    )
+    .await;
+    assert!(hook.received().is_empty(), "{:?}", hook.received());
+    let events = cluster.kubectl_ok(&["-n", &ns, "get", "events.v1.events.k8s.io", "-o", "json"]);
+    assert!(
+        events.contains("AlertNotDelivered") && events.contains("UnknownIssuer"),
+        "{events}"
+    );
+}
+
+/// Turns on STARTTLS (`smtpd_tls_security_level = may`, a test CA's certificate, the TLS details
+/// in the `Received:` header) on a running Postfix `relay`, and waits until it offers it.
+async fn offer_starttls(relay: &Primary) {
+    let etc = relay.dir.path().join("etc");
+    let (cert, key) = TestCa::new("relay test CA")
+        .issue(&["127.0.0.1", "localhost"])
+        .write(&etc);
+    let postfix = |args: &[&str]| {
+        let out = std::process::Command::new(args[0])
+            .arg("-c")
+            .arg(&etc)
+            .args(&args[1..])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            backupmx_tests::kube::text(&out)
+        );
+    };
+    postfix(&[
+        "postconf",
+        "-e",
+        "smtpd_tls_security_level=may",
+        &format!("smtpd_tls_cert_file={}", cert.display()),
+        &format!("smtpd_tls_key_file={}", key.display()),
+        "smtpd_tls_received_header=yes",
+    ]);
+    postfix(&["postfix", "reload"]);
+    // a reload reaches new smtpd processes only
+    eventually(
+        "the relay offers STARTTLS",
+        Duration::from_secs(30),
+        || async {
+            mx_pod::probe::probe(&relay.addr(), "mx2.example.test", Duration::from_secs(5))
+                .await
+                .ok()
+                .filter(|r| r.capabilities.starttls)
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_alert_email_goes_over_starttls_when_the_relay_offers_it() {
+    let relay = Primary::start();
+    offer_starttls(&relay).await;
+
+    let cluster = cluster();
+    let ns = cluster.namespace("alertmail").await;
+    let _op = Operator::start(
+        cluster,
+        "op-alertmail",
+        &["--namespace", &ns, "--leader-elect=false"],
+    );
+    // nothing listens at the primary's port: PrimaryDown is raised and mailed through the relay
+    let dead = backupmx_tests::free_port();
+    apply(
+        cluster,
+        &ns,
+        &backupmx(
+            dead,
+            1,
+            json!({"alerts": {"email": "oncall@example.test", "smtpRelay": relay.addr()}}),
+        ),
+    );
+    let subject = format!("[backupmx {ns}/example] PrimaryDown");
+    let mail = eventually(
+        "the alert email at the relay",
+        Duration::from_secs(60),
+        || async {
+            relay
+                .delivered()
+                .into_iter()
+                .map(|m| String::from_utf8_lossy(&m).into_owned())
+                .find(|m| m.contains(&subject))
+        },
+    )
+    .await;
+    let received = mail
+        .lines()
+        .skip_while(|l| !l.starts_with("Received:"))
+        .take_while(|l| l.starts_with("Received:") || l.starts_with(char::is_whitespace))
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(
+        received.contains("using TLS"),
+        "the relay received it over TLS: {received}"
     );
 }
 
