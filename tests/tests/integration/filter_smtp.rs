@@ -207,7 +207,7 @@ async fn proxy_protocol_v1_and_v2_name_the_client_and_are_required() {
     for (mid, client) in [
         ("v1", "198.51.100.7"),
         ("v2", "198.51.100.8"),
-        ("v1-6", "2001:db8::7"),
+        ("v1-6", "IPv6:2001:db8::7"), // RFC 5321 address literal
     ] {
         let m = dumps
             .iter()
