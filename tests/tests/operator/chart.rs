@@ -520,6 +520,10 @@ fn expected_watch_rules() -> BTreeMap<String, Vec<String>> {
             "policy/poddisruptionbudgets".into(),
             v(&["create", "patch"]),
         ),
+        (
+            "networking.k8s.io/networkpolicies".into(),
+            v(&["get", "list", "watch", "create", "patch", "delete"]),
+        ),
         ("events.k8s.io/events".into(), v(&["create", "patch"])),
     ])
 }
@@ -1194,6 +1198,7 @@ async fn assert_reconciled_fully(operator: &Operator, rel: &str, mail: &str) {
         "configmap/example-config",
         "secret/example-admin-token",
         "poddisruptionbudgets.v1beta1.policy/example",
+        "networkpolicy/example-mx-pod",
     ] {
         let obj = get_json(mail, what)
             .unwrap_or_else(|| panic!("{what} was not made:\n{}", operator.log_text()));
@@ -1231,6 +1236,33 @@ async fn assert_reconciled_fully(operator: &Operator, rel: &str, mail: &str) {
     assert_eq!(code, 200);
     assert!(metrics.contains("backupmx_leader 1"), "{metrics}");
     assert_eq!(operator.get("/readyz").await.map(|r| r.0), Some(200));
+
+    // the NetworkPolicy admits the release namespace (the Deployment's POD_NAMESPACE) to the
+    // admin port; opting out deletes it (get + delete as the chart's ServiceAccount)
+    let netpol = get_json(mail, "networkpolicy/example-mx-pod").unwrap();
+    assert_eq!(
+        netpol["spec"]["ingress"][1]["from"][0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"],
+        rel,
+        "{netpol}"
+    );
+    cluster().kubectl_ok(&[
+        "-n",
+        mail,
+        "patch",
+        "bmx/example",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"networkPolicy":{"enabled":false}}}"#,
+    ]);
+    let start = std::time::Instant::now();
+    while get_json(mail, "networkpolicy/example-mx-pod").is_some() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the NetworkPolicy was not deleted in 30 s; operator log:\n{}",
+            operator.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     // deletion: drains nothing (no pod ever ran), removes the finalizer, the object goes
     cluster().kubectl_ok(&["-n", mail, "delete", "bmx/example", "--wait=false"]);
@@ -1324,6 +1356,8 @@ async fn chart_rbac_in_namespace_scope_lets_the_operator_do_everything() {
         (&["get", "configmaps"], false),
         (&["update", "backupmxes.backupmx.io"], false),
         (&["delete", "secrets"], false),
+        (&["delete", "networkpolicies.networking.k8s.io"], true),
+        (&["update", "networkpolicies.networking.k8s.io"], false),
         (&["create", "pods"], false),
         (
             &["list", "backupmxes.backupmx.io", "--all-namespaces"],

@@ -9,6 +9,7 @@ mod chart;
 mod deletion;
 mod dns;
 mod leader;
+mod network_policy;
 mod reconcile;
 mod replay;
 mod validation;
