@@ -1023,6 +1023,105 @@ fn alerts_pass_promtool_and_their_unit_tests_and_use_real_metric_names() {
     }
 }
 
+/// The metric name and labels of a promtool series selector `name{a="x",b="y"}`.
+fn series_labels(series: &str) -> (String, BTreeMap<String, String>) {
+    let (name, rest) = series.split_once('{').unwrap_or((series, "}"));
+    let mut body = rest.strip_suffix('}').expect("a closing brace").trim();
+    let mut labels = BTreeMap::new();
+    while !body.is_empty() {
+        let (key, after) = body.split_once("=\"").expect("label=\"value\"");
+        let mut value = String::new();
+        let mut chars = after.char_indices();
+        let end = loop {
+            match chars.next().expect("a closing quote") {
+                (_, '\\') => value.push(chars.next().expect("an escaped char").1),
+                (i, '"') => break i,
+                (_, c) => value.push(c),
+            }
+        };
+        assert!(
+            labels.insert(key.trim().to_string(), value).is_none(),
+            "{series}: {key} twice"
+        );
+        body = after[end + 1..].trim_start_matches(',').trim();
+    }
+    (name.to_string(), labels)
+}
+
+#[test]
+fn service_monitors_keep_the_operators_namespace_label_and_alert_tests_use_scraped_labels() {
+    let d = docs(&render(
+        "r",
+        "ops",
+        &["--set", "serviceMonitor.enabled=true"],
+    ));
+    let monitor = |name: &str| {
+        find(&d, "ServiceMonitor")
+            .into_iter()
+            .find(|m| m["metadata"]["name"] == name)
+            .unwrap_or_else(|| panic!("ServiceMonitor {name}"))["spec"]["endpoints"][0]
+            .clone()
+    };
+    // the operator's series name their BackupMx's namespace: kept, not exported_namespace
+    let operator = monitor("r-backupmx-operator");
+    assert_eq!(operator["honorLabels"], true, "{operator}");
+    // the pods' series carry no target label: theirs come from Kubernetes only
+    let pods = monitor("r-backupmx-operator-mxpods");
+    assert_eq!(pods["honorLabels"], false, "{pods}");
+    assert_eq!(pods["relabelings"][0]["targetLabel"], "backupmx");
+    let metrics_service = find(&d, "Service")[0]["metadata"]["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // every series of the promtool tests has the labels those scrapes give it (job = the
+    // Service's name, endpoint = the port's), so the rules' grouping is tested against them
+    let tests =
+        docs(&fs::read_to_string(repo().join("tests/infra/helm/alerts.test.yaml")).unwrap());
+    let target = ["job", "instance", "namespace", "service", "endpoint"];
+    let mut checked = BTreeSet::new();
+    for t in tests[0]["tests"].as_array().unwrap() {
+        for input in t["input_series"].as_array().unwrap() {
+            let series = input["series"].as_str().unwrap();
+            let (name, labels) = series_labels(series);
+            for l in target {
+                assert!(labels.contains_key(l), "{series}: no target label {l}");
+            }
+            assert!(
+                !labels.keys().any(|k| k.starts_with("exported_")),
+                "{series}: a label renamed by a scrape without honorLabels"
+            );
+            if name.starts_with("mxpod_") {
+                assert_eq!(labels["job"], labels["service"], "{series}");
+                assert_eq!(labels["endpoint"], pods["port"], "{series}");
+                assert_eq!(labels["container"], "mx-pod", "{series}");
+                assert_eq!(labels["service"], format!("{}-pods", labels["backupmx"]));
+                assert!(
+                    labels["pod"].starts_with(&format!("{}-", labels["backupmx"])),
+                    "{series}"
+                );
+            } else if name.starts_with("backupmx_") {
+                assert_eq!(labels["job"], labels["service"], "{series}");
+                assert_eq!(labels["endpoint"], operator["port"], "{series}");
+                assert_eq!(labels["service"], metrics_service.as_str(), "{series}");
+                assert_eq!(labels["container"], "operator", "{series}");
+                assert!(labels.contains_key("pod"), "{series}");
+                // per-BackupMx series: the BackupMx's namespace, not the operator's (ops)
+                if labels.contains_key("name") {
+                    assert_ne!(labels["namespace"], "ops", "{series}");
+                }
+            } else {
+                // kube-prometheus-stack's kubelet ServiceMonitor (jobLabel k8s-app)
+                assert!(name.starts_with("kubelet_"), "{series}: whose metric?");
+                assert_eq!(labels["job"], "kubelet", "{series}");
+                assert!(labels.contains_key("node"), "{series}");
+            }
+            checked.insert(name);
+        }
+    }
+    assert!(checked.len() >= 12, "{checked:?}");
+}
+
 #[test]
 fn dockerfile_and_make_image_build_the_same_image() {
     let dockerfile = fs::read_to_string(repo().join("Dockerfile")).unwrap();
