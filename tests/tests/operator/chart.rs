@@ -1020,7 +1020,43 @@ fn alerts_pass_promtool_and_their_unit_tests_and_use_real_metric_names() {
         for m in wanted {
             assert!(used.contains(*m), "{what} do not use {m}");
         }
+        // the label a scrape without honorLabels would have made: never grouped on
+        assert!(!text.contains("exported_"), "{what} use exported_ labels");
     }
+
+    // every dashboard query keeps to the BackupMx objects picked in its two variables: each
+    // selector of a per-object series filters both (backupmx_leader is about the operator)
+    let mut selectors = 0;
+    for panel in dash["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expr = target["expr"].as_str().unwrap();
+            for prefix in ["mxpod_", "backupmx_"] {
+                for (i, _) in expr.match_indices(prefix) {
+                    let rest = &expr[i..];
+                    let name: String = rest
+                        .chars()
+                        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                        .collect();
+                    if name == "backupmx_leader" {
+                        continue;
+                    }
+                    let object = if prefix == "mxpod_" {
+                        "backupmx"
+                    } else {
+                        "name"
+                    };
+                    let wanted =
+                        format!(r#"{name}{{namespace=~"$namespace", {object}=~"$backupmx"}}"#);
+                    assert!(
+                        rest.starts_with(&wanted),
+                        "dashboard: {expr} does not select {wanted}"
+                    );
+                    selectors += 1;
+                }
+            }
+        }
+    }
+    assert!(selectors >= 16, "{selectors} selectors checked");
 }
 
 /// The metric name and labels of a promtool series selector `name{a="x",b="y"}`.
