@@ -2,7 +2,9 @@
 //! from Kubernetes 1.20 to current versions without giving up features where they exist:
 //! PodDisruptionBudget `policy/v1` (1.21+) or else `policy/v1beta1`, and the StatefulSet
 //! `persistentVolumeClaimRetentionPolicy` field only where it is served and on by default (1.27+;
-//! server-side apply of a field the server does not know fails with HTTP 500).
+//! server-side apply of a field the server does not know fails with HTTP 500). Whether namespaces
+//! carry the `kubernetes.io/metadata.name` label (1.21+) is only logged: the NetworkPolicy's
+//! default peer relies on it, and on older servers someone must set it.
 
 use kube::{
     Client,
@@ -16,6 +18,8 @@ pub struct Capabilities {
     pub pdb_v1: bool,
     /// StatefulSet `persistentVolumeClaimRetentionPolicy` can be set.
     pub pvc_retention_policy: bool,
+    /// The API server labels every namespace `kubernetes.io/metadata.name=NAME` (1.21+).
+    pub namespace_name_label: bool,
     /// `major.minor` of the API server, for logs.
     pub server_version: String,
 }
@@ -26,6 +30,7 @@ impl Capabilities {
         Self {
             pdb_v1: true,
             pvc_retention_policy: true,
+            namespace_name_label: true,
             server_version: "1.33".into(),
         }
     }
@@ -50,6 +55,7 @@ impl Capabilities {
         Ok(Self {
             pdb_v1,
             pvc_retention_policy: major > 1 || minor >= 27,
+            namespace_name_label: major > 1 || minor >= 21,
             server_version: format!("{}.{}", info.major, info.minor),
         })
     }

@@ -178,6 +178,7 @@ impl Context {
             metrics: Arc::new(Metrics::default()),
             caps: Capabilities::current(),
             mxpod_image: "backupmx/mx-pod:test".into(),
+            operator_namespace: "backupmx-system".into(),
             pods,
             dns: crate::reconcile::dns::DnsFactory::FromSpec,
             dns_resync: std::time::Duration::from_secs(300),

@@ -18,7 +18,7 @@ use backupmx_operator::{
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use kube::runtime::events::{Recorder, Reporter};
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 #[derive(Parser)]
 #[command(
@@ -103,7 +103,8 @@ struct RunArgs {
     /// Elect a leader through a Lease so several replicas can run (one reconciles).
     #[arg(long, env = "BACKUPMX_LEADER_ELECT", default_value_t = true, action = clap::ArgAction::Set)]
     leader_elect: bool,
-    /// Namespace of the leader Lease (the operator's own namespace).
+    /// The operator's own namespace: where the leader Lease is, and the namespace the mx-pods'
+    /// NetworkPolicy admits to their admin port by default.
     #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
     lease_namespace: String,
     /// Name of the leader Lease.
@@ -205,6 +206,15 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         Some(ns) => Scope::Namespace(ns.clone()),
         None => Scope::Cluster,
     };
+    if !caps.namespace_name_label {
+        warn!(
+            server = %caps.server_version,
+            namespace = %args.lease_namespace,
+            "this API server does not label namespaces kubernetes.io/metadata.name: the mx-pods' \
+             NetworkPolicy admits the operator to their admin port by that label, so label this \
+             namespace with it or set spec.networkPolicy.adminFromNamespaces (docs/operator.md)"
+        );
+    }
     info!(
         server = %caps.server_version,
         pdb_v1 = caps.pdb_v1,
@@ -256,6 +266,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         caps,
         mxpod_image: args.mxpod_image.clone(),
+        operator_namespace: args.lease_namespace.clone(),
         pods: PodAdmin::default(),
         dns: backupmx_operator::reconcile::dns::DnsFactory::FromSpec,
         dns_resync: args.dns_resync,

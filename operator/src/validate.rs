@@ -57,6 +57,54 @@ pub fn quantity_bytes(value: &str) -> Result<u64, String> {
 /// Smallest volume mx-pod is given: below this the queue is too small to be useful.
 pub const MIN_STORAGE_BYTES: u64 = 64 << 20;
 
+/// A label name or value part: at most 63 characters, alphanumerics with `-`, `_`, `.` inside.
+fn label_name(s: &str) -> Result<(), &'static str> {
+    let inner = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+    if s.len() > 63 {
+        Err("longer than 63 characters")
+    } else if !s.starts_with(|c: char| c.is_ascii_alphanumeric())
+        || !s.ends_with(|c: char| c.is_ascii_alphanumeric())
+        || !s.chars().all(inner)
+    {
+        Err("must be alphanumerics, '-', '_' or '.', starting and ending with an alphanumeric")
+    } else {
+        Ok(())
+    }
+}
+
+/// A label key as the API server accepts it: `[prefix/]name`, the prefix a DNS subdomain.
+pub fn label_key(key: &str) -> Result<(), String> {
+    let (prefix, name) = match key.split_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, key),
+    };
+    if let Some(p) = prefix {
+        let subdomain = p.len() <= 253
+            && p.split('.').all(|part| {
+                !part.is_empty()
+                    && part
+                        .chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+                    && !part.starts_with('-')
+                    && !part.ends_with('-')
+            });
+        if !subdomain {
+            return Err(format!(
+                "prefix {p:?} is not a lowercase DNS subdomain (e.g. example.com)"
+            ));
+        }
+    }
+    label_name(name).map_err(|e| format!("name {name:?} {e}"))
+}
+
+/// A label value as the API server accepts it (empty, or like a label name).
+pub fn label_value(value: &str) -> Result<(), String> {
+    if value.is_empty() {
+        return Ok(());
+    }
+    label_name(value).map_err(str::to_string)
+}
+
 /// Checks `spec`; `Ok` or every problem found.
 pub fn validate(spec: &BackupMxSpec) -> Result<(), InvalidSpec> {
     let mut problems = Vec::new();
@@ -224,6 +272,23 @@ pub fn validate(spec: &BackupMxSpec) -> Result<(), InvalidSpec> {
             }
         }
     }
+    for (i, selector) in spec.network_policy.admin_from_namespaces.iter().enumerate() {
+        let field = format!("spec.networkPolicy.adminFromNamespaces[{i}]");
+        if selector.is_empty() {
+            problems.push(format!(
+                "{field}: no labels: it would admit every namespace to the admin port; name the \
+                 labels of the namespaces to admit"
+            ));
+        }
+        for (k, v) in selector {
+            if let Err(e) = label_key(k) {
+                problems.push(format!("{field}: label {k:?}: {e}"));
+            }
+            if let Err(e) = label_value(v) {
+                problems.push(format!("{field}: value {v:?} of {k:?}: {e}"));
+            }
+        }
+    }
     for k in spec.pod_labels.keys() {
         if k.starts_with("app.kubernetes.io/") {
             problems.push(format!(
@@ -295,6 +360,63 @@ mod tests {
         ] {
             assert!(text.contains(needle), "{needle} missing from: {text}");
         }
+    }
+
+    #[test]
+    fn admin_namespace_selectors_must_be_labels_the_api_server_accepts() {
+        let mut s = spec();
+        let labels = |pairs: &[(&str, &str)]| {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<std::collections::BTreeMap<_, _>>()
+        };
+        s.network_policy.admin_from_namespaces = vec![
+            labels(&[("kubernetes.io/metadata.name", "monitoring"), ("team", "")]),
+            labels(&[]),
+            labels(&[("Bad_Prefix/name", "x")]),
+            labels(&[("team", "-ops")]),
+            labels(&[(&"k".repeat(64), "x")]),
+        ];
+        let err = validate(&s).unwrap_err();
+        let text = err.to_string();
+        for needle in [
+            "spec.networkPolicy.adminFromNamespaces[1]: no labels",
+            "spec.networkPolicy.adminFromNamespaces[2]: label \"Bad_Prefix/name\"",
+            "spec.networkPolicy.adminFromNamespaces[3]: value \"-ops\"",
+            "spec.networkPolicy.adminFromNamespaces[4]: label",
+        ] {
+            assert!(text.contains(needle), "{needle} missing from: {text}");
+        }
+        assert_eq!(err.0.len(), 4, "entry 0 is valid: {text}");
+    }
+
+    #[test]
+    fn every_example_backupmx_passes_validation() {
+        use serde::Deserialize;
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+        let mut checked = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_none_or(|e| e != "yaml") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap();
+            for doc in serde_yaml::Deserializer::from_str(&text) {
+                let v = serde_json::Value::deserialize(doc).unwrap();
+                if v["kind"] != "BackupMx" {
+                    continue;
+                }
+                let bmx: crate::crd::BackupMx = serde_json::from_value(v).unwrap();
+                assert_eq!(validate(&bmx.spec), Ok(()), "{}", path.display());
+                checked += 1;
+            }
+        }
+        assert!(
+            checked >= 6,
+            "{checked} BackupMx examples in {}",
+            dir.display()
+        );
     }
 
     #[test]

@@ -270,6 +270,21 @@ impl Operator {
             .and_then(|v| v.trim().parse().ok())
             .unwrap_or(0)
     }
+
+    /// Reconcile passes of one object that have finished (the duration histogram's count,
+    /// recorded as a pass ends; 0 when absent): after it grows, that pass's writes are done.
+    pub async fn finished_reconciles(&self, ns: &str, name: &str) -> u64 {
+        let Some((_, text)) = self.get("/metrics").await else {
+            return 0;
+        };
+        let needle = format!(
+            "backupmx_reconcile_duration_seconds_count{{namespace=\"{ns}\",name=\"{name}\"}} "
+        );
+        text.lines()
+            .find_map(|l| l.strip_prefix(&needle))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    }
 }
 
 impl Drop for Operator {

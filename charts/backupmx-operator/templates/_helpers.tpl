@@ -96,6 +96,12 @@ is authorized as `create` too, hence create+patch for every applied kind.
 - apiGroups: ["policy"]
   resources: ["poddisruptionbudgets"]
   verbs: ["create", "patch"]
+# the mx-pods' NetworkPolicy: watched (owned: a policy deleted or loosened by hand is put back
+# at once), server-side applied, and with spec.networkPolicy.enabled=false read (is it the
+# BackupMx's own?) and deleted
+- apiGroups: ["networking.k8s.io"]
+  resources: ["networkpolicies"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 # events about BackupMx objects (events.k8s.io/v1; a repeated event is patched as a series)
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]

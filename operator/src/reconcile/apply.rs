@@ -1,20 +1,21 @@
 //! The apply path: validate, then make every child match the spec, then report status.
 //!
 //! Order matters only for the first pass: the Secret and ConfigMap exist before the StatefulSet
-//! whose pods mount them. Children are applied with `force`: the operator owns them, and a
-//! field changed by hand is taken back (that is what reconciling means); the BackupMx status is
-//! applied without force.
+//! whose pods mount them, and the NetworkPolicy before the pods it fences. Children are applied
+//! with `force`: the operator owns them, and a field changed by hand is taken back (that is what
+//! reconciling means); the BackupMx status is applied without force.
 
 use k8s_openapi::api::{
     apps::v1::StatefulSet,
     core::v1::{ConfigMap, Pod, Secret, Service},
+    networking::v1::NetworkPolicy,
 };
 use kube::{
     Api, ResourceExt,
-    api::{DynamicObject, ListParams, Patch, PatchParams},
+    api::{DeleteParams, DynamicObject, ListParams, Patch, PatchParams, Preconditions},
     runtime::{controller::Action, events::EventType},
 };
-use tracing::info;
+use tracing::{debug, info};
 
 use super::{
     Context, RESYNC, publish,
@@ -27,7 +28,7 @@ use crate::{
     render::{
         FIELD_MANAGER, Names,
         config::{config_hash, configmap, mxpod_config},
-        network::{headless_service, smtp_service},
+        network::{headless_service, network_policy, smtp_service},
         secret::{new_token, secret, token_of},
         selector_string,
         workload::{apply_body, pdb, statefulset},
@@ -87,6 +88,8 @@ pub async fn apply(bmx: &BackupMx, ctx: &Context) -> Result<Action> {
             lb_addresses = load_balancer_addresses(&applied);
         }
     }
+
+    sync_network_policy(bmx, ctx, &ns, &names.network_policy, &pp).await?;
 
     // Observe the pods first: a scale-down waits for the pods it removes to drain.
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
@@ -263,6 +266,71 @@ pub async fn apply(bmx: &BackupMx, ctx: &Context) -> Result<Action> {
     Ok(Action::requeue(requeue.min(
         ctx.dns_resync.max(std::time::Duration::from_secs(1)),
     )))
+}
+
+/// Applies the pods' NetworkPolicy; with `spec.networkPolicy.enabled: false`, deletes the one
+/// this BackupMx owns (an object of that name made by someone else is left alone).
+async fn sync_network_policy(
+    bmx: &BackupMx,
+    ctx: &Context,
+    ns: &str,
+    name: &str,
+    pp: &PatchParams,
+) -> Result<()> {
+    let api: Api<NetworkPolicy> = Api::namespaced(ctx.client.clone(), ns);
+    if let Some(policy) = network_policy(bmx, &ctx.operator_namespace) {
+        api.patch(name, pp, &Patch::Apply(policy))
+            .await
+            .map_err(Error::kube(format!("apply NetworkPolicy {name}")))?;
+        return Ok(());
+    }
+    let Some(existing) = api
+        .get_opt(name)
+        .await
+        .map_err(Error::kube(format!("get NetworkPolicy {name}")))?
+    else {
+        return Ok(());
+    };
+    let ours = existing
+        .owner_references()
+        .iter()
+        .any(|r| r.controller == Some(true) && bmx.uid().as_deref() == Some(r.uid.as_str()));
+    if !ours {
+        debug!(
+            networkpolicy = name,
+            "not made by this BackupMx: left alone"
+        );
+        return Ok(());
+    }
+    // the uid precondition: a policy re-created by someone else meanwhile is not deleted
+    let params = DeleteParams {
+        preconditions: Some(Preconditions {
+            uid: existing.uid(),
+            resource_version: None,
+        }),
+        ..DeleteParams::default()
+    };
+    match api.delete(name, &params).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(e)) if e.code == 404 => return Ok(()),
+        Err(e) => return Err(Error::kube(format!("delete NetworkPolicy {name}"))(e)),
+    }
+    info!(
+        networkpolicy = name,
+        "spec.networkPolicy.enabled is false: deleted"
+    );
+    publish(
+        ctx,
+        bmx,
+        EventType::Normal,
+        "NetworkPolicyDeleted",
+        format!(
+            "spec.networkPolicy.enabled is false: NetworkPolicy {name} deleted; the pods' admin \
+             port is reachable from any pod (its /v1 calls still need the token)"
+        ),
+    )
+    .await;
+    Ok(())
 }
 
 /// The addresses a cloud load balancer gave the SMTP Service (`status.loadBalancer.ingress`).

@@ -30,6 +30,7 @@ use futures::StreamExt;
 use k8s_openapi::api::{
     apps::v1::StatefulSet,
     core::v1::{ConfigMap, Pod, Secret, Service},
+    networking::v1::NetworkPolicy,
 };
 use kube::{
     Api, Client, Resource, ResourceExt,
@@ -70,6 +71,9 @@ pub struct Context {
     pub caps: Capabilities,
     /// Default mx-pod image (a BackupMx may name its own).
     pub mxpod_image: String,
+    /// The operator's own namespace (`POD_NAMESPACE`): the pods' NetworkPolicy admits it to
+    /// their admin port unless `spec.networkPolicy.adminFromNamespaces` says otherwise.
+    pub operator_namespace: String,
     pub pods: PodAdmin,
     /// How DNS providers are made (from the spec, or a fixed one in tests).
     pub dns: dns::DnsFactory,
@@ -122,6 +126,9 @@ pub async fn run(
     .owns(scope.api::<ConfigMap>(client.clone()), owned.clone())
     .owns(scope.api::<Service>(client.clone()), owned.clone())
     .owns(scope.api::<Secret>(client.clone()), owned.clone())
+    // the admin port's fence: a policy deleted or loosened by hand is put back at once, not
+    // after up to a resync period with the port open to every pod
+    .owns(scope.api::<NetworkPolicy>(client.clone()), owned.clone())
     // pods belong to the StatefulSet, not to the BackupMx: map them back by label, so a pod
     // that becomes ready (or gets a new IP) refreshes the status at once
     .watches(scope.api::<Pod>(client.clone()), owned, |pod: Pod| {

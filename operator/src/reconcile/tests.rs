@@ -31,16 +31,26 @@ fn echo_event() -> Expect {
     Expect::new(Method::POST, EVENTS, |b| (StatusCode::CREATED, b.clone()))
 }
 
+const NETPOL: &str = "/apis/networking.k8s.io/v1/namespaces/mail/networkpolicies/example-mx-pod";
+
 /// The calls of an apply pass up to the PodDisruptionBudget: the Secret (read, then applied),
-/// ConfigMap, Services, the pods and the StatefulSet's current replicas (a scale-down waits for
-/// a drain), the StatefulSet, the PDB.
+/// ConfigMap, Services, the NetworkPolicy, the pods and the StatefulSet's current replicas (a
+/// scale-down waits for a drain), the StatefulSet, the PDB.
 fn apply_children(secret: Expect, ready: i64) -> Vec<Expect> {
-    vec![
+    apply_children_with(secret, ready, vec![Expect::apply(NETPOL)])
+}
+
+/// [`apply_children`] with `netpol` as the NetworkPolicy's calls.
+fn apply_children_with(secret: Expect, ready: i64, netpol: Vec<Expect>) -> Vec<Expect> {
+    let mut calls = vec![
         secret,
         Expect::apply(format!("{NS}/secrets/example-admin-token")),
         Expect::apply(format!("{NS}/configmaps/example-config")),
         Expect::apply(format!("{NS}/services/example-pods")),
         Expect::apply(format!("{NS}/services/example-smtp")),
+    ];
+    calls.extend(netpol);
+    calls.extend([
         no_pods(),
         Expect::not_found(
             Method::GET,
@@ -56,7 +66,8 @@ fn apply_children(secret: Expect, ready: i64) -> Vec<Expect> {
             },
         ),
         Expect::apply("/apis/policy/v1/namespaces/mail/poddisruptionbudgets/example"),
-    ]
+    ]);
+    calls
 }
 
 /// A JSON patch of the BackupMx (finalizer added or removed), answered with the object.
@@ -134,6 +145,20 @@ async fn create_applies_every_child_then_reports_status() {
         "PATCH /apis/apps/v1/namespaces/mail/statefulsets/example",
     );
     assert_eq!(sts["metadata"]["ownerReferences"][0]["controller"], true);
+    // the NetworkPolicy is applied before the StatefulSet (its pods start fenced), admitting
+    // the operator's namespace (Context::test: backupmx-system) to the admin port
+    let position = |call: &str| seen.iter().position(|(c, _)| c == call).unwrap();
+    assert!(
+        position(&format!("PATCH {NETPOL}"))
+            < position("PATCH /apis/apps/v1/namespaces/mail/statefulsets/example")
+    );
+    let netpol = body_of(&seen, &format!("PATCH {NETPOL}"));
+    assert_eq!(netpol["kind"], "NetworkPolicy");
+    assert_eq!(netpol["metadata"]["ownerReferences"][0]["controller"], true);
+    assert_eq!(
+        netpol["spec"]["ingress"][1]["from"][0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"],
+        "backupmx-system"
+    );
     let status = body_of(&seen, &format!("PATCH {BMX}/status"));
     assert_eq!(status["status"]["observedGeneration"], 1);
     let ready = &status["status"]["conditions"][0];
@@ -177,7 +202,86 @@ async fn a_settled_object_keeps_its_token_and_writes_no_status() {
     let expects = apply_children(get_secret(secret), 2);
     let (result, seen) = run(bmx, expects, PodAdmin::default()).await;
     assert!(result.is_ok(), "{result:?}");
-    assert_eq!(seen.len(), 9);
+    assert_eq!(seen.len(), 10);
+}
+
+/// A NetworkPolicy as the API server returns it, controlled by `owner_uid`.
+fn existing_netpol(owner_uid: &str) -> Value {
+    json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": "example-mx-pod", "namespace": "mail", "uid": "np-uid-1",
+            "ownerReferences": [{"apiVersion": "backupmx.io/v1alpha1", "kind": "BackupMx",
+                "name": "example", "uid": owner_uid, "controller": true}]},
+        "spec": {"podSelector": {}}})
+}
+
+#[tokio::test]
+async fn disabling_the_network_policy_deletes_the_one_it_made() {
+    let uid = backupmx().metadata.uid.unwrap();
+    let netpol = vec![
+        Expect::new(Method::GET, NETPOL, move |_| {
+            (StatusCode::OK, existing_netpol(&uid))
+        }),
+        Expect::new(Method::DELETE, NETPOL, |_| {
+            (
+                StatusCode::OK,
+                json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}),
+            )
+        }),
+        echo_event(), // NetworkPolicyDeleted
+    ];
+    let mut expects = apply_children_with(
+        Expect::not_found(Method::GET, format!("{NS}/secrets/example-admin-token")),
+        0,
+        netpol,
+    );
+    expects.extend([echo_event(), status_patch()]);
+    let bmx = backupmx()
+        .finalized()
+        .with_spec(|s| s.network_policy.enabled = false);
+    let (result, seen) = run(bmx, expects, PodAdmin::default()).await;
+    assert!(result.is_ok(), "{result:?}");
+    let delete = body_of(&seen, &format!("DELETE {NETPOL}"));
+    assert_eq!(
+        delete["preconditions"]["uid"], "np-uid-1",
+        "only the object it read is deleted"
+    );
+    let deleted = seen
+        .iter()
+        .find(|(c, b)| c == &format!("POST {EVENTS}") && b["reason"] == "NetworkPolicyDeleted")
+        .expect("an event says the policy was deleted");
+    assert_eq!(deleted.1["type"], "Normal");
+}
+
+#[tokio::test]
+async fn disabling_leaves_a_network_policy_it_did_not_make_and_none_is_no_call() {
+    // someone else's object of that name: read, not deleted
+    let netpol = vec![Expect::new(Method::GET, NETPOL, |_| {
+        (StatusCode::OK, existing_netpol("another-owner"))
+    })];
+    let mut expects = apply_children_with(
+        Expect::not_found(Method::GET, format!("{NS}/secrets/example-admin-token")),
+        0,
+        netpol,
+    );
+    expects.extend([echo_event(), status_patch()]);
+    let bmx = || {
+        backupmx()
+            .finalized()
+            .with_spec(|s| s.network_policy.enabled = false)
+    };
+    // the scenario lists every call: a DELETE would fail it
+    let (result, _) = run(bmx(), expects, PodAdmin::default()).await;
+    assert!(result.is_ok(), "{result:?}");
+
+    // none there: one read, nothing else
+    let mut expects = apply_children_with(
+        Expect::not_found(Method::GET, format!("{NS}/secrets/example-admin-token")),
+        0,
+        vec![Expect::not_found(Method::GET, NETPOL)],
+    );
+    expects.extend([echo_event(), status_patch()]);
+    let (result, _) = run(bmx(), expects, PodAdmin::default()).await;
+    assert!(result.is_ok(), "{result:?}");
 }
 
 #[tokio::test]

@@ -9,6 +9,7 @@
 //! | Service | `NAME-pods` | headless: stable pod names, admin port |
 //! | Service | `NAME-smtp` | LoadBalancer on port 25, `externalTrafficPolicy: Local` |
 //! | PodDisruptionBudget | `NAME` | at most one pod down at a time |
+//! | NetworkPolicy | `NAME-mx-pod` | SMTP from anywhere, admin port from `adminFromNamespaces` (default: the operator's namespace); none if disabled |
 
 pub mod config;
 pub mod network;
@@ -43,6 +44,7 @@ pub struct Names {
     pub configmap: String,
     pub secret: String,
     pub pdb: String,
+    pub network_policy: String,
 }
 
 impl Names {
@@ -54,7 +56,8 @@ impl Names {
             smtp_service: format!("{n}-smtp"),
             configmap: format!("{n}-config"),
             secret: format!("{n}-admin-token"),
-            pdb: n,
+            pdb: n.clone(),
+            network_policy: format!("{n}-mx-pod"),
         }
     }
 }

@@ -223,6 +223,7 @@ mod tests {
         Capabilities {
             pdb_v1: !old,
             pvc_retention_policy: !old,
+            namespace_name_label: !old,
             server_version: if old { "1.20" } else { "1.33" }.into(),
         }
     }

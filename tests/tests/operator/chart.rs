@@ -520,6 +520,10 @@ fn expected_watch_rules() -> BTreeMap<String, Vec<String>> {
             "policy/poddisruptionbudgets".into(),
             v(&["create", "patch"]),
         ),
+        (
+            "networking.k8s.io/networkpolicies".into(),
+            v(&["get", "list", "watch", "create", "patch", "delete"]),
+        ),
         ("events.k8s.io/events".into(), v(&["create", "patch"])),
     ])
 }
@@ -1016,7 +1020,142 @@ fn alerts_pass_promtool_and_their_unit_tests_and_use_real_metric_names() {
         for m in wanted {
             assert!(used.contains(*m), "{what} do not use {m}");
         }
+        // the label a scrape without honorLabels would have made: never grouped on
+        assert!(!text.contains("exported_"), "{what} use exported_ labels");
     }
+
+    // every dashboard query keeps to the BackupMx objects picked in its two variables: each
+    // selector of a per-object series filters both (backupmx_leader is about the operator)
+    let mut selectors = 0;
+    for panel in dash["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expr = target["expr"].as_str().unwrap();
+            for prefix in ["mxpod_", "backupmx_"] {
+                for (i, _) in expr.match_indices(prefix) {
+                    let rest = &expr[i..];
+                    let name: String = rest
+                        .chars()
+                        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                        .collect();
+                    if name == "backupmx_leader" {
+                        continue;
+                    }
+                    let object = if prefix == "mxpod_" {
+                        "backupmx"
+                    } else {
+                        "name"
+                    };
+                    let wanted =
+                        format!(r#"{name}{{namespace=~"$namespace", {object}=~"$backupmx"}}"#);
+                    assert!(
+                        rest.starts_with(&wanted),
+                        "dashboard: {expr} does not select {wanted}"
+                    );
+                    selectors += 1;
+                }
+            }
+        }
+    }
+    assert!(selectors >= 16, "{selectors} selectors checked");
+}
+
+/// The metric name and labels of a promtool series selector `name{a="x",b="y"}`.
+fn series_labels(series: &str) -> (String, BTreeMap<String, String>) {
+    let (name, rest) = series.split_once('{').unwrap_or((series, "}"));
+    let mut body = rest.strip_suffix('}').expect("a closing brace").trim();
+    let mut labels = BTreeMap::new();
+    while !body.is_empty() {
+        let (key, after) = body.split_once("=\"").expect("label=\"value\"");
+        let mut value = String::new();
+        let mut chars = after.char_indices();
+        let end = loop {
+            match chars.next().expect("a closing quote") {
+                (_, '\\') => value.push(chars.next().expect("an escaped char").1),
+                (i, '"') => break i,
+                (_, c) => value.push(c),
+            }
+        };
+        assert!(
+            labels.insert(key.trim().to_string(), value).is_none(),
+            "{series}: {key} twice"
+        );
+        body = after[end + 1..].trim_start_matches(',').trim();
+    }
+    (name.to_string(), labels)
+}
+
+#[test]
+fn service_monitors_keep_the_operators_namespace_label_and_alert_tests_use_scraped_labels() {
+    let d = docs(&render(
+        "r",
+        "ops",
+        &["--set", "serviceMonitor.enabled=true"],
+    ));
+    let monitor = |name: &str| {
+        find(&d, "ServiceMonitor")
+            .into_iter()
+            .find(|m| m["metadata"]["name"] == name)
+            .unwrap_or_else(|| panic!("ServiceMonitor {name}"))["spec"]["endpoints"][0]
+            .clone()
+    };
+    // the operator's series name their BackupMx's namespace: kept, not exported_namespace
+    let operator = monitor("r-backupmx-operator");
+    assert_eq!(operator["honorLabels"], true, "{operator}");
+    // the pods' series carry no target label: theirs come from Kubernetes only
+    let pods = monitor("r-backupmx-operator-mxpods");
+    assert_eq!(pods["honorLabels"], false, "{pods}");
+    assert_eq!(pods["relabelings"][0]["targetLabel"], "backupmx");
+    let metrics_service = find(&d, "Service")[0]["metadata"]["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // every series of the promtool tests has the labels those scrapes give it (job = the
+    // Service's name, endpoint = the port's), so the rules' grouping is tested against them
+    let tests =
+        docs(&fs::read_to_string(repo().join("tests/infra/helm/alerts.test.yaml")).unwrap());
+    let target = ["job", "instance", "namespace", "service", "endpoint"];
+    let mut checked = BTreeSet::new();
+    for t in tests[0]["tests"].as_array().unwrap() {
+        for input in t["input_series"].as_array().unwrap() {
+            let series = input["series"].as_str().unwrap();
+            let (name, labels) = series_labels(series);
+            for l in target {
+                assert!(labels.contains_key(l), "{series}: no target label {l}");
+            }
+            assert!(
+                !labels.keys().any(|k| k.starts_with("exported_")),
+                "{series}: a label renamed by a scrape without honorLabels"
+            );
+            if name.starts_with("mxpod_") {
+                assert_eq!(labels["job"], labels["service"], "{series}");
+                assert_eq!(labels["endpoint"], pods["port"], "{series}");
+                assert_eq!(labels["container"], "mx-pod", "{series}");
+                assert_eq!(labels["service"], format!("{}-pods", labels["backupmx"]));
+                assert!(
+                    labels["pod"].starts_with(&format!("{}-", labels["backupmx"])),
+                    "{series}"
+                );
+            } else if name.starts_with("backupmx_") {
+                assert_eq!(labels["job"], labels["service"], "{series}");
+                assert_eq!(labels["endpoint"], operator["port"], "{series}");
+                assert_eq!(labels["service"], metrics_service.as_str(), "{series}");
+                assert_eq!(labels["container"], "operator", "{series}");
+                assert!(labels.contains_key("pod"), "{series}");
+                // per-BackupMx series: the BackupMx's namespace, not the operator's (ops)
+                if labels.contains_key("name") {
+                    assert_ne!(labels["namespace"], "ops", "{series}");
+                }
+            } else {
+                // kube-prometheus-stack's kubelet ServiceMonitor (jobLabel k8s-app)
+                assert!(name.starts_with("kubelet_"), "{series}: whose metric?");
+                assert_eq!(labels["job"], "kubelet", "{series}");
+                assert!(labels.contains_key("node"), "{series}");
+            }
+            checked.insert(name);
+        }
+    }
+    assert!(checked.len() >= 12, "{checked:?}");
 }
 
 #[test]
@@ -1194,6 +1333,7 @@ async fn assert_reconciled_fully(operator: &Operator, rel: &str, mail: &str) {
         "configmap/example-config",
         "secret/example-admin-token",
         "poddisruptionbudgets.v1beta1.policy/example",
+        "networkpolicy/example-mx-pod",
     ] {
         let obj = get_json(mail, what)
             .unwrap_or_else(|| panic!("{what} was not made:\n{}", operator.log_text()));
@@ -1231,6 +1371,33 @@ async fn assert_reconciled_fully(operator: &Operator, rel: &str, mail: &str) {
     assert_eq!(code, 200);
     assert!(metrics.contains("backupmx_leader 1"), "{metrics}");
     assert_eq!(operator.get("/readyz").await.map(|r| r.0), Some(200));
+
+    // the NetworkPolicy admits the release namespace (the Deployment's POD_NAMESPACE) to the
+    // admin port; opting out deletes it (get + delete as the chart's ServiceAccount)
+    let netpol = get_json(mail, "networkpolicy/example-mx-pod").unwrap();
+    assert_eq!(
+        netpol["spec"]["ingress"][1]["from"][0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"],
+        rel,
+        "{netpol}"
+    );
+    cluster().kubectl_ok(&[
+        "-n",
+        mail,
+        "patch",
+        "bmx/example",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"networkPolicy":{"enabled":false}}}"#,
+    ]);
+    let start = std::time::Instant::now();
+    while get_json(mail, "networkpolicy/example-mx-pod").is_some() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the NetworkPolicy was not deleted in 30 s; operator log:\n{}",
+            operator.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     // deletion: drains nothing (no pod ever ran), removes the finalizer, the object goes
     cluster().kubectl_ok(&["-n", mail, "delete", "bmx/example", "--wait=false"]);
@@ -1324,6 +1491,8 @@ async fn chart_rbac_in_namespace_scope_lets_the_operator_do_everything() {
         (&["get", "configmaps"], false),
         (&["update", "backupmxes.backupmx.io"], false),
         (&["delete", "secrets"], false),
+        (&["delete", "networkpolicies.networking.k8s.io"], true),
+        (&["update", "networkpolicies.networking.k8s.io"], false),
         (&["create", "pods"], false),
         (
             &["list", "backupmxes.backupmx.io", "--all-namespaces"],

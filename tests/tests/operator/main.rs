@@ -10,6 +10,7 @@ mod deletion;
 mod dns;
 mod dsn;
 mod leader;
+mod network_policy;
 mod reconcile;
 mod replay;
 mod tls;

@@ -133,6 +133,10 @@ async fn example_becomes_owned_objects_and_a_second_pass_changes_nothing() {
     let token = secret["data"]["token"].as_str().unwrap().to_string();
     assert!(token.len() > 40);
 
+    // NetworkPolicy (its content: network_policy.rs)
+    let netpol = get(&ns, "networkpolicy/example-mx-pod").expect("NetworkPolicy");
+    assert!(owned_by_it(&netpol));
+
     // PodDisruptionBudget: discovery chose policy/v1beta1 on this 1.20 server
     let pdb = get(&ns, "poddisruptionbudgets.v1beta1.policy/example").expect("PDB");
     assert!(owned_by_it(&pdb));
@@ -158,6 +162,7 @@ async fn example_becomes_owned_objects_and_a_second_pass_changes_nothing() {
         "configmap/example-config",
         "secret/example-admin-token",
         "poddisruptionbudgets.v1beta1.policy/example",
+        "networkpolicy/example-mx-pod",
         "bmx/example",
     ];
     // the StatefulSet controller writes the StatefulSet's status once it has made the pods
@@ -175,10 +180,11 @@ async fn example_becomes_owned_objects_and_a_second_pass_changes_nothing() {
     let before = resource_versions(cluster, &ns, &objects);
     let passes = operator.reconciles(&ns, "example").await;
     cluster.kubectl_ok(&["-n", &ns, "annotate", "bmx/example", "test/poke=1"]);
+    // finished, so whatever it wrote is written
     eventually(
         "another reconcile pass",
         Duration::from_secs(30),
-        || async { (operator.reconciles(&ns, "example").await > passes).then_some(()) },
+        || async { (operator.finished_reconciles(&ns, "example").await > passes).then_some(()) },
     )
     .await;
     let mut after = resource_versions(cluster, &ns, &objects);
