@@ -287,11 +287,11 @@ pub struct NetworkPolicySpec {
     /// the cluster's network plugin enforces NetworkPolicy.
     #[serde(default = "default_true")]
     pub enabled: bool,
-    /// Namespaces whose pods may reach the admin port, each given by the labels it must carry
-    /// (a namespace selector's `matchLabels`). Default: the operator's own namespace, by the
-    /// `kubernetes.io/metadata.name` label Kubernetes sets from 1.21 on. A list replaces the
-    /// default, so keep the operator's namespace in it (the operator reads the queues and
-    /// steers replay there). Add Prometheus's namespace here to scrape the pods' `/metrics`.
+    /// More namespaces whose pods may reach the admin port, each given by the labels it must
+    /// carry (a namespace selector's `matchLabels`), besides the operator's own namespace, which
+    /// is always admitted (by the `kubernetes.io/metadata.name` label Kubernetes sets from 1.21
+    /// on; before 1.21, list labels the operator's namespace carries). Add Prometheus's
+    /// namespace here to scrape the pods' `/metrics`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub admin_from_namespaces: Vec<BTreeMap<String, String>>,
 }

@@ -62,18 +62,20 @@ pub fn smtp_service(bmx: &BackupMx) -> Service {
     }
 }
 
-/// The namespaces (as selector `matchLabels`) whose pods may reach the admin port:
-/// `spec.networkPolicy.adminFromNamespaces`, or else the operator's own namespace by name.
+/// The namespaces (as selector `matchLabels`) whose pods may reach the admin port: the
+/// operator's own namespace by name, always (without it the operator could neither read the
+/// queues nor steer replay), then `spec.networkPolicy.adminFromNamespaces`.
 pub fn admin_namespaces(bmx: &BackupMx, operator_namespace: &str) -> Vec<BTreeMap<String, String>> {
-    let listed = &bmx.spec.network_policy.admin_from_namespaces;
-    if listed.is_empty() {
-        vec![BTreeMap::from([(
-            NAMESPACE_NAME_LABEL.to_string(),
-            operator_namespace.to_string(),
-        )])]
-    } else {
-        listed.clone()
+    let mut out = vec![BTreeMap::from([(
+        NAMESPACE_NAME_LABEL.to_string(),
+        operator_namespace.to_string(),
+    )])];
+    for listed in &bmx.spec.network_policy.admin_from_namespaces {
+        if !out.contains(listed) {
+            out.push(listed.clone());
+        }
     }
+    out
 }
 
 /// The pods' NetworkPolicy, or `None` when `spec.networkPolicy.enabled` is false (the
@@ -202,7 +204,7 @@ mod tests {
     }
 
     #[test]
-    fn network_policy_admits_each_listed_namespace_selector_instead_of_the_default() {
+    fn network_policy_admits_each_listed_namespace_selector_besides_the_operators() {
         let monitoring = BTreeMap::from([(
             "kubernetes.io/metadata.name".to_string(),
             "monitoring".to_string(),
@@ -211,18 +213,25 @@ mod tests {
             ("team".to_string(), "mail".to_string()),
             ("tier".to_string(), "ops".to_string()),
         ]);
+        let operator = BTreeMap::from([(
+            "kubernetes.io/metadata.name".to_string(),
+            "backupmx-system".to_string(),
+        )]);
         let bmx = backupmx().with_spec(|s| {
-            s.network_policy.admin_from_namespaces = vec![monitoring.clone(), ops.clone()]
+            s.network_policy.admin_from_namespaces =
+                vec![monitoring.clone(), ops.clone(), operator.clone()]
         });
         let p = policy(&bmx).unwrap();
-        // one peer per entry (OR); the labels of one entry all apply (AND)
+        // one peer per entry (OR); the labels of one entry all apply (AND); the operator's
+        // namespace always, once
         assert_eq!(
             rule_for(&p, ADMIN_PORT)["from"],
             json!([
+                {"namespaceSelector": {"matchLabels": operator}},
                 {"namespaceSelector": {"matchLabels": monitoring}},
                 {"namespaceSelector": {"matchLabels": ops}},
             ]),
-            "the operator's namespace is not added: the list replaces the default"
+            "a list adds to the operator's namespace, it cannot lock the operator out"
         );
     }
 

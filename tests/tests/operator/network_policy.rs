@@ -136,10 +136,15 @@ async fn network_policy_fences_the_admin_port_follows_the_spec_and_goes_when_dis
         "admin port: the operator's namespace by default"
     );
 
-    // adminFromNamespaces replaces the default: one peer per entry
+    // adminFromNamespaces adds to the operator's namespace: one peer per entry
     let listed = [
         json!({"kubernetes.io/metadata.name": "monitoring"}),
         json!({"team": "mail", "tier": "ops"}),
+    ];
+    let admitted = [
+        json!({"kubernetes.io/metadata.name": operator_ns}),
+        listed[0].clone(),
+        listed[1].clone(),
     ];
     patch_spec(
         &ns,
@@ -148,7 +153,7 @@ async fn network_policy_fences_the_admin_port_follows_the_spec_and_goes_when_dis
     let policy = eventually(
         "the listed namespaces in the policy",
         Duration::from_secs(30),
-        || async { get(&ns, POLICY).filter(|p| from_of(p, admin) == admits(&listed)) },
+        || async { get(&ns, POLICY).filter(|p| from_of(p, admin) == admits(&admitted)) },
     )
     .await;
     assert_eq!(from_of(&policy, smtp), Value::Null);
@@ -162,7 +167,7 @@ async fn network_policy_fences_the_admin_port_follows_the_spec_and_goes_when_dis
         || async { get(&ns, POLICY).filter(|p| p["metadata"]["uid"] != uid) },
     )
     .await;
-    assert_eq!(from_of(&back, admin), admits(&listed));
+    assert_eq!(from_of(&back, admin), admits(&admitted));
 
     // opt-out: the policy is deleted, and an event says so
     patch_spec(&ns, json!({"networkPolicy": {"enabled": false}}));
