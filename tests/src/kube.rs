@@ -495,3 +495,42 @@ pub fn ca_bundle_secret(name: &str, pem: &str) -> Value {
     json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name},
            "stringData": {"ca.crt": pem}})
 }
+
+/// What the operator made for BackupMx `name` that a pod uses: the rendered `mx-pod.toml` (its
+/// ConfigMap) and the admin token (its Secret), once both exist.
+pub async fn rendered_pod_config(client: &Client, ns: &str, name: &str) -> (String, String) {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
+    let toml = eventually(
+        "the rendered ConfigMap",
+        Duration::from_secs(60),
+        || async {
+            cms.get_opt(&format!("{name}-config"))
+                .await
+                .ok()??
+                .data?
+                .get("mx-pod.toml")
+                .cloned()
+        },
+    )
+    .await;
+    (toml, admin_token(client, ns, name).await)
+}
+
+/// The admin token of BackupMx `name`, from the Secret the operator makes.
+pub async fn admin_token(client: &Client, ns: &str, name: &str) -> String {
+    use k8s_openapi::api::core::v1::Secret;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    eventually(
+        "the admin-token Secret",
+        Duration::from_secs(60),
+        || async {
+            let s = secrets
+                .get_opt(&format!("{name}-admin-token"))
+                .await
+                .ok()??;
+            String::from_utf8(s.data?.get("token")?.0.clone()).ok()
+        },
+    )
+    .await
+}

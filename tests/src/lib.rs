@@ -678,14 +678,15 @@ impl Primary {
     }
 
     /// Turns STARTTLS on with `cert_file`/`key_file` (PEM) at `smtpd_tls_security_level =
-    /// level` (`may`, or `encrypt`: no mail without TLS), with TLS sessions logged; returns once
-    /// new sessions offer STARTTLS.
+    /// level` (`may`, or `encrypt`: no mail without TLS), with TLS sessions logged and named in
+    /// the `Received:` header ("using TLS"); returns once new sessions offer STARTTLS.
     pub async fn enable_tls(&self, cert_file: &Path, key_file: &Path, level: &str) {
         self.reconfigure(&[
             format!("smtpd_tls_security_level={level}"),
             format!("smtpd_tls_cert_file={}", cert_file.display()),
             format!("smtpd_tls_key_file={}", key_file.display()),
             "smtpd_tls_loglevel=1".into(),
+            "smtpd_tls_received_header=yes".into(),
         ]);
         let addr = self.addr();
         wait_for(
@@ -924,6 +925,23 @@ async fn read_reply(r: &mut BufReader<tokio::net::tcp::OwnedReadHalf>) -> std::i
             return Ok(all);
         }
         all.push('\n');
+    }
+}
+
+/// Sends `message(tag, i, size)` for every `i` in `seqs` from `from` to `user@example.test`;
+/// each must be accepted (`250`).
+pub async fn send_all(
+    addr: SocketAddr,
+    from: &str,
+    tag: &str,
+    seqs: std::ops::Range<usize>,
+    size: usize,
+) {
+    for i in seqs {
+        let r = send(addr, from, &["user@example.test"], &message(tag, i, size))
+            .await
+            .unwrap_or_else(|e| panic!("{tag}.{i} to {addr}: {e}"));
+        assert!(r.ok(), "{tag}.{i}: {r:?}");
     }
 }
 

@@ -27,7 +27,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use k8s_openapi::api::core::v1::{Pod, Secret, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{Pod, Service, ServiceAccount};
 use kube::{
     Api, Client,
     api::{DeleteParams, Patch, PatchParams},
@@ -487,19 +487,7 @@ impl Node {
 
     /// The admin token of BackupMx `name` (its Secret), once the operator made it.
     pub async fn admin_token(&self, ns: &str, name: &str) -> String {
-        let secrets: Api<Secret> = Api::namespaced(self.client().await, ns);
-        eventually(
-            "the admin-token Secret",
-            Duration::from_secs(60),
-            || async {
-                let s = secrets
-                    .get_opt(&format!("{name}-admin-token"))
-                    .await
-                    .ok()??;
-                String::from_utf8(s.data?.get("token")?.0.clone()).ok()
-            },
-        )
-        .await
+        crate::kube::admin_token(&self.client().await, ns, name).await
     }
 
     /// `kubectl exec` of a command in the pod's container (the image has no shell: give the

@@ -350,17 +350,8 @@ impl Replay {
             });
             if !reused {
                 close(conn).await;
-                let opened = SmtpClient::open(
-                    &target,
-                    &cfg.hostname,
-                    cfg.replay.timeout.0,
-                    policy,
-                    &self.inner.trust,
-                )
-                .await;
-                match opened {
+                match self.open(&target, policy, &job.route).await {
                     Ok(c) => {
-                        self.inner.metrics.tls_fallback(&job.route, c.tls_fallback);
                         let key = ConnKey {
                             route: job.route.clone(),
                             target: target.clone(),
@@ -394,9 +385,6 @@ impl Replay {
                 self.inner.queue.put_back(&job);
             }
             Err(e) => {
-                if let Some(f) = e.tls_failure() {
-                    self.inner.metrics.tls_failure(&job.route, f);
-                }
                 warn!(id = %job.env.id, route = %job.route, primary = %domain.primary, tls_policy = %policy, error = %e, "delivery failed; keeping the message at the head of the queue");
                 self.route_failed(&job, e.to_string(), e.is_throttle());
             }
@@ -425,6 +413,34 @@ impl Replay {
                 self.record(&job, tx.results, Some(&body)).await;
             }
         }
+    }
+
+    /// Opens a session to `target` under `policy` for `route` (a domain, or the DSN route) and
+    /// counts what TLS did: a `may` session that fell back to plaintext, or a TLS failure.
+    async fn open(
+        &self,
+        target: &str,
+        policy: TlsPolicy,
+        route: &str,
+    ) -> Result<SmtpClient, ClientError> {
+        let cfg = &self.inner.config;
+        let opened = SmtpClient::open(
+            target,
+            &cfg.hostname,
+            cfg.replay.timeout.0,
+            policy,
+            &self.inner.trust,
+        )
+        .await;
+        match &opened {
+            Ok(c) => self.inner.metrics.tls_fallback(route, c.tls_fallback),
+            Err(e) => {
+                if let Some(f) = e.tls_failure() {
+                    self.inner.metrics.tls_failure(route, f);
+                }
+            }
+        }
+        opened
     }
 
     /// How many times `route` has failed or been throttled so far.
@@ -651,17 +667,8 @@ impl Replay {
         let mut last = None;
         let policy = cfg.dsn.tls_policy;
         for target in targets {
-            let opened = SmtpClient::open(
-                &target,
-                &cfg.hostname,
-                cfg.replay.timeout.0,
-                policy,
-                &self.inner.trust,
-            )
-            .await;
-            match opened {
+            match self.open(&target, policy, DSN_ROUTE).await {
                 Ok(mut c) => {
-                    self.inner.metrics.tls_fallback(DSN_ROUTE, c.tls_fallback);
                     let r = c.send(&job.env, &rcpts, &body, &AtOnce).await;
                     let tls = c.tls.is_some();
                     c.quit().await;
@@ -676,9 +683,6 @@ impl Replay {
                     }
                 }
                 Err(e) => {
-                    if let Some(f) = e.tls_failure() {
-                        self.inner.metrics.tls_failure(DSN_ROUTE, f);
-                    }
                     warn!(id = %job.env.id, server = %target, tls_policy = %policy, error = %e, "DSN server failed");
                     last = Some(e)
                 }

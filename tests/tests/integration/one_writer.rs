@@ -16,7 +16,7 @@ use std::{
 };
 
 use backupmx_tests::{
-    MxPod, MxPodConfig, Primary, free_port, message, mxpod_bin, send, state_dir, with_tag,
+    MxPod, MxPodConfig, Primary, free_port, mxpod_bin, send_all, state_dir, with_tag,
 };
 
 /// Every file under `dir`: path -> (inode, size, mtime in ns). Any creation, deletion,
@@ -42,17 +42,7 @@ async fn a_second_server_on_the_same_queue_is_refused_and_nothing_acknowledged_i
     let primary = Primary::start();
     // workers 0: the acknowledged mail stays in A's queue until the end
     let mut a = MxPod::start(MxPodConfig::new(&primary.addr())).await;
-    for i in 0..5 {
-        let r = send(
-            a.smtp,
-            "alice@sender.test",
-            &["user@example.test"],
-            &message("writer", i, 2000),
-        )
-        .await
-        .unwrap();
-        assert!(r.ok(), "{r:?}");
-    }
+    send_all(a.smtp, "alice@sender.test", "writer", 0..5, 2000).await;
     let before = snapshot(&a.queue_dir);
     assert!(
         before.keys().any(|p| p.ends_with(".seg")),
@@ -117,17 +107,7 @@ async fn a_second_server_on_the_same_queue_is_refused_and_nothing_acknowledged_i
     }
 
     // A goes on: more mail, then a restart, then replay
-    for i in 5..10 {
-        let r = send(
-            a.smtp,
-            "alice@sender.test",
-            &["user@example.test"],
-            &message("writer", i, 2000),
-        )
-        .await
-        .unwrap();
-        assert!(r.ok(), "A still accepts after B's attempt: {r:?}");
-    }
+    send_all(a.smtp, "alice@sender.test", "writer", 5..10, 2000).await;
     a.sigterm();
     assert!(a.wait_exit(Duration::from_secs(30)).await.success());
     a.restart().await;

@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use backupmx_tests::{MxPod, MxPodConfig, Primary, message, send, wait_for, with_tag};
+use backupmx_tests::{MxPod, MxPodConfig, Primary, message, send, send_all, wait_for, with_tag};
 use testkit::TestCa;
 
 const DELIVERED_TLS: &str = "mxpod_delivered_messages_total{domain=\"example.test\",tls=\"yes\"}";
@@ -41,17 +41,7 @@ async fn mxpod(primary: &Primary, policy: &str, ca: Option<&TestCa>) -> MxPod {
 }
 
 async fn queue(pod: &MxPod, tag: &str, n: usize) {
-    for i in 0..n {
-        let r = send(
-            pod.smtp,
-            "alice@example.test",
-            &["user@example.test"],
-            &message(tag, i, 800),
-        )
-        .await
-        .unwrap();
-        assert!(r.ok(), "{r:?}");
-    }
+    send_all(pod.smtp, "alice@example.test", tag, 0..n, 800).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,7 +10,7 @@ use backupmx_tests::{
     kube::{Cluster, Operator, cluster, condition, eventually, run_pod},
     message, send,
 };
-use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use serde_json::Value;
 
@@ -48,19 +48,7 @@ async fn pod_with_mail(
     std::fs::write(&file, bmx_json(name, policy, primary_port)).unwrap();
     cluster.kubectl_ok(&["-n", ns, "apply", "-f", &file.to_string_lossy()]);
     let client = cluster.client().await;
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
-    let token = eventually(
-        "the admin-token Secret",
-        Duration::from_secs(60),
-        || async {
-            let s = secrets
-                .get_opt(&format!("{name}-admin-token"))
-                .await
-                .ok()??;
-            String::from_utf8(s.data?.get("token")?.0.clone()).ok()
-        },
-    )
-    .await;
+    let token = backupmx_tests::kube::admin_token(&client, ns, name).await;
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
     let pod_name = format!("{name}-0");
     eventually("the StatefulSet's pod", Duration::from_secs(60), || async {

@@ -7,11 +7,9 @@ use std::time::Duration;
 
 use backupmx_tests::{
     MxPod, Primary,
-    kube::{Operator, cluster, eventually, run_pod},
+    kube::{Operator, cluster, eventually, rendered_pod_config, run_pod},
     message, send,
 };
-use k8s_openapi::api::core::v1::{ConfigMap, Secret};
-use kube::Api;
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -46,30 +44,11 @@ async fn an_expired_messages_dsn_reaches_the_relay_named_in_the_spec() {
     cluster.kubectl_ok(&["-n", &ns, "apply", "-f", &file.to_string_lossy()]);
 
     let client = cluster.client().await;
-    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
-    let rendered = eventually(
-        "the rendered ConfigMap",
-        Duration::from_secs(60),
-        || async {
-            cms.get_opt("example-config")
-                .await
-                .ok()??
-                .data?
-                .get("mx-pod.toml")
-                .cloned()
-        },
-    )
-    .await;
+    let (rendered, token) = rendered_pod_config(&client, &ns, "example").await;
     assert!(
         rendered.contains(&format!("relay = \"{}\"", relay.addr())),
         "the relay is rendered: {rendered}"
     );
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
-    let token = eventually("the admin token", Duration::from_secs(60), || async {
-        let s = secrets.get_opt("example-admin-token").await.ok()??;
-        String::from_utf8(s.data?.get("token")?.0.clone()).ok()
-    })
-    .await;
     let ip = "127.0.0.181";
     let pod = MxPod::start_rendered(&rendered, ip.parse().unwrap(), &token, None).await;
     run_pod(&client, &ns, "example-0", ip).await;

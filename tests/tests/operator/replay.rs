@@ -14,7 +14,7 @@ use backupmx_tests::{
     message, send, seq_of,
     webhook::Webhook,
 };
-use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::api::core::v1::Pod;
 use kube::{Api, api::DeleteParams};
 use serde_json::{Value, json};
 use testkit::TestCa;
@@ -79,16 +79,7 @@ impl Pods {
         primary: &str,
     ) -> Pods {
         let client = cluster.client().await;
-        let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
-        let token = eventually(
-            "the admin-token Secret",
-            Duration::from_secs(60),
-            || async {
-                let s = secrets.get_opt("example-admin-token").await.ok()??;
-                String::from_utf8(s.data?.get("token")?.0.clone()).ok()
-            },
-        )
-        .await;
+        let token = backupmx_tests::kube::admin_token(&client, ns, "example").await;
         let mut me = Pods {
             pods: Vec::new(),
             retired: Vec::new(),
@@ -617,44 +608,10 @@ async fn a_webhook_with_a_certificate_from_an_unknown_ca_gets_nothing_and_the_ca
 /// Turns on STARTTLS (`smtpd_tls_security_level = may`, a test CA's certificate, the TLS details
 /// in the `Received:` header) on a running Postfix `relay`, and waits until it offers it.
 async fn offer_starttls(relay: &Primary) {
-    let etc = relay.dir.path().join("etc");
     let (cert, key) = TestCa::new("relay test CA")
         .issue(&["127.0.0.1", "localhost"])
-        .write(&etc);
-    let postfix = |args: &[&str]| {
-        let out = std::process::Command::new(args[0])
-            .arg("-c")
-            .arg(&etc)
-            .args(&args[1..])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            backupmx_tests::kube::text(&out)
-        );
-    };
-    postfix(&[
-        "postconf",
-        "-e",
-        "smtpd_tls_security_level=may",
-        &format!("smtpd_tls_cert_file={}", cert.display()),
-        &format!("smtpd_tls_key_file={}", key.display()),
-        "smtpd_tls_received_header=yes",
-    ]);
-    postfix(&["postfix", "reload"]);
-    // a reload reaches new smtpd processes only
-    eventually(
-        "the relay offers STARTTLS",
-        Duration::from_secs(30),
-        || async {
-            mx_pod::probe::probe(&relay.addr(), "mx2.example.test", Duration::from_secs(5))
-                .await
-                .ok()
-                .filter(|r| r.capabilities.starttls)
-        },
-    )
-    .await;
+        .write(&relay.dir.path().join("etc"));
+    relay.enable_tls(&cert, &key, "may").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

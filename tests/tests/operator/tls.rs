@@ -9,11 +9,9 @@ use std::time::Duration;
 
 use backupmx_tests::{
     MxPod, Primary,
-    kube::{Operator, cluster, condition, eventually, run_pod},
-    message, send, with_tag,
+    kube::{Operator, cluster, condition, eventually, rendered_pod_config, run_pod},
+    send_all, with_tag,
 };
-use k8s_openapi::api::core::v1::{ConfigMap, Secret};
-use kube::Api;
 use serde_json::{Value, json};
 use testkit::TestCa;
 
@@ -73,30 +71,11 @@ async fn verify_holds_mail_for_a_primary_without_tls_and_delivers_once_its_certi
     assert_ne!(ready.1, "CaBundleInvalid", "{ready:?}");
     assert_ne!(ready.1, "InvalidSpec", "{ready:?}");
     let client = cluster.client().await;
-    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
-    let rendered = eventually(
-        "the rendered ConfigMap",
-        Duration::from_secs(60),
-        || async {
-            cms.get_opt("example-config")
-                .await
-                .ok()??
-                .data?
-                .get("mx-pod.toml")
-                .cloned()
-        },
-    )
-    .await;
+    let (rendered, token) = rendered_pod_config(&client, &ns, "example").await;
     assert!(
         rendered.contains("tls_policy = \"verify\""),
         "the policy reaches the pods: {rendered}"
     );
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
-    let token = eventually("the admin token", Duration::from_secs(60), || async {
-        let s = secrets.get_opt("example-admin-token").await.ok()??;
-        String::from_utf8(s.data?.get("token")?.0.clone()).ok()
-    })
-    .await;
     let ip = "127.0.0.191";
     let pod = MxPod::start_rendered(&rendered, ip.parse().unwrap(), &token, Some(&ca.pem())).await;
     run_pod(&client, &ns, "example-0", ip).await;
@@ -115,17 +94,7 @@ async fn verify_holds_mail_for_a_primary_without_tls_and_delivers_once_its_certi
         message_text.contains("STARTTLS is not offered") && message_text.contains("verify"),
         "{message_text}"
     );
-    for i in 0..3 {
-        let r = send(
-            pod.smtp,
-            "alice@sender.test",
-            &["user@example.test"],
-            &message("tls", i, 500),
-        )
-        .await
-        .unwrap();
-        assert!(r.ok(), "{r:?}");
-    }
+    send_all(pod.smtp, "alice@sender.test", "tls", 0..3, 500).await;
     let b = bmx(cluster, &ns).unwrap();
     assert_eq!(b["status"]["replay"]["workers"], 0, "{}", b["status"]);
     assert_eq!(pod.queued().await, 3);
