@@ -339,11 +339,16 @@ fn now() -> String {
 }
 
 /// Makes pod `ns/name` Running and Ready at `ip`: bound to the fake node, status as a kubelet
-/// would report it.
+/// would report it. Waits for the StatefulSet controller to make the pod first.
 pub async fn run_pod(client: &Client, ns: &str, name: &str, ip: &str) {
     let node = fake_node(client).await;
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
-    let pod = pods.get(name).await.expect("pod exists");
+    let pod = eventually(
+        &format!("pod {ns}/{name}"),
+        Duration::from_secs(90),
+        || async { pods.get_opt(name).await.ok()? },
+    )
+    .await;
     if pod
         .spec
         .as_ref()

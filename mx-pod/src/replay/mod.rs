@@ -803,10 +803,17 @@ impl Replay {
         loop {
             for d in &cfg.domains {
                 let route = d.name.to_ascii_lowercase();
-                let result = crate::probe::probe(
+                // the domain's TLS policy: a primary that cannot take mail under it is not up
+                let tls = crate::probe::ProbeTls {
+                    starttls: false,
+                    policy: d.tls_policy,
+                    trust: &self.inner.trust,
+                };
+                let result = crate::probe::probe_with(
                     &d.primary,
                     &cfg.hostname,
                     cfg.replay.timeout.0.min(Duration::from_secs(10)),
+                    tls,
                 )
                 .await;
                 let up = result.is_ok();
@@ -817,7 +824,7 @@ impl Replay {
                             info!(domain = %route, primary = %d.primary, banner = %r.banner, "primary is up; replay enabled")
                         }
                         Err(e) => {
-                            warn!(domain = %route, primary = %d.primary, error = %e, "primary is down; holding its mail")
+                            warn!(domain = %route, primary = %d.primary, tls_policy = %d.tls_policy, error = %e, "primary is down (or fails the TLS policy); holding its mail")
                         }
                     }
                     if up {

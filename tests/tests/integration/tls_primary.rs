@@ -209,3 +209,29 @@ async fn may_takes_tls_when_offered_and_plaintext_otherwise() {
     assert_eq!(with_tag(&order, "may-plain").len(), 2);
     assert_eq!(with_tag(&order, "may-tls").len(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_mode_holds_mail_for_a_primary_that_cannot_meet_the_policy() {
+    let primary = Primary::start(); // answers SMTP, no STARTTLS
+    let mut cfg = MxPodConfig::new(&primary.addr());
+    cfg.domain_extra = "tls_policy = \"encrypt\"\n".into();
+    cfg.auto = true;
+    cfg.workers = 2;
+    let pod = MxPod::start(cfg).await;
+    queue(&pod, "auto", 2).await;
+    wait_for(
+        "the probe to judge the primary",
+        Duration::from_secs(30),
+        || async { pod.log_text().contains("fails the TLS policy") },
+    )
+    .await;
+    let route = pod.route("example.test").await;
+    assert_eq!(route["primary_up"], false, "{route}");
+    assert!(
+        pod.log_text().contains("STARTTLS is not offered"),
+        "{}",
+        pod.log_text()
+    );
+    assert_eq!(pod.queued().await, 2, "held, not sent in plaintext");
+    assert!(!primary.maillog().contains("END-OF-MESSAGE"));
+}
