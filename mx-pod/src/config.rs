@@ -51,6 +51,9 @@ pub struct Config {
     pub domains: Vec<DomainConfig>,
 }
 
+/// The least memory `smtp.max_inflight_data` keeps for small messages beside one largest one.
+pub const MIN_SMALL_POOL: u64 = 1 << 20;
+
 /// Inbound SMTP settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -58,17 +61,26 @@ pub struct SmtpConfig {
     pub listen: Vec<SocketAddr>,
     /// Largest message accepted, in bytes (advertised with SIZE).
     pub max_message_size: Size,
+    /// Memory all message bodies being received may take together (at least
+    /// `max_message_size` + 1MiB); sessions beyond it wait, then get `451 4.3.2`. Messages
+    /// over 256KiB take a whole `max_message_size` of it each, so
+    /// `max_inflight_data / max_message_size` of them are received at once.
+    pub max_inflight_data: Size,
     /// Recipients per transaction; more get `452 4.5.3`.
     pub max_recipients: usize,
     /// Concurrent SMTP connections; more get `421 4.7.0`.
     pub max_connections: usize,
     /// `Received:` headers beyond this mean a mail loop: `554 5.4.6`.
     pub max_received_headers: usize,
-    /// How long a client may stay silent before the session is closed (RFC 5321 4.5.3.2).
+    /// How long one command line may take to arrive, silence included (RFC 5321 4.5.3.2: 5
+    /// min); then `421 4.4.2` and the session is closed. A deadline per command, not per read.
     pub idle_timeout: HumanDuration,
+    /// How long a client may take to read our replies before the session is closed.
+    pub write_timeout: HumanDuration,
     /// How long in-flight sessions may take to finish after SIGTERM.
     pub shutdown_grace: HumanDuration,
-    /// How long the client may stay silent while sending DATA (RFC 5321 4.5.3.2.7: at least 5m).
+    /// How long the whole message after `354` may take to arrive (a deadline for the DATA
+    /// transfer, not per read: a trickling client is closed with `421 4.4.2`).
     pub data_timeout: HumanDuration,
     /// Concurrent connections from one client IP; more get `421 4.7.0`.
     pub max_connections_per_ip: usize,
@@ -103,10 +115,12 @@ impl Default for SmtpConfig {
                 "0.0.0.0:25".parse().expect("static address"),
             ],
             max_message_size: Size(50 * 1024 * 1024),
+            max_inflight_data: Size(64 * 1024 * 1024),
             max_recipients: 100,
             max_connections: 1000,
             max_received_headers: 50,
             idle_timeout: HumanDuration(Duration::from_secs(300)),
+            write_timeout: HumanDuration(Duration::from_secs(60)),
             shutdown_grace: HumanDuration(Duration::from_secs(60)),
             data_timeout: HumanDuration(Duration::from_secs(600)),
             max_connections_per_ip: 50,
@@ -436,6 +450,13 @@ impl Config {
         if self.smtp.max_message_size.0 < 1024 {
             problems.push("smtp.max_message_size: must be at least 1KiB".into());
         }
+        let least = self.smtp.max_message_size.0 + MIN_SMALL_POOL;
+        if self.smtp.max_inflight_data.0 < least {
+            problems.push(format!(
+                "smtp.max_inflight_data: {} is less than smtp.max_message_size {} + 1MiB: the largest message could not be received beside the small ones",
+                self.smtp.max_inflight_data, self.smtp.max_message_size
+            ));
+        }
         if self.queue.delay_warning.0 > self.queue.retention.0 {
             problems.push(format!(
                 "queue.delay_warning: {} is longer than queue.retention {}",
@@ -456,6 +477,9 @@ impl Config {
         }
         if self.smtp.data_timeout.0 < Duration::from_secs(1) {
             problems.push("smtp.data_timeout: must be at least 1s".into());
+        }
+        if self.smtp.write_timeout.0 < Duration::from_secs(1) {
+            problems.push("smtp.write_timeout: must be at least 1s".into());
         }
         if let Some(r) = &self.filter.rspamd {
             match r.url.parse::<reqwest::Url>() {

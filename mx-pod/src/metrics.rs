@@ -56,6 +56,7 @@ pub struct Metrics {
     pub tls_failures: Family<TlsFailureLabel, Counter>,
     pub replay_workers: Gauge,
     pub smtp_sessions: Gauge,
+    pub data_inflight: Gauge,
 }
 
 impl Default for Metrics {
@@ -81,6 +82,7 @@ impl Metrics {
             tls_failures: Family::default(),
             replay_workers: Gauge::default(),
             smtp_sessions: Gauge::default(),
+            data_inflight: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -147,6 +149,11 @@ impl Metrics {
             "smtp_sessions",
             "Open inbound SMTP sessions",
             m.smtp_sessions.clone(),
+        );
+        registry.register(
+            "smtp_data_inflight_bytes",
+            "Memory taken by message bodies being received, of smtp.max_inflight_data",
+            m.data_inflight.clone(),
         );
         for r in RejectReason::ALL {
             let _ = m.rejected.get_or_create(&ReasonLabel {

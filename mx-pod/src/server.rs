@@ -45,9 +45,47 @@ pub fn read_token(config: &Config) -> anyhow::Result<Option<Arc<str>>> {
     Ok(Some(Arc::from(token)))
 }
 
+/// Descriptors kept free beyond SMTP sessions and admin connections: the queue's segments,
+/// replay and DSN connections, DNS, rspamd, the listeners.
+const FD_RESERVE: u64 = 256;
+
+/// Raises the soft open-files limit to the hard one (each SMTP session holds a descriptor),
+/// and says so when `smtp.max_connections` plus the admin API's cap and a reserve would not
+/// fit: then a flood of sessions could starve the queue of descriptors. Returns the limit.
+fn raise_fd_limit(config: &Config) -> Option<u64> {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let Rlimit { current, maximum } = getrlimit(Resource::Nofile);
+    if current < maximum
+        && let Err(e) = setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: maximum,
+                maximum,
+            },
+        )
+    {
+        warn!(error = %e, ?current, ?maximum, "cannot raise the open-files limit");
+    }
+    let limit = getrlimit(Resource::Nofile).current;
+    let needed =
+        config.smtp.max_connections as u64 + admin::serve::MAX_CONNECTIONS as u64 + FD_RESERVE;
+    if let Some(limit) = limit
+        && limit < needed
+    {
+        warn!(
+            limit,
+            needed,
+            max_connections = config.smtp.max_connections,
+            "the open-files limit is below smtp.max_connections + the admin API's connections + a reserve: lower smtp.max_connections or raise the limit (ulimit -n, LimitNOFILE=)"
+        );
+    }
+    limit
+}
+
 /// Runs the server until a signal; returns after a clean shutdown.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let started = Instant::now();
+    let fd_limit = raise_fd_limit(&config);
     let config = Arc::new(config);
     let token = read_token(&config)?;
     if token.is_none() {
@@ -104,13 +142,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let admin_task = {
         let stop = admin_stop.clone();
         tokio::spawn(async move {
-            let app = admin::router(state);
-            if let Err(e) = axum::serve(admin_listener, app)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await
-            {
-                error!(error = %e, "admin API failed");
-            }
+            admin::serve::serve(admin_listener, admin::router(state), stop).await;
         })
     };
 
@@ -129,6 +161,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         filters,
         tls,
+        data_budget: Arc::new(crate::smtp::budget::DataBudget::new(
+            config.smtp.max_inflight_data.0,
+            config.smtp.max_message_size.0,
+        )),
     });
     let smtp = listener::serve(smtp_listeners, ctx, smtp_stop.clone());
     let tasks = TaskTracker::new();
@@ -142,6 +178,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         admin = %config.admin.listen,
         workers = replay.settings().workers,
         auto = config.replay.auto,
+        fd_limit,
         startup_ms = started.elapsed().as_millis() as u64,
         "mx-pod ready"
     );

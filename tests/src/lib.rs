@@ -189,6 +189,8 @@ pub struct MxPodConfig {
     pub rate: u32,
     pub auto: bool,
     pub max_bytes: String,
+    /// `smtp.max_message_size`.
+    pub max_message_size: String,
     pub retention: String,
     pub delay_warning: String,
     pub dsn_relay: Option<String>,
@@ -225,6 +227,7 @@ impl MxPodConfig {
             rate: 0,
             auto: false,
             max_bytes: "1GiB".into(),
+            max_message_size: "1MiB".into(),
             retention: "5d".into(),
             delay_warning: "4h".into(),
             dsn_relay: None,
@@ -295,7 +298,8 @@ impl MxPod {
         };
         let listen = listen.join(", ");
         let mut toml = format!(
-            "hostname = \"mx2.example.test\"\n\n[smtp]\nlisten = [{listen}]\nmax_message_size = \"1MiB\"\nshutdown_grace = \"20s\"\n{}\n[queue]\ndir = \"{}\"\nretention = \"{}\"\ndelay_warning = \"{}\"\nmax_bytes = \"{}\"\n{}\n\n[admin]\nlisten = \"{admin}\"\ntoken_file = \"{}\"\n\n[replay]\nworkers = {}\nauto = {}\nrate_per_second = {}\nprobe_interval = \"200ms\"\ntimeout = \"10s\"\nmin_backoff = \"{}\"\nmax_backoff = \"2s\"\n",
+            "hostname = \"mx2.example.test\"\n\n[smtp]\nlisten = [{listen}]\nmax_message_size = \"{}\"\nshutdown_grace = \"20s\"\n{}\n[queue]\ndir = \"{}\"\nretention = \"{}\"\ndelay_warning = \"{}\"\nmax_bytes = \"{}\"\n{}\n\n[admin]\nlisten = \"{admin}\"\ntoken_file = \"{}\"\n\n[replay]\nworkers = {}\nauto = {}\nrate_per_second = {}\nprobe_interval = \"200ms\"\ntimeout = \"10s\"\nmin_backoff = \"{}\"\nmax_backoff = \"2s\"\n",
+            cfg.max_message_size,
             cfg.smtp_extra,
             queue_dir.display(),
             cfg.retention,
@@ -519,15 +523,19 @@ impl MxPod {
         assert_eq!(code, 200, "PUT /v1/replay: {body}");
     }
 
-    /// The value of one series of `/metrics`, e.g.
-    /// `mxpod_delivered_messages_total{domain="example.test",tls="yes"}`; 0 when absent.
+    /// The value of one series of `/metrics`, `name{labels}` exactly as rendered, e.g.
+    /// `mxpod_delivered_messages_total{domain="example.test",tls="yes"}`; fails the test when
+    /// the series is not there.
     pub async fn metric(&self, series: &str) -> f64 {
-        let (code, text) = self.get("/metrics").await;
-        assert_eq!(code, 200, "{text}");
-        let text = text.as_str().unwrap_or_default().to_owned();
+        let (code, body) = self.get("/metrics").await;
+        assert_eq!(code, 200, "GET /metrics: {body}");
+        let text = body.as_str().expect("metrics are text").to_owned();
         text.lines()
             .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-            .map_or(0.0, |v| v.trim().parse().expect("a number"))
+            .unwrap_or_else(|| panic!("{series} not in /metrics:\n{text}"))
+            .trim()
+            .parse()
+            .unwrap_or_else(|e| panic!("{series}: {e}"))
     }
 
     /// `GET /v1/replay`'s route entry for `domain`.

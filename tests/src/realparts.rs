@@ -600,6 +600,11 @@ impl Smtp {
         self.w.write_all(bytes).await.expect("SMTP write");
     }
 
+    /// Sends bytes as they are; `Err` when the server has closed the connection.
+    pub async fn try_write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.w.write_all(bytes).await
+    }
+
     /// Sends `line` + CRLF and returns the reply.
     pub async fn cmd(&mut self, line: &str) -> String {
         self.write(format!("{line}\r\n").as_bytes()).await;
@@ -674,16 +679,7 @@ pub async fn rejected(pod: &MxPod, reason: &str) -> u64 {
 
 /// The value of a metric series (`name{labels}` exactly as rendered) on GET /metrics.
 pub async fn metric(pod: &MxPod, series: &str) -> u64 {
-    let (code, body) = pod.get("/metrics").await;
-    assert_eq!(code, 200, "GET /metrics");
-    let text = body.as_str().expect("metrics are text").to_owned();
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .unwrap_or_else(|| panic!("{series} not in /metrics:\n{text}"))
-        .trim()
-        .parse::<f64>()
-        .map(|v| v as u64)
-        .unwrap_or_else(|e| panic!("{series}: {e}"))
+    pod.metric(series).await as u64
 }
 
 /// Lets replay run (1 worker) until the queue is empty and `sink` holds `expected` messages;

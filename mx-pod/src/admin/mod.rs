@@ -3,6 +3,7 @@
 //! token; `/healthz`, `/readyz` and `/metrics` are open and carry no addresses.
 
 pub mod auth;
+pub mod serve;
 
 use std::sync::{
     Arc,

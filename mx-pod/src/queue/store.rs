@@ -59,6 +59,8 @@ const BARRIER: u8 = 0;
 const MAX_META_LEN: usize = 16 << 20;
 /// Upper bound on bytes gathered into one write.
 const MAX_BATCH_BYTES: usize = 16 << 20;
+/// The batch buffer is shrunk back to this after a larger batch.
+const RETAINED_BATCH_BUFFER: usize = 1 << 20;
 /// A fully dead active segment larger than this is rotated so it can be deleted.
 const ROTATE_DEAD_ACTIVE_AT: u64 = 1 << 20;
 
@@ -636,15 +638,30 @@ impl Committer {
         buf.clear();
         let start = self.len;
         let mut placed = Vec::with_capacity(batch.len());
-        for op in batch.iter() {
-            let at = start + buf.len() as u64;
-            placed.push(at);
-            buf.extend_from_slice(&op.record);
+        // one record (a large message, typically) is written as it is: no copy of its body
+        let data: &[u8] = if let [only] = batch.as_slice() {
+            placed.push(start);
+            &only.record
+        } else {
+            for op in batch.iter() {
+                let at = start + buf.len() as u64;
+                placed.push(at);
+                buf.extend_from_slice(&op.record);
+            }
+            buf
+        };
+        let written = data.len() as u64;
+        let result = self
+            .file
+            .write_all(data)
+            .and_then(|_| self.file.sync_data());
+        // a batch of large messages grew the buffer: give that memory back
+        if buf.capacity() > RETAINED_BATCH_BUFFER {
+            *buf = Vec::with_capacity(RETAINED_BATCH_BUFFER);
         }
-        let result = self.file.write_all(buf).and_then(|_| self.file.sync_data());
         match result {
             Ok(()) => {
-                self.len += buf.len() as u64;
+                self.len += written;
                 self.gc.sizes.insert(self.active, self.len);
                 for (op, at) in batch.drain(..).zip(placed) {
                     self.gc.apply(self.active, op.kind, op.id);

@@ -91,6 +91,8 @@ pub enum RejectReason {
     TlsUnavailable,
     /// `smtp.proxy_protocol` is on and the connection did not start with a valid PROXY header.
     ProxyHeader,
+    /// The memory for messages in transit (`smtp.max_inflight_data`) stayed taken too long.
+    Busy,
 }
 
 impl RejectReason {
@@ -124,11 +126,12 @@ impl RejectReason {
             RejectReason::TooManyConnectionsFromIp => "too_many_connections_from_ip",
             RejectReason::TlsUnavailable => "tls_unavailable",
             RejectReason::ProxyHeader => "proxy_header",
+            RejectReason::Busy => "busy",
         }
     }
 
     /// All reasons, for pre-registering metric series.
-    pub const ALL: [RejectReason; 27] = [
+    pub const ALL: [RejectReason; 28] = [
         RejectReason::Relay,
         RejectReason::SourceRoute,
         RejectReason::Size,
@@ -156,6 +159,7 @@ impl RejectReason {
         RejectReason::TooManyConnectionsFromIp,
         RejectReason::TlsUnavailable,
         RejectReason::ProxyHeader,
+        RejectReason::Busy,
     ];
 
     /// The reply sent for this reason.
@@ -230,6 +234,11 @@ impl RejectReason {
             RejectReason::ProxyHeader => {
                 Reply::new(421, "4.7.0", "Missing or invalid PROXY protocol header")
             }
+            RejectReason::Busy => Reply::new(
+                451,
+                "4.3.2",
+                "Too much mail in transit at the moment, try again later",
+            ),
         }
     }
 }

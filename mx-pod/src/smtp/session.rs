@@ -12,6 +12,10 @@
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
+use tokio::time::Instant;
+
+use super::budget::Held;
+
 use smtp_proto::{
     MAIL_BODY_8BITMIME, MAIL_RET_FULL, MAIL_RET_HDRS, MAIL_SMTPUTF8, RCPT_NOTIFY_DELAY,
     RCPT_NOTIFY_FAILURE, RCPT_NOTIFY_NEVER, RCPT_NOTIFY_SUCCESS, Request,
@@ -42,6 +46,9 @@ pub const MAX_LINE: usize = 4096;
 const PROXY_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a TLS handshake may take.
 const TLS_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest wait for memory (`smtp.max_inflight_data`) before a message is refused `451 4.3.2`
+/// (at most half of `smtp.data_timeout`).
+const BUDGET_WAIT: Duration = Duration::from_secs(60);
 
 /// What every session shares.
 pub struct SessionContext {
@@ -51,6 +58,8 @@ pub struct SessionContext {
     pub filters: Arc<Filters>,
     /// STARTTLS, when `smtp.tls` is configured.
     pub tls: Option<Arc<Tls>>,
+    /// Memory for message bodies in transit, shared by all sessions.
+    pub data_budget: Arc<super::budget::DataBudget>,
 }
 
 struct Transaction {
@@ -146,10 +155,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         reply.write_to(&mut self.out);
     }
 
+    /// Writes the pending replies. A client that does not read them within
+    /// `smtp.write_timeout` is closed: it would pin the session, its buffers and a connection
+    /// slot.
     async fn flush(&mut self) -> std::io::Result<()> {
         if !self.out.is_empty() {
-            self.io.write_all(&self.out).await?;
-            self.io.flush().await?;
+            let write = async {
+                self.io.write_all(&self.out).await?;
+                self.io.flush().await
+            };
+            match tokio::time::timeout(self.ctx.config.smtp.write_timeout.0, write).await {
+                Ok(r) => r?,
+                Err(_) => {
+                    self.ctx.metrics.reject(RejectReason::Timeout);
+                    info!(client = %self.peer.ip(), "client does not read its replies; closing");
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "client does not read",
+                    ));
+                }
+            }
             self.out.clear();
         }
         Ok(())
@@ -202,7 +227,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     return Ok(false);
                 }
             }
-            match self.fill(PROXY_TIMEOUT, false).await {
+            match self.fill(Instant::now() + PROXY_TIMEOUT, false).await {
                 Ok(Some(true)) => {}
                 Ok(_) => return Ok(false),
                 Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
@@ -258,10 +283,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
     }
 
-    /// Reads more input into the buffer. Returns false on EOF.
+    /// Reads more input into the buffer until `deadline`: a deadline for the whole command or
+    /// the whole DATA, not for each read, so a client trickling one byte a second cannot hold
+    /// the session open. Returns false on EOF.
     async fn fill(
         &mut self,
-        timeout: Duration,
+        deadline: Instant,
         interruptible: bool,
     ) -> std::io::Result<Option<bool>> {
         self.flush().await?;
@@ -275,7 +302,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let old = self.buf.len();
         self.buf.resize(old + 16 * 1024, 0);
         let (io, buf, shutdown) = (&mut self.io, &mut self.buf[old..], &self.shutdown);
-        let read = tokio::time::timeout(timeout, io.read(buf));
+        let read = tokio::time::timeout_at(deadline, io.read(buf));
         let result = if interruptible {
             tokio::select! {
                 r = read => Some(r),
@@ -306,6 +333,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     /// Reads and handles one command. `Ok(None)` continues the session.
     async fn command(&mut self) -> std::io::Result<Option<End>> {
+        // the whole command line must arrive within idle_timeout (RFC 5321 4.5.3.2.7: 5 min)
+        let deadline = Instant::now() + self.ctx.config.smtp.idle_timeout.0;
         // find a complete line, reading as needed
         let line_end = loop {
             if self.shutdown.is_cancelled() && self.tx.is_none() {
@@ -317,12 +346,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
             if self.buf.len() - self.start > MAX_LINE {
                 // drop the overlong line up to its end
-                self.skip_line().await?;
+                self.skip_line(deadline).await?;
                 self.reject(RejectReason::LineTooLong, "command");
                 return Ok(self.count_error());
             }
-            let timeout = self.ctx.config.smtp.idle_timeout.0;
-            match self.fill(timeout, self.tx.is_none()).await {
+            match self.fill(deadline, self.tx.is_none()).await {
                 Ok(Some(true)) => {}
                 Ok(Some(false)) => return Ok(Some(End::Closed)),
                 Ok(None) => continue, // shutdown: handled at the top
@@ -385,19 +413,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         None
     }
 
-    /// Discards input up to and including the next LF.
-    async fn skip_line(&mut self) -> std::io::Result<()> {
+    /// Discards input up to and including the next LF, until `deadline`.
+    async fn skip_line(&mut self, deadline: Instant) -> std::io::Result<()> {
         loop {
             if let Some(pos) = self.buf[self.start..].iter().position(|&b| b == b'\n') {
                 self.start += pos + 1;
                 return Ok(());
             }
             self.start = self.buf.len();
-            if self
-                .fill(self.ctx.config.smtp.idle_timeout.0, false)
-                .await?
-                != Some(true)
-            {
+            if self.fill(deadline, false).await? != Some(true) {
                 return Ok(());
             }
         }
@@ -587,10 +611,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// Receives the message after `354`, checks it and queues it.
     async fn data(&mut self) -> std::io::Result<Option<End>> {
         let max = self.ctx.config.smtp.max_message_size.0 as usize;
+        let declared = self.tx.as_ref().map_or(0, |t| t.declared_size.min(max));
         let mut receiver = DataReceiver::new();
         let mut overflow: Option<DummyDataReceiver> = None;
-        let mut body: Vec<u8> =
-            Vec::with_capacity(self.tx.as_ref().map_or(0, |t| t.declared_size.min(max)) + 1024);
+        // the whole message must arrive within data_timeout, however it trickles in
+        let deadline = Instant::now() + self.ctx.config.smtp.data_timeout.0;
+        // memory for the body, from the shared budget (all of a declared SIZE at once)
+        let budget = self.ctx.data_budget.clone();
+        // wait at most half the DATA time, so a refusal (451) still reaches the client in time
+        let data_timeout = self.ctx.config.smtp.data_timeout.0;
+        let budget_wait = Instant::now() + BUDGET_WAIT.min(data_timeout / 2);
+        let mut held = Held::default();
+        let mut busy = declared > 0 && !budget.grow(&mut held, declared + 1024, budget_wait).await;
+        if busy {
+            overflow = Some(DummyDataReceiver::new_data(&receiver));
+        }
+        let mut body: Vec<u8> = Vec::with_capacity(if busy { 0 } else { declared + 1024 });
         // The end of DATA is found here, on the raw bytes, and only an exact CRLF "." CRLF ends
         // it: smtp-proto's receiver also stops at "." CR CR LF, a smuggling vector. The
         // receiver (dot un-stuffing) is fed only the bytes before the real end; if it stops
@@ -599,6 +635,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let mut receiver_done = false;
         let mut smuggled = false;
         loop {
+            if !receiver_done && overflow.is_none() {
+                // room (and budget) for what this read adds, before it is copied into the body;
+                // the body grows by a quarter at a time, not by doubling: the budget counts
+                // its capacity, so little of it is idle
+                let ahead = self.buf.len() - self.start;
+                if body.capacity() - body.len() < ahead {
+                    let capacity = (body.len() + (body.len() / 4).max(64 * 1024))
+                        .min(max + 64 * 1024)
+                        .max(body.len() + ahead);
+                    if budget.grow(&mut held, capacity, budget_wait).await {
+                        body.reserve_exact(capacity - body.len());
+                    } else {
+                        busy = true;
+                        overflow = Some(DummyDataReceiver::new_data(&receiver));
+                        body = Vec::new();
+                        held = Held::default();
+                    }
+                    self.ctx.metrics.data_inflight.set(budget.in_use() as i64);
+                }
+            }
             let chunk = &self.buf[self.start..];
             let found = end.scan(chunk);
             let part = &chunk[..found.unwrap_or(chunk.len())];
@@ -625,7 +681,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 smuggled |= !receiver_done;
                 break;
             }
-            match self.fill(self.ctx.config.smtp.data_timeout.0, false).await {
+            match self.fill(deadline, false).await {
                 Ok(Some(true)) => {}
                 Ok(_) => return Ok(Some(End::Closed)),
                 Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
@@ -642,6 +698,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             return Ok(None);
         }
         let tx = self.tx.take().expect("DATA only runs inside a transaction");
+        if busy {
+            drop(held);
+            self.ctx.metrics.data_inflight.set(budget.in_use() as i64);
+            self.reject(RejectReason::Busy, "data");
+            return Ok(None);
+        }
         if overflow.is_some() || body.len() > max {
             self.reject(RejectReason::Size, "data");
             return Ok(None);
@@ -703,6 +765,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
             Err(e) => self.queue_error(&e, "data"),
         }
+        drop(held);
+        self.ctx.metrics.data_inflight.set(budget.in_use() as i64);
         Ok(None)
     }
 

@@ -112,6 +112,10 @@ async fn start_opts(o: Opts) -> Harness {
         filters: o.filters.clone().unwrap_or_else(|| {
             Arc::new(Filters::new(&config, &crate::trust::Trust::webpki()).unwrap())
         }),
+        data_budget: Arc::new(crate::smtp::budget::DataBudget::new(
+            config.smtp.max_inflight_data.0,
+            config.smtp.max_message_size.0,
+        )),
         config,
         queue: queue.clone(),
         metrics: metrics.clone(),

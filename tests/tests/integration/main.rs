@@ -22,5 +22,6 @@ mod outage;
 mod probe_tls;
 mod rate;
 mod relay_battery;
+mod slow_peers;
 mod smuggling;
 mod tls_primary;
