@@ -10,13 +10,19 @@
 #            with `postqueue -f` (hold released first, not timed) until its queue is empty
 #   restart  RESTART_MESSAGES queued in mx-pod; SIGTERM, start again, time until GET /readyz is
 #            200, and RSS then; the same again after SIGKILL (crash recovery)
+#   memory   BIG_SESSIONS smtp-source sessions each sending one BIG_SIZE message at once into
+#            mx-pod (max_message_size 60 MiB, max_inflight_data 64 MiB): its peak RSS (VmHWM)
+#   slow     bench/slow_peers.py: SMTP transaction latency alone, then while SLOW_CLIENTS SMTP
+#            clients trickle a command and HALF_OPEN admin connections send nothing
 # Goals: accept >= 3x Postfix and >= 70% of smtp-sink; replay >= 2x Postfix; restart < 2 s and
-# RSS < 150 MiB. The script exits non-zero when a measurement failed (wrong counts, a timeout,
+# RSS < 150 MiB; peak RSS with 100 x 50 MiB at once <= 256 MiB; every transaction under the
+# slow/half-open load completes, median latency < 1 s. The script exits non-zero when a measurement failed (wrong counts, a timeout,
 # a crash); missed goals only do so with BENCH_STRICT=1.
 #
 # Environment (defaults): MXPOD_BIN (target/release/mx-pod, relative to the repo root),
 # BENCH_MESSAGES (20000), BENCH_SESSIONS (50), BENCH_SIZE (4096), CONCURRENCY (8),
-# BENCH_RESTART_MESSAGES (100000), BENCH_STEP_TIMEOUT (600 s per step), BENCH_KEEP (0; 1 keeps
+# BENCH_RESTART_MESSAGES (100000), BENCH_BIG_SESSIONS (100), BENCH_BIG_SIZE (52428800),
+# BENCH_SLOW_CLIENTS (1000), BENCH_HALF_OPEN (1000), BENCH_STEP_TIMEOUT (600 s per step), BENCH_KEEP (0; 1 keeps
 # the work dir), BENCH_STRICT (0), BENCH_TMPDIR (/tmp; the queues of both servers go there).
 # Run as root (Postfix master, smtp-sink -u). Only 127.0.0.1 is used; every process started
 # here is stopped by its PID on exit (also on failure or Ctrl-C), and the work dir is removed.
@@ -33,6 +39,10 @@ SESSIONS=${BENCH_SESSIONS:-50}
 SIZE=${BENCH_SIZE:-4096}
 CONC=${CONCURRENCY:-8}
 RESTART_N=${BENCH_RESTART_MESSAGES:-100000}
+BIG_SESSIONS=${BENCH_BIG_SESSIONS:-100}
+BIG_SIZE=${BENCH_BIG_SIZE:-52428800}
+SLOW_CLIENTS=${BENCH_SLOW_CLIENTS:-1000}
+HALF_OPEN=${BENCH_HALF_OPEN:-1000}
 STEP_T=${BENCH_STEP_TIMEOUT:-600}
 KEEP=${BENCH_KEEP:-0}
 STRICT=${BENCH_STRICT:-0}
@@ -43,7 +53,7 @@ export NO_COLOR=1          # mx-pod: plain log lines in its log file
 
 need_root
 need_cmd postfix postconf postqueue smtp-source smtp-sink curl python3 setsid setpriv timeout pgrep ps
-for v in N SESSIONS SIZE CONC RESTART_N STEP_T; do
+for v in N SESSIONS SIZE CONC RESTART_N STEP_T BIG_SESSIONS BIG_SIZE SLOW_CLIENTS HALF_OPEN; do
   [[ "${!v}" =~ ^[1-9][0-9]*$ ]] || die "$v must be a positive integer, not '${!v}'"
 done
 [ -x "$MXPOD_BIN" ] || die "mx-pod binary $MXPOD_BIN not found (cargo build --release -p mx-pod, or set MXPOD_BIN)"
@@ -152,11 +162,11 @@ mxpod_config() {
 hostname = "mx2.example.test"
 [smtp]
 listen = ["127.0.0.1:$3"]
-max_message_size = 52428800
+max_message_size = 62914560
 max_recipients = 100
-max_connections = 1000
+max_connections = 3000
 # all the load comes from one loopback client: no per-client limits
-max_connections_per_ip = 1000
+max_connections_per_ip = 5000
 max_messages_per_minute = 0
 max_recipients_per_minute = 0
 [queue]
@@ -232,7 +242,7 @@ log "messages $N x $SIZE B, $SESSIONS sessions; replay concurrency $CONC; restar
 T_ALL=$(now)
 
 # ---------------------------------------------------------------- 1. smtp-sink ceiling
-log "==> [1/4] accept ceiling: smtp-sink (no disk)"
+log "==> [1/6] accept ceiling: smtp-sink (no disk)"
 pick_port P_SINK0
 bg sink0 smtp-sink smtp-sink -u nobody "127.0.0.1:$P_SINK0" 256
 wait_tcp "$P_SINK0" 10 "$(bg_pid sink0)" || die "smtp-sink did not start"
@@ -242,7 +252,7 @@ SINK_ACCEPT_S=$SRC_SECS
 bg_stop sink0
 
 # ---------------------------------------------------------------- 2. Postfix backup MX
-log "==> [2/4] Postfix backup MX: accept (holding), then flush into a fresh smtp-sink"
+log "==> [2/6] Postfix backup MX: accept (holding), then flush into a fresh smtp-sink"
 pick_port P_PF
 pick_port P_PFSINK
 PFDIR=$WORK/postfix
@@ -284,7 +294,7 @@ bg_stop pfsink
 rm -rf "$PFDIR/spool"   # free the disk space before mx-pod runs
 
 # ---------------------------------------------------------------- 3. mx-pod accept + replay
-log "==> [3/4] mx-pod: accept (workers 0), then replay into a fresh smtp-sink"
+log "==> [3/6] mx-pod: accept (workers 0), then replay into a fresh smtp-sink"
 pick_port P_MX
 pick_port ADMIN
 pick_port P_MXSINK
@@ -321,7 +331,7 @@ bg_stop mxsink
 rm -rf "$WORK/mxq"
 
 # ---------------------------------------------------------------- 4. mx-pod restart
-log "==> [4/4] mx-pod restart with $RESTART_N messages queued"
+log "==> [4/6] mx-pod restart with $RESTART_N messages queued"
 pick_port P_MXR
 pick_port ADMIN
 pick_port P_DEAD   # nothing listens there: replay is held anyway (workers 0)
@@ -365,6 +375,42 @@ for sig in TERM KILL; do
   [ "$after" = "$RESTART_N" ] || fail "after SIG$sig and restart mx-pod reports $after messages, expected $RESTART_N"
 done
 bg_stop mxr
+rm -rf "$WORK/mxq-r"
+
+# ---------------------------------------------------------------- 5. memory under large messages
+log "==> [5/6] mx-pod: $BIG_SESSIONS sessions each sending a $((BIG_SIZE >> 20)) MiB message at once"
+pick_port P_MXB
+pick_port ADMIN
+pick_port P_DEAD
+mxpod_config "$WORK/mx-pod-b.toml" "$WORK/mxq-b" "$P_MXB" "$ADMIN" "$P_DEAD"
+mx_start mxb "$WORK/mx-pod-b.toml"
+t0=$(now)
+SRC_RC=0
+timeout "$STEP_T" smtp-source -s "$BIG_SESSIONS" -m "$BIG_SESSIONS" -l "$BIG_SIZE" -f "$FROM" -t "$TO" \
+  "127.0.0.1:$P_MXB" > "$WORK/source-big.log" 2>&1 || SRC_RC=$?
+BIG_S=$(since "$t0")
+[ "$SRC_RC" = 0 ] || fail "smtp-source ($BIG_SESSIONS x $BIG_SIZE B) into mx-pod exited $SRC_RC"
+BIG_QUEUED=$(mx_wait_count "$BIG_SESSIONS") || true
+BIG_PEAK=$(awk '/^VmHWM:/ { print $2 }' "/proc/$(bg_pid mxb)/status")
+log "  queued $BIG_QUEUED in ${BIG_S}s; peak RSS $((BIG_PEAK / 1024)) MiB"
+[ "$BIG_QUEUED" = "$BIG_SESSIONS" ] || fail "mx-pod queued $BIG_QUEUED large messages, expected $BIG_SESSIONS"
+bg_stop mxb
+rm -rf "$WORK/mxq-b"
+
+# ---------------------------------------------------------------- 6. slow and half-open peers
+log "==> [6/6] mx-pod: SMTP latency alone, then with $SLOW_CLIENTS trickling SMTP clients and $HALF_OPEN half-open admin connections"
+pick_port P_MXS
+pick_port ADMIN
+pick_port P_DEAD
+mxpod_config "$WORK/mx-pod-s.toml" "$WORK/mxq-s" "$P_MXS" "$ADMIN" "$P_DEAD"
+mx_start mxs "$WORK/mx-pod-s.toml"
+read -r SLOW_BASE_MED SLOW_BASE_MAX SLOW_MED SLOW_MAX SLOW_OK SLOW_HELD HALF_HELD < <(
+  ulimit -n 8192
+  timeout 150 python3 bench/slow_peers.py "$P_MXS" "$ADMIN" "$SLOW_CLIENTS" "$HALF_OPEN" 20
+) || fail "bench/slow_peers.py failed"
+log "  latency alone: median ${SLOW_BASE_MED:-?} ms (max ${SLOW_BASE_MAX:-?}); loaded: median ${SLOW_MED:-?} ms (max ${SLOW_MAX:-?}), $SLOW_OK/20 ok; held $SLOW_HELD slow, $HALF_HELD half-open"
+[ "${SLOW_HELD:-0}" = "$SLOW_CLIENTS" ] || fail "only ${SLOW_HELD:-0} of $SLOW_CLIENTS slow clients were held"
+bg_stop mxs
 
 # ---------------------------------------------------------------- results
 pf_acc=$(rate "$N" "$PF_ACCEPT_S")
@@ -396,6 +442,11 @@ for sig in TERM KILL; do
   row "RSS after SIG$sig restart (MiB)" "$(mib "${RESTART_RSS[$sig]}")" "-" "-" "$RESTART_N queued" "< 150 MiB" \
     "$(goal "$(mib "${RESTART_RSS[$sig]}")" '<' 150)"
 done
+row "peak RSS, ${BIG_SESSIONS} x $((BIG_SIZE >> 20)) MiB at once" "$(mib "$BIG_PEAK")" "-" "-" "in ${BIG_S}s, $BIG_QUEUED queued" "<= 256 MiB" \
+  "$(goal "$(mib "$BIG_PEAK")" '<' 256.1)"
+row "SMTP latency (ms, median)" "${SLOW_MED:-?}" "-" "-" "alone ${SLOW_BASE_MED:-?} ms" "all ok, < 1000 ms" \
+  "$( [ "${SLOW_OK:-0}" = 20 ] && goal "${SLOW_MED:-99999}" '<' 1000 || echo MISSED)"
+echo "  (with $SLOW_CLIENTS slow SMTP clients and $HALF_OPEN half-open admin connections held; max ${SLOW_MAX:-?} ms, alone max ${SLOW_BASE_MAX:-?} ms)"
 echo
 echo "times: accept mx-pod ${MX_ACCEPT_S}s, Postfix ${PF_ACCEPT_S}s, smtp-sink ${SINK_ACCEPT_S}s;" \
   "replay mx-pod ${MX_REPLAY_S}s, Postfix ${PF_REPLAY_S}s; mx-pod RSS with $RESTART_N queued before restart $(mib "$RSS_BEFORE") MiB"
@@ -404,6 +455,6 @@ if [ "${#FAILS[@]}" -gt 0 ]; then
   printf '  - %s\n' "${FAILS[@]}"
   exit 1
 fi
-echo "goals: $((6 - MISSED)) met, $MISSED missed"
+echo "goals: $((8 - MISSED)) met, $MISSED missed"
 if [ "$STRICT" = 1 ] && [ "$MISSED" -gt 0 ]; then exit 1; fi
 exit 0
