@@ -22,5 +22,6 @@ mod outage;
 mod probe_tls;
 mod rate;
 mod relay_battery;
+mod replay_protocol;
 mod smuggling;
 mod tls_primary;
