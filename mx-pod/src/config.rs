@@ -207,8 +207,12 @@ pub struct ReplayConfig {
     pub max_messages_per_connection: usize,
     /// How often `auto` probes the primaries.
     pub probe_interval: HumanDuration,
-    /// Connect and per-reply timeout for delivery sessions.
+    /// Connect timeout, and the reply timeout of the commands RFC 5321 sets no time for (EHLO,
+    /// STARTTLS, RSET, QUIT); greeting, MAIL, RCPT and DATA wait as long as RFC 5321 4.5.3.2 says.
     pub timeout: HumanDuration,
+    /// How long to wait for the reply to the final dot (RFC 5321: 10 minutes). The primary
+    /// commits before it answers; giving up sooner makes a duplicate of a slow commit.
+    pub final_reply_timeout: HumanDuration,
     /// First retry delay after a temporary failure; doubles up to `max_backoff`.
     pub min_backoff: HumanDuration,
     pub max_backoff: HumanDuration,
@@ -223,6 +227,7 @@ impl Default for ReplayConfig {
             max_messages_per_connection: 100,
             probe_interval: HumanDuration(Duration::from_secs(5)),
             timeout: HumanDuration(Duration::from_secs(60)),
+            final_reply_timeout: HumanDuration(Duration::from_secs(10 * 60)),
             min_backoff: HumanDuration(Duration::from_secs(30)),
             max_backoff: HumanDuration(Duration::from_secs(3600)),
         }
@@ -498,6 +503,9 @@ impl Config {
         if self.replay.max_messages_per_connection == 0 {
             problems.push("replay.max_messages_per_connection: must be at least 1".into());
         }
+        if self.replay.final_reply_timeout.0.is_zero() {
+            problems.push("replay.final_reply_timeout: must be more than 0s".into());
+        }
         if self.replay.min_backoff.0 > self.replay.max_backoff.0 {
             problems.push("replay.min_backoff: longer than replay.max_backoff".into());
         }
@@ -735,6 +743,7 @@ primary = "mail.example.com:25"
         assert_eq!(c.queue.retention.0, Duration::from_secs(5 * 86400));
         assert_eq!(c.queue.max_bytes, Size(8 << 30));
         assert_eq!(c.replay.workers, 0);
+        assert_eq!(c.replay.final_reply_timeout.0, Duration::from_secs(600));
         assert_eq!(c.smtp.max_message_size, Size(52428800));
     }
 

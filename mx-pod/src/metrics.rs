@@ -54,6 +54,7 @@ pub struct Metrics {
     pub bounced: Family<ReasonLabel, Counter>,
     pub delivered_messages: Family<DeliveryLabel, Counter>,
     pub tls_failures: Family<TlsFailureLabel, Counter>,
+    pub replay_unknown_outcome: Family<DomainLabel, Counter>,
     pub replay_workers: Gauge,
     pub smtp_sessions: Gauge,
     pub data_inflight: Gauge,
@@ -80,6 +81,7 @@ impl Metrics {
             bounced: Family::default(),
             delivered_messages: Family::default(),
             tls_failures: Family::default(),
+            replay_unknown_outcome: Family::default(),
             replay_workers: Gauge::default(),
             smtp_sessions: Gauge::default(),
             data_inflight: Gauge::default(),
@@ -141,6 +143,11 @@ impl Metrics {
             m.tls_failures.clone(),
         );
         registry.register(
+            "replay_unknown_outcome",
+            "Deliveries whose connection was lost after the final dot, before the reply: the message is sent again and may arrive twice, per domain",
+            m.replay_unknown_outcome.clone(),
+        );
+        registry.register(
             "replay_workers",
             "Replay workers currently allowed to deliver",
             m.replay_workers.clone(),
@@ -172,8 +179,12 @@ impl Metrics {
             .inc();
     }
 
-    /// Creates the TLS series of `domain` at zero, so dashboards and alerts see zeros, not gaps.
-    pub fn tls_series(&self, domain: &str) {
+    /// Creates the per-route delivery series of `domain` (TLS, unknown outcomes) at zero, so
+    /// dashboards and alerts see zeros, not gaps.
+    pub fn route_series(&self, domain: &str) {
+        let _ = self.replay_unknown_outcome.get_or_create(&DomainLabel {
+            domain: domain.into(),
+        });
         for tls in ["yes", "no"] {
             let _ = self.delivered_messages.get_or_create(&DeliveryLabel {
                 domain: domain.into(),
@@ -203,6 +214,15 @@ impl Metrics {
         if let Some(f) = fallback {
             self.tls_failure(domain, f);
         }
+    }
+
+    /// Counts a delivery to `domain`'s server whose outcome is unknown (lost after the dot).
+    pub fn unknown_outcome(&self, domain: &str) {
+        self.replay_unknown_outcome
+            .get_or_create(&DomainLabel {
+                domain: domain.into(),
+            })
+            .inc();
     }
 
     /// Counts a message the server committed (at least one recipient delivered).

@@ -13,7 +13,7 @@
 use std::time::{Duration, Instant};
 
 use crate::{
-    replay::client::{Capabilities, ClientError, SmtpClient, TlsFailure},
+    replay::client::{Capabilities, ClientError, SmtpClient, Stage, TlsFailure},
     trust::{TlsPolicy, Trust, server_name},
 };
 
@@ -110,7 +110,10 @@ pub async fn probe_with(
     };
     tokio::time::timeout(timeout, run)
         .await
-        .unwrap_or(Err(ClientError::Timeout("the whole probe")))
+        .unwrap_or(Err(ClientError::Timeout {
+            stage: Stage::Probe,
+            after: timeout,
+        }))
 }
 
 #[cfg(test)]

@@ -197,6 +197,10 @@ pub struct MxPodConfig {
     /// TOML appended to the `[dsn]` table (e.g. `tls_policy = "verify"`).
     pub dsn_extra: String,
     pub min_backoff: String,
+    /// `replay.timeout`: connect, and the commands RFC 5321 sets no time for.
+    pub replay_timeout: String,
+    /// TOML appended to the `[replay]` table (e.g. `final_reply_timeout = "2s"`).
+    pub replay_extra: String,
     /// Extra TOML appended to the `[queue]` table.
     pub queue_extra: String,
     /// Address the SMTP and admin listeners bind (a pod IP on 127.0.0.0/8 in the kube tier).
@@ -233,6 +237,8 @@ impl MxPodConfig {
             dsn_relay: None,
             dsn_extra: String::new(),
             min_backoff: "200ms".into(),
+            replay_timeout: "10s".into(),
+            replay_extra: String::new(),
             queue_extra: String::new(),
             ip: [127, 0, 0, 1].into(),
             admin_port: None,
@@ -298,7 +304,7 @@ impl MxPod {
         };
         let listen = listen.join(", ");
         let mut toml = format!(
-            "hostname = \"mx2.example.test\"\n\n[smtp]\nlisten = [{listen}]\nmax_message_size = \"{}\"\nshutdown_grace = \"20s\"\n{}\n[queue]\ndir = \"{}\"\nretention = \"{}\"\ndelay_warning = \"{}\"\nmax_bytes = \"{}\"\n{}\n\n[admin]\nlisten = \"{admin}\"\ntoken_file = \"{}\"\n\n[replay]\nworkers = {}\nauto = {}\nrate_per_second = {}\nprobe_interval = \"200ms\"\ntimeout = \"10s\"\nmin_backoff = \"{}\"\nmax_backoff = \"2s\"\n",
+            "hostname = \"mx2.example.test\"\n\n[smtp]\nlisten = [{listen}]\nmax_message_size = \"{}\"\nshutdown_grace = \"20s\"\n{}\n[queue]\ndir = \"{}\"\nretention = \"{}\"\ndelay_warning = \"{}\"\nmax_bytes = \"{}\"\n{}\n\n[admin]\nlisten = \"{admin}\"\ntoken_file = \"{}\"\n\n[replay]\nworkers = {}\nauto = {}\nrate_per_second = {}\nprobe_interval = \"200ms\"\ntimeout = \"{}\"\nmin_backoff = \"{}\"\nmax_backoff = \"2s\"\n{}\n",
             cfg.max_message_size,
             cfg.smtp_extra,
             queue_dir.display(),
@@ -310,7 +316,9 @@ impl MxPod {
             cfg.workers,
             cfg.auto,
             cfg.rate,
+            cfg.replay_timeout,
             cfg.min_backoff,
+            cfg.replay_extra,
         );
         if cfg.dsn_relay.is_some() || !cfg.dsn_extra.is_empty() {
             toml.push_str("\n[dsn]\n");

@@ -29,7 +29,7 @@ use tracing::{debug, info, warn};
 use super::Verdict;
 use crate::{
     config::{DomainConfig, FailMode, RecipientMode},
-    replay::client::SmtpClient,
+    replay::client::{SmtpClient, Stage},
     smtp::reply::{RejectReason, Reply},
     trust::Trust,
 };
@@ -260,7 +260,7 @@ pub async fn callout(
             Ok(c) => c,
             Err(e) => return Callout::Unavailable(e.to_string()),
         };
-        let mail = match c.command("MAIL FROM:<>\r\n", "MAIL").await {
+        let mail = match c.command("MAIL FROM:<>\r\n", Stage::Mail).await {
             Ok(r) => r,
             Err(e) => return Callout::Unavailable(e.to_string()),
         };
@@ -268,8 +268,10 @@ pub async fn callout(
             c.quit().await;
             return Callout::Unavailable(format!("MAIL FROM:<> refused: {mail}"));
         }
-        let rcpt = c.command(&format!("RCPT TO:<{address}>\r\n"), "RCPT").await;
-        let _ = c.command("RSET\r\n", "RSET").await;
+        let rcpt = c
+            .command(&format!("RCPT TO:<{address}>\r\n"), Stage::Rcpt)
+            .await;
+        let _ = c.command("RSET\r\n", Stage::Rset).await;
         c.quit().await;
         match rcpt {
             Ok(r) if r.is_positive() => Callout::Exists,

@@ -14,6 +14,13 @@
 //! to the queue behind it, so the order holds across failures too. What may still reorder: a
 //! recipient the primary defers with its own `4xx` is retried after its backoff.
 //!
+//! Delivered means a `2xx` to the message's final dot, nothing else. A protocol violation by
+//! the primary (a `250` to DATA, an unsolicited or malformed reply, see `client`) drops the
+//! connection and is a route-level failure. A connection lost after the dot, before its reply,
+//! leaves the outcome unknown: the message is sent again (at least once) and the possible
+//! duplicate is logged and counted (`mxpod_replay_unknown_outcome_total`); the reply to the dot
+//! is awaited `replay.final_reply_timeout` (10 minutes) so that a slow commit is not one.
+//!
 //! Failures: a route-level failure (connection refused, timeout, bad greeting) puts the job
 //! back at the head and backs the route off exponentially; a `421` also halves the number of
 //! concurrent deliveries the route gets. A recipient's `4xx` defers that recipient with its own
@@ -44,7 +51,7 @@ use crate::{
     metrics::{DomainLabel, Metrics, ReasonLabel},
     queue::{Job, Queue, RcptResult, index::DSN_ROUTE, message::now_micros},
 };
-use client::{AtOnce, ClientError, CommitTurn, SmtpClient};
+use client::{AtOnce, ClientError, CommitTurn, SmtpClient, Timeouts};
 
 use crate::trust::{TlsPolicy, Trust};
 use throttle::{RateLimiter, RouteHealth, backoff};
@@ -107,9 +114,9 @@ impl Replay {
             };
             let _ = metrics.delivered.get_or_create(&l);
             let _ = metrics.deferred.get_or_create(&l);
-            metrics.tls_series(&l.domain);
+            metrics.route_series(&l.domain);
         }
-        metrics.tls_series(DSN_ROUTE);
+        metrics.route_series(DSN_ROUTE);
         for reason in ["rejected", "expired", "corrupt"] {
             let _ = metrics.bounced.get_or_create(&ReasonLabel {
                 reason: reason.into(),
@@ -363,26 +370,28 @@ impl Replay {
             }
             let (_, client) = conn.as_mut().expect("connected above");
             match client.send(&job.env, &rcpts, &body, &turn).await {
-                // a reused connection the primary had already closed: retry once on a new one
-                Err(e)
-                    if reused
-                        && attempt == 1
-                        && !e.is_throttle()
-                        && !matches!(e, ClientError::Withdrawn) =>
-                {
+                // a reused connection the primary had already closed: retry once on a new one.
+                // Only then: never while the old connection might still commit the message
+                Err(e) if reused && attempt == 1 && e.is_stale_connection() => {
                     debug!(id = %job.env.id, error = %e, "reused connection failed; reconnecting");
                     close(conn).await;
                 }
                 other => break other,
             }
         };
-        if conn.as_ref().is_some_and(|(_, c)| !c.usable()) {
+        // a failed session is closed before the message goes back to the queue
+        if outcome.is_err() || conn.as_ref().is_some_and(|(_, c)| !c.usable()) {
             close(conn).await;
         }
         match outcome {
             Err(ClientError::Withdrawn) => {
                 info!(id = %job.env.id, route = %job.route, "withdrawn before commit: an older message failed; back in the queue behind it");
                 self.inner.queue.put_back(&job);
+            }
+            Err(e) if e.is_unknown_outcome() => {
+                warn!(id = %job.env.id, route = %job.route, primary = %target, error = %e, "possible duplicate: connection lost after the final dot; the message stays queued and is sent again");
+                self.inner.metrics.unknown_outcome(&job.route);
+                self.route_failed(&job, e.to_string(), false);
             }
             Err(e) => {
                 warn!(id = %job.env.id, route = %job.route, primary = %domain.primary, tls_policy = %policy, error = %e, "delivery failed; keeping the message at the head of the queue");
@@ -424,14 +433,9 @@ impl Replay {
         route: &str,
     ) -> Result<SmtpClient, ClientError> {
         let cfg = &self.inner.config;
-        let opened = SmtpClient::open(
-            target,
-            &cfg.hostname,
-            cfg.replay.timeout.0,
-            policy,
-            &self.inner.trust,
-        )
-        .await;
+        let timeouts = Timeouts::rfc5321(cfg.replay.timeout.0, cfg.replay.final_reply_timeout.0);
+        let opened =
+            SmtpClient::open(target, &cfg.hostname, timeouts, policy, &self.inner.trust).await;
         match &opened {
             Ok(c) => self.inner.metrics.tls_fallback(route, c.tls_fallback),
             Err(e) => {
@@ -678,6 +682,12 @@ impl Replay {
                                 .metrics
                                 .delivered_message(DSN_ROUTE, &tx.results, tls);
                             return Ok(tx.results);
+                        }
+                        // this server may still commit it: no other one gets it meanwhile
+                        Err(e) if e.is_unknown_outcome() => {
+                            warn!(id = %job.env.id, server = %target, error = %e, "possible duplicate: connection lost after the final dot; the DSN stays queued and is sent again");
+                            self.inner.metrics.unknown_outcome(DSN_ROUTE);
+                            return Err(e);
                         }
                         Err(e) => last = Some(e),
                     }

@@ -22,6 +22,7 @@ mod outage;
 mod probe_tls;
 mod rate;
 mod relay_battery;
+mod replay_protocol;
 mod slow_peers;
 mod smuggling;
 mod tls_primary;
