@@ -111,6 +111,14 @@ enum QueueAction {
     },
     /// Delete a message without notifying anyone.
     Delete { id: String },
+    /// Acknowledge damage in the queue log (all, or one segment's) after inspecting it: stops
+    /// the reports and lets the damaged segment be deleted once no intact message in it is
+    /// queued. Copy `log/<segment>.seg` first to keep it for analysis.
+    Repair {
+        /// One segment, e.g. 0000000000000003.
+        #[arg(long)]
+        segment: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -234,6 +242,14 @@ async fn queue(target: Target, action: QueueAction) -> anyhow::Result<()> {
             )
             .await?
         }
+        QueueAction::Repair { segment } => {
+            api.send(
+                reqwest::Method::POST,
+                "/v1/queue/repair",
+                Some(json!({ "segment": segment })),
+            )
+            .await?
+        }
         QueueAction::Delete { id } => {
             api.send(
                 reqwest::Method::DELETE,
@@ -289,6 +305,33 @@ fn print_list(list: &[MessageSummary], summary: &QueueSummary) {
         },
         if summary.draining { ", DRAINING" } else { "" }
     );
+    for d in &summary.damage {
+        println!(
+            "DAMAGE {}{}{}: {}{}",
+            d.what.as_str(),
+            d.segment
+                .as_deref()
+                .map(|s| format!(" in {s}"))
+                .unwrap_or_default(),
+            d.offset.map(|o| format!(" at {o}")).unwrap_or_default(),
+            d.detail,
+            if d.messages.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " (bounced to corrupt/: {})",
+                    d.messages
+                        .iter()
+                        .map(|m| m.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            }
+        );
+    }
+    if !summary.damage.is_empty() {
+        println!("-- inspect, then acknowledge with `mx-pod queue repair`");
+    }
     for d in &summary.domains {
         println!(
             "   {:<30} {:>7} msgs {:>12} bytes  oldest {:>6}{}",

@@ -10,7 +10,7 @@ use prometheus_client::{
 };
 
 use crate::{
-    queue::{Queue, RcptResult},
+    queue::{Queue, RcptResult, damage::DamageKind},
     replay::client::TlsFailure,
     smtp::reply::RejectReason,
 };
@@ -40,6 +40,12 @@ pub struct TlsFailureLabel {
     pub reason: String,
 }
 
+/// A kind of queue damage (`queue::damage::DamageKind`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DamageLabel {
+    pub what: String,
+}
+
 /// Every metric mx-pod exports; clone the handles where they are counted.
 pub struct Metrics {
     registry: Registry,
@@ -47,6 +53,9 @@ pub struct Metrics {
     pub queue_bytes: Family<DomainLabel, Gauge>,
     pub queue_oldest_age_seconds: Family<DomainLabel, Gauge<f64, AtomicU64>>,
     pub queue_disk_bytes: Gauge,
+    pub queue_corrupt_records: Counter,
+    pub queue_damage: Family<DamageLabel, Gauge>,
+    pub queue_damaged_segments: Gauge,
     pub accepted: Counter,
     pub rejected: Family<ReasonLabel, Counter>,
     pub delivered: Family<DomainLabel, Counter>,
@@ -74,6 +83,9 @@ impl Metrics {
             queue_bytes: Family::default(),
             queue_oldest_age_seconds: Family::default(),
             queue_disk_bytes: Gauge::default(),
+            queue_corrupt_records: Counter::default(),
+            queue_damage: Family::default(),
+            queue_damaged_segments: Gauge::default(),
             accepted: Counter::default(),
             rejected: Family::default(),
             delivered: Family::default(),
@@ -106,6 +118,21 @@ impl Metrics {
             "queue_disk_bytes",
             "Bytes the queue log takes on disk",
             m.queue_disk_bytes.clone(),
+        );
+        registry.register(
+            "queue_corrupt_records",
+            "Damaged queue log records found since start (at recovery or when a body was read); each is listed under damage in GET /v1/queue",
+            m.queue_corrupt_records.clone(),
+        );
+        registry.register(
+            "queue_damage",
+            "Unacknowledged damage in the queue directory, by what (record_*, body_checksum, segment_header, missing_segment, manifest, holds_missing, holds_unreadable); ends with mx-pod queue repair (holds: hold/release)",
+            m.queue_damage.clone(),
+        );
+        registry.register(
+            "queue_damaged_segments",
+            "Queue log segments with unacknowledged damage (kept on disk until mx-pod queue repair), missing ones included",
+            m.queue_damaged_segments.clone(),
         );
         registry.register(
             "accepted",
@@ -265,6 +292,23 @@ impl Metrics {
             self.queue_oldest_age_seconds.get_or_create(&l).set(age);
         }
         self.queue_disk_bytes.set(queue.disk_bytes() as i64);
+        let found = queue.corrupt_records_found();
+        let counted = self.queue_corrupt_records.get();
+        if found > counted {
+            self.queue_corrupt_records.inc_by(found - counted);
+        }
+        let damage = queue.damage();
+        for k in DamageKind::ALL {
+            let n = damage.iter().filter(|d| d.what == k).count();
+            self.queue_damage
+                .get_or_create(&DamageLabel {
+                    what: k.as_str().into(),
+                })
+                .set(n as i64);
+        }
+        let segments: std::collections::BTreeSet<&str> =
+            damage.iter().filter_map(|d| d.segment.as_deref()).collect();
+        self.queue_damaged_segments.set(segments.len() as i64);
         let mut out = String::new();
         encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out

@@ -105,12 +105,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         segments = report.segments,
         records = report.records,
         torn_tails = report.torn_tails,
-        corrupt_segments = report.corrupt_segments.len(),
+        missing_segments = report.missing_segments.len(),
+        new_damage = report.damage.len(),
         elapsed_ms = started.elapsed().as_millis() as u64,
         "queue recovered"
     );
-    for c in &report.corrupt_segments {
-        error!(segment = %c, "corrupt queue segment kept for inspection");
+    let damage = queue.damage();
+    if !damage.is_empty() {
+        // each was logged when found; this says where to look and what to do
+        error!(
+            damage = damage.len(),
+            "the queue directory is damaged: see GET /v1/queue (damage), then mx-pod queue repair"
+        );
     }
 
     let smtp_listeners = listener::bind(&config.smtp.listen)?;

@@ -31,6 +31,8 @@ use crate::{
     replay::{Replay, ReplaySettings},
 };
 
+pub use crate::queue::damage::{Damage, DamageKind};
+
 /// What the handlers share.
 #[derive(Clone)]
 pub struct AdminState {
@@ -58,6 +60,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/queue/hold", post(hold))
         .route("/v1/queue/release", post(release))
         .route("/v1/queue/flush", post(flush))
+        .route("/v1/queue/repair", post(repair))
         .route("/v1/replay", get(get_replay).put(put_replay))
         .route("/v1/drain", post(drain))
         .route("/v1/drill", post(drill))
@@ -156,6 +159,11 @@ pub struct QueueSummary {
     pub held: bool,
     pub draining: bool,
     pub domains: Vec<DomainSummary>,
+    /// Unacknowledged damage in the queue directory (damaged records and bodies, missing
+    /// segments, a lost or garbled holds file); empty when all is well. Absent from servers
+    /// before it existed, hence the default.
+    #[serde(default)]
+    pub damage: Vec<Damage>,
 }
 
 async fn queue_summary(State(s): State<AdminState>) -> Response {
@@ -195,8 +203,55 @@ async fn queue_summary(State(s): State<AdminState>) -> Response {
         held: s.queue.all_held(),
         draining: s.draining.load(Ordering::Relaxed),
         domains,
+        damage: s.queue.damage(),
     })
     .into_response()
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RepairBody {
+    /// One segment (`0000000000000003` or `0000000000000003.seg`); all when absent.
+    segment: Option<String>,
+}
+
+/// `POST /v1/queue/repair`: acknowledges the queue log's damage (see [`Queue::repair`]).
+async fn repair(State(s): State<AdminState>, body: axum::body::Bytes) -> Response {
+    let req: RepairBody = if body.iter().all(u8::is_ascii_whitespace) {
+        RepairBody::default()
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(b) => b,
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!(
+                        "bad request body: {e}; expected {{}} or {{\"segment\":\"0000000000000003\"}}"
+                    ),
+                );
+            }
+        }
+    };
+    let segment = match req.segment.as_deref() {
+        None => None,
+        Some(name) => match u64::from_str_radix(name.strip_suffix(".seg").unwrap_or(name), 16) {
+            Ok(n) => Some(n),
+            Err(_) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!("{name:?} is not a segment name (16 hex digits)"),
+                );
+            }
+        },
+    };
+    match s.queue.repair(segment) {
+        Ok(done) => Json(json!({
+            "acknowledged": done,
+            "damage": s.queue.damage(),
+        }))
+        .into_response(),
+        Err(e) => queue_error(e),
+    }
 }
 
 #[derive(Deserialize)]

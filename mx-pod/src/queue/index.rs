@@ -429,6 +429,7 @@ mod tests {
                 offset: 0,
                 len: 100,
                 crc: 0,
+                unreadable: false,
             },
             pos: (1, id),
         }

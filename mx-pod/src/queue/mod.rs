@@ -17,7 +17,13 @@
 //!   are kept in `DIR/holds.json`, message holds in the log, so both survive restarts.
 //! - One writer: [`Queue::open`] first takes the directory's lock ([`lock`]); a second server on
 //!   the same directory is refused before it reads, creates or deletes anything there.
+//! - Damage ([`damage`]): recovery keeps every intact message and indexes the envelopes it can
+//!   read from damaged records with an unreadable body ([`Queue::claim_damaged`] hands them to
+//!   replay, which files them in `corrupt/` and bounces them). A lost or garbled `holds.json`
+//!   holds everything (fail safe). All of it is listed by [`Queue::damage`] until
+//!   [`Queue::repair`].
 
+pub mod damage;
 pub mod index;
 pub mod lock;
 pub mod message;
@@ -36,6 +42,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
 use crate::config::QueueConfig;
+use damage::{Damage, DamageKind};
 use index::{Entry, Index, RouteStats};
 use message::{Envelope, MessageState, Micros, QueueId, RcptStatus, now_micros};
 use store::{BodyRef, Record, RecoveryReport, Store, StoreError};
@@ -126,6 +133,9 @@ struct State {
     index: Index,
     reserved: u64,
     holds: Holds,
+    /// Messages whose record was damaged (envelope read, body unreadable) and why; they leave
+    /// through [`Queue::claim_damaged`].
+    damaged: std::collections::HashMap<QueueId, String>,
 }
 
 /// Space set aside for a message being received; released when dropped.
@@ -155,13 +165,22 @@ impl Queue {
     /// from disk. The lock is held until the log's committer stops.
     pub fn open(cfg: &QueueConfig) -> Result<(Queue, RecoveryReport), QueueError> {
         let lock = lock::DirLock::exclusive(&cfg.dir)?;
+        // read before the store writes a manifest: a directory without one has never had a
+        // holds file it could have lost
+        let (holds, holds_damage) = read_holds(&cfg.dir, store::manifest_exists(&cfg.dir))?;
         let (store, recovered, report) = Store::open(&cfg.dir, cfg.segment_size.0, lock)?;
-        let holds = read_holds(&cfg.dir);
+        if let Some(d) = holds_damage {
+            store.damage().add(d);
+        }
         let now = now_micros();
         let mut index = Index::default();
         let mut max_id = 0;
+        let mut damaged = std::collections::HashMap::new();
         for r in recovered {
             max_id = max_id.max(r.envelope.id.0);
+            if let Some(why) = r.damaged {
+                damaged.insert(r.envelope.id, why);
+            }
             index.insert(
                 Entry {
                     env: r.envelope,
@@ -181,6 +200,7 @@ impl Queue {
                     index,
                     reserved: 0,
                     holds,
+                    damaged,
                 }),
                 finished: Mutex::new(std::collections::VecDeque::new()),
                 work: Notify::new(),
@@ -453,6 +473,8 @@ impl Queue {
         };
         write_holds(&self.inner.dir, &holds)
             .map_err(|e| QueueError::Storage(StoreError::Io(format!("cannot save holds: {e}"))))?;
+        // the operator has said what is held: the holds file is whole again
+        self.inner.store.damage().clear_holds();
         self.inner.work.notify_waiters();
         Ok(self
             .stats()
@@ -604,16 +626,122 @@ impl Queue {
     pub fn dir(&self) -> &Path {
         &self.inner.dir
     }
+
+    /// Claims every message whose record was damaged (see [`store::Recovered::damaged`]), with
+    /// why, like [`Queue::expiry_scan`] claims expired mail: finish each with
+    /// [`Queue::complete`] or give it back with [`Queue::unclaim`].
+    pub fn claim_damaged(&self) -> Vec<(Job, String)> {
+        let mut st = self.lock();
+        let ids: Vec<QueueId> = st.damaged.keys().copied().collect();
+        let mut out = Vec::new();
+        for id in ids {
+            if st.index.get(id).is_none() {
+                st.damaged.remove(&id);
+                continue;
+            }
+            if let Some(e) = st.index.claim(id) {
+                let why = st.damaged.get(&id).cloned().unwrap_or_default();
+                out.push((
+                    Job {
+                        route: String::new(),
+                        env: e.env,
+                        body: e.body,
+                    },
+                    why,
+                ));
+            }
+        }
+        out
+    }
+
+    /// Unacknowledged damage in the queue directory (log and holds), oldest first.
+    pub fn damage(&self) -> Vec<Damage> {
+        self.inner.store.damage().active()
+    }
+
+    /// Record damage found since start (for `mxpod_queue_corrupt_records_total`).
+    pub fn corrupt_records_found(&self) -> u64 {
+        self.inner.store.damage().records_found()
+    }
+
+    /// `mx-pod queue repair`: acknowledges the log damage (all, or one segment's). What was
+    /// damaged has already been dealt with (intact messages kept, readable envelopes in
+    /// `corrupt/` with a DSN, the rest reported); acknowledging stops the reports and lets the
+    /// GC delete the damaged segment once no intact message in it is still queued. It never
+    /// releases held mail: a lost holds file ends with `hold` or `release`.
+    pub fn repair(&self, segment: Option<u64>) -> Result<Vec<Damage>, QueueError> {
+        let done = {
+            let mut log = self.inner.store.damage();
+            let done = log.acknowledge(segment);
+            log.save().map_err(|e| {
+                QueueError::Storage(StoreError::Io(format!("cannot save the damage list: {e}")))
+            })?;
+            done
+        };
+        for d in &done {
+            tracing::warn!(what = d.what.as_str(), segment = d.segment.as_deref().unwrap_or("-"), offset = ?d.offset, "queue damage acknowledged by admin");
+        }
+        Ok(done)
+    }
 }
 
-fn read_holds(dir: &Path) -> Holds {
+/// Reads `holds.json`. Fail safe: a garbled or unreadable file, or a missing one in a directory
+/// that had one (`managed`: this version keeps a holds file from its first start), holds
+/// everything and comes back as damage. A directory without one (new, or from a version
+/// before the manifest) gets an empty holds file written, so its loss can be noticed later.
+fn read_holds(dir: &Path, managed: bool) -> Result<(Holds, Option<Damage>), QueueError> {
     let path = dir.join("holds.json");
+    let held = Holds {
+        all: true,
+        domains: vec![],
+    };
     match std::fs::read(&path) {
-        Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
-            tracing::error!(path = %path.display(), error = %e, "unreadable holds file; holding everything to be safe");
-            Holds { all: true, domains: vec![] }
-        }),
-        Err(_) => Holds::default(),
+        Ok(bytes) => match serde_json::from_slice(&bytes) {
+            Ok(h) => Ok((h, None)),
+            Err(e) => Ok((
+                held,
+                Some(Damage::new(
+                    DamageKind::HoldsUnreadable,
+                    None,
+                    format!(
+                        "{} cannot be parsed ({e}): holding everything until an operator releases it (mx-pod queue release)",
+                        path.display()
+                    ),
+                )),
+            )),
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !managed => {
+            let holds = Holds::default();
+            write_holds(dir, &holds).map_err(|e| {
+                QueueError::Storage(StoreError::Io(format!(
+                    "cannot write {}: {e}",
+                    path.display()
+                )))
+            })?;
+            Ok((holds, None))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok((
+            held,
+            Some(Damage::new(
+                DamageKind::HoldsMissing,
+                None,
+                format!(
+                    "{} is gone: which domains were held is unknown, so everything is held until an operator releases it (mx-pod queue release)",
+                    path.display()
+                ),
+            )),
+        )),
+        Err(e) => Ok((
+            held,
+            Some(Damage::new(
+                DamageKind::HoldsUnreadable,
+                None,
+                format!(
+                    "{} cannot be read ({e}): holding everything until an operator releases it (mx-pod queue release)",
+                    path.display()
+                ),
+            )),
+        )),
     }
 }
 
@@ -625,4 +753,86 @@ fn write_holds(dir: &Path, holds: &Holds) -> std::io::Result<()> {
     f.sync_all()?;
     std::fs::rename(&tmp, dir.join("holds.json"))?;
     std::fs::File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(dir: &Path) -> QueueConfig {
+        QueueConfig {
+            dir: dir.to_owned(),
+            retention: crate::config::HumanDuration(Duration::from_secs(3600)),
+            delay_warning: crate::config::HumanDuration(Duration::from_secs(600)),
+            max_bytes: crate::config::Size(1 << 30),
+            segment_size: crate::config::Size(1 << 20),
+        }
+    }
+
+    /// Opens the queue once its previous handle's committer has let the lock go.
+    fn open(dir: &Path) -> Queue {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match Queue::open(&config(dir)) {
+                Ok((q, _)) => return q,
+                Err(QueueError::Locked(e)) if std::time::Instant::now() > deadline => panic!("{e}"),
+                Err(QueueError::Locked(_)) => std::thread::yield_now(),
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn lost_or_garbled_holds_hold_everything_and_are_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = open(dir.path());
+        assert!(!q.all_held());
+        assert!(q.damage().is_empty());
+        assert!(
+            dir.path().join("holds.json").exists(),
+            "written at the first start"
+        );
+        q.set_hold(true, Some("example.test"), None).await.unwrap();
+        drop(q);
+
+        std::fs::remove_file(dir.path().join("holds.json")).unwrap();
+        let q = open(dir.path());
+        assert!(q.all_held(), "fail safe");
+        let d = q.damage();
+        assert_eq!(d.len(), 1, "{d:?}");
+        assert_eq!(d[0].what, DamageKind::HoldsMissing);
+        assert_eq!(
+            q.repair(None).unwrap().len(),
+            0,
+            "repair leaves holds alone"
+        );
+        assert!(q.all_held());
+        drop(q);
+
+        std::fs::write(dir.path().join("holds.json"), b"{\"all\": fa").unwrap();
+        let q = open(dir.path());
+        assert!(q.all_held(), "fail safe");
+        assert_eq!(q.damage()[0].what, DamageKind::HoldsUnreadable);
+        // the operator decides: writing the holds ends the report
+        q.set_hold(false, None, None).await.unwrap();
+        assert!(!q.all_held());
+        assert!(q.damage().is_empty());
+        drop(q);
+        let q = open(dir.path());
+        assert!(!q.all_held());
+        assert!(q.damage().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_directory_from_before_the_manifest_gets_an_empty_holds_file() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("log")).unwrap();
+        let q = open(dir.path());
+        assert!(
+            !q.all_held(),
+            "no holds file and no manifest: nothing was held"
+        );
+        assert!(q.damage().is_empty());
+        assert!(dir.path().join("holds.json").exists());
+    }
 }

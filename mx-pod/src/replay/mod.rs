@@ -569,19 +569,7 @@ impl Replay {
     /// sender is told.
     async fn damaged(&self, job: &Job, error: &str) {
         error!(id = %job.env.id, error, "queued message is damaged; not delivering it");
-        let dir = self.inner.queue.dir().join("corrupt");
-        let saved = std::fs::create_dir_all(&dir).and_then(|_| {
-            std::fs::write(
-                dir.join(format!("{}.json", job.env.id)),
-                serde_json::to_vec_pretty(
-                    &serde_json::json!({"error": error, "envelope": job.env}),
-                )
-                .unwrap_or_default(),
-            )
-        });
-        if let Err(e) = saved {
-            error!(id = %job.env.id, error = %e, "cannot save the damaged message's envelope");
-        }
+        self.save_corrupt(job, error);
         let reply = "554 5.3.0 message damaged in the backup MX queue".to_owned();
         let results: Vec<(usize, RcptResult)> = job
             .recipients()
@@ -596,6 +584,72 @@ impl Replay {
             })
             .inc();
         self.record(job, results, None).await;
+    }
+
+    /// Saves a damaged message's envelope (and why) as `corrupt/<id>.json`, synced: it is what
+    /// is left of the message once it leaves the queue.
+    fn save_corrupt(&self, job: &Job, error: &str) {
+        use std::io::Write;
+        let dir = self.inner.queue.dir().join("corrupt");
+        let path = dir.join(format!("{}.json", job.env.id));
+        let saved = std::fs::create_dir_all(&dir).and_then(|_| {
+            let mut f = std::fs::File::create(&path)?;
+            f.write_all(
+                &serde_json::to_vec_pretty(
+                    &serde_json::json!({"error": error, "envelope": job.env}),
+                )
+                .unwrap_or_default(),
+            )?;
+            f.sync_all()?;
+            std::fs::File::open(&dir)?.sync_all()
+        });
+        if let Err(e) = saved {
+            error!(id = %job.env.id, error = %e, path = %path.display(), "cannot save the damaged message's envelope");
+        }
+    }
+
+    /// Messages whose record was damaged (recovery read their envelope, not their body): each
+    /// goes to `corrupt/` and every pending recipient fails with a DSN to the sender, whatever
+    /// the state of the primaries. A DSN that cannot be queued leaves the message for the next
+    /// sweep.
+    pub async fn bounce_damaged(&self) {
+        for (job, why) in self.inner.queue.claim_damaged() {
+            error!(id = %job.env.id, from = %job.env.sender, error = %why, "message damaged in the queue log; not delivering it, bouncing it");
+            let reply = format!("554 5.3.0 message damaged in the backup MX queue ({why})");
+            let pending: Vec<(usize, String)> = job
+                .env
+                .recipients
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| !r.status.is_final())
+                .map(|(i, _)| (i, reply.clone()))
+                .collect();
+            if dsn::wanted(
+                &job.env,
+                DsnKind::Failed,
+                pending.iter().map(|(i, _)| &job.env.recipients[*i]),
+            ) && let Err(e) = self.queue_dsn(&job, DsnKind::Failed, &pending, None).await
+            {
+                error!(id = %job.env.id, error = %e, "cannot queue the DSN of a damaged message; keeping it");
+                self.inner.queue.unclaim(&job);
+                continue;
+            }
+            self.save_corrupt(&job, &why);
+            let results: Vec<(usize, RcptResult)> = pending
+                .iter()
+                .map(|(i, why)| (*i, RcptResult::Failed(why.clone())))
+                .collect();
+            self.inner
+                .queue
+                .complete(&job, &results, |_| Duration::ZERO);
+            self.inner
+                .metrics
+                .bounced
+                .get_or_create(&ReasonLabel {
+                    reason: "corrupt".into(),
+                })
+                .inc_by(pending.len() as u64);
+        }
     }
 
     /// Delivers DSNs: one at a time, independent of `workers`.
@@ -708,11 +762,13 @@ impl Replay {
         let q = &self.inner.config.queue;
         let every = (q.delay_warning.0.min(q.retention.0) / 10)
             .clamp(Duration::from_secs(1), Duration::from_secs(30));
+        self.bounce_damaged().await;
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(every) => {}
                 _ = shutdown.cancelled() => return,
             }
+            self.bounce_damaged().await;
             self.expire_once().await;
         }
     }

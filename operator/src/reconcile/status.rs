@@ -129,13 +129,45 @@ pub fn applied(bmx: &BackupMx, seen: &Observed) -> BackupMxStatus {
         .iter()
         .filter_map(|p| p.error.as_ref().map(|e| format!("{}: {e}", p.pod)))
         .collect();
-    let degraded = if failed.is_empty() {
+    // a pod whose queue directory is damaged: kept mail is safe, but an operator must look
+    let damaged: Vec<String> = seen
+        .queues
+        .iter()
+        .filter_map(|q| match &q.result {
+            Ok(s) if !s.damage.is_empty() => Some(format!(
+                "{}: {}",
+                q.pod,
+                s.damage
+                    .iter()
+                    .map(|d| match &d.segment {
+                        Some(seg) => format!("{} in {seg}", d.what.as_str()),
+                        None => d.what.as_str().to_owned(),
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+            _ => None,
+        })
+        .collect();
+    let degraded = if failed.is_empty() && damaged.is_empty() {
         condition(
             bmx,
             DEGRADED,
             ConditionStatus::False,
             "AsExpected",
             "every running pod reports its queue",
+        )
+    } else if failed.is_empty() {
+        condition(
+            bmx,
+            DEGRADED,
+            ConditionStatus::True,
+            "QueueDamaged",
+            format!(
+                "queue damage on {} pod(s): {}; see GET /v1/queue of the pod, then mx-pod queue repair",
+                damaged.len(),
+                damaged.join("; ")
+            ),
         )
     } else {
         condition(
@@ -348,6 +380,7 @@ mod tests {
                     oldest_age_seconds: age,
                     held: false,
                 }],
+                damage: vec![],
             }),
         }
     }
@@ -393,5 +426,57 @@ mod tests {
         assert_eq!(ready.observed_generation, Some(1));
         assert_eq!(s.condition(DEGRADED).unwrap().status, ConditionStatus::True);
         assert_eq!(s.observed_generation, Some(1));
+    }
+
+    #[test]
+    fn queue_damage_on_a_pod_is_degraded_queue_damaged() {
+        let bmx = backupmx();
+        let mut q = pod("example-0", 1, 5);
+        // what an mx-pod answers: the pod's JSON, as the operator reads it
+        let answer = serde_json::json!({
+            "messages": 1, "bytes": 100, "disk_bytes": 0, "held": false, "draining": false,
+            "domains": [],
+            "damage": [{"what": "record_checksum", "segment": "0000000000000002.seg",
+                        "offset": 16, "len": 500, "messages": [171],
+                        "detail": "record header checksum mismatch",
+                        "detected": "2026-01-01T00:00:00Z"}]
+        });
+        q.result = Ok(serde_json::from_value(answer).unwrap());
+        let seen = |queues| Observed {
+            replicas: 1,
+            ready_replicas: 1,
+            queues,
+            dns: None,
+            replay: None,
+            alerts: None,
+            drill: None,
+        };
+        let s = applied(&bmx, &seen(vec![q]));
+        let c = s.condition(DEGRADED).unwrap();
+        assert_eq!(c.status, ConditionStatus::True);
+        assert_eq!(c.reason, "QueueDamaged");
+        assert!(
+            c.message
+                .contains("record_checksum in 0000000000000002.seg"),
+            "{}",
+            c.message
+        );
+        // a pod from before the damage list answers without it
+        let old: QueueSummary = serde_json::from_value(serde_json::json!({
+            "messages": 0, "bytes": 0, "disk_bytes": 0, "held": false, "draining": false,
+            "domains": []
+        }))
+        .unwrap();
+        let s = applied(
+            &bmx,
+            &seen(vec![PodQueue {
+                pod: "example-0".into(),
+                result: Ok(old),
+            }]),
+        );
+        assert_eq!(
+            s.condition(DEGRADED).unwrap().status,
+            ConditionStatus::False
+        );
     }
 }

@@ -21,6 +21,7 @@ mod one_writer;
 mod outage;
 mod probe_tls;
 mod rate;
+mod recovery;
 mod relay_battery;
 mod replay_protocol;
 mod slow_peers;
