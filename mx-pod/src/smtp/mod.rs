@@ -1,5 +1,6 @@
 //! Inbound SMTP: the listener and the per-connection session.
 
+pub mod address;
 pub mod listener;
 pub mod proxy;
 pub mod reply;

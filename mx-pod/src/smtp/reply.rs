@@ -91,6 +91,9 @@ pub enum RejectReason {
     TlsUnavailable,
     /// `smtp.proxy_protocol` is on and the connection did not start with a valid PROXY header.
     ProxyHeader,
+    /// A sender or recipient address with UTF-8 in it, in a transaction whose MAIL had no
+    /// `SMTPUTF8` (RFC 6531 3.7.4.1).
+    NonAsciiAddress,
 }
 
 impl RejectReason {
@@ -124,11 +127,12 @@ impl RejectReason {
             RejectReason::TooManyConnectionsFromIp => "too_many_connections_from_ip",
             RejectReason::TlsUnavailable => "tls_unavailable",
             RejectReason::ProxyHeader => "proxy_header",
+            RejectReason::NonAsciiAddress => "non_ascii_address",
         }
     }
 
     /// All reasons, for pre-registering metric series.
-    pub const ALL: [RejectReason; 27] = [
+    pub const ALL: [RejectReason; 28] = [
         RejectReason::Relay,
         RejectReason::SourceRoute,
         RejectReason::Size,
@@ -156,6 +160,7 @@ impl RejectReason {
         RejectReason::TooManyConnectionsFromIp,
         RejectReason::TlsUnavailable,
         RejectReason::ProxyHeader,
+        RejectReason::NonAsciiAddress,
     ];
 
     /// The reply sent for this reason.
@@ -230,6 +235,11 @@ impl RejectReason {
             RejectReason::ProxyHeader => {
                 Reply::new(421, "4.7.0", "Missing or invalid PROXY protocol header")
             }
+            RejectReason::NonAsciiAddress => Reply::new(
+                553,
+                "5.6.7",
+                "Non-ASCII address not permitted without SMTPUTF8",
+            ),
         }
     }
 }
