@@ -415,6 +415,14 @@ impl Config {
                     d.name
                 )),
             }
+            // a primary named by its U-labels is connected to (and its certificate checked)
+            // by its A-labels, the name DNS and certificates carry
+            if let Some((host, port)) = d.primary.rsplit_once(':')
+                && !host.is_ascii()
+                && let Some(a) = to_ascii_domain(host)
+            {
+                d.primary = format!("{a}:{port}");
+            }
             for (j, a) in d.recipients.addresses.iter_mut().enumerate() {
                 let normalized = a
                     .rsplit_once('@')
@@ -470,6 +478,11 @@ impl Config {
         }
         if self.queue.retention.0.is_zero() {
             problems.push("queue.retention: must be more than 0s".into());
+        }
+        if self.queue.max_bytes.0 == 0 {
+            // a limit of nothing refuses every message with 452 4.3.1: never what is meant
+            problems
+                .push("queue.max_bytes: must be more than 0 (0 would refuse every message)".into());
         }
         if self.queue.segment_size.0 < 64 * 1024 {
             problems.push("queue.segment_size: must be at least 64KiB".into());
@@ -555,6 +568,15 @@ impl Config {
         }
     }
 
+    /// Checks the files the configuration names that must be safe before mx-pod starts (the
+    /// admin token's permissions); `serve` and `check-config` both run it.
+    pub fn check_files(&self) -> Result<(), ConfigError> {
+        if let Some(path) = &self.admin.token_file {
+            check_token_file(path).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        }
+        Ok(())
+    }
+
     /// The configured domain an address' domain part names (ASCII case-insensitive, exact
     /// otherwise: a trailing dot or an IP literal is not a configured domain).
     pub fn domain(&self, name: &str) -> Option<&DomainConfig> {
@@ -571,35 +593,89 @@ impl Config {
     }
 }
 
-/// The ASCII (punycode) form of a domain name, lower-cased; `None` when it is not a valid
-/// host name (empty labels, a trailing dot, an IP literal, forbidden characters).
+/// The route form of a domain name: its ASCII (A-label, punycode) form in lower case, the one
+/// spelling every queue route, hold, metric label, recipient list and admin filter uses; `None`
+/// when it is not a valid host name (empty labels, a trailing dot, an IP literal, forbidden
+/// characters).
 ///
-/// A non-ASCII name must already be in its U-label form (what the A-label decodes to): the
-/// UTS 46 mappings (upper case, full-width letters, ideographic full stops) are for user
-/// interfaces, and accepting them in SMTP would accept addresses the primary then refuses,
-/// which means bounces (backscatter).
+/// What SMTP may send: A-labels in any ASCII case (RFC 5321 2.4: domains are case-insensitive),
+/// and U-labels (RFC 6531, with `SMTPUTF8`), whose ASCII letters may also be in any case. The
+/// UTS 46 mappings (upper-case non-ASCII letters, full-width letters, ideographic full stops)
+/// are for user interfaces, not for SMTP: `BÜCHER.example` is no U-label (IDNA2008 disallows
+/// upper case), and accepting it would accept addresses the primary then refuses, which means
+/// bounces (backscatter). People's spellings go through [`route_from_admin`] instead.
 pub fn to_ascii_domain(name: &str) -> Option<String> {
     if name.is_ascii() {
         return is_domain_name(name).then(|| name.to_ascii_lowercase());
     }
     let ascii = idna::domain_to_ascii_strict(name).ok()?;
     let (unicode, result) = idna::domain_to_unicode(&ascii);
-    (result.is_ok() && unicode == name && is_domain_name(&ascii)).then_some(ascii)
+    (result.is_ok() && unicode.eq_ignore_ascii_case(name) && is_domain_name(&ascii))
+        .then_some(ascii)
 }
 
-/// Splits `host:port` (or `[v6]:port`); the port is required.
+/// Why a domain given to the admin API or the CLI is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DomainError {
+    #[error("{0:?} is not a domain name")]
+    Invalid(String),
+}
+
+/// The route form (see [`to_ascii_domain`]) of a domain as a person types it (admin API,
+/// `mx-pod queue --domain`): U-label or A-label in any case, with the UTS 46 mappings people
+/// expect from a user interface (`Bücher.Example`, `BÜCHER.example` and `xn--bcher-kva.EXAMPLE`
+/// are all `xn--bcher-kva.example`). Normalised once here, at the edge, so a hold, a flush or a
+/// listing by any spelling finds the one route the queue keeps.
+pub fn route_from_admin(name: &str) -> Result<String, DomainError> {
+    let invalid = || DomainError::Invalid(name.to_owned());
+    let name = name.trim();
+    if name.is_ascii() {
+        // an A-label must also decode (xn--zz is no domain)
+        let lower = name.to_ascii_lowercase();
+        if !is_domain_name(&lower) {
+            return Err(invalid());
+        }
+        let (_, decoded) = idna::domain_to_unicode(&lower);
+        return decoded.map(|_| lower).map_err(|_| invalid());
+    }
+    let ascii = idna::domain_to_ascii(name).map_err(|_| invalid())?;
+    if is_domain_name(&ascii) {
+        Ok(ascii)
+    } else {
+        Err(invalid())
+    }
+}
+
+/// Splits `host:port` (or `[v6]:port`); the port (1-65535) is required, and the host must be a
+/// DNS name (LDH labels: no empty label, no space, no underscore), an IPv4 address or a
+/// bracketed IPv6 address. A host that could never be connected to is a configuration error at
+/// start (like Postfix's `relayhost`), not a delivery failure hours later.
 pub fn parse_host_port(s: &str) -> Result<(String, u16), String> {
     let (host, port) = s
         .rsplit_once(':')
         .ok_or_else(|| format!("{s:?} is not host:port"))?;
-    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let port = port
+        .parse::<u16>()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| format!("{s:?} has no valid port (1-65535)"))?;
     if host.is_empty() {
         return Err(format!("{s:?} has no host"));
     }
-    let port = port
-        .parse::<u16>()
-        .map_err(|_| format!("{s:?} has no valid port"))?;
-    Ok((host.to_owned(), port))
+    if let Some(inner) = host.strip_prefix('[') {
+        return match inner.strip_suffix(']') {
+            Some(v6) if v6.parse::<std::net::Ipv6Addr>().is_ok() => Ok((v6.to_owned(), port)),
+            _ => Err(format!(
+                "{s:?}: {host:?} is not a bracketed IPv6 address ([2001:db8::1]:25)"
+            )),
+        };
+    }
+    if host.parse::<std::net::Ipv4Addr>().is_ok() || is_domain_name(host) {
+        return Ok((host.to_owned(), port));
+    }
+    Err(format!(
+        "{s:?}: {host:?} is neither a DNS host name nor an IP address (write IPv6 as [addr]:port)"
+    ))
 }
 
 /// True for an LDH host name (`a.b.c`), optionally in punycode; no trailing dot, no IP literal.
@@ -615,6 +691,58 @@ pub fn is_domain_name(s: &str) -> bool {
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b == b'-')
         })
+}
+
+/// Why the admin token file is not fit to hold a secret.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenFileError {
+    #[error("admin.token_file: cannot read {path}: {source}")]
+    Unreadable {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "admin.token_file: {path} has mode {mode:04o}: others may read or change it; make it \
+         chmod 600 (or 440 owned by root with a dedicated group, as Kubernetes mounts a Secret)"
+    )]
+    WorldAccessible { path: PathBuf, mode: u32 },
+    #[error(
+        "admin.token_file: {path} has mode {mode:04o} and is owned by uid {uid}: its group may \
+         read or change it; make it chmod 600 (group-readable only when owned by root, mode 440)"
+    )]
+    GroupAccessible { path: PathBuf, mode: u32, uid: u32 },
+}
+
+/// Checks who may read the admin token file: the token unlocks the queue (personal data) and
+/// its controls, so, like ssh with a private key, mx-pod refuses to start when anyone but its
+/// owner could read or change it. Allowed: mode `600`/`400` (no group or other bits), or
+/// group-readable `440`/`640`-style without group write when the file is owned by root, which
+/// is how the kubelet mounts a Secret with `defaultMode: 0440` and the pod's `fsGroup` (root
+/// owns the file, the group is the pod's own). World bits are never allowed. Symlinks are
+/// followed (a Secret volume's files are symlinks).
+#[cfg(unix)]
+pub fn check_token_file(path: &std::path::Path) -> Result<(), TokenFileError> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).map_err(|source| TokenFileError::Unreadable {
+        path: path.to_owned(),
+        source,
+    })?;
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o007 != 0 {
+        return Err(TokenFileError::WorldAccessible {
+            path: path.to_owned(),
+            mode,
+        });
+    }
+    let group_ok = mode & 0o070 == 0 || (meta.uid() == 0 && mode & 0o030 == 0);
+    if !group_ok {
+        return Err(TokenFileError::GroupAccessible {
+            path: path.to_owned(),
+            mode,
+            uid: meta.uid(),
+        });
+    }
+    Ok(())
 }
 
 /// A duration written the humane way (`30s`, `4h`, `5d`, `1h 30m`).
@@ -790,6 +918,123 @@ primary = "mail.example.com:25"
         let c = Config::parse(MINIMAL, "t").unwrap();
         let again = Config::parse(&c.to_toml(), "rendered").unwrap();
         assert_eq!(c, again);
+    }
+
+    #[test]
+    fn an_idn_is_one_route_in_every_spelling() {
+        let text = MINIMAL.replace("\"example.com\"", "\"Bücher.example\"");
+        let c = Config::parse(&text, "t").unwrap();
+        assert_eq!(c.domains[0].name, "xn--bcher-kva.example");
+        for spelling in [
+            "bücher.example",
+            "Bücher.EXAMPLE",
+            "xn--bcher-kva.example",
+            "XN--BCHER-KVA.Example",
+        ] {
+            assert_eq!(
+                c.domain(spelling).map(|d| d.name.as_str()),
+                Some("xn--bcher-kva.example"),
+                "{spelling}"
+            );
+            assert_eq!(
+                route_from_admin(spelling).as_deref(),
+                Ok("xn--bcher-kva.example")
+            );
+        }
+        // SMTP takes U-labels only; a person may type the upper-case form
+        assert_eq!(c.domain("BÜCHER.example"), None);
+        assert_eq!(
+            route_from_admin("BÜCHER.example").as_deref(),
+            Ok("xn--bcher-kva.example")
+        );
+        for bad in [
+            "",
+            "a..b",
+            "exa mple.test",
+            "xn--zz.example",
+            "_dsn",
+            "a.b.",
+        ] {
+            assert!(route_from_admin(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn impossible_primary_hosts_are_refused() {
+        for bad in [
+            "mail..example.com:25",
+            ":25",
+            "mail example.com:25",
+            "mail_1.example.com:25",
+            "mail.example.com.:25",
+            "mail.example.com:0",
+            "mail.example.com:",
+            "::1:25",
+            "[mail.example.com]:25",
+            "[::1:25",
+        ] {
+            let text = MINIMAL.replace("mail.example.com:25", bad);
+            let err = Config::parse(&text, "t").unwrap_err().to_string();
+            assert!(err.contains("domains[0].primary"), "{bad}: {err}");
+        }
+        for good in [
+            "127.0.0.1:25",
+            "[::1]:2525",
+            "mail-1.example.com:587",
+            "localhost:25",
+        ] {
+            let text = MINIMAL.replace("mail.example.com:25", good);
+            assert!(Config::parse(&text, "t").is_ok(), "{good}");
+        }
+        let text = MINIMAL.replace("mail.example.com:25", "mail.bücher.example:25");
+        let c = Config::parse(&text, "t").unwrap();
+        assert_eq!(c.domains[0].primary, "mail.xn--bcher-kva.example:25");
+    }
+
+    #[test]
+    fn max_bytes_zero_is_refused() {
+        let text = MINIMAL.replace("[queue]\n", "[queue]\nmax_bytes = 0\n");
+        let err = Config::parse(&text, "t").unwrap_err().to_string();
+        assert!(err.contains("queue.max_bytes"), "{err}");
+    }
+
+    #[test]
+    fn token_file_readable_by_others_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "s3cret\n").unwrap();
+        let mode = |m: u32| {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(m)).unwrap();
+            check_token_file(&path)
+        };
+        assert!(mode(0o600).is_ok());
+        assert!(mode(0o400).is_ok());
+        for world in [0o604, 0o644, 0o602, 0o601] {
+            assert!(
+                matches!(mode(world), Err(TokenFileError::WorldAccessible { .. })),
+                "{world:o}"
+            );
+        }
+        // group write is never allowed; group read only for a file owned by root
+        assert!(matches!(
+            mode(0o660),
+            Err(TokenFileError::GroupAccessible { .. })
+        ));
+        let root = nix_uid() == 0;
+        assert_eq!(mode(0o640).is_ok(), root);
+        assert_eq!(mode(0o440).is_ok(), root);
+        assert!(matches!(
+            check_token_file(&dir.path().join("missing")),
+            Err(TokenFileError::Unreadable { .. })
+        ));
+    }
+
+    /// The owner of a file this process creates: its effective uid.
+    fn nix_uid() -> u32 {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::metadata(dir.path()).unwrap().uid()
     }
 
     #[test]

@@ -191,7 +191,9 @@ pub fn build(
         size: body.len() as u64,
         env_id: None,
         ret: None,
-        smtputf8: false,
+        // a DSN to a UTF-8 sender needs SMTPUTF8 like any mail to that address: passed on where
+        // the sender's server offers it, never sent downgraded where it does not
+        smtputf8: !env.sender.is_ascii(),
         eight_bit: true,
         client: Default::default(),
         held: false,
@@ -263,6 +265,13 @@ mod tests {
         );
         assert_eq!(dsn.sender, "", "DSNs use the null sender");
         assert_eq!(dsn.kind, MessageKind::Dsn);
+        assert!(!dsn.smtputf8, "an ASCII sender needs no SMTPUTF8");
+        let utf8_sender = Envelope {
+            sender: "jürgen@sender.test".into(),
+            ..original()
+        };
+        let (to_utf8, _) = build(QueueId(9), "mx2.example.test", &utf8_sender, &report, 0);
+        assert!(to_utf8.smtputf8, "a DSN to a UTF-8 sender needs SMTPUTF8");
         assert_eq!(dsn.recipients[0].address, "alice@sender.test");
         let text = String::from_utf8(body).unwrap();
         assert!(text.contains("multipart/report"), "{text}");

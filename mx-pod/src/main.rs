@@ -157,6 +157,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::CheckConfig { config } => {
             let c = Config::load(&config)?;
+            c.check_files()?;
             print!("{}", c.to_toml());
             Ok(())
         }
@@ -196,7 +197,38 @@ async fn run(command: Command) -> anyhow::Result<()> {
     }
 }
 
+/// A `--domain` as typed (any spelling of a domain, or `_dsn`) in the route form the server
+/// keeps: refused here, before any call, when it is no domain at all.
+fn route_arg(domain: Option<String>) -> anyhow::Result<Option<String>> {
+    domain
+        .map(|d| {
+            if d == mx_pod::queue::index::DSN_ROUTE {
+                return Ok(d);
+            }
+            mx_pod::config::route_from_admin(&d).map_err(|e| anyhow::anyhow!("--domain: {e}"))
+        })
+        .transpose()
+}
+
 async fn queue(target: Target, action: QueueAction) -> anyhow::Result<()> {
+    let action = match action {
+        QueueAction::List { domain, limit } => QueueAction::List {
+            domain: route_arg(domain)?,
+            limit,
+        },
+        QueueAction::Hold { id, domain } => QueueAction::Hold {
+            id,
+            domain: route_arg(domain)?,
+        },
+        QueueAction::Release { id, domain } => QueueAction::Release {
+            id,
+            domain: route_arg(domain)?,
+        },
+        QueueAction::Flush { domain } => QueueAction::Flush {
+            domain: route_arg(domain)?,
+        },
+        other => other,
+    };
     let api = Api::new(&target)?;
     let selector =
         |id: Option<String>, domain: Option<String>| Some(json!({"id": id, "domain": domain}));

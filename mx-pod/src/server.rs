@@ -29,11 +29,13 @@ use crate::{
     trust::Trust,
 };
 
-/// Reads the admin token file (trimmed); a configured but unreadable or empty file is an error.
+/// Reads the admin token file (trimmed); a configured but unreadable or empty file is an error,
+/// and so is one that others may read ([`crate::config::check_token_file`]).
 pub fn read_token(config: &Config) -> anyhow::Result<Option<Arc<str>>> {
     let Some(path) = &config.admin.token_file else {
         return Ok(None);
     };
+    crate::config::check_token_file(path)?;
     let token = std::fs::read_to_string(path)
         .with_context(|| format!("admin.token_file: cannot read {}", path.display()))?;
     let token = token.trim();

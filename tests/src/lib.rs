@@ -181,6 +181,14 @@ pub fn state_dir(name: &str) -> tempfile::TempDir {
 
 // === mx-pod ===
 
+/// Writes an admin token file as an admin would: mode 600 (mx-pod refuses to start with a token
+/// others may read).
+pub fn write_token_file(path: &Path, token: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    fs::write(path, format!("{token}\n")).unwrap();
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600)).unwrap();
+}
+
 /// How to configure an [`MxPod`].
 #[derive(Clone)]
 pub struct MxPodConfig {
@@ -296,7 +304,7 @@ impl MxPod {
             .token
             .clone()
             .unwrap_or_else(|| format!("tok-{}", std::process::id()));
-        fs::write(dir.path().join("admin-token"), format!("{token}\n")).unwrap();
+        write_token_file(&dir.path().join("admin-token"), &token);
         let listen: Vec<String> = if cfg.smtp_listen.is_empty() {
             vec![format!("\"{smtp}\"")]
         } else {
@@ -369,7 +377,7 @@ impl MxPod {
         let dir = state_dir("mxpod");
         let queue_dir = dir.path().join("queue");
         let token_file = dir.path().join("admin-token");
-        fs::write(&token_file, format!("{token}\n")).unwrap();
+        write_token_file(&token_file, token);
         let port = |a: &SocketAddr| a.port();
         let smtp = SocketAddr::new(ip, port(&config.smtp.listen[0]));
         let admin = SocketAddr::new(ip, port(&config.admin.listen));
@@ -600,10 +608,13 @@ async fn json_of(r: reqwest::Response) -> (u16, Value) {
 
 // === Postfix primary ===
 
-/// A real Postfix acting as the primary MX of `example.test`, delivering to one maildir.
+/// A real Postfix acting as the primary MX of `example.test` (or of the domains given to
+/// [`Primary::start_for`]), delivering to one maildir.
 pub struct Primary {
     pub dir: tempfile::TempDir,
     pub port: u16,
+    /// The domains it takes mail for (`virtual_mailbox_domains`).
+    domains: Vec<String>,
     running: bool,
 }
 
@@ -614,11 +625,23 @@ impl Primary {
 
     /// Starts a primary on a given port (e.g. one a faulty server held before).
     pub fn start_on(port: u16) -> Primary {
+        Self::start_with(port, &["example.test"])
+    }
+
+    /// Starts a primary for these domains. Postfix matches a domain in its tables as spelled
+    /// (no IDNA mapping), so a primary of an IDN lists its U-label and its A-label, as a real
+    /// one that takes SMTPUTF8 mail must.
+    pub fn start_for(domains: &[&str]) -> Primary {
+        Self::start_with(free_port(), domains)
+    }
+
+    fn start_with(port: u16, domains: &[&str]) -> Primary {
         require_root();
         require("postfix");
         let mut p = Primary {
             dir: state_dir("primary"),
             port,
+            domains: domains.iter().map(|d| (*d).to_owned()).collect(),
             running: false,
         };
         p.up();
@@ -646,7 +669,10 @@ impl Primary {
     /// Starts (or restarts) Postfix; returns once the port accepts.
     pub fn up(&mut self) {
         let dir = self.dir.path().to_str().unwrap().to_owned();
-        self.script(&["start", &dir, &self.port.to_string()]);
+        let port = self.port.to_string();
+        let mut args = vec!["start", &dir, &port];
+        args.extend(self.domains.iter().map(String::as_str));
+        self.script(&args);
         self.running = true;
     }
 

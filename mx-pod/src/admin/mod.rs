@@ -22,10 +22,11 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    config::Config,
+    config::{Config, route_from_admin},
     metrics::Metrics,
     queue::{
         Queue, QueueError,
+        index::DSN_ROUTE,
         message::{QueueId, RcptStatus, now_micros},
     },
     replay::{Replay, ReplaySettings},
@@ -311,12 +312,29 @@ fn summary(env: &crate::queue::message::Envelope, now: u64) -> MessageSummary {
     }
 }
 
+/// The route a `domain` given to the API names, normalised here at the edge: any spelling of a
+/// domain (U-label or A-label, any case) is its one route (`config::route_from_admin`), and
+/// `_dsn` is the DSN route. Anything else is `400`: a typo must not silently select nothing.
+fn route_param(domain: Option<&str>) -> Result<Option<String>, ApiError> {
+    match domain {
+        None => Ok(None),
+        Some(DSN_ROUTE) => Ok(Some(DSN_ROUTE.to_owned())),
+        Some(d) => route_from_admin(d)
+            .map(Some)
+            .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("domain: {e}"))),
+    }
+}
+
 async fn list_messages(State(s): State<AdminState>, Query(q): Query<ListQuery>) -> Response {
     let now = now_micros();
     let limit = q.limit.unwrap_or(100).min(10_000);
+    let route = match route_param(q.domain.as_deref()) {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
     let list: Vec<MessageSummary> = s
         .queue
-        .list(q.domain.as_deref(), limit)
+        .list(route.as_deref(), limit)
         .iter()
         .map(|e| summary(e, now))
         .collect();
@@ -386,10 +404,14 @@ async fn set_hold(s: AdminState, body: axum::body::Bytes, held: bool) -> Respons
         Ok(id) => id,
         Err(r) => return r.into_response(),
     };
-    match s.queue.set_hold(held, sel.domain.as_deref(), id).await {
+    let route = match route_param(sel.domain.as_deref()) {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    match s.queue.set_hold(held, route.as_deref(), id).await {
         Ok(n) => {
-            tracing::info!(held, domain = ?sel.domain, id = ?sel.id, messages = n, "hold changed by admin");
-            Json(json!({"held": held, "domain": sel.domain, "id": sel.id, "messages": n}))
+            tracing::info!(held, domain = ?route, id = ?sel.id, messages = n, "hold changed by admin");
+            Json(json!({"held": held, "domain": route, "id": sel.id, "messages": n}))
                 .into_response()
         }
         Err(e) => queue_error(e),
@@ -409,9 +431,13 @@ async fn flush(State(s): State<AdminState>, body: axum::body::Bytes) -> Response
         Ok(x) => x,
         Err(r) => return r.into_response(),
     };
-    let n = s.queue.flush(sel.domain.as_deref());
-    s.replay.reset_backoff(sel.domain.as_deref());
-    Json(json!({"flushed": n, "domain": sel.domain})).into_response()
+    let route = match route_param(sel.domain.as_deref()) {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    let n = s.queue.flush(route.as_deref());
+    s.replay.reset_backoff(route.as_deref());
+    Json(json!({"flushed": n, "domain": route})).into_response()
 }
 
 /// `GET /v1/replay`.
@@ -546,7 +572,10 @@ async fn drill(State(s): State<AdminState>, body: axum::body::Bytes) -> Response
             );
         }
     };
-    let Some(domain) = s.config.domain(&req.domain) else {
+    let configured = route_from_admin(&req.domain)
+        .ok()
+        .and_then(|route| s.config.domain(&route));
+    let Some(domain) = configured else {
         return error(
             StatusCode::UNPROCESSABLE_ENTITY,
             format!("{} is not a configured domain", req.domain),

@@ -30,7 +30,10 @@ use super::Verdict;
 use crate::{
     config::{DomainConfig, FailMode, RecipientMode},
     replay::client::{SmtpClient, Stage},
-    smtp::reply::{RejectReason, Reply},
+    smtp::{
+        address::mailbox_key,
+        reply::{RejectReason, Reply},
+    },
     trust::Trust,
 };
 
@@ -58,6 +61,9 @@ pub enum Callout {
     Unknown(String),
     /// The primary could not be asked or answered `4xx`.
     Unavailable(String),
+    /// The address has UTF-8 in it and the primary does not offer SMTPUTF8: it can never take
+    /// it, so the sender is told now (`553 5.6.7`) rather than by a bounce after the replay.
+    NoSmtputf8,
 }
 
 /// Validates recipients; shared by every session.
@@ -110,11 +116,14 @@ impl Recipients {
         match rc.mode {
             RecipientMode::Any => Verdict::Accept,
             RecipientMode::List => {
-                let wanted = address.to_ascii_lowercase();
-                let (_, dom) = wanted.rsplit_once('@').unwrap_or(("", ""));
+                // one key per mailbox: the domain by its route (A-label) whatever its spelling in
+                // the RCPT or the list, the local part with needless quotes dropped
+                let wanted = mailbox_key(address, &domain.name);
                 let listed = rc.addresses.iter().any(|a| {
-                    let a = a.to_ascii_lowercase();
-                    a == wanted || a.strip_prefix("*@").is_some_and(|d| d == dom)
+                    a.strip_prefix("*@").map_or_else(
+                        || mailbox_key(a, &domain.name) == wanted,
+                        |d| d.eq_ignore_ascii_case(&domain.name),
+                    )
                 });
                 if listed {
                     Verdict::Accept
@@ -123,7 +132,7 @@ impl Recipients {
                 }
             }
             RecipientMode::Verify => {
-                let key = address.to_ascii_lowercase();
+                let key = mailbox_key(address, &domain.name);
                 // a fresh answer decides without asking again
                 if let Some(valid) = self.cached(&key) {
                     return self.cached_verdict(valid);
@@ -144,6 +153,10 @@ impl Recipients {
                             ),
                         )
                     }
+                    Callout::NoSmtputf8 => Verdict::RejectWith(
+                        RejectReason::NonAsciiAddress,
+                        Reply::new(553, "5.6.7", UTF8_NOT_OFFERED_TEXT),
+                    ),
                     Callout::Unavailable(why) => {
                         debug!(address, why, "callout inconclusive");
                         match rc.fail_mode {
@@ -260,7 +273,17 @@ pub async fn callout(
             Ok(c) => c,
             Err(e) => return Callout::Unavailable(e.to_string()),
         };
-        let mail = match c.command("MAIL FROM:<>\r\n", Stage::Mail).await {
+        // an address with UTF-8 in it is asked about in an SMTPUTF8 transaction (RFC 6531), as
+        // the replay will deliver it; a primary without SMTPUTF8 could never take it
+        let mail = if address.is_ascii() {
+            "MAIL FROM:<>\r\n"
+        } else if c.caps.smtputf8 {
+            "MAIL FROM:<> SMTPUTF8\r\n"
+        } else {
+            c.quit().await;
+            return Callout::NoSmtputf8;
+        };
+        let mail = match c.command(mail, Stage::Mail).await {
             Ok(r) => r,
             Err(e) => return Callout::Unavailable(e.to_string()),
         };
@@ -284,6 +307,8 @@ pub async fn callout(
         .await
         .unwrap_or_else(|_| Callout::Unavailable("callout timed out".into()))
 }
+
+use crate::replay::client::UTF8_NOT_OFFERED_TEXT;
 
 /// The primary's reply text, made safe for our reply line.
 fn clean(text: &str) -> String {

@@ -1,25 +1,38 @@
-//! The relay rule: accept a recipient only when it is a plain `local@domain` address in one of
-//! the configured domains. Anything that could make the primary (or us) forward elsewhere is
-//! refused: `%` and `!` routing in the local part, a quoted local part hiding an `@`, source
+//! The relay rule: accept a recipient only when it is a `local@domain` address in one of the
+//! configured domains. Anything that could make the primary (or us) forward elsewhere is
+//! refused: `%` and `!` routing in the local part, an `@` in it (quoted or escaped), source
 //! routes, IP literals, trailing dots and any domain not configured.
+//!
+//! A quoted local part is a mailbox like any other (`"john doe"@example.test`) and is accepted,
+//! and kept quoted all the way to the primary, unless its content holds one of those routing
+//! characters: `"user@other.test"@example.test` or `"a@b"@example.test` is refused like
+//! `user%other.test@example.test`, because a primary that looks inside the quotes would route
+//! it elsewhere, and a default Postfix primary (`resolve_dequoted_address = yes`) refuses it as
+//! "Relay access denied", so accepting it here would only turn into a bounce (backscatter).
 
 use super::Verdict;
-use crate::{config::Config, smtp::reply::RejectReason};
+use crate::{config::Config, smtp::address::local_content, smtp::reply::RejectReason};
 
-/// Checks one RCPT address (as parsed, without brackets). `raw_line` is the command as sent,
-/// used to spot source routes that a parser would strip.
+/// Checks one RCPT address (as the client wrote it, without brackets: a quoted local part keeps
+/// its quotes). `raw_line` is the command as sent, used to spot source routes.
 pub fn check(config: &Config, address: &str, raw_line: &[u8]) -> Verdict {
     if has_source_route(raw_line) {
         return Verdict::Reject(RejectReason::SourceRoute);
     }
+    // a domain has no `@` and no quotes: the last `@` ends the local part, quoted or not
     let Some((local, domain)) = address.rsplit_once('@') else {
         return Verdict::Reject(RejectReason::Relay);
     };
-    if local.is_empty()
-        || local.contains(['@', '%', '!', '"', '\\'])
-        || local.starts_with('.')
-        || config.domain(domain).is_none()
-    {
+    let quoted = local.starts_with('"');
+    let routes_elsewhere = match local_content(local) {
+        None => true,
+        Some(content) => {
+            content.is_empty()
+                || content.contains(['@', '%', '!'])
+                || (!quoted && (content.contains(['"', '\\']) || content.starts_with('.')))
+        }
+    };
+    if routes_elsewhere || config.domain(domain).is_none() {
         return Verdict::Reject(RejectReason::Relay);
     }
     Verdict::Accept
@@ -65,6 +78,10 @@ mod tests {
             "user%other.com@example.com",
             "other.com!user@example.com",
             "\"user@other.com\"@example.com",
+            "\"a@b\"@example.com",
+            "\"user%other.com\"@example.com",
+            "\"user\\@other.com\"@example.com",
+            "\"\"@example.com",
             "user@example.com.",
             "user@[127.0.0.1]",
             "user@mx2.example.com",
@@ -75,6 +92,18 @@ mod tests {
                 Verdict::Reject(RejectReason::Relay),
                 "{addr}"
             );
+        }
+    }
+
+    #[test]
+    fn quoted_local_parts_without_routing_characters_are_accepted() {
+        for addr in [
+            "\"john doe\"@example.com",
+            "\"john..doe\"@example.com",
+            "\"x\\\"y\"@example.com",
+            "\"john\"@EXAMPLE.COM",
+        ] {
+            assert_eq!(verdict(addr), Verdict::Accept, "{addr}");
         }
     }
 

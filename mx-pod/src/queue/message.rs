@@ -106,7 +106,10 @@ impl RcptStatus {
 pub struct Recipient {
     /// The address as given in RCPT TO (without angle brackets).
     pub address: String,
-    /// The lowercased domain: the route to its primary.
+    /// The route to its primary: the address' domain in its route form (A-label, lower case;
+    /// [`route_of`]). Normalised again when read back, so a queue written by an older version
+    /// (which kept a U-label here) still has one route per domain.
+    #[serde(deserialize_with = "deserialize_route")]
     pub domain: String,
     /// RFC 3461 ORCPT, kept for the replay and for DSNs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -129,7 +132,7 @@ impl Recipient {
     pub fn new(address: String, orcpt: Option<String>, notify: Notify) -> Self {
         let domain = address
             .rsplit_once('@')
-            .map(|(_, d)| d.to_ascii_lowercase())
+            .map(|(_, d)| route_of(d))
             .unwrap_or_default();
         Self {
             address,
@@ -142,6 +145,19 @@ impl Recipient {
             last_error: None,
         }
     }
+}
+
+/// The route of an address' domain: its A-label form in lower case, so `bücher.example`,
+/// `Bücher.example` and `XN--BCHER-KVA.example` are one route. A domain that is no host name (an
+/// address literal of a DSN's sender) keeps its spelling, lower-cased.
+pub fn route_of(domain: &str) -> String {
+    crate::config::to_ascii_domain(domain).unwrap_or_else(|| domain.to_ascii_lowercase())
+}
+
+fn deserialize_route<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let stored = String::deserialize(d)?;
+    // the DSN route's recipients keep the sender's domain; `_dsn` itself is never stored here
+    Ok(route_of(&stored))
 }
 
 /// Facts about the SMTP client, for `Received:` and logs.
@@ -259,6 +275,23 @@ mod tests {
             ..Default::default()
         };
         assert!(!success_only.on_failure());
+    }
+
+    #[test]
+    fn an_idn_recipient_has_the_a_label_route_and_keeps_its_spelling() {
+        for address in [
+            "jürgen@bücher.example",
+            "user@Bücher.EXAMPLE",
+            "user@XN--BCHER-KVA.example",
+        ] {
+            let r = Recipient::new(address.into(), None, Notify::default());
+            assert_eq!(r.domain, "xn--bcher-kva.example", "{address}");
+            assert_eq!(r.address, address);
+        }
+        // a queue written before routes were normalised: read back with the A-label route
+        let old = r#"{"address":"a@bücher.example","domain":"bücher.example","status":{"state":"pending"}}"#;
+        let r: Recipient = serde_json::from_str(old).unwrap();
+        assert_eq!(r.domain, "xn--bcher-kva.example");
     }
 
     #[test]

@@ -449,11 +449,15 @@ impl Queue {
             self.inner.work.notify_waiters();
             return Ok(1);
         }
+        // the admin edge gives the route form already; normalising again costs nothing and keeps
+        // every caller on the one route a domain has
+        let domain = domain.map(message::route_of);
+        let domain = domain.as_deref();
         let holds = {
             let mut st = self.lock();
             match domain {
                 Some(d) => {
-                    let d = d.to_ascii_lowercase();
+                    let d = d.to_owned();
                     st.index.route_mut(&d).route_held = held;
                     st.holds.domains.retain(|x| *x != d);
                     if held {
@@ -479,14 +483,14 @@ impl Queue {
         Ok(self
             .stats()
             .iter()
-            .filter(|s| domain.is_none_or(|d| s.route.eq_ignore_ascii_case(d)))
+            .filter(|s| domain.is_none_or(|d| s.route == d))
             .map(|s| s.messages)
             .sum())
     }
 
     /// Makes deferred mail of a domain (or all) due now. Returns how many messages moved.
     pub fn flush(&self, domain: Option<&str>) -> usize {
-        let lower = domain.map(str::to_ascii_lowercase);
+        let lower = domain.map(message::route_of);
         let n = self.lock().index.flush(lower.as_deref());
         self.inner.work.notify_waiters();
         n
@@ -515,7 +519,7 @@ impl Queue {
 
     /// Envelopes of a route (or all), oldest first.
     pub fn list(&self, route: Option<&str>, limit: usize) -> Vec<Envelope> {
-        let lower = route.map(str::to_ascii_lowercase);
+        let lower = route.map(message::route_of);
         self.lock()
             .index
             .list(lower.as_deref(), limit)
@@ -690,6 +694,18 @@ impl Queue {
 /// everything and comes back as damage. A directory without one (new, or from a version
 /// before the manifest) gets an empty holds file written, so its loss can be noticed later.
 fn read_holds(dir: &Path, managed: bool) -> Result<(Holds, Option<Damage>), QueueError> {
+    let (holds, damage) = read_holds_file(dir, managed)?;
+    // a holds file written before routes were normalised may name a domain by its U-label
+    let mut domains: Vec<String> = Vec::new();
+    for d in holds.domains.iter().map(|d| message::route_of(d)) {
+        if !domains.contains(&d) {
+            domains.push(d);
+        }
+    }
+    Ok((Holds { domains, ..holds }, damage))
+}
+
+fn read_holds_file(dir: &Path, managed: bool) -> Result<(Holds, Option<Damage>), QueueError> {
     let path = dir.join("holds.json");
     let held = Holds {
         all: true,

@@ -790,7 +790,42 @@ impl SmtpClient {
     /// about each recipient: `Delivered` only from a `2xx` to the final dot. `Err` means
     /// nothing is known about any recipient (connection-level failure, protocol violation, the
     /// message withdrawn); [`ClientError::UnknownOutcome`] when that happened after the dot.
+    ///
+    /// A message that needs SMTPUTF8 ([`smtputf8_refusals`]) is never sent to a server that does
+    /// not offer it, neither downgraded nor mangled: the recipients that need it fail with
+    /// `553 5.6.7` (the sender gets a DSN saying why), the others are delivered as usual.
     pub async fn send(
+        &mut self,
+        env: &Envelope,
+        recipients: &[(usize, &Recipient)],
+        body: &[u8],
+        turn: &impl CommitTurn,
+    ) -> Result<TxResult, ClientError> {
+        let refused = smtputf8_refusals(env, recipients, body, self.caps.smtputf8);
+        if refused.is_empty() {
+            return self.transact(env, recipients, body, turn).await;
+        }
+        let rest: Vec<(usize, &Recipient)> = recipients
+            .iter()
+            .filter(|(i, _)| !refused.contains(i))
+            .copied()
+            .collect();
+        let mut out = if rest.is_empty() {
+            TxResult::default()
+        } else {
+            self.transact(env, &rest, body, turn).await?
+        };
+        let reply = format!("553 5.6.7 {UTF8_NOT_OFFERED_TEXT}");
+        out.results.extend(
+            refused
+                .into_iter()
+                .map(|i| (i, RcptResult::Failed(reply.clone()))),
+        );
+        Ok(out)
+    }
+
+    /// One transaction for `recipients`: see [`SmtpClient::send`].
+    async fn transact(
         &mut self,
         env: &Envelope,
         recipients: &[(usize, &Recipient)],
@@ -1011,6 +1046,36 @@ impl SmtpClient {
     fn rcpt_command(&self, r: &Recipient) -> String {
         rcpt_line(&self.caps, r)
     }
+}
+
+/// Why a recipient that needs SMTPUTF8 fails at a server that does not offer it (after
+/// `553 5.6.7`, RFC 6531 3.7.4.1 / RFC 3463 "non-ASCII addresses not permitted").
+pub const UTF8_NOT_OFFERED_TEXT: &str = "primary does not support SMTPUTF8";
+
+/// The recipients (by envelope index) that cannot be sent to a server offering SMTPUTF8 or not
+/// (`offered`): none when it is offered or the client did not ask for it; else every recipient
+/// when the sender or a header has UTF-8 in it (RFC 6531/6532: the whole message needs it), and
+/// otherwise those whose own address has. A message marked SMTPUTF8 that needs none of it (all
+/// ASCII) is sent as it is: nothing is downgraded.
+pub fn smtputf8_refusals(
+    env: &Envelope,
+    recipients: &[(usize, &Recipient)],
+    body: &[u8],
+    offered: bool,
+) -> Vec<usize> {
+    if offered || !env.smtputf8 {
+        return Vec::new();
+    }
+    let headers_end = body
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or(body.len());
+    let whole = !env.sender.is_ascii() || !body[..headers_end].is_ascii();
+    recipients
+        .iter()
+        .filter(|(_, r)| whole || !r.address.is_ascii())
+        .map(|(i, _)| *i)
+        .collect()
 }
 
 /// `RCPT TO:<address>` with the DSN parameters when the server offers DSN.
@@ -1278,6 +1343,61 @@ mod tests {
             .unwrap();
         assert!(c.tls.is_none() && c.tls_fallback.is_none());
         assert_eq!(conns.load(Ordering::SeqCst), before + 1);
+    }
+
+    #[test]
+    fn smtputf8_is_never_downgraded() {
+        use crate::queue::message::{ClientInfo, MessageKind, Notify, QueueId};
+        let env = |sender: &str, smtputf8: bool, rcpts: &[&str]| Envelope {
+            id: QueueId(1),
+            kind: MessageKind::Mail,
+            arrival: 0,
+            sender: sender.into(),
+            recipients: rcpts
+                .iter()
+                .map(|a| Recipient::new((*a).into(), None, Notify::default()))
+                .collect(),
+            size: 0,
+            env_id: None,
+            ret: None,
+            smtputf8,
+            eight_bit: false,
+            client: ClientInfo::default(),
+            held: false,
+            delay_warned: false,
+        };
+        let refused = |e: &Envelope, body: &[u8], offered: bool| {
+            let rcpts: Vec<(usize, &Recipient)> = e.recipients.iter().enumerate().collect();
+            smtputf8_refusals(e, &rcpts, body, offered)
+        };
+        let ascii_body = b"Subject: hi\r\n\r\nbody: gr\xc3\xbc\xc3\x9fe\r\n";
+        let mixed = env(
+            "s@sender.test",
+            true,
+            &["a@example.test", "jürgen@example.test"],
+        );
+        // offered: everything goes, with SMTPUTF8
+        assert!(refused(&mixed, ascii_body, true).is_empty());
+        // not offered: only the recipient that needs it fails (the body is 8BITMIME's business)
+        assert_eq!(refused(&mixed, ascii_body, false), vec![1]);
+        // a UTF-8 sender or header: the whole message needs it
+        let from_utf8 = env("jürgen@sender.test", true, &["a@example.test"]);
+        assert_eq!(refused(&from_utf8, ascii_body, false), vec![0]);
+        let utf8_header = env("s@sender.test", true, &["a@example.test"]);
+        assert_eq!(
+            refused(&utf8_header, "Subject: grüße\r\n\r\nx".as_bytes(), false),
+            vec![0]
+        );
+        // marked SMTPUTF8 but all ASCII: sent as it is; not marked: not our call
+        assert!(refused(&utf8_header, ascii_body, false).is_empty());
+        assert!(
+            refused(
+                &env("s@sender.test", false, &["a@example.test"]),
+                ascii_body,
+                false
+            )
+            .is_empty()
+        );
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Inbound SMTP: the listener and the per-connection session.
 
+pub mod address;
 pub mod budget;
 pub mod listener;
 pub mod proxy;

@@ -93,6 +93,9 @@ pub enum RejectReason {
     ProxyHeader,
     /// The memory for messages in transit (`smtp.max_inflight_data`) stayed taken too long.
     Busy,
+    /// A sender or recipient address with UTF-8 in it, in a transaction whose MAIL had no
+    /// `SMTPUTF8` (RFC 6531 3.7.4.1).
+    NonAsciiAddress,
 }
 
 impl RejectReason {
@@ -127,11 +130,12 @@ impl RejectReason {
             RejectReason::TlsUnavailable => "tls_unavailable",
             RejectReason::ProxyHeader => "proxy_header",
             RejectReason::Busy => "busy",
+            RejectReason::NonAsciiAddress => "non_ascii_address",
         }
     }
 
     /// All reasons, for pre-registering metric series.
-    pub const ALL: [RejectReason; 28] = [
+    pub const ALL: [RejectReason; 29] = [
         RejectReason::Relay,
         RejectReason::SourceRoute,
         RejectReason::Size,
@@ -160,6 +164,7 @@ impl RejectReason {
         RejectReason::TlsUnavailable,
         RejectReason::ProxyHeader,
         RejectReason::Busy,
+        RejectReason::NonAsciiAddress,
     ];
 
     /// The reply sent for this reason.
@@ -238,6 +243,11 @@ impl RejectReason {
                 451,
                 "4.3.2",
                 "Too much mail in transit at the moment, try again later",
+            ),
+            RejectReason::NonAsciiAddress => Reply::new(
+                553,
+                "5.6.7",
+                "Non-ASCII address not permitted without SMTPUTF8",
             ),
         }
     }

@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::{
-    proxy,
+    address, proxy,
     reply::{self, RejectReason, Reply},
     tls::{Io, Tls},
 };
@@ -479,6 +479,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     self.queue_error(&e, "mail");
                     return Ok(None);
                 }
+                let smtputf8 = from.flags & MAIL_SMTPUTF8 != 0;
+                let Some(sender) = self.path_as_written(raw, from.address, reply::BAD_SENDER)
+                else {
+                    return Ok(self.count_error());
+                };
+                if !smtputf8 && !sender.is_ascii() {
+                    self.reject(RejectReason::NonAsciiAddress, "mail");
+                    return Ok(None);
+                }
                 let ret = if from.flags & MAIL_RET_FULL != 0 {
                     Some(DsnRet::Full)
                 } else if from.flags & MAIL_RET_HDRS != 0 {
@@ -487,10 +496,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     None
                 };
                 self.tx = Some(Transaction {
-                    sender: from.address,
+                    sender,
                     env_id: from.env_id,
                     ret,
-                    smtputf8: from.flags & MAIL_SMTPUTF8 != 0,
+                    smtputf8,
                     eight_bit: from.flags & MAIL_BODY_8BITMIME != 0,
                     declared_size: from.size,
                     recipients: Vec::new(),
@@ -507,6 +516,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     self.reject(RejectReason::TooManyRecipients, "rcpt");
                     return Ok(None);
                 }
+                let smtputf8 = tx.smtputf8;
                 let mut to = to;
                 // RFC 5321 4.5.1: `RCPT TO:<postmaster>` (no domain) must be accepted; it goes
                 // to the postmaster of the first configured domain (at the primary)
@@ -515,6 +525,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     && let Some(first) = self.ctx.config.domains.first()
                 {
                     to.address = format!("postmaster@{}", first.name);
+                } else {
+                    let Some(address) = self.path_as_written(raw, to.address, reply::BAD_RECIPIENT)
+                    else {
+                        return Ok(self.count_error());
+                    };
+                    to.address = address;
+                }
+                if !smtputf8 && !to.address.is_ascii() {
+                    self.reject(RejectReason::NonAsciiAddress, "rcpt");
+                    return Ok(None);
                 }
                 let relay = policy::relay::check(&self.ctx.config, &to.address, raw);
                 if !self.verdict(relay, "rcpt") {
@@ -596,6 +616,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
         }
         Ok(None)
+    }
+
+    /// The address of a MAIL or RCPT line as the client wrote it (quoted local parts keep their
+    /// quotes: see [`address`]), given what smtp-proto parsed from the same line. `None` (after
+    /// `bad`, a `501`) when the two disagree: then the line is not what either reader thinks.
+    fn path_as_written(&mut self, raw: &[u8], parsed: String, bad: Reply) -> Option<String> {
+        if parsed.is_empty() {
+            // the null reverse path `<>` (or a bare `postmaster`, handled by the caller)
+            return Some(parsed);
+        }
+        match address::raw_path(raw) {
+            Some(written) if address::dequoted(&written) == parsed => Some(written),
+            written => {
+                debug!(client = %self.peer.ip(), ?written, parsed, "path read two ways");
+                self.ctx.metrics.reject(RejectReason::Syntax);
+                self.send(&bad);
+                None
+            }
+        }
     }
 
     fn queue_error(&mut self, e: &QueueError, stage: &str) {

@@ -249,6 +249,78 @@ async fn bare_postmaster_is_accepted_for_the_first_domain() {
 }
 
 #[tokio::test]
+async fn quoted_local_parts_are_queued_as_written() {
+    let mut h = start().await;
+    let c = &mut h.client;
+    c.cmd("EHLO client.test", "250").await;
+    c.cmd("MAIL FROM:<\"s d\"@sender.test>", "250 2.1.0").await;
+    c.cmd("RCPT TO:<\"john doe\"@example.test>", "250 2.1.5")
+        .await;
+    c.cmd("RCPT TO:<\"x\\\"y\"@Example.test>", "250 2.1.5")
+        .await;
+    // a quoted local part hiding an address is the relay trick it always was
+    c.cmd("RCPT TO:<\"a@b\"@example.test>", "550 5.7.1").await;
+    c.cmd("DATA", "354").await;
+    c.raw(b"Subject: hi\r\n\r\nhello\r\n.\r\n", "250").await;
+    let queued = h.queue.list(None, 10);
+    assert_eq!(queued[0].sender, "\"s d\"@sender.test");
+    let got: Vec<(&str, &str)> = queued[0]
+        .recipients
+        .iter()
+        .map(|r| (r.address.as_str(), r.domain.as_str()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("\"john doe\"@example.test", "example.test"),
+            ("\"x\\\"y\"@Example.test", "example.test")
+        ]
+    );
+}
+
+#[tokio::test]
+async fn non_ascii_addresses_need_smtputf8() {
+    let mut h = start().await;
+    let c = &mut h.client;
+    c.cmd("EHLO client.test", "250").await;
+    c.cmd("MAIL FROM:<jürgen@sender.test>", "553 5.6.7").await;
+    c.cmd("MAIL FROM:<s@sender.test>", "250").await;
+    c.cmd("RCPT TO:<jürgen@example.test>", "553 5.6.7").await;
+    c.cmd("RCPT TO:<user@bücher.test>", "553 5.6.7").await;
+    // the A-label spelling is ASCII
+    c.cmd("RCPT TO:<user@xn--bcher-kva.test>", "250").await;
+    c.cmd("RSET", "250").await;
+    c.cmd("MAIL FROM:<jürgen@sender.test> SMTPUTF8", "250")
+        .await;
+    c.cmd("RCPT TO:<jürgen@bücher.test>", "250").await;
+    c.cmd("RCPT TO:<a@XN--BCHER-KVA.test>", "250").await;
+    c.cmd("DATA", "354").await;
+    c.raw(b"Subject: hi\r\n\r\nhello\r\n.\r\n", "250").await;
+    let queued = h.queue.list(Some("bücher.test"), 10);
+    assert_eq!(queued.len(), 1, "listed by the U-label");
+    let env = &queued[0];
+    assert!(env.smtputf8);
+    assert_eq!(env.sender, "jürgen@sender.test");
+    let routes: Vec<&str> = env.recipients.iter().map(|r| r.domain.as_str()).collect();
+    assert_eq!(
+        routes,
+        ["xn--bcher-kva.test", "xn--bcher-kva.test"],
+        "one route"
+    );
+    assert_eq!(
+        env.recipients[0].address, "jürgen@bücher.test",
+        "spelling kept"
+    );
+    let stats = h.queue.stats();
+    assert_eq!(stats.len(), 1, "{stats:?}");
+    assert!(
+        h.metrics
+            .render(&h.queue, &[])
+            .contains("mxpod_rejected_total{reason=\"non_ascii_address\"} 3")
+    );
+}
+
+#[tokio::test]
 async fn limits_on_size_and_recipients() {
     let mut h = start().await;
     let c = &mut h.client;

@@ -2,6 +2,7 @@
 //! mx-pod binary, all on 127.0.0.1. One test binary with a module per area links faster than
 //! many on two cores.
 
+mod addresses;
 mod admin;
 mod check_mx;
 mod commit_order;
