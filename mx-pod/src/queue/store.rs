@@ -560,6 +560,13 @@ fn read_manifest(log_dir: &Path) -> ManifestState {
 }
 
 /// Replaces the manifest with `segments`, durably.
+///
+/// On a full disk the temporary file cannot be written, yet the GC must still delete finished
+/// segments to free the space (or the queue stays full for good). A shorter list then
+/// overwrites the manifest in place, padded with spaces to its old length, so no new block is
+/// needed. A crash in the middle of that one small write at worst leaves an unreadable manifest,
+/// which recovery reports and rebuilds from the segments on disk; it never makes a deleted
+/// segment look present.
 fn write_manifest(
     log_dir: &Path,
     dir_handle: &File,
@@ -569,17 +576,47 @@ fn write_manifest(
         version: 1,
         segments: segments.map(segment_name).collect(),
     };
+    let bytes = serde_json::to_vec(&m).expect("manifest serializes");
     let tmp = log_dir.join(format!("{MANIFEST}.tmp"));
-    let mut f = OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(&serde_json::to_vec(&m).expect("manifest serializes"))?;
-    f.sync_all()?;
-    fs::rename(&tmp, log_dir.join(MANIFEST))?;
-    dir_handle.sync_all()
+    let replaced = (|| {
+        let mut f = OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(&bytes)?;
+        f.sync_all()?;
+        fs::rename(&tmp, log_dir.join(MANIFEST))?;
+        dir_handle.sync_all()
+    })();
+    match replaced {
+        Err(e) if is_out_of_space(&e) => {
+            let _ = fs::remove_file(&tmp);
+            overwrite_manifest(&log_dir.join(MANIFEST), &bytes).map_err(|_| e)
+        }
+        other => other,
+    }
+}
+
+fn is_out_of_space(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+    )
+}
+
+/// Writes `bytes` over the manifest without growing it (see [`write_manifest`]).
+fn overwrite_manifest(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let mut f = OpenOptions::new().write(true).open(path)?;
+    let old = f.metadata()?.len() as usize;
+    if bytes.len() > old {
+        return Err(io::Error::from(io::ErrorKind::StorageFull));
+    }
+    let mut padded = bytes.to_vec();
+    padded.resize(old, b' ');
+    f.write_all(&padded)?;
+    f.sync_data()
 }
 
 /// Reads every segment, in order, rebuilding the live set and the GC state; damage goes to
@@ -1965,6 +2002,33 @@ mod tests {
         let listed = store.damage().active();
         assert_eq!(listed.len(), 1, "{listed:?}");
         assert_eq!(listed[0].what, DamageKind::Manifest);
+    }
+
+    #[test]
+    fn a_manifest_overwritten_in_place_on_a_full_disk_reads_back_shorter() {
+        let dir = tempfile::tempdir().unwrap();
+        let handle = File::open(dir.path()).unwrap();
+        write_manifest(dir.path(), &handle, [1, 2, 3].into_iter()).unwrap();
+        let path = dir.path().join(MANIFEST);
+        let old = fs::metadata(&path).unwrap().len();
+        let shorter = serde_json::to_vec(&Manifest {
+            version: 1,
+            segments: vec![segment_name(3)],
+        })
+        .unwrap();
+        overwrite_manifest(&path, &shorter).unwrap();
+        assert_eq!(fs::metadata(&path).unwrap().len(), old, "no new block");
+        match read_manifest(dir.path()) {
+            ManifestState::Listed(set) => assert_eq!(set.into_iter().collect::<Vec<_>>(), [3]),
+            _ => panic!("padded manifest unreadable"),
+        }
+        // a longer list cannot be written without growing the file
+        let longer = serde_json::to_vec(&Manifest {
+            version: 1,
+            segments: (1..=9).map(segment_name).collect(),
+        })
+        .unwrap();
+        assert!(overwrite_manifest(&path, &longer).is_err());
     }
 
     #[tokio::test]

@@ -72,7 +72,11 @@ async fn max_bytes_gives_452_then_accepts_again_after_replay() {
     )
     .await
     .unwrap();
-    assert!(after.ok(), "space freed, accepting again: {after:?}");
+    assert!(
+        after.ok(),
+        "space freed, accepting again: {after:?}\n{}",
+        pod.log_text()
+    );
 }
 
 /// Unmounts the small filesystem when the test ends, however it ends.
@@ -122,5 +126,9 @@ async fn full_filesystem_gives_452_then_accepts_again_after_replay() {
     )
     .await
     .unwrap();
-    assert!(after.ok(), "space freed, accepting again: {after:?}");
+    assert!(
+        after.ok(),
+        "space freed, accepting again: {after:?}\n{}",
+        pod.log_text()
+    );
 }
