@@ -514,9 +514,7 @@ impl Replay {
                     self.inner
                         .metrics
                         .bounced
-                        .get_or_create(&ReasonLabel {
-                            reason: "rejected".into(),
-                        })
+                        .get_or_create(&Bounce::Rejected.label())
                         .inc();
                     warn!(id = %job.env.id, to = %addr, route = %job.route, reply = %reply, "bounced");
                 }
@@ -579,11 +577,24 @@ impl Replay {
         self.inner
             .metrics
             .bounced
-            .get_or_create(&ReasonLabel {
-                reason: "corrupt".into(),
-            })
+            .get_or_create(&Bounce::Corrupt.label())
             .inc();
         self.record(job, results, None).await;
+    }
+
+    /// Ends a claimed message for its `pending` recipients (index, the reply they fail with),
+    /// counted in `mxpod_bounced_total{reason}`; the DSN, if any, is already queued.
+    fn fail_pending(&self, job: &Job, pending: &[(usize, String)], reason: Bounce) {
+        let results: Vec<(usize, RcptResult)> = pending
+            .iter()
+            .map(|(i, why)| (*i, RcptResult::Failed(why.clone())))
+            .collect();
+        self.inner.queue.complete(job, &results, |_| Duration::ZERO);
+        self.inner
+            .metrics
+            .bounced
+            .get_or_create(&reason.label())
+            .inc_by(pending.len() as u64);
     }
 
     /// Saves a damaged message's envelope (and why) as `corrupt/<id>.json`, synced: it is what
@@ -635,20 +646,7 @@ impl Replay {
                 continue;
             }
             self.save_corrupt(&job, &why);
-            let results: Vec<(usize, RcptResult)> = pending
-                .iter()
-                .map(|(i, why)| (*i, RcptResult::Failed(why.clone())))
-                .collect();
-            self.inner
-                .queue
-                .complete(&job, &results, |_| Duration::ZERO);
-            self.inner
-                .metrics
-                .bounced
-                .get_or_create(&ReasonLabel {
-                    reason: "corrupt".into(),
-                })
-                .inc_by(pending.len() as u64);
+            self.fail_pending(&job, &pending, Bounce::Corrupt);
         }
     }
 
@@ -816,20 +814,7 @@ impl Replay {
             } else if job.env.kind == crate::queue::message::MessageKind::Dsn {
                 warn!(id = %job.env.id, to = %job.env.sender, "undeliverable DSN expired; dropped");
             }
-            let results: Vec<(usize, RcptResult)> = pending
-                .iter()
-                .map(|(i, why)| (*i, RcptResult::Failed(why.clone())))
-                .collect();
-            self.inner
-                .queue
-                .complete(&job, &results, |_| Duration::ZERO);
-            self.inner
-                .metrics
-                .bounced
-                .get_or_create(&ReasonLabel {
-                    reason: "expired".into(),
-                })
-                .inc_by(pending.len() as u64);
+            self.fail_pending(&job, &pending, Bounce::Expired);
             warn!(id = %job.env.id, from = %job.env.sender, recipients = pending.len(), "expired after retention; bounced");
         }
         for job in work.delayed {
@@ -986,4 +971,28 @@ async fn mx_targets(
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Why recipients bounced: the `reason` of `mxpod_bounced_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Bounce {
+    /// The primary refused them (`5xx`).
+    Rejected,
+    /// Their message was damaged in the queue log.
+    Corrupt,
+    /// Still undelivered after `queue.retention`.
+    Expired,
+}
+
+impl Bounce {
+    fn label(self) -> ReasonLabel {
+        let reason = match self {
+            Bounce::Rejected => "rejected",
+            Bounce::Corrupt => "corrupt",
+            Bounce::Expired => "expired",
+        };
+        ReasonLabel {
+            reason: reason.into(),
+        }
+    }
 }
