@@ -14,9 +14,9 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod address;
 pub mod admin;
 pub mod config;
-pub mod dns;
 pub mod dsn;
 pub mod listen;
 pub mod metrics;
@@ -24,6 +24,8 @@ pub mod policy;
 pub mod probe;
 pub mod queue;
 pub mod replay;
+pub mod reply;
+pub mod resolver;
 pub mod server;
 pub mod smtp;
 pub mod trust;

@@ -12,7 +12,7 @@ use prometheus_client::{
 use crate::{
     queue::{Queue, RcptResult, damage::DamageKind},
     replay::client::TlsFailure,
-    smtp::reply::RejectReason,
+    reply::RejectReason,
 };
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

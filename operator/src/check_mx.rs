@@ -113,7 +113,7 @@ pub async fn check(
         warnings: Vec::new(),
         errors: Vec::new(),
     };
-    let r = match mx_pod::dns::resolver(resolver, timeout) {
+    let r = match mx_pod::resolver::resolver(resolver, timeout) {
         Ok(r) => r,
         Err(e) => {
             report.errors.push(e);

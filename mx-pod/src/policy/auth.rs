@@ -20,7 +20,7 @@ use mail_auth::{
 };
 
 use super::Verdict;
-use crate::{config::AuthMode, smtp::reply::RejectReason};
+use crate::{config::AuthMode, reply::RejectReason};
 
 /// The SPF/DKIM/DMARC checker.
 pub struct Auth {

@@ -12,7 +12,7 @@ use hickory_resolver::TokioResolver;
 use tracing::warn;
 
 use super::Verdict;
-use crate::smtp::reply::{RejectReason, Reply};
+use crate::reply::{RejectReason, Reply};
 
 /// Longest TXT reason copied into a reply.
 const MAX_TXT: usize = 200;

@@ -2,7 +2,7 @@
 //! (`554 5.4.6`) instead of being queued and sent round again.
 
 use super::Verdict;
-use crate::smtp::reply::RejectReason;
+use crate::reply::RejectReason;
 
 /// Counts `Received:` header fields in the header section of `message`.
 pub fn received_count(message: &[u8]) -> usize {

@@ -29,7 +29,7 @@ use std::sync::Arc;
 
 use crate::{
     config::{AuthMode, Config},
-    smtp::reply::{RejectReason, Reply},
+    reply::{RejectReason, Reply},
 };
 
 /// The outcome of a policy check.
@@ -60,12 +60,12 @@ impl Filters {
         let dnsbl = if f.dnsbl.is_empty() {
             None
         } else {
-            let resolver = crate::dns::resolver(f.resolver, f.dns_timeout())
+            let resolver = crate::resolver::resolver(f.resolver, f.dns_timeout())
                 .map_err(|e| format!("filter.dnsbl: {e}"))?;
             Some(dnsbl::Dnsbl::new(f.dnsbl.clone(), resolver))
         };
         let auth = if config.domains.iter().any(|d| d.auth != AuthMode::Off) {
-            let (rc, opts) = crate::dns::resolver_config(f.resolver, f.dns_timeout())
+            let (rc, opts) = crate::resolver::resolver_config(f.resolver, f.dns_timeout())
                 .map_err(|e| format!("domains.auth: {e}"))?;
             let authenticator = mail_auth::MessageAuthenticator::new(rc, opts)
                 .map_err(|e| format!("domains.auth: cannot build the DNS resolver: {e}"))?;

@@ -28,12 +28,10 @@ use tracing::{debug, info, warn};
 
 use super::Verdict;
 use crate::{
+    address::mailbox_key,
     config::{DomainConfig, FailMode, RecipientMode},
     replay::client::{SmtpClient, Stage},
-    smtp::{
-        address::mailbox_key,
-        reply::{RejectReason, Reply},
-    },
+    reply::{RejectReason, Reply},
     trust::Trust,
 };
 

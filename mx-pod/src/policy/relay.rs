@@ -11,7 +11,7 @@
 //! "Relay access denied", so accepting it here would only turn into a bounce (backscatter).
 
 use super::Verdict;
-use crate::{config::Config, smtp::address::local_content, smtp::reply::RejectReason};
+use crate::{address::local_content, config::Config, reply::RejectReason};
 
 /// Checks one RCPT address (as the client wrote it, without brackets: a quoted local part keeps
 /// its quotes). `raw_line` is the command as sent, used to spot source routes.

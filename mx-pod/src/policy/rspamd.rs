@@ -20,7 +20,7 @@ use tracing::{debug, warn};
 use super::Verdict;
 use crate::{
     config::{FailMode, RspamdConfig},
-    smtp::reply::RejectReason,
+    reply::RejectReason,
 };
 
 /// Headers mx-pod owns: removed from incoming messages before its own are added.

@@ -944,8 +944,8 @@ async fn mx_targets(
     domain: &str,
     resolver: Option<std::net::SocketAddr>,
 ) -> Result<Vec<String>, ClientError> {
-    let resolver =
-        crate::dns::resolver(resolver, Duration::from_secs(10)).map_err(ClientError::Protocol)?;
+    let resolver = crate::resolver::resolver(resolver, Duration::from_secs(10))
+        .map_err(ClientError::Protocol)?;
     match resolver.mx_lookup(domain).await {
         Ok(mx) => {
             let mut v: Vec<(u16, String)> = mx

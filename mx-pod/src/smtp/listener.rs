@@ -13,10 +13,8 @@ use tokio::{
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{error, info, warn};
 
-use super::{
-    reply::RejectReason,
-    session::{Session, SessionContext},
-};
+use super::session::{Session, SessionContext};
+use crate::reply::RejectReason;
 
 /// Binds every configured SMTP address ([`crate::listen`]: IPv6 wildcards left out where there
 /// is no IPv6); fails with the address in the error.

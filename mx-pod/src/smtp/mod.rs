@@ -1,9 +1,7 @@
 //! Inbound SMTP: the listener and the per-connection session.
 
-pub mod address;
 pub mod budget;
 pub mod listener;
 pub mod proxy;
-pub mod reply;
 pub mod session;
 pub mod tls;

@@ -26,11 +26,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::{
-    address, proxy,
-    reply::{self, RejectReason, Reply},
+    proxy,
     tls::{Io, Tls},
 };
 use crate::{
+    address,
     config::{AuthMode, Config},
     metrics::Metrics,
     policy::{self, Filters, Verdict, rspamd::ScanRequest},
@@ -38,6 +38,7 @@ use crate::{
         Queue, QueueError,
         message::{ClientInfo, DsnRet, Envelope, MessageKind, Notify, Recipient, now_micros},
     },
+    reply::{self, RejectReason, Reply},
 };
 
 /// Longest command line accepted, CRLF included (RFC 5321 asks for at least 512).

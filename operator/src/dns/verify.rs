@@ -16,7 +16,7 @@ pub async fn authoritative_servers(
     zone: &str,
     resolver: Option<SocketAddr>,
 ) -> Result<Vec<SocketAddr>, String> {
-    let r = mx_pod::dns::resolver(resolver, TIMEOUT)?;
+    let r = mx_pod::resolver::resolver(resolver, TIMEOUT)?;
     let ns = r
         .ns_lookup(format!("{}.", zone.trim_end_matches('.')))
         .await
@@ -40,7 +40,7 @@ pub async fn missing(servers: &[SocketAddr], wanted: &[Record]) -> Result<Vec<Re
     let mut missing = Vec::new();
     for server in servers {
         // a new resolver per check: nothing cached from an earlier one
-        let r = mx_pod::dns::resolver(Some(*server), TIMEOUT)?;
+        let r = mx_pod::resolver::resolver(Some(*server), TIMEOUT)?;
         for w in wanted {
             let name = format!("{}.", w.name);
             let seen: Vec<RData> = match w.record_type() {
