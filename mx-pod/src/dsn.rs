@@ -124,7 +124,7 @@ pub fn build(
         status.push_str("\r\n");
         status.push_str(&format!("Final-Recipient: rfc822; {}\r\n", r.address));
         if let Some(o) = &r.orcpt {
-            let o = crate::replay::client::orcpt_address(o);
+            let o = crate::outbound::orcpt_address(o);
             status.push_str(&format!("Original-Recipient: rfc822; {o}\r\n"));
         }
         let action = match kind {

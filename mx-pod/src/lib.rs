@@ -20,6 +20,7 @@ pub mod config;
 pub mod dsn;
 pub mod listen;
 pub mod metrics;
+pub mod outbound;
 pub mod policy;
 pub mod probe;
 pub mod queue;

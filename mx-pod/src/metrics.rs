@@ -10,8 +10,8 @@ use prometheus_client::{
 };
 
 use crate::{
+    outbound::TlsFailure,
     queue::{Queue, RcptResult, damage::DamageKind},
-    replay::client::TlsFailure,
     reply::RejectReason,
 };
 

@@ -13,7 +13,7 @@
 use std::time::{Duration, Instant};
 
 use crate::{
-    replay::client::{Capabilities, ClientError, SmtpClient, Stage, TlsFailure},
+    outbound::{Capabilities, ClientError, SmtpClient, Stage, TlsFailure},
     trust::{TlsPolicy, Trust, server_name},
 };
 

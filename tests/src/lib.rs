@@ -735,7 +735,7 @@ impl Primary {
             "the primary to offer STARTTLS",
             Duration::from_secs(30),
             || async {
-                let c = mx_pod::replay::client::SmtpClient::connect(
+                let c = mx_pod::outbound::SmtpClient::connect(
                     &addr,
                     "probe.example.test",
                     Duration::from_secs(5),

@@ -30,7 +30,7 @@ use super::Verdict;
 use crate::{
     address::mailbox_key,
     config::{DomainConfig, FailMode, RecipientMode},
-    replay::client::{SmtpClient, Stage},
+    outbound::{SmtpClient, Stage},
     reply::{RejectReason, Reply},
     trust::Trust,
 };
@@ -306,7 +306,7 @@ pub async fn callout(
         .unwrap_or_else(|_| Callout::Unavailable("callout timed out".into()))
 }
 
-use crate::replay::client::UTF8_NOT_OFFERED_TEXT;
+use crate::outbound::UTF8_NOT_OFFERED_TEXT;
 
 /// The primary's reply text, made safe for our reply line.
 fn clean(text: &str) -> String {

@@ -48,40 +48,7 @@ pub enum MessageKind {
     Dsn,
 }
 
-/// RFC 3461 `RET=` of MAIL FROM.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DsnRet {
-    Full,
-    Hdrs,
-}
-
-/// RFC 3461 NOTIFY flags of one recipient; `None` of all three means the default (failures).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-pub struct Notify {
-    #[serde(default)]
-    pub success: bool,
-    #[serde(default)]
-    pub failure: bool,
-    #[serde(default)]
-    pub delay: bool,
-    #[serde(default)]
-    pub never: bool,
-    /// True when the client sent an explicit NOTIFY parameter.
-    #[serde(default)]
-    pub explicit: bool,
-}
-
-impl Notify {
-    /// Whether a failure DSN should be sent for this recipient.
-    pub fn on_failure(&self) -> bool {
-        !self.never && (!self.explicit || self.failure)
-    }
-    /// Whether a delay DSN should be sent for this recipient.
-    pub fn on_delay(&self) -> bool {
-        !self.never && (!self.explicit || self.delay)
-    }
-}
+pub use crate::outbound::{DsnRet, Notify};
 
 /// Where a recipient stands.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -129,6 +96,15 @@ pub struct Recipient {
 }
 
 impl Recipient {
+    /// What the outbound client sends in RCPT TO for this recipient.
+    pub fn rcpt(&self) -> crate::outbound::Rcpt<'_> {
+        crate::outbound::Rcpt {
+            address: &self.address,
+            notify: self.notify,
+            orcpt: self.orcpt.as_deref(),
+        }
+    }
+
     pub fn new(address: String, orcpt: Option<String>, notify: Notify) -> Self {
         let domain = address
             .rsplit_once('@')
@@ -201,6 +177,17 @@ pub struct Envelope {
 }
 
 impl Envelope {
+    /// What the outbound client sends in MAIL FROM for this message.
+    pub fn transaction(&self) -> crate::outbound::Transaction<'_> {
+        crate::outbound::Transaction {
+            sender: &self.sender,
+            ret: self.ret,
+            env_id: self.env_id.as_deref(),
+            smtputf8: self.smtputf8,
+            eight_bit: self.eight_bit,
+        }
+    }
+
     /// True when every recipient is delivered or failed.
     pub fn is_done(&self) -> bool {
         self.recipients.iter().all(|r| r.status.is_final())

@@ -70,13 +70,8 @@ impl QueueError {
     }
 }
 
-/// The result of one recipient's delivery attempt.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RcptResult {
-    Delivered(String),
-    Deferred(String),
-    Failed(String),
-}
+/// The result of one recipient's delivery attempt (what the outbound client reports).
+pub use crate::outbound::RcptResult;
 
 /// One message on one route, taken for delivery.
 #[derive(Debug, Clone)]

@@ -15,7 +15,7 @@
 //! recipient the primary defers with its own `4xx` is retried after its backoff.
 //!
 //! Delivered means a `2xx` to the message's final dot, nothing else. A protocol violation by
-//! the primary (a `250` to DATA, an unsolicited or malformed reply, see `client`) drops the
+//! the primary (a `250` to DATA, an unsolicited or malformed reply, see `crate::outbound`) drops the
 //! connection and is a route-level failure. A connection lost after the dot, before its reply,
 //! leaves the outcome unknown: the message is sent again (at least once) and the possible
 //! duplicate is logged and counted (`mxpod_replay_unknown_outcome_total`); the reply to the dot
@@ -31,7 +31,6 @@
 //! `workers` (so bounces still go out while the primary is down): to `[dsn] relay` when set,
 //! else to the MX of the sender's domain.
 
-pub mod client;
 pub mod throttle;
 
 use std::{
@@ -45,13 +44,13 @@ use tokio::sync::watch;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, error, info, warn};
 
+use crate::outbound::{AtOnce, ClientError, CommitTurn, Rcpt, SmtpClient, Timeouts};
 use crate::{
     config::Config,
     dsn::{self, DsnKind, DsnRecipient},
     metrics::{DomainLabel, Metrics, ReasonLabel},
     queue::{Job, Queue, RcptResult, index::DSN_ROUTE, message::now_micros},
 };
-use client::{AtOnce, ClientError, CommitTurn, SmtpClient, Timeouts};
 
 use crate::trust::{TlsPolicy, Trust};
 use throttle::{RateLimiter, RouteHealth, backoff};
@@ -369,7 +368,11 @@ impl Replay {
                 }
             }
             let (_, client) = conn.as_mut().expect("connected above");
-            match client.send(&job.env, &rcpts, &body, &turn).await {
+            let wire: Vec<(usize, Rcpt)> = rcpts.iter().map(|(i, r)| (*i, r.rcpt())).collect();
+            match client
+                .send(&job.env.transaction(), &wire, &body, &turn)
+                .await
+            {
                 // a reused connection the primary had already closed: retry once on a new one.
                 // Only then: never while the old connection might still commit the message
                 Err(e) if reused && attempt == 1 && e.is_stale_connection() => {
@@ -725,7 +728,9 @@ impl Replay {
         for target in targets {
             match self.open(&target, policy, DSN_ROUTE).await {
                 Ok(mut c) => {
-                    let r = c.send(&job.env, &rcpts, &body, &AtOnce).await;
+                    let wire: Vec<(usize, Rcpt)> =
+                        rcpts.iter().map(|(i, r)| (*i, r.rcpt())).collect();
+                    let r = c.send(&job.env.transaction(), &wire, &body, &AtOnce).await;
                     let tls = c.tls.is_some();
                     c.quit().await;
                     match r {

@@ -261,10 +261,7 @@ async fn email(
     when: &str,
     trust: &Trust,
 ) -> Result<(), String> {
-    use mx_pod::{
-        queue::message::{ClientInfo, Envelope, MessageKind, Notify, QueueId, Recipient},
-        replay::client::{AtOnce, SmtpClient},
-    };
+    use mx_pod::outbound::{AtOnce, Rcpt, RcptResult, SmtpClient, Transaction};
     let from = format!("backupmx@{}", bmx.spec.mx.hostname);
     let body = MessageBuilder::new()
         .from(("backupmx", from.as_str()))
@@ -281,20 +278,9 @@ async fn email(
         ))
         .write_to_vec()
         .map_err(|e| e.to_string())?;
-    let env = Envelope {
-        id: QueueId(0),
-        kind: MessageKind::Mail,
-        arrival: 0,
-        sender: from.clone(),
-        recipients: vec![Recipient::new(to.to_string(), None, Notify::default())],
-        size: body.len() as u64,
-        env_id: None,
-        ret: None,
-        smtputf8: false,
-        eight_bit: false,
-        client: ClientInfo::default(),
-        held: false,
-        delay_warned: false,
+    let tx = Transaction {
+        sender: &from,
+        ..Transaction::default()
     };
     let mut c = SmtpClient::open(
         relay,
@@ -305,15 +291,14 @@ async fn email(
     )
     .await
     .map_err(|e| e.to_string())?;
-    let rcpts: Vec<(usize, &Recipient)> = env.recipients.iter().enumerate().collect();
     let result = c
-        .send(&env, &rcpts, &body, &AtOnce)
+        .send(&tx, &[(0, Rcpt::plain(to))], &body, &AtOnce)
         .await
         .map_err(|e| e.to_string());
     c.quit().await;
     let result = result?;
     match result.results.first() {
-        Some((_, mx_pod::queue::RcptResult::Delivered(_))) => Ok(()),
+        Some((_, RcptResult::Delivered(_))) => Ok(()),
         Some((_, other)) => Err(format!("{other:?}")),
         None => Err("no answer for the recipient".into()),
     }

@@ -307,12 +307,8 @@ async fn smtputf8_goes_to_a_primary_that_offers_it_and_bounces_at_one_that_does_
         "the primary to stop offering SMTPUTF8",
         Duration::from_secs(30),
         || async {
-            match mx_pod::replay::client::SmtpClient::connect(
-                &addr,
-                "probe.test",
-                Duration::from_secs(5),
-            )
-            .await
+            match mx_pod::outbound::SmtpClient::connect(&addr, "probe.test", Duration::from_secs(5))
+                .await
             {
                 Ok(c) => {
                     let offered = c.caps.smtputf8;

@@ -6,8 +6,8 @@ use std::{process::Command, time::Duration};
 
 use backupmx_tests::Primary;
 use mx_pod::{
+    outbound::ClientError,
     probe::{ProbeTls, probe, probe_with},
-    replay::client::ClientError,
     trust::{TlsPolicy, Trust},
 };
 

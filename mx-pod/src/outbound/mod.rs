@@ -29,13 +29,88 @@ use tokio::{
 use tokio_rustls::{TlsConnector, rustls::pki_types::ServerName};
 use tracing::warn;
 
-use crate::{
-    queue::{
-        RcptResult,
-        message::{DsnRet, Envelope, Recipient},
-    },
-    trust::{TlsPolicy, Trust, error_chain, server_name},
-};
+use serde::{Deserialize, Serialize};
+
+use crate::trust::{TlsPolicy, Trust, error_chain, server_name};
+
+/// One message as MAIL FROM says it: the sender and the parameters the server is told.
+/// Built from a queued envelope by replay and DSNs, or directly (the operator's alert mail).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Transaction<'a> {
+    /// The reverse path, without angle brackets (empty: the null sender).
+    pub sender: &'a str,
+    pub ret: Option<DsnRet>,
+    pub env_id: Option<&'a str>,
+    /// The message needs SMTPUTF8 (RFC 6531): never sent to a server that does not offer it.
+    pub smtputf8: bool,
+    /// The body is 8-bit (`BODY=8BITMIME` where offered).
+    pub eight_bit: bool,
+}
+
+/// One RCPT TO: the address and its RFC 3461 parameters.
+#[derive(Debug, Clone, Copy)]
+pub struct Rcpt<'a> {
+    pub address: &'a str,
+    pub notify: Notify,
+    pub orcpt: Option<&'a str>,
+}
+
+impl<'a> Rcpt<'a> {
+    /// A recipient without DSN parameters.
+    pub fn plain(address: &'a str) -> Self {
+        Rcpt {
+            address,
+            notify: Notify::default(),
+            orcpt: None,
+        }
+    }
+}
+
+/// RFC 3461 `RET=` of MAIL FROM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DsnRet {
+    Full,
+    Hdrs,
+}
+
+/// RFC 3461 NOTIFY flags of one recipient; `None` of all three means the default (failures).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Notify {
+    #[serde(default)]
+    pub success: bool,
+    #[serde(default)]
+    pub failure: bool,
+    #[serde(default)]
+    pub delay: bool,
+    #[serde(default)]
+    pub never: bool,
+    /// True when the client sent an explicit NOTIFY parameter.
+    #[serde(default)]
+    pub explicit: bool,
+}
+
+impl Notify {
+    /// Whether a failure DSN should be sent for this recipient.
+    pub fn on_failure(&self) -> bool {
+        !self.never && (!self.explicit || self.failure)
+    }
+    /// Whether a delay DSN should be sent for this recipient.
+    pub fn on_delay(&self) -> bool {
+        !self.never && (!self.explicit || self.delay)
+    }
+}
+
+/// What the server said about one recipient, in the end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RcptResult {
+    /// A `2xx` to the final dot: committed.
+    Delivered(String),
+    /// A `4xx`: try again later.
+    Deferred(String),
+    /// A `5xx`: bounce.
+    Failed(String),
+}
 
 /// Longest reply accepted from a server, all lines together.
 const MAX_REPLY: usize = 64 * 1024;
@@ -796,8 +871,8 @@ impl SmtpClient {
     /// `553 5.6.7` (the sender gets a DSN saying why), the others are delivered as usual.
     pub async fn send(
         &mut self,
-        env: &Envelope,
-        recipients: &[(usize, &Recipient)],
+        env: &Transaction<'_>,
+        recipients: &[(usize, Rcpt<'_>)],
         body: &[u8],
         turn: &impl CommitTurn,
     ) -> Result<TxResult, ClientError> {
@@ -805,7 +880,7 @@ impl SmtpClient {
         if refused.is_empty() {
             return self.transact(env, recipients, body, turn).await;
         }
-        let rest: Vec<(usize, &Recipient)> = recipients
+        let rest: Vec<(usize, Rcpt<'_>)> = recipients
             .iter()
             .filter(|(i, _)| !refused.contains(i))
             .copied()
@@ -827,8 +902,8 @@ impl SmtpClient {
     /// One transaction for `recipients`: see [`SmtpClient::send`].
     async fn transact(
         &mut self,
-        env: &Envelope,
-        recipients: &[(usize, &Recipient)],
+        env: &Transaction<'_>,
+        recipients: &[(usize, Rcpt<'_>)],
         body: &[u8],
         turn: &impl CommitTurn,
     ) -> Result<TxResult, ClientError> {
@@ -1018,7 +1093,7 @@ impl SmtpClient {
             _ => self.broken = true,
         }
     }
-    fn mail_command(&self, env: &Envelope, size: usize) -> String {
+    fn mail_command(&self, env: &Transaction<'_>, size: usize) -> String {
         let mut s = format!("MAIL FROM:<{}>", env.sender);
         if self.caps.size.is_some() {
             s.push_str(&format!(" SIZE={size}"));
@@ -1043,7 +1118,7 @@ impl SmtpClient {
         s
     }
 
-    fn rcpt_command(&self, r: &Recipient) -> String {
+    fn rcpt_command(&self, r: &Rcpt<'_>) -> String {
         rcpt_line(&self.caps, r)
     }
 }
@@ -1058,8 +1133,8 @@ pub const UTF8_NOT_OFFERED_TEXT: &str = "primary does not support SMTPUTF8";
 /// otherwise those whose own address has. A message marked SMTPUTF8 that needs none of it (all
 /// ASCII) is sent as it is: nothing is downgraded.
 pub fn smtputf8_refusals(
-    env: &Envelope,
-    recipients: &[(usize, &Recipient)],
+    env: &Transaction<'_>,
+    recipients: &[(usize, Rcpt<'_>)],
     body: &[u8],
     offered: bool,
 ) -> Vec<usize> {
@@ -1079,7 +1154,7 @@ pub fn smtputf8_refusals(
 }
 
 /// `RCPT TO:<address>` with the DSN parameters when the server offers DSN.
-fn rcpt_line(caps: &Capabilities, r: &Recipient) -> String {
+fn rcpt_line(caps: &Capabilities, r: &Rcpt<'_>) -> String {
     let mut s = format!("RCPT TO:<{}>", r.address);
     if caps.dsn {
         let n = &r.notify;
@@ -1205,954 +1280,4 @@ fn xtext(s: &str) -> String {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn dot_stuffing() {
-        assert_eq!(dot_stuff(b".a\r\nb\r\n.\r\n"), b"..a\r\nb\r\n..\r\n");
-        assert_eq!(dot_stuff(b"no newline"), b"no newline\r\n");
-    }
-
-    #[test]
-    fn capabilities_from_ehlo() {
-        let r = ServerReply {
-            code: 250,
-            lines: vec![
-                "mx Hello".into(),
-                "PIPELINING".into(),
-                "SIZE 1000".into(),
-                "dsn".into(),
-                "STARTTLS".into(),
-            ],
-        };
-        let c = Capabilities::parse(&r);
-        assert!(c.pipelining && c.dsn && c.starttls && !c.smtputf8);
-        assert_eq!(c.size, Some(1000));
-    }
-
-    #[test]
-    fn classification() {
-        let r = |code| ServerReply {
-            code,
-            lines: vec!["x".into()],
-        };
-        assert!(matches!(classify(&r(250)), RcptResult::Delivered(_)));
-        assert!(matches!(classify(&r(451)), RcptResult::Deferred(_)));
-        assert!(matches!(classify(&r(550)), RcptResult::Failed(_)));
-    }
-
-    #[test]
-    fn orcpt_is_sent_with_its_address_type_and_xtext() {
-        use crate::queue::message::Notify;
-        let notify = Notify {
-            failure: true,
-            explicit: true,
-            ..Notify::default()
-        };
-        let r = Recipient::new(
-            "bob@example.test".into(),
-            Some("Bob+Tax=1@Example.test".into()),
-            notify,
-        );
-        let dsn = Capabilities {
-            dsn: true,
-            ..Capabilities::default()
-        };
-        assert_eq!(
-            rcpt_line(&dsn, &r),
-            "RCPT TO:<bob@example.test> NOTIFY=FAILURE ORCPT=rfc822;Bob+2BTax+3D1@Example.test\r\n"
-        );
-        // without DSN at the primary: no parameters
-        assert_eq!(
-            rcpt_line(&Capabilities::default(), &r),
-            "RCPT TO:<bob@example.test>\r\n"
-        );
-        assert_eq!(orcpt_address("rfc822; a@b.test"), "a@b.test");
-        assert_eq!(orcpt_address("a@b.test"), "a@b.test");
-    }
-
-    /// A server offering STARTTLS whose TLS is broken: it says `220` and hangs up. Serves any
-    /// number of connections; returns its address and how many it has taken.
-    async fn broken_tls_server() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
-        use tokio::io::{AsyncBufReadExt, BufReader};
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap().to_string();
-        let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let seen = count.clone();
-        tokio::spawn(async move {
-            while let Ok((s, _)) = l.accept().await {
-                seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let mut r = BufReader::new(s);
-                    r.get_mut()
-                        .write_all(b"220 p.test ESMTP\r\n")
-                        .await
-                        .unwrap();
-                    let mut line = String::new();
-                    while r.read_line(&mut line).await.unwrap_or(0) > 0 {
-                        let reply: &[u8] = if line.starts_with("EHLO") {
-                            b"250-p.test\r\n250-PIPELINING\r\n250 STARTTLS\r\n"
-                        } else if line.starts_with("STARTTLS") {
-                            let _ = r.get_mut().write_all(b"220 2.0.0 go ahead\r\n").await;
-                            return;
-                        } else {
-                            b"221 bye\r\n"
-                        };
-                        let _ = r.get_mut().write_all(reply).await;
-                        line.clear();
-                    }
-                });
-            }
-        });
-        (addr, count)
-    }
-
-    #[tokio::test]
-    async fn may_falls_back_to_plaintext_on_a_new_connection_and_encrypt_does_not() {
-        use std::sync::atomic::Ordering;
-        let trust = Trust::webpki();
-        let t = Duration::from_secs(5);
-        let (addr, conns) = broken_tls_server().await;
-        let c = SmtpClient::open(&addr, "mx2.test", t, TlsPolicy::May, &trust)
-            .await
-            .expect("may delivers without TLS");
-        assert!(c.tls.is_none());
-        assert_eq!(c.tls_fallback, Some(TlsFailure::Handshake));
-        assert_eq!(
-            conns.load(Ordering::SeqCst),
-            2,
-            "a new connection for plaintext"
-        );
-        c.quit().await;
-
-        for policy in [TlsPolicy::Encrypt, TlsPolicy::Verify] {
-            let before = conns.load(Ordering::SeqCst);
-            let err = SmtpClient::open(&addr, "mx2.test", t, policy, &trust)
-                .await
-                .err()
-                .expect("no plaintext under encrypt/verify");
-            assert_eq!(err.tls_failure(), Some(TlsFailure::Handshake), "{err}");
-            assert_eq!(conns.load(Ordering::SeqCst), before + 1, "no second try");
-        }
-
-        // none never says STARTTLS
-        let before = conns.load(Ordering::SeqCst);
-        let c = SmtpClient::open(&addr, "mx2.test", t, TlsPolicy::None, &trust)
-            .await
-            .unwrap();
-        assert!(c.tls.is_none() && c.tls_fallback.is_none());
-        assert_eq!(conns.load(Ordering::SeqCst), before + 1);
-    }
-
-    #[test]
-    fn smtputf8_is_never_downgraded() {
-        use crate::queue::message::{ClientInfo, MessageKind, Notify, QueueId};
-        let env = |sender: &str, smtputf8: bool, rcpts: &[&str]| Envelope {
-            id: QueueId(1),
-            kind: MessageKind::Mail,
-            arrival: 0,
-            sender: sender.into(),
-            recipients: rcpts
-                .iter()
-                .map(|a| Recipient::new((*a).into(), None, Notify::default()))
-                .collect(),
-            size: 0,
-            env_id: None,
-            ret: None,
-            smtputf8,
-            eight_bit: false,
-            client: ClientInfo::default(),
-            held: false,
-            delay_warned: false,
-        };
-        let refused = |e: &Envelope, body: &[u8], offered: bool| {
-            let rcpts: Vec<(usize, &Recipient)> = e.recipients.iter().enumerate().collect();
-            smtputf8_refusals(e, &rcpts, body, offered)
-        };
-        let ascii_body = b"Subject: hi\r\n\r\nbody: gr\xc3\xbc\xc3\x9fe\r\n";
-        let mixed = env(
-            "s@sender.test",
-            true,
-            &["a@example.test", "jürgen@example.test"],
-        );
-        // offered: everything goes, with SMTPUTF8
-        assert!(refused(&mixed, ascii_body, true).is_empty());
-        // not offered: only the recipient that needs it fails (the body is 8BITMIME's business)
-        assert_eq!(refused(&mixed, ascii_body, false), vec![1]);
-        // a UTF-8 sender or header: the whole message needs it
-        let from_utf8 = env("jürgen@sender.test", true, &["a@example.test"]);
-        assert_eq!(refused(&from_utf8, ascii_body, false), vec![0]);
-        let utf8_header = env("s@sender.test", true, &["a@example.test"]);
-        assert_eq!(
-            refused(&utf8_header, "Subject: grüße\r\n\r\nx".as_bytes(), false),
-            vec![0]
-        );
-        // marked SMTPUTF8 but all ASCII: sent as it is; not marked: not our call
-        assert!(refused(&utf8_header, ascii_body, false).is_empty());
-        assert!(
-            refused(
-                &env("s@sender.test", false, &["a@example.test"]),
-                ascii_body,
-                false
-            )
-            .is_empty()
-        );
-    }
-
-    #[test]
-    fn xtext_escapes() {
-        assert_eq!(xtext("a+b=c d"), "a+2Bb+3Dc+20d");
-    }
-
-    // === a scripted server that misbehaves on cue ===
-
-    use std::sync::{Arc, Mutex};
-
-    use tokio::io::{AsyncBufReadExt, BufReader};
-
-    use crate::queue::message::{ClientInfo, MessageKind, Notify, QueueId};
-
-    /// What the scripted server does in answer to one step.
-    #[derive(Clone)]
-    enum Answer {
-        /// These bytes, in one write.
-        Send(Vec<u8>),
-        /// These bytes, one write per byte.
-        Trickle(Vec<u8>),
-        /// These bytes after a pause (virtual time under a paused clock).
-        Late(Duration, Vec<u8>),
-        /// These bytes, then nothing more is read or written; the connection stays open.
-        Stall(Vec<u8>),
-        /// These bytes, then the server hangs up.
-        Last(Vec<u8>),
-        /// Nothing; the server reads on.
-        Silence,
-        /// The server hangs up.
-        Close,
-    }
-
-    fn send(bytes: &[u8]) -> Answer {
-        Answer::Send(bytes.to_vec())
-    }
-
-    /// The scripted server's answer to each step; the default is a well-behaved ESMTP server.
-    #[derive(Clone)]
-    struct Script {
-        greeting: Answer,
-        ehlo: Answer,
-        mail: Answer,
-        rcpt: Answer,
-        data: Answer,
-        dot: Answer,
-    }
-
-    impl Default for Script {
-        fn default() -> Self {
-            Script {
-                greeting: send(b"220 p.test ESMTP\r\n"),
-                ehlo: send(b"250-p.test\r\n250-PIPELINING\r\n250 SIZE 1000000\r\n"),
-                mail: send(b"250 2.1.0 Ok\r\n"),
-                rcpt: send(b"250 2.1.5 Ok\r\n"),
-                data: send(b"354 End data with <CR><LF>.<CR><LF>\r\n"),
-                dot: send(b"250 2.0.0 Ok: queued\r\n"),
-            }
-        }
-    }
-
-    impl Script {
-        /// The default server without PIPELINING: every command waits for its reply.
-        fn lockstep() -> Self {
-            Script {
-                ehlo: send(b"250-p.test\r\n250 SIZE 1000000\r\n"),
-                ..Script::default()
-            }
-        }
-    }
-
-    /// What the scripted server saw: the commands in order, and the final dots it received.
-    #[derive(Default, Debug)]
-    struct Seen {
-        commands: Vec<String>,
-        dots: usize,
-    }
-
-    /// Plays `script` on one connection. Returns when the client or the script hangs up.
-    async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
-        stream: S,
-        script: Script,
-        seen: Arc<Mutex<Seen>>,
-    ) {
-        /// `false`: the connection is over.
-        async fn answer<W: AsyncWrite + Unpin>(w: &mut W, a: &Answer) -> bool {
-            let ok = match a {
-                Answer::Send(b) => w.write_all(b).await.is_ok(),
-                Answer::Trickle(b) => {
-                    let mut ok = true;
-                    for byte in b {
-                        ok &= w.write_all(&[*byte]).await.is_ok() && w.flush().await.is_ok();
-                    }
-                    ok
-                }
-                Answer::Late(after, b) => {
-                    tokio::time::sleep(*after).await;
-                    w.write_all(b).await.is_ok()
-                }
-                Answer::Stall(b) => {
-                    let _ = w.write_all(b).await;
-                    std::future::pending::<()>().await;
-                    false
-                }
-                Answer::Last(b) => {
-                    let _ = w.write_all(b).await;
-                    false
-                }
-                Answer::Silence => true,
-                Answer::Close => false,
-            };
-            ok && w.flush().await.is_ok()
-        }
-        let mut r = BufReader::new(stream);
-        if !answer(r.get_mut(), &script.greeting).await {
-            return;
-        }
-        let mut line = Vec::new();
-        loop {
-            line.clear();
-            if r.read_until(b'\n', &mut line).await.unwrap_or(0) == 0 {
-                return;
-            }
-            let cmd = String::from_utf8_lossy(&line).trim_end().to_owned();
-            seen.lock().unwrap().commands.push(cmd.clone());
-            let verb = cmd.get(..4).unwrap_or("").to_ascii_uppercase();
-            let a = match verb.as_str() {
-                "EHLO" | "HELO" => script.ehlo.clone(),
-                "MAIL" => script.mail.clone(),
-                "RCPT" => script.rcpt.clone(),
-                "DATA" => script.data.clone(),
-                "RSET" => send(b"250 2.0.0 Ok\r\n"),
-                "QUIT" => {
-                    let _ = r.get_mut().write_all(b"221 2.0.0 Bye\r\n").await;
-                    return;
-                }
-                _ => send(b"502 5.5.2 Error: command not recognized\r\n"),
-            };
-            if !answer(r.get_mut(), &a).await {
-                return;
-            }
-            let data_accepted = match &a {
-                Answer::Send(b) | Answer::Trickle(b) | Answer::Late(_, b) => b.starts_with(b"354"),
-                _ => false,
-            };
-            if verb == "DATA" && data_accepted {
-                loop {
-                    line.clear();
-                    if r.read_until(b'\n', &mut line).await.unwrap_or(0) == 0 {
-                        return;
-                    }
-                    if line == b".\r\n" {
-                        break;
-                    }
-                }
-                seen.lock().unwrap().dots += 1;
-                if !answer(r.get_mut(), &script.dot).await {
-                    return;
-                }
-            }
-        }
-    }
-
-    /// The scripted server on 127.0.0.1, for any number of connections.
-    async fn scripted(script: Script) -> (String, Arc<Mutex<Seen>>) {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap().to_string();
-        let seen = Arc::new(Mutex::new(Seen::default()));
-        let s = seen.clone();
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = l.accept().await {
-                let _ = stream.set_nodelay(true);
-                tokio::spawn(serve(stream, script.clone(), s.clone()));
-            }
-        });
-        (addr, seen)
-    }
-
-    fn envelope() -> Envelope {
-        Envelope {
-            id: QueueId(1),
-            kind: MessageKind::Mail,
-            arrival: 0,
-            sender: "a@sender.test".into(),
-            recipients: vec![Recipient::new(
-                "u@example.test".into(),
-                None,
-                Notify::default(),
-            )],
-            size: 0,
-            env_id: None,
-            ret: None,
-            smtputf8: false,
-            eight_bit: false,
-            client: ClientInfo::default(),
-            held: false,
-            delay_warned: false,
-        }
-    }
-
-    const BODY: &[u8] = b"Subject: t\r\n\r\nhello\r\n";
-
-    /// Sends one message to one recipient over `c`.
-    async fn send_one(c: &mut SmtpClient) -> Result<TxResult, ClientError> {
-        let env = envelope();
-        let rcpts: Vec<(usize, &Recipient)> = env.recipients.iter().enumerate().collect();
-        c.send(&env, &rcpts, BODY, &AtOnce).await
-    }
-
-    /// Connects to `script` on TCP and sends one message; returns what `send` said, whether the
-    /// connection is still usable, and what the server saw.
-    async fn deliver_to(script: Script) -> (Result<TxResult, ClientError>, bool, Arc<Mutex<Seen>>) {
-        let (addr, seen) = scripted(script).await;
-        let mut c = SmtpClient::connect(&addr, "mx2.test", Duration::from_secs(10))
-            .await
-            .expect("the session opens");
-        let r = send_one(&mut c).await;
-        (r, c.usable(), seen)
-    }
-
-    fn violation_of(r: &Result<TxResult, ClientError>) -> Option<(Stage, &Violation)> {
-        match r {
-            Err(ClientError::Violation { stage, violation }) => Some((*stage, violation)),
-            _ => None,
-        }
-    }
-
-    fn code_of(v: Option<(Stage, &Violation)>) -> Option<(Stage, u16)> {
-        match v {
-            Some((stage, Violation::UnexpectedReply(reply))) => Some((stage, reply.code)),
-            _ => None,
-        }
-    }
-
-    #[test]
-    fn only_smtp_reply_lines_parse() {
-        assert_eq!(parse_line(b"250"), Ok((250, false, String::new())));
-        assert_eq!(parse_line(b"250 ok"), Ok((250, false, "ok".into())));
-        assert_eq!(
-            parse_line(b"250-PIPELINING"),
-            Ok((250, true, "PIPELINING".into()))
-        );
-        assert_eq!(
-            parse_line(b"554 5.7.1 a\tb"),
-            Ok((554, false, "5.7.1 a\tb".into()))
-        );
-        for bad in [
-            &b""[..],
-            b"25",
-            b"hello world",
-            b"2500 ok",
-            b"250x",
-            b"150 not smtp",
-            b"600 not smtp",
-            b"250 a\0b",
-            b"250 \x1b[31mred",
-        ] {
-            assert!(
-                matches!(parse_line(bad), Err(Violation::Malformed(_))),
-                "{:?} parsed",
-                String::from_utf8_lossy(bad)
-            );
-        }
-    }
-
-    #[tokio::test]
-    async fn a_2xx_to_data_is_a_protocol_error_not_a_delivery() {
-        for base in [Script::default(), Script::lockstep()] {
-            let (r, usable, seen) = deliver_to(Script {
-                data: send(b"250 2.0.0 Ok\r\n"),
-                ..base
-            })
-            .await;
-            assert_eq!(code_of(violation_of(&r)), Some((Stage::Data, 250)), "{r:?}");
-            assert!(!usable, "the connection is dropped");
-            assert_eq!(seen.lock().unwrap().dots, 0, "no data was sent");
-        }
-    }
-
-    #[tokio::test]
-    async fn a_refusal_of_data_is_the_recipients_result() {
-        for (reply, want) in [
-            (&b"451 4.3.0 try later\r\n"[..], "Deferred"),
-            (b"554 5.5.1 no valid recipients\r\n", "Failed"),
-        ] {
-            let (r, usable, _) = deliver_to(Script {
-                data: send(reply),
-                ..Script::default()
-            })
-            .await;
-            let tx = r.expect("a refusal is a result");
-            let got = match &tx.results[..] {
-                [(0, RcptResult::Deferred(_))] => "Deferred",
-                [(0, RcptResult::Failed(_))] => "Failed",
-                other => panic!("{other:?}"),
-            };
-            assert_eq!(got, want);
-            assert!(usable, "RSET was answered: the connection is kept");
-        }
-    }
-
-    #[tokio::test]
-    async fn only_a_2xx_to_the_final_dot_delivers() {
-        let (r, usable, seen) = deliver_to(Script::default()).await;
-        let tx = r.unwrap();
-        assert!(
-            matches!(&tx.results[..], [(0, RcptResult::Delivered(_))]),
-            "{tx:?}"
-        );
-        assert!(usable);
-        assert_eq!(seen.lock().unwrap().dots, 1);
-        // a 3xx to the dot: the server is out of step, and may have committed
-        let (r, _, _) = deliver_to(Script {
-            dot: send(b"354 more?\r\n"),
-            ..Script::default()
-        })
-        .await;
-        match r {
-            Err(ClientError::UnknownOutcome(e)) => assert!(
-                matches!(*e, ClientError::Violation { stage: Stage::FinalDot, violation: Violation::UnexpectedReply(ref reply) } if reply.code == 354),
-                "{e}"
-            ),
-            other => panic!("{other:?}"),
-        }
-    }
-
-    #[tokio::test]
-    async fn a_line_after_the_greeting_is_a_protocol_error() {
-        let (addr, seen) = scripted(Script {
-            greeting: send(b"220 p.test ESMTP\r\n250 2.0.0 extra\r\n"),
-            ..Script::default()
-        })
-        .await;
-        let err = SmtpClient::connect(&addr, "mx2.test", Duration::from_secs(10))
-            .await
-            .err()
-            .expect("refused");
-        assert!(
-            matches!(&err, ClientError::Violation { stage: Stage::Ehlo, violation: Violation::Unsolicited(line) } if line == "250 2.0.0 extra"),
-            "{err}"
-        );
-        assert!(
-            seen.lock().unwrap().commands.is_empty(),
-            "EHLO was not sent"
-        );
-
-        // a line with another code inside the greeting
-        let (addr, _) = scripted(Script {
-            greeting: send(b"220-p.test ESMTP\r\n250 2.0.0 extra\r\n"),
-            ..Script::default()
-        })
-        .await;
-        let err = SmtpClient::connect(&addr, "mx2.test", Duration::from_secs(10))
-            .await
-            .err()
-            .expect("refused");
-        assert!(
-            matches!(
-                err,
-                ClientError::Violation {
-                    stage: Stage::Greeting,
-                    violation: Violation::MixedCodes {
-                        first: 220,
-                        then: 250
-                    }
-                }
-            ),
-            "{err}"
-        );
-    }
-
-    #[tokio::test]
-    async fn two_replies_to_one_command_are_a_protocol_error() {
-        // in lockstep: the second reply to MAIL is waiting when RCPT would be sent
-        let (r, usable, seen) = deliver_to(Script {
-            mail: send(b"250 2.1.0 Ok\r\n250 2.1.0 Ok\r\n"),
-            ..Script::lockstep()
-        })
-        .await;
-        assert!(
-            matches!(
-                violation_of(&r),
-                Some((Stage::Rcpt, Violation::Unsolicited(_)))
-            ),
-            "{r:?}"
-        );
-        assert!(!usable);
-        assert_eq!(seen.lock().unwrap().commands.len(), 2, "EHLO and MAIL only");
-
-        // pipelined: the second reply to RCPT is taken for DATA's, and DATA is owed a 354
-        let (r, _, seen) = deliver_to(Script {
-            rcpt: send(b"250 2.1.5 Ok\r\n250 2.1.5 Ok\r\n"),
-            ..Script::default()
-        })
-        .await;
-        assert_eq!(code_of(violation_of(&r)), Some((Stage::Data, 250)), "{r:?}");
-        assert_eq!(seen.lock().unwrap().dots, 0);
-
-        // a second reply to DATA would be read as the dot's
-        let (r, _, seen) = deliver_to(Script {
-            data: send(b"354 go\r\n250 2.0.0 Ok\r\n"),
-            ..Script::default()
-        })
-        .await;
-        assert!(
-            matches!(
-                violation_of(&r),
-                Some((Stage::DataBlock, Violation::Unsolicited(_)))
-            ),
-            "{r:?}"
-        );
-        assert_eq!(
-            seen.lock().unwrap().dots,
-            0,
-            "no data after an out-of-step 354"
-        );
-
-        // two replies to the dot: neither can be trusted, and the server may have committed
-        let (r, usable, _) = deliver_to(Script {
-            dot: send(b"250 2.0.0 Ok\r\n250 2.0.0 Ok\r\n"),
-            ..Script::default()
-        })
-        .await;
-        match r {
-            Err(ClientError::UnknownOutcome(e)) => assert!(
-                matches!(
-                    *e,
-                    ClientError::Violation {
-                        stage: Stage::FinalDot,
-                        violation: Violation::Unsolicited(_)
-                    }
-                ),
-                "{e}"
-            ),
-            other => panic!("{other:?}"),
-        }
-        assert!(!usable);
-    }
-
-    #[tokio::test]
-    async fn a_421_after_the_reply_to_the_dot_only_ends_the_session() {
-        let (r, usable, _) = deliver_to(Script {
-            dot: send(b"250 2.0.0 Ok\r\n421 4.3.2 shutting down\r\n"),
-            ..Script::default()
-        })
-        .await;
-        let tx = r.expect("the 250 stands");
-        assert!(
-            matches!(&tx.results[..], [(0, RcptResult::Delivered(_))]),
-            "{tx:?}"
-        );
-        assert!(!usable, "the server is closing");
-    }
-
-    #[tokio::test]
-    async fn acceptances_after_a_refused_pipelined_mail_are_a_protocol_error() {
-        // the RCPT and DATA were answered as if MAIL had been taken: a 354 here would make the
-        // server read what follows as message data
-        let (r, usable, _) = deliver_to(Script {
-            mail: send(b"550 5.1.0 sender refused\r\n"),
-            ..Script::default()
-        })
-        .await;
-        assert_eq!(code_of(violation_of(&r)), Some((Stage::Rcpt, 250)), "{r:?}");
-        assert!(!usable);
-        // refused properly: the sender's refusal is every recipient's result
-        let (r, usable, _) = deliver_to(Script {
-            mail: send(b"550 5.1.0 sender refused\r\n"),
-            rcpt: send(b"503 5.5.1 need MAIL\r\n"),
-            data: send(b"503 5.5.1 need RCPT\r\n"),
-            ..Script::default()
-        })
-        .await;
-        assert!(matches!(
-            &r.unwrap().results[..],
-            [(0, RcptResult::Failed(_))]
-        ));
-        assert!(usable);
-    }
-
-    /// Reads at most one byte per call: every reply arrives split across reads.
-    struct OneByteReads<S>(S);
-
-    impl<S: AsyncRead + Unpin> AsyncRead for OneByteReads<S> {
-        fn poll_read(
-            mut self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-            buf: &mut ReadBuf<'_>,
-        ) -> Poll<std::io::Result<()>> {
-            let mut one = [0u8; 1];
-            let mut b = ReadBuf::new(&mut one);
-            match Pin::new(&mut self.0).poll_read(cx, &mut b) {
-                Poll::Ready(Ok(())) => {
-                    buf.put_slice(b.filled());
-                    Poll::Ready(Ok(()))
-                }
-                other => other,
-            }
-        }
-    }
-
-    impl<S: AsyncWrite + Unpin> AsyncWrite for OneByteReads<S> {
-        fn poll_write(
-            mut self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-            buf: &[u8],
-        ) -> Poll<std::io::Result<usize>> {
-            Pin::new(&mut self.0).poll_write(cx, buf)
-        }
-        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-            Pin::new(&mut self.0).poll_flush(cx)
-        }
-        fn poll_shutdown(
-            mut self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-        ) -> Poll<std::io::Result<()>> {
-            Pin::new(&mut self.0).poll_shutdown(cx)
-        }
-    }
-
-    #[tokio::test]
-    async fn replies_split_across_reads_parse() {
-        let trickle = |b: &[u8]| Answer::Trickle(b.to_vec());
-        let script = Script {
-            greeting: trickle(b"220-p.test\r\n220 ESMTP\r\n"),
-            ehlo: trickle(b"250-p.test\r\n250-PIPELINING\r\n250-DSN\r\n250 SIZE 1000000\r\n"),
-            mail: trickle(b"250 2.1.0 Ok\r\n"),
-            rcpt: trickle(b"250 2.1.5 Ok\r\n"),
-            data: trickle(b"354 go ahead\r\n"),
-            dot: trickle(b"250 2.0.0 Ok: queued\r\n"),
-        };
-        let (addr, seen) = scripted(script).await;
-        let tcp = TcpStream::connect(&addr).await.unwrap();
-        let mut c = SmtpClient::start(
-            Box::new(OneByteReads(tcp)),
-            "mx2.test",
-            Timeouts::uniform(Duration::from_secs(10)),
-        )
-        .await
-        .expect("the session opens");
-        assert_eq!(c.greeting.lines, ["p.test", "ESMTP"]);
-        assert!(c.caps.pipelining && c.caps.dsn);
-        assert_eq!(c.caps.size, Some(1_000_000));
-        for _ in 0..2 {
-            let tx = send_one(&mut c).await.unwrap();
-            assert!(
-                matches!(&tx.results[..], [(0, RcptResult::Delivered(_))]),
-                "{tx:?}"
-            );
-        }
-        assert!(c.usable());
-        assert_eq!(seen.lock().unwrap().dots, 2);
-    }
-
-    #[tokio::test]
-    async fn an_oversized_reply_is_a_protocol_error() {
-        // many lines
-        let mut long = Vec::new();
-        while long.len() <= MAX_REPLY {
-            long.extend_from_slice(
-                b"250-xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\r\n",
-            );
-        }
-        long.extend_from_slice(b"250 Ok\r\n");
-        let (r, usable, _) = deliver_to(Script {
-            mail: Answer::Send(long),
-            ..Script::default()
-        })
-        .await;
-        assert!(
-            matches!(violation_of(&r), Some((Stage::Mail, Violation::TooLong))),
-            "{r:?}"
-        );
-        assert!(!usable);
-        // one line that never ends
-        let (r, _, _) = deliver_to(Script {
-            rcpt: Answer::Stall(vec![b'2'; MAX_REPLY + 10]),
-            ..Script::default()
-        })
-        .await;
-        assert!(
-            matches!(violation_of(&r), Some((Stage::Rcpt, Violation::TooLong))),
-            "{r:?}"
-        );
-    }
-
-    #[tokio::test]
-    async fn garbage_is_a_protocol_error() {
-        let (r, usable, seen) = deliver_to(Script {
-            rcpt: send(b"hello there\r\n"),
-            ..Script::default()
-        })
-        .await;
-        assert!(
-            matches!(violation_of(&r), Some((Stage::Rcpt, Violation::Malformed(line))) if line == "hello there"),
-            "{r:?}"
-        );
-        assert!(!usable);
-        assert_eq!(seen.lock().unwrap().dots, 0);
-        // a reply to the dot that is not one: unknown whether the server committed
-        let (r, _, _) = deliver_to(Script {
-            dot: send(b"\x00\x01garbage\r\n"),
-            ..Script::default()
-        })
-        .await;
-        match r {
-            Err(ClientError::UnknownOutcome(e)) => assert!(
-                matches!(
-                    *e,
-                    ClientError::Violation {
-                        stage: Stage::FinalDot,
-                        violation: Violation::Malformed(_)
-                    }
-                ),
-                "{e}"
-            ),
-            other => panic!("{other:?}"),
-        }
-    }
-
-    #[tokio::test]
-    async fn a_connection_closed_after_the_dot_is_an_unknown_outcome() {
-        let (r, usable, seen) = deliver_to(Script {
-            dot: Answer::Close,
-            ..Script::default()
-        })
-        .await;
-        match r {
-            Err(ClientError::UnknownOutcome(e)) => {
-                assert!(matches!(*e, ClientError::Closed(Stage::FinalDot)), "{e}")
-            }
-            other => panic!("{other:?}"),
-        }
-        assert!(!usable);
-        assert_eq!(seen.lock().unwrap().dots, 1);
-    }
-
-    #[tokio::test]
-    async fn a_reused_connection_the_server_closed_is_stale() {
-        let (addr, seen) = scripted(Script {
-            dot: Answer::Last(b"250 2.0.0 Ok\r\n".to_vec()),
-            ..Script::default()
-        })
-        .await;
-        let mut c = SmtpClient::connect(&addr, "mx2.test", Duration::from_secs(10))
-            .await
-            .unwrap();
-        let tx = send_one(&mut c)
-            .await
-            .expect("a hang-up after the reply does not undo it");
-        assert!(
-            matches!(&tx.results[..], [(0, RcptResult::Delivered(_))]),
-            "{tx:?}"
-        );
-        // the next message: the hang-up is seen before its dot, so a new connection may retry
-        let err = send_one(&mut c).await.expect_err("the connection is gone");
-        assert!(err.is_stale_connection(), "{err}");
-        assert!(!err.is_unknown_outcome());
-        assert_eq!(seen.lock().unwrap().dots, 1);
-    }
-
-    /// A session over an in-memory stream to `script`, under the replay time-outs (commands
-    /// 60 s, final dot 10 min). For tests under a paused clock: waits cost no real time.
-    async fn paused_session(script: Script) -> Result<(SmtpClient, Arc<Mutex<Seen>>), ClientError> {
-        let (client, server) = tokio::io::duplex(1024);
-        let seen = Arc::new(Mutex::new(Seen::default()));
-        tokio::spawn(serve(server, script, seen.clone()));
-        let timeouts = Timeouts::rfc5321(Duration::from_secs(60), Duration::from_secs(600));
-        let c = SmtpClient::start(Box::new(client), "mx2.test", timeouts).await?;
-        Ok((c, seen))
-    }
-
-    fn timed_out(e: &ClientError) -> Option<(Stage, Duration)> {
-        match e {
-            ClientError::Timeout { stage, after } => Some((*stage, *after)),
-            ClientError::UnknownOutcome(inner) => timed_out(inner),
-            _ => None,
-        }
-    }
-
-    const MIN: Duration = Duration::from_secs(60);
-
-    #[tokio::test(start_paused = true)]
-    async fn each_wait_lasts_as_long_as_rfc_5321_says() {
-        let late = |after: Duration, b: &[u8]| Answer::Late(after, b.to_vec());
-        // just within every limit: the message is delivered
-        let d = Script::lockstep();
-        let (mut c, _) = paused_session(Script {
-            greeting: late(5 * MIN - Duration::from_secs(1), b"220 p.test\r\n"),
-            mail: late(5 * MIN - Duration::from_secs(1), b"250 Ok\r\n"),
-            rcpt: late(5 * MIN - Duration::from_secs(1), b"250 Ok\r\n"),
-            data: late(2 * MIN - Duration::from_secs(1), b"354 go\r\n"),
-            dot: late(10 * MIN - Duration::from_secs(1), b"250 Ok: queued\r\n"),
-            ..d.clone()
-        })
-        .await
-        .expect("a slow greeting is waited for");
-        let tx = send_one(&mut c).await.expect("slow replies are waited for");
-        assert!(
-            matches!(&tx.results[..], [(0, RcptResult::Delivered(_))]),
-            "{tx:?}"
-        );
-
-        // silent at each step: each times out after its own limit
-        let silent = |s: &dyn Fn(&mut Script)| {
-            let mut script = d.clone();
-            s(&mut script);
-            script
-        };
-        let err = paused_session(silent(&|s| s.greeting = Answer::Silence))
-            .await
-            .err()
-            .unwrap();
-        assert_eq!(timed_out(&err), Some((Stage::Greeting, 5 * MIN)), "{err}");
-        let err = paused_session(silent(&|s| s.ehlo = Answer::Silence))
-            .await
-            .err()
-            .unwrap();
-        assert_eq!(timed_out(&err), Some((Stage::Ehlo, MIN)), "{err}");
-        for (script, want) in [
-            (
-                silent(&|s| s.mail = Answer::Silence),
-                (Stage::Mail, 5 * MIN),
-            ),
-            (
-                silent(&|s| s.rcpt = Answer::Silence),
-                (Stage::Rcpt, 5 * MIN),
-            ),
-            (
-                silent(&|s| s.data = Answer::Silence),
-                (Stage::Data, 2 * MIN),
-            ),
-            // the server takes no data: the first block that does not fit waits 3 minutes
-            (
-                silent(&|s| s.data = Answer::Stall(b"354 go\r\n".to_vec())),
-                (Stage::DataBlock, 3 * MIN),
-            ),
-            (
-                silent(&|s| s.dot = Answer::Silence),
-                (Stage::FinalDot, 10 * MIN),
-            ),
-        ] {
-            let (mut c, _) = paused_session(script).await.unwrap();
-            let env = envelope();
-            let rcpts: Vec<(usize, &Recipient)> = env.recipients.iter().enumerate().collect();
-            let body = vec![b'x'; 200_000];
-            let err = c.send(&env, &rcpts, &body, &AtOnce).await.err().unwrap();
-            assert_eq!(timed_out(&err), Some(want), "{err}");
-            assert_eq!(
-                err.is_unknown_outcome(),
-                want.0 == Stage::FinalDot,
-                "only a wait after the dot leaves the outcome unknown: {err}"
-            );
-            assert!(!c.usable());
-        }
-    }
-}
+mod tests;
