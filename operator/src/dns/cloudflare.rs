@@ -10,8 +10,8 @@
 //! and the next reconcile pass re-reads.
 //!
 //! Cloudflare stores TXT content either quoted (`"text"`) or bare (`text`): records are compared
-//! by their unquoted text, and TXT content is written quoted, split into character-strings of at
-//! most 255 bytes. A TTL of 1 means "automatic" at Cloudflare and is read as 300.
+//! by their unquoted text, and TXT content is written in presentation form ([`txt::presentation`]:
+//! quoted character-strings of at most 255 bytes). A TTL of 1 means "automatic" at Cloudflare and is read as 300.
 
 use std::{collections::HashMap, sync::Mutex, time::Duration};
 
@@ -21,7 +21,7 @@ use serde::{Deserialize, de::DeserializeOwned};
 use serde_json::{Value, json};
 
 use super::{
-    Changes, DnsError, DnsErrorKind, DnsProvider, RData, Record, RecordType, normalize_name,
+    Changes, DnsError, DnsErrorKind, DnsProvider, RData, Record, RecordType, normalize_name, txt,
 };
 
 const NAME: &str = "cloudflare";
@@ -331,7 +331,7 @@ fn post_body(r: &Record) -> Value {
             v["content"] = json!(host);
             v["priority"] = json!(priority);
         }
-        RData::Txt(text) => v["content"] = json!(txt_content(text)),
+        RData::Txt(text) => v["content"] = json!(txt::presentation(text)),
         RData::A(a) => {
             v["content"] = json!(a.to_string());
             v["proxied"] = json!(false);
@@ -346,26 +346,6 @@ fn post_body(r: &Record) -> Value {
         }
     }
     v
-}
-
-/// A TXT value in presentation form, split into character-strings of at most 255 bytes.
-fn txt_content(text: &str) -> String {
-    let mut parts: Vec<String> = Vec::new();
-    let mut cur = String::new();
-    for c in text.chars() {
-        if cur.len() + c.len_utf8() > 255 {
-            parts.push(std::mem::take(&mut cur));
-        }
-        cur.push(c);
-    }
-    if !cur.is_empty() || parts.is_empty() {
-        parts.push(cur);
-    }
-    parts
-        .into_iter()
-        .map(|p| RData::Txt(p).presentation())
-        .collect::<Vec<_>>()
-        .join(" ")
 }
 
 #[async_trait::async_trait]
@@ -1096,10 +1076,13 @@ mod tests {
     #[test]
     fn long_txt_is_split() {
         let long = "a".repeat(300);
-        let c = txt_content(&long);
+        let c = super::super::txt::presentation(&long);
         assert_eq!(c, format!("\"{}\" \"{}\"", "a".repeat(255), "a".repeat(45)));
-        assert_eq!(super::super::unquote_txt(&c), long);
-        assert_eq!(txt_content("say \"hi\""), "\"say \\\"hi\\\"\"");
-        assert_eq!(txt_content(""), "\"\"");
+        assert_eq!(super::super::txt::unquote(&c), long);
+        assert_eq!(
+            super::super::txt::presentation("say \"hi\""),
+            "\"say \\\"hi\\\"\""
+        );
+        assert_eq!(super::super::txt::presentation(""), "\"\"");
     }
 }

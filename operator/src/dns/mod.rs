@@ -20,6 +20,7 @@ pub mod plan;
 pub mod powerdns;
 pub mod rfc2136;
 pub mod route53;
+pub mod txt;
 pub mod verify;
 
 use std::{
@@ -93,13 +94,13 @@ impl RData {
         }
     }
 
-    /// Zone-file presentation (`20 mx2.example.com.`, `"text"`).
+    /// Zone-file presentation (`20 mx2.example.com.`, `"text"`; TXT cut as [`txt::split`]).
     pub fn presentation(&self) -> String {
         match self {
             RData::A(a) => a.to_string(),
             RData::Aaaa(a) => a.to_string(),
             RData::Mx(p, host) => format!("{p} {host}."),
-            RData::Txt(t) => format!("\"{}\"", t.replace('\\', "\\\\").replace('"', "\\\"")),
+            RData::Txt(t) => txt::presentation(t),
             RData::Cname(host) => format!("{host}."),
         }
     }
@@ -114,35 +115,10 @@ impl RData {
                 let (p, host) = text.split_once(char::is_whitespace)?;
                 RData::Mx(p.parse().ok()?, normalize_name(host))
             }
-            RecordType::Txt => RData::Txt(unquote_txt(text)),
+            RecordType::Txt => RData::Txt(txt::unquote(text)),
             RecordType::Cname => RData::Cname(normalize_name(text)),
         })
     }
-}
-
-/// Joins the character-strings of a presentation-form TXT value (`"a" "b"` → `ab`).
-pub fn unquote_txt(text: &str) -> String {
-    let t = text.trim();
-    if !t.starts_with('"') {
-        return t.to_string();
-    }
-    let mut out = String::new();
-    let mut chars = t.chars();
-    let mut inside = false;
-    while let Some(c) = chars.next() {
-        match (inside, c) {
-            (false, '"') => inside = true,
-            (true, '"') => inside = false,
-            (true, '\\') => {
-                if let Some(n) = chars.next() {
-                    out.push(n);
-                }
-            }
-            (true, c) => out.push(c),
-            (false, _) => {}
-        }
-    }
-    out
 }
 
 /// Lower case, without the trailing dot.
@@ -371,7 +347,6 @@ mod tests {
             assert_eq!(d.presentation(), text);
             assert_eq!(d.record_type(), t);
         }
-        assert_eq!(unquote_txt("\"a b\" \"c\\\"d\""), "a bc\"d");
         assert_eq!(
             Record::new("Example.COM.", 300, RData::Mx(20, "mx2.example.com".into())).to_string(),
             "example.com MX 20 mx2.example.com"

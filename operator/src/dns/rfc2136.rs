@@ -32,7 +32,8 @@
 //! takes that RRset's TTL ([`keep_rrset_ttls`]), read over the same connection just before the
 //! update; that read and the update are not one transaction, which can only affect a TTL.
 //! A removal matches a record with exactly the same data, for TXT including how the text is
-//! cut into character-strings (we cut at 255 bytes, as zone-file tools do).
+//! cut into character-strings (we cut as [`txt::split`]: at 255 bytes, never inside a UTF-8
+//! character).
 //!
 //! # TSIG
 //!
@@ -91,7 +92,7 @@ use hickory_net::{
 };
 
 use super::{
-    Changes, DnsError, DnsErrorKind, DnsProvider, RData, Record, RecordType, normalize_name,
+    Changes, DnsError, DnsErrorKind, DnsProvider, RData, Record, RecordType, normalize_name, txt,
 };
 
 const NAME: &str = "rfc2136";
@@ -485,21 +486,15 @@ fn hickory_type(t: RecordType) -> HRecordType {
     }
 }
 
-/// Our record data as hickory's; TXT is cut into character-strings of at most 255 bytes.
+/// Our record data as hickory's; TXT is cut into character-strings as [`txt::split`] does.
 fn to_hickory(data: &RData) -> Result<HRData, DnsError> {
     Ok(match data {
         RData::A(a) => HRData::A(rdata::A(*a)),
         RData::Aaaa(a) => HRData::AAAA(rdata::AAAA(*a)),
         RData::Mx(pref, host) => HRData::MX(rdata::MX::new(*pref, dns_name(host)?)),
-        RData::Txt(text) => {
-            let bytes = text.as_bytes();
-            let chunks: Vec<&[u8]> = if bytes.is_empty() {
-                vec![&[][..]]
-            } else {
-                bytes.chunks(255).collect()
-            };
-            HRData::TXT(rdata::TXT::from_bytes(chunks))
-        }
+        RData::Txt(text) => HRData::TXT(rdata::TXT::from_bytes(
+            txt::split(text).into_iter().map(str::as_bytes).collect(),
+        )),
         RData::Cname(host) => HRData::CNAME(rdata::CNAME(dns_name(host)?)),
     })
 }

@@ -468,30 +468,6 @@ fn set_records(set: &RrSet) -> Vec<Record> {
         .collect()
 }
 
-/// A value as Route 53 takes it: presentation form, TXT split into character-strings of at most
-/// 255 bytes.
-fn value(data: &RData) -> String {
-    let RData::Txt(text) = data else {
-        return data.presentation();
-    };
-    let mut parts: Vec<String> = Vec::new();
-    let mut cur = String::new();
-    for c in text.chars() {
-        if cur.len() + c.len_utf8() > 255 {
-            parts.push(std::mem::take(&mut cur));
-        }
-        cur.push(c);
-    }
-    if !cur.is_empty() || parts.is_empty() {
-        parts.push(cur);
-    }
-    parts
-        .into_iter()
-        .map(|p| RData::Txt(p).presentation())
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
 /// Escapes XML text.
 fn xml_escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
@@ -598,7 +574,7 @@ fn plan_changes(current: &[RrSet], changes: &Changes) -> Result<Vec<Change>, Str
             *ttl = r.ttl;
         }
         if !members.iter().any(|(_, d)| d.as_ref() == Some(&r.data)) {
-            members.push((value(&r.data), Some(r.data.clone())));
+            members.push((r.data.presentation(), Some(r.data.clone())));
         }
     }
     let mut out = Vec::new();
@@ -1589,11 +1565,11 @@ mod tests {
     #[test]
     fn long_txt_values_are_split() {
         let long = "b".repeat(256);
-        let v = value(&RData::Txt(long.clone()));
+        let v = RData::Txt(long.clone()).presentation();
         assert_eq!(v, format!("\"{}\" \"b\"", "b".repeat(255)));
         assert_eq!(RData::parse(RecordType::Txt, &v), Some(RData::Txt(long)));
         assert_eq!(
-            value(&RData::Mx(20, "mx2.example.com".into())),
+            RData::Mx(20, "mx2.example.com".into()).presentation(),
             "20 mx2.example.com."
         );
     }
