@@ -468,22 +468,6 @@ fn set_records(set: &RrSet) -> Vec<Record> {
         .collect()
 }
 
-/// Escapes XML text.
-fn xml_escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&apos;"),
-            c => out.push(c),
-        }
-    }
-    out
-}
-
 /// One change of a batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Change {
@@ -494,31 +478,92 @@ struct Change {
     values: Vec<String>,
 }
 
-/// The `ChangeResourceRecordSetsRequest` document.
+/// The `ChangeResourceRecordSetsRequest` document, written by quick-xml's serializer (which
+/// escapes the text; `Full` also escapes quotes, as AWS's own SDKs do) rather than by hand.
 fn change_batch_xml(changes: &[Change]) -> String {
-    let mut x = format!(
-        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n\
-         <ChangeResourceRecordSetsRequest xmlns=\"{XMLNS}\"><ChangeBatch>\
-         <Comment>backupmx</Comment><Changes>"
-    );
-    for c in changes {
-        x.push_str(&format!(
-            "<Change><Action>{}</Action><ResourceRecordSet><Name>{}.</Name><Type>{}</Type>\
-             <TTL>{}</TTL><ResourceRecords>",
-            c.action,
-            xml_escape(&c.name),
-            c.rtype.as_str(),
-            c.ttl
-        ));
-        for v in &c.values {
-            x.push_str(&format!(
-                "<ResourceRecord><Value>{}</Value></ResourceRecord>",
-                xml_escape(v)
-            ));
-        }
-        x.push_str("</ResourceRecords></ResourceRecordSet></Change>");
+    use quick_xml::se::{QuoteLevel, Serializer};
+    use serde::Serialize;
+
+    // element names exactly as the 2013-04-01 API spells them
+    #[derive(Serialize)]
+    #[serde(rename_all = "PascalCase")]
+    struct Request<'a> {
+        #[serde(rename = "@xmlns")]
+        xmlns: &'static str,
+        change_batch: Batch<'a>,
     }
-    x.push_str("</Changes></ChangeBatch></ChangeResourceRecordSetsRequest>");
+    #[derive(Serialize)]
+    #[serde(rename_all = "PascalCase")]
+    struct Batch<'a> {
+        comment: &'static str,
+        changes: XmlChanges<'a>,
+    }
+    #[derive(Serialize)]
+    #[serde(rename_all = "PascalCase")]
+    struct XmlChanges<'a> {
+        change: Vec<XmlChange<'a>>,
+    }
+    #[derive(Serialize)]
+    #[serde(rename_all = "PascalCase")]
+    struct XmlChange<'a> {
+        action: &'static str,
+        resource_record_set: RrSetXml<'a>,
+    }
+    #[derive(Serialize)]
+    #[serde(rename_all = "PascalCase")]
+    struct RrSetXml<'a> {
+        name: String,
+        #[serde(rename = "Type")]
+        rtype: &'static str,
+        #[serde(rename = "TTL")]
+        ttl: u32,
+        resource_records: ResourceRecords<'a>,
+    }
+    #[derive(Serialize)]
+    #[serde(rename_all = "PascalCase")]
+    struct ResourceRecords<'a> {
+        resource_record: Vec<ResourceRecord<'a>>,
+    }
+    #[derive(Serialize)]
+    #[serde(rename_all = "PascalCase")]
+    struct ResourceRecord<'a> {
+        value: &'a str,
+    }
+
+    let request = Request {
+        xmlns: XMLNS,
+        change_batch: Batch {
+            comment: "backupmx",
+            changes: XmlChanges {
+                change: changes
+                    .iter()
+                    .map(|c| XmlChange {
+                        action: c.action,
+                        resource_record_set: RrSetXml {
+                            name: format!("{}.", c.name),
+                            rtype: c.rtype.as_str(),
+                            ttl: c.ttl,
+                            resource_records: ResourceRecords {
+                                resource_record: c
+                                    .values
+                                    .iter()
+                                    .map(|v| ResourceRecord { value: v })
+                                    .collect(),
+                            },
+                        },
+                    })
+                    .collect(),
+            },
+        },
+    };
+    let mut x = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n");
+    let mut ser = Serializer::with_root(&mut x, Some("ChangeResourceRecordSetsRequest"))
+        .expect("a valid element name");
+    ser.set_quote_level(QuoteLevel::Full);
+    ser.expand_empty_elements(true);
+    request
+        .serialize(ser)
+        .expect("strings and numbers serialize as XML");
     x
 }
 
@@ -816,7 +861,7 @@ mod tests {
             format!(
                 "<?xml version=\"1.0\"?>\n<ErrorResponse xmlns=\"{XMLNS}\"><Error><Type>Sender</Type>\
                  <Code>{code}</Code><Message>{}</Message></Error><RequestId>r-1</RequestId></ErrorResponse>",
-                xml_escape(message)
+                quick_xml::escape::escape(message)
             ),
         )
             .into_response()
@@ -828,7 +873,7 @@ mod tests {
             format!(
                 "<?xml version=\"1.0\"?>\n<InvalidChangeBatch xmlns=\"{XMLNS}\"><Messages>\
                  <Message>{}</Message></Messages><RequestId>r-2</RequestId></InvalidChangeBatch>",
-                xml_escape(message)
+                quick_xml::escape::escape(message)
             ),
         )
             .into_response()
@@ -972,7 +1017,7 @@ mod tests {
         for s in page {
             x.push_str(&format!(
                 "<ResourceRecordSet><Name>{}</Name><Type>{}</Type>",
-                xml_escape(&s.name),
+                quick_xml::escape::escape(&s.name),
                 s.rtype
             ));
             if s.alias {
@@ -986,7 +1031,7 @@ mod tests {
                 for v in &s.values {
                     x.push_str(&format!(
                         "<ResourceRecord><Value>{}</Value></ResourceRecord>",
-                        xml_escape(v)
+                        quick_xml::escape::escape(v)
                     ));
                 }
                 x.push_str("</ResourceRecords>");
@@ -998,7 +1043,7 @@ mod tests {
             x.push_str(&format!(
                 "<IsTruncated>true</IsTruncated><NextRecordName>{}</NextRecordName>\
                  <NextRecordType>{}</NextRecordType>",
-                xml_escape(&next.name),
+                quick_xml::escape::escape(&next.name),
                 next.rtype
             ));
         } else {
@@ -1560,6 +1605,57 @@ mod tests {
         assert!(xml.contains(&format!(
             "<ChangeResourceRecordSetsRequest xmlns=\"{XMLNS}\">"
         )));
+    }
+
+    #[test]
+    fn change_batch_is_the_documented_xml_with_text_escaped() {
+        let xml = change_batch_xml(&[
+            Change {
+                action: "UPSERT",
+                name: "example.com".into(),
+                rtype: RecordType::Mx,
+                ttl: 3600,
+                values: vec!["10 mx1.example.com.".into(), "20 mx2.example.com.".into()],
+            },
+            Change {
+                action: "DELETE",
+                name: "_backupmx.example.com".into(),
+                rtype: RecordType::Txt,
+                ttl: 300,
+                values: vec![RData::Txt("a<b & \"c\" 'd'>".into()).presentation()],
+            },
+        ]);
+        assert_eq!(
+            xml,
+            format!(
+                "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n\
+                 <ChangeResourceRecordSetsRequest xmlns=\"{XMLNS}\"><ChangeBatch>\
+                 <Comment>backupmx</Comment><Changes>\
+                 <Change><Action>UPSERT</Action><ResourceRecordSet><Name>example.com.</Name>\
+                 <Type>MX</Type><TTL>3600</TTL><ResourceRecords>\
+                 <ResourceRecord><Value>10 mx1.example.com.</Value></ResourceRecord>\
+                 <ResourceRecord><Value>20 mx2.example.com.</Value></ResourceRecord>\
+                 </ResourceRecords></ResourceRecordSet></Change>\
+                 <Change><Action>DELETE</Action><ResourceRecordSet>\
+                 <Name>_backupmx.example.com.</Name><Type>TXT</Type><TTL>300</TTL>\
+                 <ResourceRecords><ResourceRecord>\
+                 <Value>&quot;a&lt;b &amp; \\&quot;c\\&quot; &apos;d&apos;&gt;&quot;</Value>\
+                 </ResourceRecord></ResourceRecords></ResourceRecordSet></Change>\
+                 </Changes></ChangeBatch></ChangeResourceRecordSetsRequest>"
+            )
+        );
+        // and it reads back as the text it carries
+        let doc = roxmltree::Document::parse(&xml).unwrap();
+        let values: Vec<&str> = doc
+            .descendants()
+            .filter(|n| n.tag_name().name() == "Value")
+            .filter_map(|n| n.text())
+            .collect();
+        assert_eq!(values[2], "\"a<b & \\\"c\\\" 'd'>\"");
+        assert_eq!(
+            RData::parse(RecordType::Txt, values[2]),
+            Some(RData::Txt("a<b & \"c\" 'd'>".into()))
+        );
     }
 
     #[test]
