@@ -12,6 +12,23 @@
 //!   owns) and warning about what is risky.
 //!
 //! [`verify`] then queries the zone's authoritative servers until the records are visible.
+//! [`txt`] holds the one rule for cutting TXT text into character-strings.
+//!
+//! # Why not the `dns-update` crate
+//!
+//! Stalwart's `dns-update` (0.6, checked 2026-12) covers RFC 2136 and many HTTP APIs, PowerDNS,
+//! Route 53 and Cloudflare among them, but not what this module needs:
+//! - one atomic change over several RRsets (the MX, the host's addresses and their ownership
+//!   TXT records together); its calls change one RRset each;
+//! - reading records with their TTL (its `list_rrset` returns data only): an RRset has one TTL,
+//!   and an added MX must take the primary's ([`rfc2136::keep_rrset_ttls`]);
+//! - our HTTPS client: it builds its own `reqwest::Client`, so `spec.caBundle` cannot be added
+//!   to the trust, and its `ring` feature switches reqwest to native-tls (OpenSSL);
+//! - error kinds for the conditions (`Tls`, `Auth`, `ZoneNotFound`, `RateLimited` with
+//!   `Retry-After`): it sleeps and retries 429/503 itself, inside our reconcile pass.
+//!
+//! Ownership TXT records, the plan and the checks at the authoritative servers ([`verify`])
+//! are ours either way, so the crate would only replace the four thin clients.
 
 pub mod cloudflare;
 pub mod inmemory;
