@@ -45,32 +45,15 @@ pub fn crd_yaml() -> String {
     )
 }
 
-/// YAML that YAML 1.1 parsers read back as written. serde_yaml writes YAML 1.2, where `off`,
-/// `yes` or `n` are plain strings, but kubectl and the API server parse YAML 1.1, where they are
-/// booleans: an enum value `off` would arrive as `false`. Such strings are quoted.
+/// YAML that YAML 1.1 parsers read back as written. kubectl, Helm and the API server parse
+/// YAML 1.1, where a plain `off`, `yes` or `n` is a boolean: an enum value `off` would arrive as
+/// `false`. serde-saphyr quotes such strings by default (`yaml_12: false`), so no workaround is
+/// needed. Multi-line strings are literal `|` blocks and long lines are never folded, as
+/// serde_yaml wrote them, so the checked-in CRD reads the same.
 fn to_yaml11(value: serde_json::Value) -> String {
-    const WORDS: [&str; 22] = [
-        "y", "Y", "yes", "Yes", "YES", "n", "N", "no", "No", "NO", "true", "True", "TRUE", "false",
-        "False", "FALSE", "on", "On", "ON", "off", "Off", "OFF",
-    ];
-    const MARK: &str = "__yaml11_quote__";
-    fn mark(v: &mut serde_json::Value) {
-        match v {
-            serde_json::Value::String(s) if WORDS.contains(&s.as_str()) => {
-                *s = format!("{MARK}{s}");
-            }
-            serde_json::Value::Array(a) => a.iter_mut().for_each(mark),
-            serde_json::Value::Object(o) => o.values_mut().for_each(mark),
-            _ => {}
-        }
-    }
-    let mut value = value;
-    mark(&mut value);
-    let mut yaml = serde_yaml::to_string(&value).expect("JSON serializes as YAML");
-    for w in WORDS {
-        yaml = yaml.replace(&format!("{MARK}{w}"), &format!("\"{w}\""));
-    }
-    yaml
+    let mut options = serde_saphyr::SerializerOptions::default();
+    options.folded_wrap_chars = usize::MAX;
+    serde_saphyr::to_string_with_options(&value, options).expect("JSON serializes as YAML")
 }
 
 #[cfg(test)]

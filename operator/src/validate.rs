@@ -393,7 +393,6 @@ mod tests {
 
     #[test]
     fn every_example_backupmx_passes_validation() {
-        use serde::Deserialize;
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
         let mut checked = 0;
         for entry in std::fs::read_dir(&dir).unwrap() {
@@ -402,8 +401,7 @@ mod tests {
                 continue;
             }
             let text = std::fs::read_to_string(&path).unwrap();
-            for doc in serde_yaml::Deserializer::from_str(&text) {
-                let v = serde_json::Value::deserialize(doc).unwrap();
+            for v in serde_saphyr::from_multiple::<serde_json::Value>(&text).unwrap() {
                 if v["kind"] != "BackupMx" {
                     continue;
                 }

@@ -12,6 +12,23 @@
 //!   owns) and warning about what is risky.
 //!
 //! [`verify`] then queries the zone's authoritative servers until the records are visible.
+//! [`txt`] holds the one rule for cutting TXT text into character-strings.
+//!
+//! # Why not the `dns-update` crate
+//!
+//! Stalwart's `dns-update` (0.6, checked 2026-12) covers RFC 2136 and many HTTP APIs, PowerDNS,
+//! Route 53 and Cloudflare among them, but not what this module needs:
+//! - one atomic change over several RRsets (the MX, the host's addresses and their ownership
+//!   TXT records together); its calls change one RRset each;
+//! - reading records with their TTL (its `list_rrset` returns data only): an RRset has one TTL,
+//!   and an added MX must take the primary's ([`rfc2136::keep_rrset_ttls`]);
+//! - our HTTPS client: it builds its own `reqwest::Client`, so `spec.caBundle` cannot be added
+//!   to the trust, and its `ring` feature switches reqwest to native-tls (OpenSSL);
+//! - error kinds for the conditions (`Tls`, `Auth`, `ZoneNotFound`, `RateLimited` with
+//!   `Retry-After`): it sleeps and retries 429/503 itself, inside our reconcile pass.
+//!
+//! Ownership TXT records, the plan and the checks at the authoritative servers ([`verify`])
+//! are ours either way, so the crate would only replace the four thin clients.
 
 pub mod cloudflare;
 pub mod inmemory;
@@ -20,6 +37,7 @@ pub mod plan;
 pub mod powerdns;
 pub mod rfc2136;
 pub mod route53;
+pub mod txt;
 pub mod verify;
 
 use std::{
@@ -93,13 +111,13 @@ impl RData {
         }
     }
 
-    /// Zone-file presentation (`20 mx2.example.com.`, `"text"`).
+    /// Zone-file presentation (`20 mx2.example.com.`, `"text"`; TXT cut as [`txt::split`]).
     pub fn presentation(&self) -> String {
         match self {
             RData::A(a) => a.to_string(),
             RData::Aaaa(a) => a.to_string(),
             RData::Mx(p, host) => format!("{p} {host}."),
-            RData::Txt(t) => format!("\"{}\"", t.replace('\\', "\\\\").replace('"', "\\\"")),
+            RData::Txt(t) => txt::presentation(t),
             RData::Cname(host) => format!("{host}."),
         }
     }
@@ -114,35 +132,10 @@ impl RData {
                 let (p, host) = text.split_once(char::is_whitespace)?;
                 RData::Mx(p.parse().ok()?, normalize_name(host))
             }
-            RecordType::Txt => RData::Txt(unquote_txt(text)),
+            RecordType::Txt => RData::Txt(txt::unquote(text)),
             RecordType::Cname => RData::Cname(normalize_name(text)),
         })
     }
-}
-
-/// Joins the character-strings of a presentation-form TXT value (`"a" "b"` → `ab`).
-pub fn unquote_txt(text: &str) -> String {
-    let t = text.trim();
-    if !t.starts_with('"') {
-        return t.to_string();
-    }
-    let mut out = String::new();
-    let mut chars = t.chars();
-    let mut inside = false;
-    while let Some(c) = chars.next() {
-        match (inside, c) {
-            (false, '"') => inside = true,
-            (true, '"') => inside = false,
-            (true, '\\') => {
-                if let Some(n) = chars.next() {
-                    out.push(n);
-                }
-            }
-            (true, c) => out.push(c),
-            (false, _) => {}
-        }
-    }
-    out
 }
 
 /// Lower case, without the trailing dot.
@@ -371,7 +364,6 @@ mod tests {
             assert_eq!(d.presentation(), text);
             assert_eq!(d.record_type(), t);
         }
-        assert_eq!(unquote_txt("\"a b\" \"c\\\"d\""), "a bc\"d");
         assert_eq!(
             Record::new("Example.COM.", 300, RData::Mx(20, "mx2.example.com".into())).to_string(),
             "example.com MX 20 mx2.example.com"
