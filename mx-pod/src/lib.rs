@@ -5,7 +5,13 @@
 //! oldest first, and delivers it to the domain's primary, throttled; [`dsn`] tells senders about
 //! failures. [`admin`] exposes the queue and the replay controls over HTTP, [`metrics`] the
 //! counters. [`trust`] says what outbound TLS trusts and how SMTP uses it (the TLS policy).
-//! [`config`], [`probe`] and [`trust`] are shared with the operator.
+//! [`outbound`] is the one SMTP client (replay, DSNs, the recipient callout, the probe), with
+//! its own transaction type; [`reply`] the replies mx-pod sends, [`address`] envelope addresses
+//! as written, [`resolver`] DNS lookups. [`config`], [`probe`], [`outbound`] and [`trust`] are
+//! shared with the operator.
+//!
+//! Imports run one way: `smtp` → `policy` → `queue` → `replay` → `outbound`; the shared
+//! leaves (`config`, `reply`, `address`, `trust`, `resolver`) import none of those.
 //!
 //! ```text
 //! client ──SMTP──▶ smtp ─▶ policy ─▶ queue (log on disk) ─▶ replay ──SMTP──▶ primary
