@@ -875,14 +875,34 @@ pub struct AlertState {
     pub disk_high: bool,
 }
 
+/// Where a failover drill stands.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, Default, PartialEq, Eq, JsonSchema)]
+pub enum DrillResult {
+    /// The test message is queued and being followed.
+    #[default]
+    Running,
+    /// It reached the primary.
+    Passed,
+    Failed,
+}
+
+impl std::fmt::Display for DrillResult {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DrillResult::Running => "Running",
+            DrillResult::Passed => "Passed",
+            DrillResult::Failed => "Failed",
+        })
+    }
+}
+
 /// A failover drill.
 #[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DrillStatus {
     /// The value of the `backupmx.io/drill` annotation this drill answers.
     pub request: String,
-    /// `Running`, `Passed` or `Failed`.
-    pub result: String,
+    pub result: DrillResult,
     /// What happened.
     pub message: String,
     /// The pod that queued the test message.

@@ -34,28 +34,68 @@ impl Error {
         move |source| Error::Kube { action, source }
     }
 
-    /// A bounded label naming the kind of error (metrics, condition reasons).
-    pub fn kind(&self) -> &'static str {
+    /// What kind of error this is: the metrics label and the retry decision come from it.
+    pub fn kind(&self) -> ErrorKind {
         match self {
             Error::Kube { source, .. } => match source {
-                kube::Error::Api(e) if e.code == 409 => "conflict",
-                kube::Error::Api(e) if e.code == 403 => "forbidden",
-                kube::Error::Api(e) if e.code == 404 => "not_found",
-                kube::Error::Api(e) if e.code == 422 || e.code == 400 => "invalid",
-                kube::Error::Api(_) => "api",
-                _ => "transport",
+                kube::Error::Api(e) if e.code == 409 => ErrorKind::Conflict,
+                kube::Error::Api(e) if e.code == 403 => ErrorKind::Forbidden,
+                kube::Error::Api(e) if e.code == 404 => ErrorKind::NotFound,
+                kube::Error::Api(e) if e.code == 422 || e.code == 400 => ErrorKind::Invalid,
+                kube::Error::Api(_) => ErrorKind::Api,
+                _ => ErrorKind::Transport,
             },
-            Error::WaitingForDelivery(_) => "waiting_for_delivery",
-            Error::DnsCleanup(_) => "dns_cleanup",
-            Error::NoNamespace => "no_namespace",
+            Error::WaitingForDelivery(_) => ErrorKind::WaitingForDelivery,
+            Error::DnsCleanup(_) => ErrorKind::DnsCleanup,
+            Error::NoNamespace => ErrorKind::NoNamespace,
             Error::Finalizer(e) => match &**e {
                 finalizer::Error::ApplyFailed(e) | finalizer::Error::CleanupFailed(e) => e.kind(),
-                finalizer::Error::AddFinalizer(_) | finalizer::Error::RemoveFinalizer(_) => {
-                    "finalizer"
-                }
-                _ => "finalizer",
+                _ => ErrorKind::Finalizer,
             },
         }
+    }
+}
+
+/// The kind of a reconcile error: a bounded label (`backupmx_reconcile_errors_total{kind}`)
+/// and what the controller does next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// 409 from the API server: someone else wrote the object first; retried soon.
+    Conflict,
+    Forbidden,
+    NotFound,
+    Invalid,
+    Api,
+    /// The API server could not be reached.
+    Transport,
+    /// Deletion waits for queued mail: not a failure.
+    WaitingForDelivery,
+    DnsCleanup,
+    NoNamespace,
+    Finalizer,
+}
+
+impl ErrorKind {
+    /// The metrics label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::Conflict => "conflict",
+            ErrorKind::Forbidden => "forbidden",
+            ErrorKind::NotFound => "not_found",
+            ErrorKind::Invalid => "invalid",
+            ErrorKind::Api => "api",
+            ErrorKind::Transport => "transport",
+            ErrorKind::WaitingForDelivery => "waiting_for_delivery",
+            ErrorKind::DnsCleanup => "dns_cleanup",
+            ErrorKind::NoNamespace => "no_namespace",
+            ErrorKind::Finalizer => "finalizer",
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 

@@ -333,8 +333,8 @@ async fn drill(a: DrillArgs) -> anyhow::Result<bool> {
             .filter(|d| d.request == request)
         {
             println!("{}: {}", d.result, d.message);
-            if d.result != "Running" {
-                return Ok(d.result == "Passed");
+            if d.result != backupmx_operator::crd::DrillResult::Running {
+                return Ok(d.result == backupmx_operator::crd::DrillResult::Passed);
             }
         }
         anyhow::ensure!(

@@ -27,9 +27,43 @@ use crate::{health::Health, maintenance::WindowState};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decision {
     pub workers: u32,
-    /// PascalCase: `Paused`, `MaintenanceWindow`, `PrimaryDown`, `RampingUp`, `Backoff`, `Full`.
-    pub reason: &'static str,
+    pub reason: ReplayReason,
     pub message: String,
+}
+
+/// Why replay runs with the workers it has: `status.replay.reason`, in PascalCase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplayReason {
+    /// `spec.replay.paused`.
+    Paused,
+    MaintenanceWindow,
+    /// Down, or not confirmed healthy yet.
+    PrimaryDown,
+    /// Healthy for less than `spec.replay.rampUp`: workers grow step by step.
+    RampingUp,
+    /// The primary pushes back (`421`, `4xx`): half the workers.
+    Backoff,
+    Full,
+}
+
+impl ReplayReason {
+    /// The word in `status.replay.reason`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReplayReason::Paused => "Paused",
+            ReplayReason::MaintenanceWindow => "MaintenanceWindow",
+            ReplayReason::PrimaryDown => "PrimaryDown",
+            ReplayReason::RampingUp => "RampingUp",
+            ReplayReason::Backoff => "Backoff",
+            ReplayReason::Full => "Full",
+        }
+    }
+}
+
+impl std::fmt::Display for ReplayReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// The facts the decision is made from.
@@ -57,7 +91,7 @@ pub fn resumed_at(
     recorded: Option<DateTime<Utc>>,
     now: DateTime<Utc>,
 ) -> Option<DateTime<Utc>> {
-    if !paused && last_reason == Some("Paused") {
+    if !paused && last_reason == Some(ReplayReason::Paused.as_str()) {
         Some(now)
     } else {
         recorded
@@ -69,14 +103,14 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
     if i.paused {
         return Decision {
             workers: 0,
-            reason: "Paused",
+            reason: ReplayReason::Paused,
             message: "spec.replay.paused is true: mail is queued, not delivered".into(),
         };
     }
     if let Some((reason, end)) = &i.window.active {
         return Decision {
             workers: 0,
-            reason: "MaintenanceWindow",
+            reason: ReplayReason::MaintenanceWindow,
             message: format!(
                 "inside a maintenance window ({reason}) until {}",
                 end.to_rfc3339()
@@ -93,7 +127,7 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
         Some(h) if h.healthy == Some(false) => {
             return Decision {
                 workers: 0,
-                reason: "PrimaryDown",
+                reason: ReplayReason::PrimaryDown,
                 message: format!(
                     "primary {} is down: {}",
                     i.target,
@@ -104,7 +138,7 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
         _ => {
             return Decision {
                 workers: 0,
-                reason: "PrimaryDown",
+                reason: ReplayReason::PrimaryDown,
                 message: format!("primary {} not confirmed healthy yet", i.target),
             };
         }
@@ -125,14 +159,14 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
         let w = (ramped / 2).max(1);
         return Decision {
             workers: w,
-            reason: "Backoff",
+            reason: ReplayReason::Backoff,
             message: format!("the primary pushes back (421/4xx): {w} of {max} workers"),
         };
     }
     if ramped < max {
         Decision {
             workers: ramped,
-            reason: "RampingUp",
+            reason: ReplayReason::RampingUp,
             message: format!(
                 "primary healthy (and out of any maintenance window) for {}s: {ramped} of {max} workers, full after {}s",
                 healthy_for.as_secs(),
@@ -142,7 +176,7 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
     } else {
         Decision {
             workers: max,
-            reason: "Full",
+            reason: ReplayReason::Full,
             message: format!("primary healthy: all {max} workers"),
         }
     }
@@ -154,7 +188,7 @@ pub fn next_change(i: &Inputs<'_>, d: &Decision) -> Option<Duration> {
         .window
         .next_change()
         .and_then(|t| (t - i.now).to_std().ok());
-    let ramp = (d.reason == "RampingUp" || d.reason == "Backoff").then(|| {
+    let ramp = matches!(d.reason, ReplayReason::RampingUp | ReplayReason::Backoff).then(|| {
         // one step of the ramp, at least a second
         (i.ramp_up / i.max_workers.max(1)).max(Duration::from_secs(1))
     });
@@ -200,7 +234,7 @@ mod tests {
         let w = WindowState::default();
         assert_eq!(
             decide(&inputs(None, &w, "2026-12-01T00:00:00Z")).reason,
-            "PrimaryDown"
+            ReplayReason::PrimaryDown
         );
         let down = Health {
             target: "mail.example.com:25".into(),
@@ -209,20 +243,20 @@ mod tests {
             ..Default::default()
         };
         let d = decide(&inputs(Some(&down), &w, "2026-12-01T00:00:00Z"));
-        assert_eq!((d.workers, d.reason), (0, "PrimaryDown"));
+        assert_eq!((d.workers, d.reason), (0, ReplayReason::PrimaryDown));
         assert!(d.message.contains("connection refused"));
 
         let up = healthy("2026-11-30T00:00:00Z");
         let mut i = inputs(Some(&up), &w, "2026-12-01T00:00:00Z");
         i.paused = true;
-        assert_eq!(decide(&i).reason, "Paused");
+        assert_eq!(decide(&i).reason, ReplayReason::Paused);
         let open = WindowState {
             active: Some(("upgrade".into(), at("2026-12-01T02:00:00Z"))),
             next: None,
             last_end: None,
         };
         let d = decide(&inputs(Some(&up), &open, "2026-12-01T00:00:00Z"));
-        assert_eq!((d.workers, d.reason), (0, "MaintenanceWindow"));
+        assert_eq!((d.workers, d.reason), (0, ReplayReason::MaintenanceWindow));
     }
 
     #[test]
@@ -247,13 +281,19 @@ mod tests {
                 &format!("2026-12-01T00:{:02}:{:02}Z", s / 60, s % 60),
             ))
         };
-        assert_eq!((at_s(0).workers, at_s(0).reason), (1, "RampingUp"));
+        assert_eq!(
+            (at_s(0).workers, at_s(0).reason),
+            (1, ReplayReason::RampingUp)
+        );
         assert_eq!(at_s(60).workers, 4);
-        assert_eq!((at_s(120).workers, at_s(120).reason), (8, "Full"));
+        assert_eq!(
+            (at_s(120).workers, at_s(120).reason),
+            (8, ReplayReason::Full)
+        );
         let mut i = inputs(Some(&up), &w, "2026-12-01T00:05:00Z");
         i.backoff = true;
         let d = decide(&i);
-        assert_eq!((d.workers, d.reason), (4, "Backoff"));
+        assert_eq!((d.workers, d.reason), (4, ReplayReason::Backoff));
         assert_eq!(next_change(&i, &d), Some(Duration::from_secs(15)));
     }
 
@@ -267,19 +307,19 @@ mod tests {
             last_end: Some(at("2026-12-01T00:00:00Z")),
         };
         let d = decide(&inputs(Some(&up), &closed, "2026-12-01T00:00:30Z"));
-        assert_eq!((d.workers, d.reason), (2, "RampingUp"));
+        assert_eq!((d.workers, d.reason), (2, ReplayReason::RampingUp));
         let d = decide(&inputs(Some(&up), &closed, "2026-12-01T00:02:00Z"));
-        assert_eq!((d.workers, d.reason), (8, "Full"));
+        assert_eq!((d.workers, d.reason), (8, ReplayReason::Full));
         // a window long ago changes nothing; a primary healthy only since after it counts
         let old = WindowState {
             last_end: Some(at("2026-11-01T00:00:00Z")),
             ..closed
         };
         let d = decide(&inputs(Some(&up), &old, "2026-12-01T00:00:30Z"));
-        assert_eq!(d.reason, "Full");
+        assert_eq!(d.reason, ReplayReason::Full);
         let recent = healthy("2026-12-01T00:00:00Z");
         let d = decide(&inputs(Some(&recent), &old, "2026-12-01T00:00:00Z"));
-        assert_eq!((d.workers, d.reason), (1, "RampingUp"));
+        assert_eq!((d.workers, d.reason), (1, ReplayReason::RampingUp));
     }
 
     #[test]
@@ -294,7 +334,7 @@ mod tests {
         i.resumed_at = lifted;
         assert_eq!(decide(&i).workers, 2, "30 s of a 120 s ramp");
         i.now = at("2026-12-01T00:02:00Z");
-        assert_eq!(decide(&i).reason, "Full");
+        assert_eq!(decide(&i).reason, ReplayReason::Full);
         // later decisions keep the recorded time; a pause in force records nothing new
         let later = at("2026-12-01T00:05:00Z");
         assert_eq!(resumed_at(false, Some("Full"), lifted, later), lifted);

@@ -23,7 +23,7 @@ use super::{
     write_status,
 };
 use crate::{
-    crd::{BackupMx, ConditionStatus},
+    crd::{BackupMx, ConditionStatus, DrillResult},
     error::{Error, Result},
     render::{
         FIELD_MANAGER, Names,
@@ -234,15 +234,15 @@ pub async fn apply(bmx: &BackupMx, ctx: &Context) -> Result<Action> {
     if let Some(d) = &drill {
         let was = bmx.status.as_ref().and_then(|s| s.drill.as_ref());
         let changed = was.is_none_or(|w| w.request != d.request || w.result != d.result);
-        if changed && d.result != "Running" {
-            let t = if d.result == "Passed" {
+        if changed && d.result != DrillResult::Running {
+            let t = if d.result == DrillResult::Passed {
                 EventType::Normal
             } else {
                 EventType::Warning
             };
             publish(ctx, bmx, t, &format!("Drill{}", d.result), &d.message).await;
         }
-        if d.result == "Running" {
+        if d.result == DrillResult::Running {
             requeue = requeue.min(std::time::Duration::from_secs(2));
         }
     }

@@ -19,7 +19,7 @@ use serde_json::Value;
 
 use super::Context;
 use crate::{
-    crd::{BackupMx, DrillStatus},
+    crd::{BackupMx, DrillResult, DrillStatus},
     pod_admin::pod_ip,
 };
 
@@ -45,7 +45,7 @@ pub async fn step(
     let previous = bmx.status.as_ref().and_then(|s| s.drill.clone());
     let fail = |message: String, base: Option<&DrillStatus>| DrillStatus {
         request: request.clone(),
-        result: "Failed".into(),
+        result: DrillResult::Failed,
         message,
         pod: base.and_then(|b| b.pod.clone()),
         message_id: base.and_then(|b| b.message_id.clone()),
@@ -53,7 +53,7 @@ pub async fn step(
         released: base.is_some_and(|b| b.released),
     };
     match &previous {
-        Some(p) if p.request == request && p.result != "Running" => None,
+        Some(p) if p.request == request && p.result != DrillResult::Running => None,
         Some(p) if p.request == request => Some(follow(ctx, pods, token, p, replay_reason).await),
         _ => {
             // a new request: queue the test message on the first ready pod
@@ -74,7 +74,7 @@ pub async fn step(
             };
             let mut status = DrillStatus {
                 request: request.clone(),
-                result: "Running".into(),
+                result: DrillResult::Running,
                 message: format!(
                     "test message {id} to postmaster@{domain} queued on {}",
                     pod.name_any()
@@ -118,11 +118,11 @@ async fn follow(
     pods: &[Pod],
     token: Option<&str>,
     d: &DrillStatus,
-    replay_reason: &str,
+    replay_reason: crate::replay_control::ReplayReason,
 ) -> DrillStatus {
     let mut next = d.clone();
     let (Some(pod_name), Some(id)) = (&d.pod, &d.message_id) else {
-        next.result = "Failed".into();
+        next.result = DrillResult::Failed;
         next.message = "drill state lost".into();
         return next;
     };
@@ -131,7 +131,7 @@ async fn follow(
         .find(|p| &p.name_any() == pod_name)
         .and_then(pod_ip)
     else {
-        next.result = "Failed".into();
+        next.result = DrillResult::Failed;
         next.message = format!("pod {pod_name} is gone; the test message stays in its queue");
         return next;
     };
@@ -158,15 +158,15 @@ async fn follow(
     let reply = status["reply"].as_str().unwrap_or_default().to_string();
     match state.to_ascii_lowercase().as_str() {
         "delivered" => {
-            next.result = "Passed".into();
+            next.result = DrillResult::Passed;
             next.message = format!("test message {id} was accepted by the primary: {reply}");
         }
         "failed" => {
-            next.result = "Failed".into();
+            next.result = DrillResult::Failed;
             next.message = format!("test message {id} was refused by the primary: {reply}");
         }
         _ if message.is_none() => {
-            next.result = "Failed".into();
+            next.result = DrillResult::Failed;
             next.message = format!("test message {id} is no longer known to {pod_name}");
         }
         _ => {
@@ -178,7 +178,7 @@ async fn follow(
                     .as_str()
                     .map(str::to_string)
                     .unwrap_or_else(|| format!("replay is held ({replay_reason})"));
-                next.result = "Failed".into();
+                next.result = DrillResult::Failed;
                 next.message = format!(
                     "test message {id} was not delivered within {}s: {why}",
                     TIMEOUT.as_secs()

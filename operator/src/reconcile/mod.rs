@@ -50,7 +50,7 @@ use tracing::{Instrument, field, info, info_span, warn};
 use crate::{
     capabilities::Capabilities,
     crd::{BackupMx, BackupMxStatus},
-    error::{Error, Result},
+    error::{Error, ErrorKind, Result},
     metrics::Metrics,
     pod_admin::PodAdmin,
     render::FIELD_MANAGER,
@@ -178,16 +178,17 @@ pub fn error_policy(bmx: Arc<BackupMx>, error: &Error, ctx: Arc<Context>) -> Act
     let ns = bmx.namespace().unwrap_or_default();
     let name = bmx.name_any();
     let kind = error.kind();
-    ctx.metrics.reconcile_failed(&ns, &name, kind);
-    if kind == "waiting_for_delivery" {
-        info!(namespace = %ns, name = %name, "{error}");
-        return Action::requeue(DRAIN_POLL);
-    }
-    warn!(namespace = %ns, name = %name, kind, error = %error, "reconcile failed");
-    Action::requeue(match kind {
-        "conflict" => Duration::from_secs(2),
+    ctx.metrics.reconcile_failed(&ns, &name, kind.as_str());
+    let after = match kind {
+        ErrorKind::WaitingForDelivery => {
+            info!(namespace = %ns, name = %name, "{error}");
+            return Action::requeue(DRAIN_POLL);
+        }
+        ErrorKind::Conflict => Duration::from_secs(2),
         _ => Duration::from_secs(15),
-    })
+    };
+    warn!(namespace = %ns, name = %name, kind = kind.as_str(), error = %error, "reconcile failed");
+    Action::requeue(after)
 }
 
 /// Writes `status` unless it is what the object already has (so a quiet pass writes nothing).

@@ -189,7 +189,7 @@ pub async fn control(
         };
         match ctx.pods.set_replay(*ip, t, wanted, rate).await {
             Ok(()) => {
-                info!(pod = %name, workers = wanted, reason = decision.reason, "replay workers set")
+                info!(pod = %name, workers = wanted, reason = decision.reason.as_str(), "replay workers set")
             }
             Err(e) => {
                 warn!(pod = %name, error = %e, "cannot set replay workers");

@@ -243,7 +243,7 @@ pub fn applied(bmx: &BackupMx, seen: &Observed) -> BackupMxStatus {
                     bmx,
                     REPLAYING,
                     replaying,
-                    r.decision.reason,
+                    r.decision.reason.as_str(),
                     r.decision.message.clone(),
                 ),
             );
@@ -289,7 +289,7 @@ pub fn applied(bmx: &BackupMx, seen: &Observed) -> BackupMxStatus {
             (
                 Some(ReplayStatus {
                     workers: r.decision.workers,
-                    reason: r.decision.reason.into(),
+                    reason: r.decision.reason.as_str().into(),
                     message: r.decision.message.clone(),
                     resumed_at: r
                         .resumed_at

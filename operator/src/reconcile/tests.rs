@@ -389,7 +389,11 @@ async fn deletion_drains_and_waits_while_a_pod_holds_mail() {
     .await;
     assert!(drained.load(Ordering::SeqCst), "the pod was told to drain");
     let err = result.unwrap_err();
-    assert_eq!(err.kind(), "waiting_for_delivery", "{err}");
+    assert_eq!(
+        err.kind(),
+        crate::error::ErrorKind::WaitingForDelivery,
+        "{err}"
+    );
     assert_eq!(seen[2].1["reason"], "WaitingForDelivery");
     let deleting = &seen[3].1["status"]["conditions"][0];
     assert_eq!(deleting["type"], "Deleting");
