@@ -903,6 +903,34 @@ impl Sink {
         out
     }
 
+    /// Waits until the alert emails for `object` (`ns/name`) with the subjects `reasons` have
+    /// reached this sink (started with dump), then checks that each came exactly once, to `to`.
+    pub async fn expect_alert_mails(&self, object: &str, to: &str, reasons: &[&str]) {
+        let mails = |reason: &str| -> Vec<String> {
+            let subject = format!("Subject: [backupmx {object}] {reason}");
+            self.dumped()
+                .into_iter()
+                .map(|(_, m)| String::from_utf8_lossy(&m).into_owned())
+                .filter(|m| m.lines().any(|l| l == subject))
+                .collect()
+        };
+        wait_for(
+            &format!("the alert emails {reasons:?} at the relay"),
+            Duration::from_secs(60),
+            || async { reasons.iter().all(|r| !mails(r).is_empty()) },
+        )
+        .await;
+        for reason in reasons {
+            let got = mails(reason);
+            assert_eq!(got.len(), 1, "one {reason} email: {got:?}");
+            assert!(
+                got[0].lines().any(|l| l.starts_with("To:") && l.contains(to)),
+                "{reason} email to {to}: {}",
+                got[0]
+            );
+        }
+    }
+
     pub fn stop(mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();

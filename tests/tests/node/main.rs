@@ -513,6 +513,13 @@ async fn alerts_reach_the_webhook_once_per_change() {
         .await;
     }
     hook.assert_one_down_and_one_up(&format!("{}/example", s.ns));
+    relay
+        .expect_alert_mails(
+            &format!("{}/example", s.ns),
+            "oncall@ops.test",
+            &["PrimaryDown", "PrimaryRecovered"],
+        )
+        .await;
     let events = s.events();
     assert!(
         events.contains("PrimaryDown") && events.contains("PrimaryRecovered"),

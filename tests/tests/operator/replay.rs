@@ -536,6 +536,13 @@ async fn alerts_reach_the_webhook_once_per_change() {
         .await;
     }
     hook.assert_one_down_and_one_up(&format!("{ns}/example"));
+    relay
+        .expect_alert_mails(
+            &format!("{ns}/example"),
+            "oncall@ops.test",
+            &["PrimaryDown", "PrimaryRecovered"],
+        )
+        .await;
     let events = cluster.kubectl_ok(&["-n", &ns, "get", "events.v1.events.k8s.io", "-o", "json"]);
     assert!(
         events.contains("PrimaryDown") && events.contains("PrimaryRecovered"),
