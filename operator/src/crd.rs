@@ -597,7 +597,7 @@ pub struct AlertsSpec {
     pub queue_age_warning: String,
 }
 
-fn default_queue_age_warning() -> String {
+pub(crate) fn default_queue_age_warning() -> String {
     "1h".into()
 }
 

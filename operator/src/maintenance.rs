@@ -3,14 +3,13 @@
 //!
 //! A window is one-off (`start` + `duration`) or recurring (`schedule`, a five-field cron
 //! expression, in `timeZone` (IANA name, default UTC) + `duration`). Evaluation is pure: the
-//! caller passes the clock.
+//! caller passes the clock and the windows as [`crate::validate`] parsed them, so nothing here
+//! parses (or can fail on) the spec's strings.
 
-use std::{str::FromStr, time::Duration};
+use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
 use croner::Cron;
-
-use crate::crd::MaintenanceWindow;
 
 /// The windows' state at one instant.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -35,56 +34,32 @@ impl WindowState {
     }
 }
 
-/// A window's parsed form.
+/// When a window opens.
 #[derive(Debug, Clone)]
-enum When {
+pub enum When {
+    /// Once, at this instant (`start`).
     Once(DateTime<Utc>),
+    /// At each occurrence of the cron `schedule`, read in the time zone `timeZone`.
     Every(Box<Cron>, chrono_tz::Tz),
 }
 
-fn parse(w: &MaintenanceWindow) -> Result<(When, Duration, String), String> {
-    let duration = crate::validate::duration("duration", &w.duration)?;
-    let reason = w
-        .reason
-        .clone()
-        .unwrap_or_else(|| "maintenance window".into());
-    let when = match (&w.start, &w.schedule) {
-        (Some(start), None) => When::Once(
-            DateTime::parse_from_rfc3339(start)
-                .map_err(|e| format!("start: {start:?} is not an RFC 3339 time: {e}"))?
-                .with_timezone(&Utc),
-        ),
-        (None, Some(schedule)) => {
-            let tz: chrono_tz::Tz = w
-                .time_zone
-                .as_deref()
-                .unwrap_or("UTC")
-                .parse()
-                .map_err(|_| format!("timeZone: {:?} is not an IANA time zone", w.time_zone))?;
-            let cron = Cron::from_str(schedule)
-                .map_err(|e| format!("schedule: {schedule:?} is not a cron expression: {e}"))?;
-            When::Every(Box::new(cron), tz)
-        }
-        _ => return Err("start: give either start or schedule (one of them)".into()),
-    };
-    Ok((when, duration, reason))
+/// A `spec.maintenanceWindows` entry, parsed.
+#[derive(Debug, Clone)]
+pub struct Window {
+    pub when: When,
+    /// How long it stays open.
+    pub duration: Duration,
+    /// Shown in status and events.
+    pub reason: String,
 }
 
-/// Checks a window (the spec validation).
-pub fn check(w: &MaintenanceWindow) -> Result<(), String> {
-    parse(w).map(|_| ())
-}
-
-/// The state of `windows` at `now` (windows that do not parse are ignored: validation refuses
-/// them before they get here).
-pub fn evaluate(windows: &[MaintenanceWindow], now: DateTime<Utc>) -> WindowState {
+/// The state of `windows` at `now`.
+pub fn evaluate(windows: &[Window], now: DateTime<Utc>) -> WindowState {
     let mut state = WindowState::default();
     for w in windows {
-        let Ok((when, duration, reason)) = parse(w) else {
-            continue;
-        };
-        let duration = chrono::Duration::from_std(duration).unwrap_or_default();
-        let (last_start, next_start) = match &when {
+        let reason = &w.reason;
+        let duration = chrono::Duration::from_std(w.duration).unwrap_or_default();
+        let (last_start, next_start) = match &w.when {
             When::Once(start) => {
                 if *start <= now {
                     (Some(*start), None)
@@ -117,7 +92,7 @@ pub fn evaluate(windows: &[MaintenanceWindow], now: DateTime<Utc>) -> WindowStat
         if let Some(start) = next_start
             && state.next.as_ref().is_none_or(|(s, _)| start < *s)
         {
-            state.next = Some((start, reason));
+            state.next = Some((start, reason.clone()));
         }
     }
     state
@@ -131,19 +106,17 @@ mod tests {
         DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
     }
 
-    fn once(start: &str, duration: &str) -> MaintenanceWindow {
-        MaintenanceWindow {
-            start: Some(start.into()),
-            schedule: None,
-            time_zone: None,
-            duration: duration.into(),
-            reason: Some("upgrade".into()),
+    fn once(start: &str, hours: u64) -> Window {
+        Window {
+            when: When::Once(at(start)),
+            duration: Duration::from_secs(hours * 3600),
+            reason: "upgrade".into(),
         }
     }
 
     #[test]
     fn one_off_window_opens_and_closes() {
-        let w = [once("2026-12-01T02:00:00Z", "2h")];
+        let w = [once("2026-12-01T02:00:00Z", 2)];
         let before = evaluate(&w, at("2026-12-01T01:00:00Z"));
         assert_eq!(before.active, None);
         assert_eq!(
@@ -169,12 +142,13 @@ mod tests {
     #[test]
     fn recurring_window_in_a_named_time_zone() {
         // Saturdays 02:00 in Berlin (CET = UTC+1 in December), for one hour
-        let w = [MaintenanceWindow {
-            start: None,
-            schedule: Some("0 2 * * 6".into()),
-            time_zone: Some("Europe/Berlin".into()),
-            duration: "1h".into(),
-            reason: None,
+        let w = [Window {
+            when: When::Every(
+                Box::new("0 2 * * 6".parse().unwrap()),
+                chrono_tz::Europe::Berlin,
+            ),
+            duration: Duration::from_secs(3600),
+            reason: "maintenance window".into(),
         }];
         // Saturday 2026-12-05 01:30 UTC = 02:30 Berlin: inside
         let s = evaluate(&w, at("2026-12-05T01:30:00Z"));
@@ -186,18 +160,5 @@ mod tests {
         let s = evaluate(&w, at("2026-12-04T12:00:00Z"));
         assert_eq!(s.active, None);
         assert_eq!(s.next.map(|n| n.0), Some(at("2026-12-05T01:00:00Z")));
-    }
-
-    #[test]
-    fn bad_windows_are_explained() {
-        let mut w = once("tomorrow", "2h");
-        assert!(check(&w).unwrap_err().contains("RFC 3339"));
-        w.start = None;
-        assert!(check(&w).unwrap_err().contains("either start or schedule"));
-        w.schedule = Some("every saturday".into());
-        assert!(check(&w).unwrap_err().contains("cron"));
-        w.schedule = Some("0 2 * * 6".into());
-        w.time_zone = Some("Mars/Olympus".into());
-        assert!(check(&w).unwrap_err().contains("time zone"));
     }
 }

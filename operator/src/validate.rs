@@ -2,12 +2,82 @@
 //! on API servers from 1.20 on): values that must parse, names that must be valid, and rules
 //! across fields. A spec that fails is not applied at all: the reconciler sets `Ready=False`
 //! with reason `InvalidSpec` and a message listing every problem with its field path.
+//!
+//! A spec that passes comes back as a [`ValidSpec`]: its durations, sizes and windows parsed
+//! once, here, so rendering, replay, alerts and maintenance read typed values and cannot
+//! disagree with validation (nor fall back to a default of their own on a bad string).
 
-use std::time::Duration;
+use std::{net::SocketAddr, str::FromStr, time::Duration};
 
+use chrono::{DateTime, Utc};
+use croner::Cron;
 use mx_pod::config::is_domain_name;
 
-use crate::crd::BackupMxSpec;
+use crate::{
+    crd::{BackupMxSpec, MaintenanceWindow},
+    maintenance::{When, Window},
+};
+
+/// The values of a spec that passed [`validate`], parsed. Fields the CRD gives a default hold
+/// the parsed field (the default is the CRD's, never repeated here).
+#[derive(Debug, Clone)]
+pub struct ValidSpec {
+    /// `spec.retention`.
+    pub retention: Duration,
+    /// `spec.delayWarning`.
+    pub delay_warning: Duration,
+    /// `spec.storage.size` in bytes.
+    pub storage_bytes: u64,
+    /// `spec.primary.healthCheck`.
+    pub health_check: ValidHealthCheck,
+    /// `spec.replay`.
+    pub replay: ValidReplay,
+    /// `spec.maintenanceWindows`, in order.
+    pub maintenance_windows: Vec<Window>,
+    /// `spec.alerts`.
+    pub alerts: ValidAlerts,
+    /// `spec.recipients`.
+    pub recipients: ValidRecipients,
+    /// `spec.filter`.
+    pub filter: ValidFilter,
+}
+
+/// `spec.primary.healthCheck`, parsed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ValidHealthCheck {
+    pub interval: Duration,
+    pub timeout: Duration,
+}
+
+/// `spec.replay`, parsed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ValidReplay {
+    pub ramp_up: Duration,
+}
+
+/// `spec.alerts`, parsed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ValidAlerts {
+    /// `spec.alerts.queueAgeWarning`; without `spec.alerts`, the CRD's default (the age alert
+    /// is an event even with nowhere else to send it).
+    pub queue_age_warning: Duration,
+}
+
+/// `spec.recipients`, parsed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ValidRecipients {
+    pub cache_ttl: Duration,
+    pub negative_ttl: Duration,
+}
+
+/// `spec.filter`, parsed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ValidFilter {
+    /// `spec.filter.rspamd.timeout`, when rspamd is set.
+    pub rspamd_timeout: Option<Duration>,
+    /// `spec.filter.resolver`.
+    pub resolver: Option<SocketAddr>,
+}
 
 /// Every problem found in a spec, each naming its field (`spec.retention: ...`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -52,6 +122,39 @@ pub fn quantity_bytes(value: &str) -> Result<u64, String> {
         return Err(format!("{value:?} is too large"));
     }
     Ok(bytes as u64)
+}
+
+/// Parses a maintenance window; errors name the field inside the window (`start: ...`).
+pub fn window(w: &MaintenanceWindow) -> Result<Window, String> {
+    let duration = duration("duration", &w.duration)?;
+    let reason = w
+        .reason
+        .clone()
+        .unwrap_or_else(|| "maintenance window".into());
+    let when = match (&w.start, &w.schedule) {
+        (Some(start), None) => When::Once(
+            DateTime::parse_from_rfc3339(start)
+                .map_err(|e| format!("start: {start:?} is not an RFC 3339 time: {e}"))?
+                .with_timezone(&Utc),
+        ),
+        (None, Some(schedule)) => {
+            let tz: chrono_tz::Tz = w
+                .time_zone
+                .as_deref()
+                .unwrap_or("UTC")
+                .parse()
+                .map_err(|_| format!("timeZone: {:?} is not an IANA time zone", w.time_zone))?;
+            let cron = Cron::from_str(schedule)
+                .map_err(|e| format!("schedule: {schedule:?} is not a cron expression: {e}"))?;
+            When::Every(Box::new(cron), tz)
+        }
+        _ => return Err("start: give either start or schedule (one of them)".into()),
+    };
+    Ok(Window {
+        when,
+        duration,
+        reason,
+    })
 }
 
 /// Smallest volume mx-pod is given: below this the queue is too small to be useful.
@@ -105,8 +208,8 @@ pub fn label_value(value: &str) -> Result<(), String> {
     label_name(value).map_err(str::to_string)
 }
 
-/// Checks `spec`; `Ok` or every problem found.
-pub fn validate(spec: &BackupMxSpec) -> Result<(), InvalidSpec> {
+/// Checks `spec` and parses it in the same pass: its typed values, or every problem found.
+pub fn validate(spec: &BackupMxSpec) -> Result<ValidSpec, InvalidSpec> {
     let mut problems = Vec::new();
     let mut seen = std::collections::HashSet::new();
     if spec.domains.is_empty() {
@@ -139,8 +242,8 @@ pub fn validate(spec: &BackupMxSpec) -> Result<(), InvalidSpec> {
             }
         }
         _ => {
-            problems.extend(retention.err());
-            problems.extend(delay.err());
+            problems.extend(retention.clone().err());
+            problems.extend(delay.clone().err());
         }
     }
 
@@ -161,8 +264,8 @@ pub fn validate(spec: &BackupMxSpec) -> Result<(), InvalidSpec> {
             }
         }
         _ => {
-            problems.extend(interval.err());
-            problems.extend(timeout.err());
+            problems.extend(interval.clone().err());
+            problems.extend(timeout.clone().err());
         }
     }
 
@@ -194,14 +297,20 @@ pub fn validate(spec: &BackupMxSpec) -> Result<(), InvalidSpec> {
         ));
     }
 
-    match quantity_bytes(&spec.storage.size) {
-        Ok(b) if b < MIN_STORAGE_BYTES => problems.push(format!(
-            "spec.storage.size: {} is smaller than the minimum 64Mi",
-            spec.storage.size
-        )),
-        Ok(_) => {}
-        Err(e) => problems.push(format!("spec.storage.size: {e}")),
-    }
+    let storage_bytes = match quantity_bytes(&spec.storage.size) {
+        Ok(b) if b < MIN_STORAGE_BYTES => {
+            problems.push(format!(
+                "spec.storage.size: {} is smaller than the minimum 64Mi",
+                spec.storage.size
+            ));
+            None
+        }
+        Ok(b) => Some(b),
+        Err(e) => {
+            problems.push(format!("spec.storage.size: {e}"));
+            None
+        }
+    };
     if spec.replicas < 1 {
         problems.push("spec.replicas: must be at least 1".into());
     }
@@ -211,14 +320,26 @@ pub fn validate(spec: &BackupMxSpec) -> Result<(), InvalidSpec> {
                 .into(),
         );
     }
-    problems.extend(duration("spec.replay.rampUp", &spec.replay.ramp_up).err());
+    let ramp_up = ok(
+        &mut problems,
+        duration("spec.replay.rampUp", &spec.replay.ramp_up),
+    );
+    let mut windows = Vec::new();
     for (i, w) in spec.maintenance_windows.iter().enumerate() {
-        if let Err(e) = crate::maintenance::check(w) {
-            problems.push(format!("spec.maintenanceWindows[{i}].{e}"));
+        match window(w) {
+            Ok(w) => windows.push(w),
+            Err(e) => problems.push(format!("spec.maintenanceWindows[{i}].{e}")),
         }
     }
+    let queue_age_warning = match &spec.alerts {
+        Some(a) => &a.queue_age_warning,
+        None => &crate::crd::default_queue_age_warning(),
+    };
+    let queue_age_warning = ok(
+        &mut problems,
+        duration("spec.alerts.queueAgeWarning", queue_age_warning),
+    );
     if let Some(a) = &spec.alerts {
-        problems.extend(duration("spec.alerts.queueAgeWarning", &a.queue_age_warning).err());
         if a.email.is_some() && a.smtp_relay.is_none() {
             problems
                 .push("spec.alerts.smtpRelay: needed to send alerts to spec.alerts.email".into());
@@ -230,8 +351,14 @@ pub fn validate(spec: &BackupMxSpec) -> Result<(), InvalidSpec> {
         }
     }
     let r = &spec.recipients;
-    problems.extend(duration("spec.recipients.cacheTtl", &r.cache_ttl).err());
-    problems.extend(duration("spec.recipients.negativeTtl", &r.negative_ttl).err());
+    let cache_ttl = ok(
+        &mut problems,
+        duration("spec.recipients.cacheTtl", &r.cache_ttl),
+    );
+    let negative_ttl = ok(
+        &mut problems,
+        duration("spec.recipients.negativeTtl", &r.negative_ttl),
+    );
     for (i, a) in r.addresses.iter().enumerate() {
         let domain_ok = a.rsplit_once('@').is_some_and(|(local, d)| {
             !local.is_empty() && spec.domains.iter().any(|x| x.eq_ignore_ascii_case(d))
@@ -255,16 +382,21 @@ pub fn validate(spec: &BackupMxSpec) -> Result<(), InvalidSpec> {
             }
         }
     }
+    let mut filter = ValidFilter::default();
     if let Some(f) = &spec.filter {
         if let Some(r) = &f.rspamd {
-            problems.extend(duration("spec.filter.rspamd.timeout", &r.timeout).err());
+            filter.rspamd_timeout = ok(
+                &mut problems,
+                duration("spec.filter.rspamd.timeout", &r.timeout),
+            );
         }
-        if let Some(res) = &f.resolver
-            && res.parse::<std::net::SocketAddr>().is_err()
-        {
-            problems.push(format!(
-                "spec.filter.resolver: {res:?} is not ip:port (e.g. \"10.0.0.10:53\")"
-            ));
+        if let Some(res) = &f.resolver {
+            match res.parse::<SocketAddr>() {
+                Ok(a) => filter.resolver = Some(a),
+                Err(_) => problems.push(format!(
+                    "spec.filter.resolver: {res:?} is not ip:port (e.g. \"10.0.0.10:53\")"
+                )),
+            }
         }
         for (i, z) in f.dnsbl.iter().enumerate() {
             if !is_domain_name(z) {
@@ -297,11 +429,49 @@ pub fn validate(spec: &BackupMxSpec) -> Result<(), InvalidSpec> {
         }
     }
 
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        Err(InvalidSpec(problems))
+    // every value that did not parse left a problem, so all are there when none is
+    match (
+        retention,
+        delay,
+        interval,
+        timeout,
+        storage_bytes,
+        ramp_up,
+        queue_age_warning,
+        cache_ttl,
+        negative_ttl,
+    ) {
+        (
+            Ok(retention),
+            Ok(delay_warning),
+            Ok(interval),
+            Ok(timeout),
+            Some(storage_bytes),
+            Some(ramp_up),
+            Some(queue_age_warning),
+            Some(cache_ttl),
+            Some(negative_ttl),
+        ) if problems.is_empty() => Ok(ValidSpec {
+            retention,
+            delay_warning,
+            storage_bytes,
+            health_check: ValidHealthCheck { interval, timeout },
+            replay: ValidReplay { ramp_up },
+            maintenance_windows: windows,
+            alerts: ValidAlerts { queue_age_warning },
+            recipients: ValidRecipients {
+                cache_ttl,
+                negative_ttl,
+            },
+            filter,
+        }),
+        _ => Err(InvalidSpec(problems)),
     }
+}
+
+/// The value, or `None` with its problem recorded.
+fn ok<T>(problems: &mut Vec<String>, r: Result<T, String>) -> Option<T> {
+    r.map_err(|e| problems.push(e)).ok()
 }
 
 #[cfg(test)]
@@ -311,7 +481,7 @@ mod tests {
 
     #[test]
     fn example_spec_is_valid() {
-        assert_eq!(validate(&spec()), Ok(()));
+        assert_eq!(validate(&spec()).err(), None);
     }
 
     #[test]
@@ -406,7 +576,7 @@ mod tests {
                     continue;
                 }
                 let bmx: crate::crd::BackupMx = serde_json::from_value(v).unwrap();
-                assert_eq!(validate(&bmx.spec), Ok(()), "{}", path.display());
+                assert_eq!(validate(&bmx.spec).err(), None, "{}", path.display());
                 checked += 1;
             }
         }
@@ -424,5 +594,98 @@ mod tests {
         assert_eq!(quantity_bytes("1.5Gi"), Ok(3 << 29));
         assert!(quantity_bytes("10GB").is_err());
         assert!(quantity_bytes("lots").is_err());
+    }
+
+    #[test]
+    fn bad_windows_are_explained() {
+        let mut w = MaintenanceWindow {
+            start: Some("tomorrow".into()),
+            schedule: None,
+            time_zone: None,
+            duration: "2h".into(),
+            reason: Some("upgrade".into()),
+        };
+        assert!(window(&w).unwrap_err().contains("RFC 3339"));
+        w.start = None;
+        assert!(window(&w).unwrap_err().contains("either start or schedule"));
+        w.schedule = Some("every saturday".into());
+        assert!(window(&w).unwrap_err().contains("cron"));
+        w.schedule = Some("0 2 * * 6".into());
+        w.time_zone = Some("Mars/Olympus".into());
+        assert!(window(&w).unwrap_err().contains("time zone"));
+    }
+
+    #[test]
+    fn a_valid_spec_yields_its_values_parsed() {
+        let mut s = spec();
+        s.retention = "3d".into();
+        s.replay.ramp_up = "5m".into();
+        s.maintenance_windows = vec![
+            MaintenanceWindow {
+                start: Some("2026-12-01T02:00:00Z".into()),
+                schedule: None,
+                time_zone: None,
+                duration: "2h".into(),
+                reason: None,
+            },
+            MaintenanceWindow {
+                start: None,
+                schedule: Some("0 2 * * 6".into()),
+                time_zone: Some("Europe/Berlin".into()),
+                duration: "30m".into(),
+                reason: Some("upgrade".into()),
+            },
+        ];
+        s.filter = Some(
+            serde_json::from_value(serde_json::json!({
+                "rspamd": {"url": "http://rspamd:11333"}, "resolver": "10.0.0.10:53"
+            }))
+            .unwrap(),
+        );
+        let v = validate(&s).unwrap();
+        let h = |n: u64| Duration::from_secs(n * 3600);
+        assert_eq!(v.retention, h(72));
+        assert_eq!(v.delay_warning, h(4), "the CRD's default, parsed");
+        assert_eq!(v.storage_bytes, 1 << 30);
+        assert_eq!(
+            v.health_check,
+            ValidHealthCheck {
+                interval: Duration::from_secs(10),
+                timeout: Duration::from_secs(5)
+            }
+        );
+        assert_eq!(v.replay.ramp_up, Duration::from_secs(300));
+        assert_eq!(
+            v.alerts.queue_age_warning,
+            h(1),
+            "the CRD's default without spec.alerts"
+        );
+        assert_eq!(
+            v.recipients,
+            ValidRecipients {
+                cache_ttl: h(7 * 24),
+                negative_ttl: h(1)
+            }
+        );
+        assert_eq!(v.filter.rspamd_timeout, Some(Duration::from_secs(10)));
+        assert_eq!(v.filter.resolver, Some("10.0.0.10:53".parse().unwrap()));
+        let [once, every] = &v.maintenance_windows[..] else {
+            panic!("two windows: {:?}", v.maintenance_windows)
+        };
+        assert!(
+            matches!(once.when, When::Once(t) if t.to_rfc3339() == "2026-12-01T02:00:00+00:00")
+        );
+        assert_eq!(
+            (once.duration, once.reason.as_str()),
+            (h(2), "maintenance window")
+        );
+        assert!(matches!(
+            every.when,
+            When::Every(_, chrono_tz::Europe::Berlin)
+        ));
+        assert_eq!(
+            (every.duration, every.reason.as_str()),
+            (Duration::from_secs(1800), "upgrade")
+        );
     }
 }

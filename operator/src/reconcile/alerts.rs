@@ -21,7 +21,7 @@ use tracing::warn;
 
 use crate::{
     crd::{AlertState, BackupMx, QueueStatus},
-    validate::{duration, quantity_bytes},
+    validate::ValidSpec,
 };
 
 /// One change to tell.
@@ -36,22 +36,16 @@ pub struct Alert {
     pub notify: bool,
 }
 
-/// The alert state from the pass' observations.
+/// The alert state from the pass' observations, against the thresholds of `spec`.
 pub fn state(
-    bmx: &BackupMx,
+    spec: &ValidSpec,
     healthy: Option<bool>,
     queue: &QueueStatus,
     disk_bytes: &[(String, u64)],
 ) -> AlertState {
-    let spec = &bmx.spec;
-    let warn_age = spec
-        .alerts
-        .as_ref()
-        .and_then(|a| duration("queueAgeWarning", &a.queue_age_warning).ok())
-        .unwrap_or(Duration::from_secs(3600));
-    let retention =
-        duration("retention", &spec.retention).unwrap_or(Duration::from_secs(5 * 86400));
-    let volume = quantity_bytes(&spec.storage.size).unwrap_or(u64::MAX);
+    let warn_age = spec.alerts.queue_age_warning;
+    let retention = spec.retention;
+    let volume = spec.storage_bytes;
     let age = Duration::from_secs(queue.oldest_age_seconds);
     AlertState {
         primary_down: healthy == Some(false),
@@ -312,13 +306,14 @@ mod tests {
     #[test]
     fn each_change_is_told_once() {
         let bmx = backupmx();
+        let valid = crate::validate::validate(&bmx.spec).unwrap();
         let q = QueueStatus {
             messages: 3,
             oldest_age_seconds: 7200,
             ..Default::default()
         };
         let before = AlertState::default();
-        let now = state(&bmx, Some(false), &q, &[("example-0".into(), 900 << 20)]);
+        let now = state(&valid, Some(false), &q, &[("example-0".into(), 900 << 20)]);
         assert!(now.primary_down && now.queueing && now.queue_old && now.disk_high);
         assert!(!now.near_retention);
         let c = changes(&bmx, &before, &now, &q, Some("connection refused"), &[]);
@@ -338,7 +333,7 @@ mod tests {
             "no change, nothing told"
         );
         let empty = QueueStatus::default();
-        let after = state(&bmx, Some(true), &empty, &[]);
+        let after = state(&valid, Some(true), &empty, &[]);
         let reasons: Vec<_> = changes(&bmx, &now, &after, &empty, None, &[])
             .iter()
             .map(|a| a.reason)

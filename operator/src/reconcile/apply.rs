@@ -39,9 +39,9 @@ use crate::{
 /// Applies `bmx`'s children and updates its status.
 pub async fn apply(bmx: &BackupMx, ctx: &Context) -> Result<Action> {
     let ns = bmx.namespace().ok_or(Error::NoNamespace)?;
-    let config = validate(&bmx.spec).and_then(|()| mxpod_config(bmx));
-    let config = match config {
-        Ok(c) => c,
+    let rendered = validate(&bmx.spec).and_then(|valid| Ok((mxpod_config(bmx, &valid)?, valid)));
+    let (config, valid) = match rendered {
+        Ok(r) => r,
         Err(invalid) => return refuse(bmx, ctx, "InvalidSpec", &invalid.to_string()).await,
     };
     let bundle = match super::trust::load(bmx, ctx).await {
@@ -112,6 +112,7 @@ pub async fn apply(bmx: &BackupMx, ctx: &Context) -> Result<Action> {
     let hash = config_hash(&toml);
     let replay = super::replay::control(
         bmx,
+        &valid,
         ctx,
         &pods,
         &queues,
@@ -207,7 +208,7 @@ pub async fn apply(bmx: &BackupMx, ctx: &Context) -> Result<Action> {
         .as_ref()
         .and_then(|s| s.alerts.clone())
         .unwrap_or_default();
-    let now_alerts = super::alerts::state(bmx, replay.healthy, &queue, &disk);
+    let now_alerts = super::alerts::state(&valid, replay.healthy, &queue, &disk);
     for alert in super::alerts::changes(
         bmx,
         &before,

@@ -120,12 +120,16 @@ pub async fn cleanup(bmx: &BackupMx, ctx: &Context) -> Result<Action> {
             None => warn!("no admin token: cannot tell the pods to drain"),
         }
         // keep replay going while deletion waits: the pods deliver as the primary allows
-        if let Ok(config) = crate::render::config::mxpod_config(bmx) {
+        // (only for a spec that validates: an invalid one is not acted on, as in apply)
+        let rendered = crate::validate::validate(&bmx.spec)
+            .and_then(|valid| Ok((crate::render::config::mxpod_config(bmx, &valid)?, valid)));
+        if let Ok((config, valid)) = rendered {
             let hash = crate::render::config::config_hash(&config.to_toml());
             // an unreadable CA bundle only costs a verified probe: deletion goes on
             let bundle = bundle.clone().unwrap_or_default();
             super::replay::control(
                 bmx,
+                &valid,
                 ctx,
                 &pods,
                 &queues,

@@ -14,7 +14,10 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::{Api, ResourceExt};
 use mx_pod::trust::Trust;
 
-use super::{Context, status};
+use super::{
+    Context,
+    status::{self, DNS_READY},
+};
 use crate::{
     crd::{BackupMx, ConditionStatus, DnsPolicy, DnsProviderKind, DnsSpec, DnsStatus},
     dns::{
@@ -22,9 +25,6 @@ use crate::{
         ownership, plan, powerdns::PowerDns, rfc2136::Rfc2136, route53::Route53, verify,
     },
 };
-
-/// The condition type.
-pub const DNS_READY: &str = "DNSReady";
 
 /// How the provider is chosen: from the spec (production) or a fixed one (tests).
 #[derive(Clone, Default)]

@@ -29,7 +29,7 @@ use crate::{
     pod_admin::{PodQueue, pod_ip},
     render::{CONFIG_HASH_ANNOTATION, SMTP_PORT},
     replay_control::{self, Decision, Inputs},
-    validate::duration,
+    validate::ValidSpec,
 };
 
 /// The ordinal of a StatefulSet pod (`name-3` → 3).
@@ -58,10 +58,12 @@ pub struct ReplayOutcome {
     pub resumed_at: Option<DateTime<Utc>>,
 }
 
-/// Runs the replay step for `bmx`, whose StatefulSet has `current_replicas`.
+/// Runs the replay step for `bmx` (`valid`: its spec, parsed), whose StatefulSet has
+/// `current_replicas`.
 #[allow(clippy::too_many_arguments)]
 pub async fn control(
     bmx: &BackupMx,
+    valid: &ValidSpec,
     ctx: &Context,
     pods: &[Pod],
     queues: &[PodQueue],
@@ -79,8 +81,8 @@ pub async fn control(
         ProbeSettings {
             target: target.clone(),
             helo: spec.mx.hostname.clone(),
-            interval: duration("interval", &hc.interval).unwrap_or(Duration::from_secs(10)),
-            timeout: duration("timeout", &hc.timeout).unwrap_or(Duration::from_secs(5)),
+            interval: valid.health_check.interval,
+            timeout: valid.health_check.timeout,
             failure_threshold: hc.failure_threshold,
             success_threshold: hc.success_threshold,
             starttls: hc.start_tls,
@@ -90,7 +92,7 @@ pub async fn control(
     );
     let health = ctx.probers.health(&key);
     let now = Utc::now();
-    let window = maintenance::evaluate(&spec.maintenance_windows, now);
+    let window = maintenance::evaluate(&valid.maintenance_windows, now);
 
     // what the pods say (also: does the primary push back?)
     let mut replays = Vec::new();
@@ -126,7 +128,7 @@ pub async fn control(
         health: health.as_ref(),
         target: &target,
         now,
-        ramp_up: duration("rampUp", &spec.replay.ramp_up).unwrap_or(Duration::from_secs(120)),
+        ramp_up: valid.replay.ramp_up,
         max_workers: spec.replay.max_workers,
         backoff,
     };

@@ -17,6 +17,9 @@ use crate::{
 pub const READY: &str = "Ready";
 pub const DEGRADED: &str = "Degraded";
 pub const DELETING: &str = "Deleting";
+/// Set by the DNS step ([`super::dns`]); kept here, with the others, so that status, which
+/// carries it over, need not import dns (dns imports status for its condition).
+pub const DNS_READY: &str = "DNSReady";
 pub const PRIMARY_HEALTHY: &str = "PrimaryHealthy";
 pub const REPLAYING: &str = "Replaying";
 pub const DRAINING: &str = "Draining";
@@ -190,7 +193,7 @@ pub fn applied(bmx: &BackupMx, seen: &Observed) -> BackupMxStatus {
             Some(status.clone())
         }
         None if bmx.spec.dns.is_some() => {
-            if let Some(c) = previous.iter().find(|c| c.type_ == super::dns::DNS_READY) {
+            if let Some(c) = previous.iter().find(|c| c.type_ == DNS_READY) {
                 conditions.push(c.clone());
             }
             previous_dns

@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 use super::{ADMIN_PORT, Names, SMTP_PORT, child_meta};
 use crate::{
     crd::{BackupMx, FailMode, RecipientMode},
-    validate::{InvalidSpec, duration, quantity_bytes},
+    validate::{InvalidSpec, ValidSpec},
 };
 
 /// Where the ConfigMap is mounted in the pod.
@@ -36,11 +36,11 @@ pub const QUEUE_SHARE_PERCENT: u64 = 80;
 /// How long SMTP sessions may take to finish after SIGTERM.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(60);
 
-/// Renders the mx-pod configuration for `bmx` (whose spec passed [`crate::validate`]).
-pub fn mxpod_config(bmx: &BackupMx) -> Result<Config, InvalidSpec> {
+/// Renders the mx-pod configuration for `bmx` from `valid`, what [`crate::validate::validate`]
+/// made of its spec. Fails only if mx-pod's own validation refuses the result.
+pub fn mxpod_config(bmx: &BackupMx, valid: &ValidSpec) -> Result<Config, InvalidSpec> {
     let spec = &bmx.spec;
-    let err = |e: String| InvalidSpec(vec![e]);
-    let storage = quantity_bytes(&spec.storage.size).map_err(err)?;
+    let storage = valid.storage_bytes;
     let primary = if spec.primary.host.contains(':') && !spec.primary.host.starts_with('[') {
         format!("[{}]:{}", spec.primary.host, spec.primary.port) // IPv6 literal
     } else {
@@ -48,30 +48,24 @@ pub fn mxpod_config(bmx: &BackupMx) -> Result<Config, InvalidSpec> {
     };
     let replay = &spec.replay;
     let rc = &spec.recipients;
-    let recipients_of = |domain: &str| -> Result<RecipientsConfig, InvalidSpec> {
-        Ok(RecipientsConfig {
-            mode: match rc.mode {
-                RecipientMode::Any => mx::RecipientMode::Any,
-                RecipientMode::List => mx::RecipientMode::List,
-                RecipientMode::Verify => mx::RecipientMode::Verify,
-            },
-            addresses: rc
-                .addresses
-                .iter()
-                .filter(|a| {
-                    a.rsplit_once('@')
-                        .is_some_and(|(_, d)| d.eq_ignore_ascii_case(domain))
-                })
-                .cloned()
-                .collect(),
-            cache_ttl: HumanDuration(
-                duration("spec.recipients.cacheTtl", &rc.cache_ttl).map_err(err)?,
-            ),
-            negative_ttl: HumanDuration(
-                duration("spec.recipients.negativeTtl", &rc.negative_ttl).map_err(err)?,
-            ),
-            fail_mode: fail_mode(rc.fail_mode),
-        })
+    let recipients_of = |domain: &str| RecipientsConfig {
+        mode: match rc.mode {
+            RecipientMode::Any => mx::RecipientMode::Any,
+            RecipientMode::List => mx::RecipientMode::List,
+            RecipientMode::Verify => mx::RecipientMode::Verify,
+        },
+        addresses: rc
+            .addresses
+            .iter()
+            .filter(|a| {
+                a.rsplit_once('@')
+                    .is_some_and(|(_, d)| d.eq_ignore_ascii_case(domain))
+            })
+            .cloned()
+            .collect(),
+        cache_ttl: HumanDuration(valid.recipients.cache_ttl),
+        negative_ttl: HumanDuration(valid.recipients.negative_ttl),
+        fail_mode: fail_mode(rc.fail_mode),
     };
     let filter = spec.filter.clone().unwrap_or_default();
     let auth = match filter.auth {
@@ -79,29 +73,21 @@ pub fn mxpod_config(bmx: &BackupMx) -> Result<Config, InvalidSpec> {
         crate::crd::AuthMode::Header => AuthMode::Header,
         crate::crd::AuthMode::Enforce => AuthMode::Enforce,
     };
-    let rspamd = match &filter.rspamd {
-        Some(r) => Some(mx::RspamdConfig {
+    let rspamd = filter
+        .rspamd
+        .as_ref()
+        .zip(valid.filter.rspamd_timeout)
+        .map(|(r, timeout)| mx::RspamdConfig {
             url: r.url.clone(),
-            timeout: HumanDuration(
-                duration("spec.filter.rspamd.timeout", &r.timeout).map_err(err)?,
-            ),
+            timeout: HumanDuration(timeout),
             fail_mode: fail_mode(r.fail_mode),
-        }),
-        None => None,
-    };
-    let resolver = match &filter.resolver {
-        Some(r) => Some(
-            r.parse()
-                .map_err(|_| err(format!("spec.filter.resolver: {r:?} is not ip:port")))?,
-        ),
-        None => None,
-    };
+        });
     let mut domains = Vec::new();
     for d in &spec.domains {
         domains.push(DomainConfig {
             name: d.to_ascii_lowercase(),
             primary: primary.clone(),
-            recipients: recipients_of(d)?,
+            recipients: recipients_of(d),
             auth,
             tls_policy: spec.primary.tls_policy.into(),
         });
@@ -125,10 +111,8 @@ pub fn mxpod_config(bmx: &BackupMx) -> Result<Config, InvalidSpec> {
         },
         queue: QueueConfig {
             dir: format!("{DATA_DIR}/queue").into(),
-            retention: HumanDuration(duration("spec.retention", &spec.retention).map_err(err)?),
-            delay_warning: HumanDuration(
-                duration("spec.delayWarning", &spec.delay_warning).map_err(err)?,
-            ),
+            retention: HumanDuration(valid.retention),
+            delay_warning: HumanDuration(valid.delay_warning),
             max_bytes: Size(storage / 100 * QUEUE_SHARE_PERCENT),
             segment_size: Size((64 << 20).min(storage / 16).max(64 << 10)),
         },
@@ -144,13 +128,7 @@ pub fn mxpod_config(bmx: &BackupMx) -> Result<Config, InvalidSpec> {
             workers: 0,
             auto: false,
             rate_per_second: replay.rate_per_second,
-            probe_interval: HumanDuration(
-                duration(
-                    "spec.primary.healthCheck.interval",
-                    &spec.primary.health_check.interval,
-                )
-                .map_err(err)?,
-            ),
+            probe_interval: HumanDuration(valid.health_check.interval),
             ..ReplayConfig::default()
         },
         dsn: DsnConfig {
@@ -165,7 +143,7 @@ pub fn mxpod_config(bmx: &BackupMx) -> Result<Config, InvalidSpec> {
                 .map(|_| format!("{TRUST_DIR}/{CA_FILE}").into()),
         },
         filter: FilterConfig {
-            resolver,
+            resolver: valid.filter.resolver,
             dns_timeout: None,
             dnsbl: filter.dnsbl.clone(),
             rspamd,
@@ -204,6 +182,11 @@ pub fn config_hash(toml: &str) -> String {
 mod tests {
     use super::*;
     use crate::fixtures::backupmx;
+
+    /// Validates, then renders (as the apply path does).
+    fn mxpod_config(bmx: &BackupMx) -> Result<Config, InvalidSpec> {
+        super::mxpod_config(bmx, &crate::validate::validate(&bmx.spec)?)
+    }
 
     #[test]
     fn renders_a_config_mx_pod_accepts() {
@@ -311,5 +294,34 @@ mod tests {
         bmx.spec.primary.host = "2001:db8::25".into();
         let c = mxpod_config(&bmx).unwrap();
         assert_eq!(c.domains[0].primary, "[2001:db8::25]:25");
+    }
+
+    /// The rendered TOML is pinned byte for byte (golden files made before the spec was parsed
+    /// once in validation): a change to how values reach the config shows here.
+    #[test]
+    fn rendered_toml_matches_the_golden_files() {
+        let bmx = backupmx();
+        assert_eq!(
+            mxpod_config(&bmx).unwrap().to_toml(),
+            include_str!("golden/fixture.toml")
+        );
+        let mut bmx = backupmx();
+        bmx.spec.recipients = serde_json::from_value(serde_json::json!({
+            "mode": "verify", "cacheTtl": "2d", "negativeTtl": "15m"
+        }))
+        .unwrap();
+        bmx.spec.filter = Some(
+            serde_json::from_value(serde_json::json!({
+                "rspamd": {"url": "http://rspamd:11333", "timeout": "7s"},
+                "resolver": "10.0.0.10:53"
+            }))
+            .unwrap(),
+        );
+        bmx.spec.retention = "3d".into();
+        bmx.spec.primary.health_check.interval = "20s".into();
+        assert_eq!(
+            mxpod_config(&bmx).unwrap().to_toml(),
+            include_str!("golden/rich.toml")
+        );
     }
 }

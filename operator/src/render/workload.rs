@@ -326,7 +326,8 @@ mod tests {
         assert_eq!(vol["secret"]["secretName"], "private-ca");
         assert_eq!(vol["secret"]["items"][0]["key"], "bundle.pem");
         assert_eq!(vol["secret"]["items"][0]["path"], CA_FILE);
-        let config = crate::render::config::mxpod_config(&bmx).unwrap();
+        let valid = crate::validate::validate(&bmx.spec).unwrap();
+        let config = crate::render::config::mxpod_config(&bmx, &valid).unwrap();
         let file = config.trust.ca_file.unwrap();
         let mount = pod["containers"][0]["volumeMounts"]
             .as_array()
