@@ -924,7 +924,9 @@ impl Sink {
             let got = mails(reason);
             assert_eq!(got.len(), 1, "one {reason} email: {got:?}");
             assert!(
-                got[0].lines().any(|l| l.starts_with("To:") && l.contains(to)),
+                got[0]
+                    .lines()
+                    .any(|l| l.starts_with("To:") && l.contains(to)),
                 "{reason} email to {to}: {}",
                 got[0]
             );
