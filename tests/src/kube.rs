@@ -16,12 +16,17 @@ use std::{
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use kube::{
     Api, Client, ResourceExt,
-    api::{Patch, PatchParams, PostParams},
+    api::{DeleteParams, Patch, PatchParams, PostParams},
     config::{KubeConfigOptions, Kubeconfig},
 };
 use serde_json::{Value, json};
 
-use crate::{free_port, repo, require_root, state_dir};
+pub use crate::eventually;
+use crate::{
+    Admin, MxPod, MxPodConfig, Primary, free_port, repo, require_root,
+    scenarios::{self, Deployment, Rollout, Tier},
+    state_dir,
+};
 
 /// The cluster of this test binary.
 pub struct Cluster {
@@ -129,6 +134,44 @@ impl Cluster {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// `kubectl -n NS get WHAT -o json`, or None when it fails (e.g. not found).
+    pub fn get(&self, ns: &str, what: &str) -> Option<Value> {
+        let out = self.kubectl(&["-n", ns, "get", what, "-o", "json"]);
+        out.status
+            .success()
+            .then(|| serde_json::from_slice(&out.stdout).expect("kubectl JSON"))
+    }
+
+    /// `kubectl apply` of one object (in `ns`, or cluster-scoped).
+    pub fn apply(&self, ns: Option<&str>, obj: &Value) {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("obj.json");
+        fs::write(&file, obj.to_string()).unwrap();
+        let file = file.to_string_lossy().into_owned();
+        match ns {
+            Some(ns) => self.kubectl_ok(&["-n", ns, "apply", "-f", &file]),
+            None => self.kubectl_ok(&["apply", "-f", &file]),
+        };
+    }
+
+    /// `kubectl patch` of a merge patch onto `what` (e.g. `bmx/example`) in `ns`.
+    pub fn patch(&self, ns: &str, what: &str, patch: &Value) {
+        self.kubectl_ok(&[
+            "-n",
+            ns,
+            "patch",
+            what,
+            "--type=merge",
+            "-p",
+            &patch.to_string(),
+        ]);
+    }
+
+    /// The events of `ns` (events.k8s.io/v1) as JSON text.
+    pub fn events(&self, ns: &str) -> String {
+        self.kubectl_ok(&["-n", ns, "get", "events.v1.events.k8s.io", "-o", "json"])
+    }
+
     /// A kube-rs client (admin).
     pub async fn client(&self) -> Client {
         let kubeconfig = Kubeconfig::read_from(self.kubeconfig()).expect("read kubeconfig");
@@ -199,30 +242,20 @@ impl Operator {
     /// Starts the operator against `cluster`; `args` are extra `run` flags (e.g.
     /// `--namespace NS`, `--leader-elect=false`).
     pub fn start(cluster: &Cluster, identity: &str, args: &[&str]) -> Operator {
-        let dir = state_dir("operator");
-        let log = dir.path().join("operator.log");
-        let port = free_port();
-        let file = fs::File::create(&log).unwrap();
-        let child = Command::new(operator_bin())
-            .arg("run")
-            .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
-            .args(["--identity", identity])
-            .args(["--mxpod-image", "backupmx/mx-pod:test"])
-            .args(args)
-            .env("KUBECONFIG", cluster.kubeconfig())
-            .env("RUST_LOG", "info,backupmx_operator=debug")
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().unwrap())
-            .stderr(file)
-            .spawn()
-            .expect("start backupmx-operator");
-        Operator {
-            child: Some(child),
-            log,
-            metrics: format!("http://127.0.0.1:{port}"),
-            identity: identity.into(),
-            _dir: dir,
-        }
+        let fixed = [
+            "run",
+            "--identity",
+            identity,
+            "--mxpod-image",
+            "backupmx/mx-pod:test",
+        ];
+        let all: Vec<String> = fixed.iter().chain(args).map(|a| a.to_string()).collect();
+        start_operator_as(
+            &cluster.kubeconfig(),
+            identity,
+            &all,
+            &[("RUST_LOG".into(), "info,backupmx_operator=debug".into())],
+        )
     }
 
     pub fn log_text(&self) -> String {
@@ -395,25 +428,6 @@ pub async fn run_pod(client: &Client, ns: &str, name: &str, ip: &str) {
     .expect("pod status");
 }
 
-/// Waits until `get` returns Some, polling every 100 ms; fails after `timeout` with `what`.
-pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut get: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let start = std::time::Instant::now();
-    loop {
-        if let Some(v) = get().await {
-            return v;
-        }
-        assert!(
-            start.elapsed() < timeout,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// Resource versions of the named objects of `kind` in `ns` (for idempotence checks).
 pub fn resource_versions(
     cluster: &Cluster,
@@ -538,4 +552,245 @@ pub async fn admin_token(client: &Client, ns: &str, name: &str) -> String {
         },
     )
     .await
+}
+
+// === the API-server tier of the shared scenarios ===
+
+/// The API-server tier: the real API server and controller manager, each pod of the
+/// StatefulSet a real mx-pod process at `127.0.0.{ip_base + ordinal}` (SMTP and admin on the
+/// rendered ports), the test playing the kubelet. Each test takes its own `ip_base`.
+pub struct ApiTier {
+    pub ip_base: u8,
+}
+
+impl Tier for ApiTier {
+    type Primary = Primary;
+    type Deployment = ApiDeployment;
+
+    fn start_primary(&self) -> Primary {
+        Primary::start()
+    }
+
+    async fn deploy(
+        &self,
+        prefix: &str,
+        primary: &Primary,
+        replicas: usize,
+        extra: Value,
+        prepare: impl FnOnce(&Cluster, &str),
+    ) -> ApiDeployment {
+        let bmx = scenarios::backupmx("127.0.0.1", primary.port, replicas, extra);
+        ApiDeployment::start(
+            self.ip_base,
+            prefix,
+            &primary.addr(),
+            bmx,
+            replicas,
+            prepare,
+        )
+        .await
+    }
+}
+
+/// A BackupMx `example` in its own namespace, its operator, and its pods played by mx-pods.
+pub struct ApiDeployment {
+    cluster: &'static Cluster,
+    pub ns: String,
+    pub op: Operator,
+    pods: Vec<Option<MxPod>>,
+    /// Replaced pods' processes: kept (stopped) because their directory holds the volume.
+    retired: Vec<MxPod>,
+    ips: Vec<String>,
+    /// The pod object each process plays, and whether it was told to stop.
+    uids: Vec<String>,
+    stopping: Vec<bool>,
+    token: String,
+}
+
+impl ApiDeployment {
+    /// A namespace, the operator watching it, `prepare(cluster, ns)`, the BackupMx `bmx`, and
+    /// its `replicas` pods running mx-pods that send to `primary` (`host:port`).
+    pub async fn start(
+        ip_base: u8,
+        prefix: &str,
+        primary: &str,
+        bmx: Value,
+        replicas: usize,
+        prepare: impl FnOnce(&Cluster, &str),
+    ) -> ApiDeployment {
+        let cluster = cluster();
+        let ns = cluster.namespace(prefix).await;
+        let op = Operator::start(
+            cluster,
+            &format!("op-{prefix}"),
+            &["--namespace", &ns, "--leader-elect=false"],
+        );
+        prepare(cluster, &ns);
+        cluster.apply(Some(&ns), &bmx);
+        let token = admin_token(&cluster.client().await, &ns, "example").await;
+        let mut me = ApiDeployment {
+            cluster,
+            ns,
+            op,
+            pods: Vec::new(),
+            retired: Vec::new(),
+            ips: Vec::new(),
+            uids: Vec::new(),
+            stopping: Vec::new(),
+            token,
+        };
+        for i in 0..replicas {
+            me.ips.push(format!("127.0.0.{}", ip_base as usize + i));
+            me.pods.push(None);
+            me.uids.push(String::new());
+            me.stopping.push(false);
+            me.run(i, primary).await;
+        }
+        me
+    }
+
+    /// The mx-pod playing pod `i`.
+    pub fn pod(&self, i: usize) -> &MxPod {
+        self.pods[i].as_ref().expect("running")
+    }
+
+    async fn pods_api(&self) -> Api<Pod> {
+        Api::namespaced(self.cluster.client().await, &self.ns)
+    }
+
+    /// Starts the mx-pod of pod `i` (again, on the same queue directory: the same volume)
+    /// against `primary`, once the StatefulSet has made the pod, and marks the pod running.
+    async fn run(&mut self, i: usize, primary: &str) {
+        let pods = self.pods_api().await;
+        let name = format!("example-{i}");
+        eventually(&format!("pod {name}"), Duration::from_secs(90), || async {
+            pods.get_opt(&name)
+                .await
+                .ok()?
+                .filter(|p| p.metadata.deletion_timestamp.is_none())
+        })
+        .await;
+        let mut cfg = MxPodConfig::new(primary);
+        cfg.ip = self.ips[i].parse().unwrap();
+        cfg.admin_port = Some(backupmx_operator::render::ADMIN_PORT);
+        cfg.smtp_port = Some(backupmx_operator::render::SMTP_PORT);
+        cfg.token = Some(self.token.clone());
+        cfg.workers = 0; // as rendered: the operator decides
+        cfg.rate = 2;
+        let pod = match self.pods[i].take() {
+            Some(mut old) => {
+                old.kill9();
+                let dir = old.queue_dir.clone();
+                self.retired.push(old);
+                MxPod::start_with_queue_dir(state_dir("mxpod"), dir, cfg).await
+            }
+            None => MxPod::start(cfg).await,
+        };
+        self.pods[i] = Some(pod);
+        self.stopping[i] = false;
+        run_pod(&self.cluster.client().await, &self.ns, &name, &self.ips[i]).await;
+        let p = pods.get(&name).await.expect("the pod just run");
+        self.uids[i] = p.metadata.uid.unwrap_or_default();
+    }
+
+    /// The kubelet's part of deleting pod `i`: SIGTERM once (transactions in flight finish),
+    /// and once the process has exited, the pod object goes. Returns whether it is gone.
+    async fn stop_step(&mut self, i: usize) -> bool {
+        let pod = self.pods[i].as_mut().expect("running");
+        if !self.stopping[i] {
+            pod.sigterm();
+            self.stopping[i] = true;
+            return false;
+        }
+        if !pod.exited() {
+            return false;
+        }
+        let pods = self.pods_api().await;
+        let name = format!("example-{i}");
+        let _ = pods
+            .delete(&name, &DeleteParams::default().grace_period(0))
+            .await;
+        true
+    }
+
+    /// The state of pod `i`'s object: None when gone or another incarnation.
+    async fn object(&self, i: usize) -> Result<Option<Pod>, kube::Error> {
+        let pods = self.pods_api().await;
+        let p = pods.get_opt(&format!("example-{i}")).await?;
+        Ok(p.filter(|p| p.metadata.uid.as_deref() == Some(self.uids[i].as_str())))
+    }
+}
+
+impl Deployment for ApiDeployment {
+    fn cluster(&self) -> &Cluster {
+        self.cluster
+    }
+    fn ns(&self) -> &str {
+        &self.ns
+    }
+    fn operator(&self) -> &Operator {
+        &self.op
+    }
+    fn smtp(&self, i: usize) -> std::net::SocketAddr {
+        self.pod(i).smtp
+    }
+    fn admin(&self, i: usize) -> Admin {
+        let p = self.pod(i);
+        Admin::new(
+            p.admin.clone(),
+            &self.token,
+            mx_pod::trust::Trust::webpki().client(),
+        )
+    }
+
+    async fn crash(&mut self, i: usize) {
+        let pod = self.pods[i].as_mut().expect("running");
+        pod.kill9();
+        pod.restart().await;
+    }
+
+    async fn roll(&mut self, i: usize, primary: &str) -> Rollout {
+        match self.object(i).await {
+            Err(_) => Rollout::Running,
+            Ok(Some(p)) if p.metadata.deletion_timestamp.is_none() => Rollout::Running,
+            // the StatefulSet controller deletes the pod of the old revision
+            Ok(Some(_)) => {
+                if self.stop_step(i).await {
+                    self.run(i, primary).await;
+                    Rollout::Replaced
+                } else {
+                    Rollout::Terminating
+                }
+            }
+            Ok(None) => {
+                self.run(i, primary).await;
+                Rollout::Replaced
+            }
+        }
+    }
+
+    /// Besides stopping it: the pod is empty and draining before it goes.
+    async fn removed(&mut self, i: usize) {
+        let (_, q) = self.pod(i).get("/v1/queue").await;
+        assert_eq!(q["messages"], 0, "pod {i} is empty before it goes: {q}");
+        assert_eq!(q["draining"], true, "{q}");
+        eventually(
+            &format!("pod example-{i} deleted by the StatefulSet"),
+            Duration::from_secs(90),
+            || async {
+                let p = self.object(i).await.ok()?;
+                p.is_none_or(|p| p.metadata.deletion_timestamp.is_some())
+                    .then_some(())
+            },
+        )
+        .await;
+        let deadline = std::time::Instant::now() + scenarios::POD_TIMEOUT;
+        while !self.stop_step(i).await {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "pod {i}'s mx-pod did not stop"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 }

@@ -26,13 +26,11 @@ use std::{
 pub mod kube;
 pub mod node;
 pub mod realparts;
+pub mod scenarios;
 pub mod webhook;
 
 use serde_json::Value;
-use tokio::{
-    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
-    net::TcpStream,
-};
+use tokio::net::TcpStream;
 
 /// The repository root.
 pub fn repo() -> PathBuf {
@@ -146,16 +144,17 @@ pub fn free_port_on(ip: std::net::IpAddr) -> u16 {
     panic!("no free TCP port on {ip} between {LOW} and {}", LOW + SPAN)
 }
 
-/// Polls `cond` every 50 ms until it holds; fails the test after `timeout` with `what`.
-pub async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut cond: F)
+/// Polls `get` every 50 ms until it returns `Some`; fails the test after `timeout` with `what`.
+/// The one wait helper of the harness ([`wait_for`] is its yes/no form).
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut get: F) -> T
 where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
+    Fut: std::future::Future<Output = Option<T>>,
 {
     let start = Instant::now();
     loop {
-        if cond().await {
-            return;
+        if let Some(v) = get().await {
+            return v;
         }
         assert!(
             start.elapsed() < timeout,
@@ -163,6 +162,19 @@ where
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// [`eventually`] for a condition: returns once `cond` holds.
+pub async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    eventually(what, timeout, || {
+        let c = cond();
+        async move { c.await.then_some(()) }
+    })
+    .await
 }
 
 /// A fresh state directory under /tmp that non-root daemons (Postfix, smtp-sink) can reach.
@@ -266,11 +278,20 @@ pub struct MxPod {
     pub queue_dir: PathBuf,
     pub config_path: PathBuf,
     pub smtp: SocketAddr,
+    /// The admin API's base URL (`http://IP:PORT`) and bearer token.
     pub admin: String,
     pub token: String,
     child: Option<Child>,
     log: PathBuf,
-    http: reqwest::Client,
+    /// Its admin API client: `pod.queued()`, `pod.get(..)` and the rest come from here.
+    api: Admin,
+}
+
+impl std::ops::Deref for MxPod {
+    type Target = Admin;
+    fn deref(&self) -> &Admin {
+        &self.api
+    }
 }
 
 impl MxPod {
@@ -351,10 +372,14 @@ impl MxPod {
             config_path,
             smtp,
             admin: format!("http://{admin}"),
+            api: Admin::new(
+                format!("http://{admin}"),
+                &token,
+                mx_pod::trust::Trust::webpki().client(),
+            ),
             token,
             child: None,
             log,
-            http: mx_pod::trust::Trust::webpki().client(),
             dir,
         };
         pod.restart().await;
@@ -404,10 +429,14 @@ impl MxPod {
             config_path,
             smtp,
             admin: format!("http://{admin}"),
+            api: Admin::new(
+                format!("http://{admin}"),
+                token,
+                mx_pod::trust::Trust::webpki().client(),
+            ),
             token: token.to_owned(),
             child: None,
             log: dir.path().join("mx-pod.log"),
-            http: mx_pod::trust::Trust::webpki().client(),
             dir,
         };
         pod.restart().await;
@@ -454,7 +483,7 @@ impl MxPod {
     }
 
     pub async fn ready(&self) -> bool {
-        matches!(self.http.get(format!("{}/readyz", self.admin)).send().await, Ok(r) if r.status().is_success())
+        matches!(self.api.http.get(format!("{}/readyz", self.admin)).send().await, Ok(r) if r.status().is_success())
     }
 
     /// The process' log so far.
@@ -485,6 +514,18 @@ impl MxPod {
         assert!(ok, "kill -TERM {pid}");
     }
 
+    /// Whether the process has exited (without waiting).
+    pub fn exited(&mut self) -> bool {
+        match self.child.as_mut().map(Child::try_wait) {
+            Some(Ok(None)) => false,
+            Some(_) => {
+                self.child = None;
+                true
+            }
+            None => true,
+        }
+    }
+
     /// Waits for the process to exit (after [`MxPod::sigterm`]).
     pub async fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
         let start = Instant::now();
@@ -502,6 +543,60 @@ impl MxPod {
         }
     }
 
+    /// Runs `mx-pod` with arguments (a CLI subcommand); returns exit status and stdout+stderr.
+    pub fn cli(&self, args: &[&str]) -> (bool, String) {
+        let out = Command::new(mxpod_bin())
+            .args(args)
+            .output()
+            .expect("run mx-pod");
+        let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.push_str(&String::from_utf8_lossy(&out.stderr));
+        (out.status.success(), text)
+    }
+}
+
+impl Drop for MxPod {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A client of mx-pod's admin API (a process here, or a pod on the node): the harness' one
+/// admin client.
+pub struct Admin {
+    pub base: String,
+    token: String,
+    http: reqwest::Client,
+}
+
+impl Admin {
+    pub fn new(base: String, token: &str, http: reqwest::Client) -> Admin {
+        Admin {
+            base,
+            token: token.to_owned(),
+            http,
+        }
+    }
+
+    /// GET a path with the token: status and JSON (or text); None when nothing answers.
+    pub async fn try_get(&self, path: &str) -> Option<(u16, Value)> {
+        let r = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .ok()?;
+        Some(json_of(r).await)
+    }
+
+    /// GET a path that must answer 200.
+    pub async fn get_ok(&self, path: &str) -> Value {
+        let (code, v) = self.get(path).await;
+        assert_eq!(code, 200, "GET {}{path}: {v}", self.base);
+        v
+    }
+
     /// GET an admin path with the bearer token; panics on transport errors, returns status
     /// and JSON (or text).
     pub async fn get(&self, path: &str) -> (u16, Value) {
@@ -516,7 +611,7 @@ impl MxPod {
         body: Option<Value>,
         token: bool,
     ) -> (u16, Value) {
-        let mut req = self.http.request(method, format!("{}{path}", self.admin));
+        let mut req = self.http.request(method, format!("{}{path}", self.base));
         if token {
             req = req.bearer_auth(&self.token);
         }
@@ -571,29 +666,25 @@ impl MxPod {
         v["messages"].as_u64().expect("messages")
     }
 
-    /// Waits until the queue is empty.
+    /// The current replay workers.
+    pub async fn workers(&self) -> u64 {
+        self.get_ok("/v1/replay").await["workers"]
+            .as_u64()
+            .expect("workers")
+    }
+
+    /// Waits until the queue is empty (while the API does not answer, it is not).
     pub async fn wait_empty(&self, timeout: Duration) {
-        wait_for("the mx-pod queue to empty", timeout, || async {
-            self.queued().await == 0
-        })
+        wait_for(
+            &format!("the queue of {} to empty", self.base),
+            timeout,
+            || async {
+                self.try_get("/v1/queue")
+                    .await
+                    .is_some_and(|(_, q)| q["messages"] == 0)
+            },
+        )
         .await;
-    }
-
-    /// Runs `mx-pod` with arguments (a CLI subcommand); returns exit status and stdout+stderr.
-    pub fn cli(&self, args: &[&str]) -> (bool, String) {
-        let out = Command::new(mxpod_bin())
-            .args(args)
-            .output()
-            .expect("run mx-pod");
-        let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
-        text.push_str(&String::from_utf8_lossy(&out.stderr));
-        (out.status.success(), text)
-    }
-}
-
-impl Drop for MxPod {
-    fn drop(&mut self) {
-        self.kill9();
     }
 }
 
@@ -981,40 +1072,29 @@ impl Sent {
     }
 }
 
-async fn read_reply(r: &mut BufReader<tokio::net::tcp::OwnedReadHalf>) -> std::io::Result<String> {
-    let mut all = String::new();
-    loop {
-        let mut line = String::new();
-        if r.read_line(&mut line).await? == 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                format!("closed after {all:?}"),
-            ));
-        }
-        let more = line.as_bytes().get(3) == Some(&b'-');
-        all.push_str(line.trim_end());
-        if !more {
-            return Ok(all);
-        }
-        all.push('\n');
-    }
-}
-
 /// Sends `message(tag, i, size)` for every `i` in `seqs` from `from` to `user@example.test`;
-/// each must be accepted (`250`).
+/// each must be accepted (`250`). Returns their Message-IDs (`TAG.SEQ@test`) in sending order.
 pub async fn send_all(
     addr: SocketAddr,
     from: &str,
     tag: &str,
     seqs: std::ops::Range<usize>,
     size: usize,
-) {
+) -> Vec<String> {
+    let mut ids = Vec::new();
     for i in seqs {
         let r = send(addr, from, &["user@example.test"], &message(tag, i, size))
             .await
             .unwrap_or_else(|e| panic!("{tag}.{i} to {addr}: {e}"));
         assert!(r.ok(), "{tag}.{i}: {r:?}");
+        ids.push(format!("{tag}.{i}@test"));
     }
+    ids
+}
+
+/// [`send_all`] of `n` small messages from `sender@sender.test`.
+pub async fn send_n(addr: SocketAddr, tag: &str, n: usize) -> Vec<String> {
+    send_all(addr, "sender@sender.test", tag, 0..n, 300).await
 }
 
 /// Sends one message over a fresh connection; `Err` when the connection failed (no reply to
@@ -1032,15 +1112,10 @@ pub async fn send_with_params(
     to: &[(&str, &str)],
     data: &[u8],
 ) -> std::io::Result<Sent> {
-    let s = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(addr))
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect"))??;
-    let (r, mut w) = s.into_split();
-    let mut r = BufReader::new(r);
     let step = async {
-        let greeting = read_reply(&mut r).await?;
-        if !greeting.starts_with("220") {
-            return Ok(Sent { reply: greeting });
+        let mut c = realparts::Smtp::open(addr, b"").await?;
+        if !c.greeting.starts_with("220") {
+            return Ok(Sent { reply: c.greeting });
         }
         let mut cmds = vec!["EHLO client.test".to_owned(), format!("MAIL FROM:<{from}>")];
         cmds.extend(to.iter().map(|(t, params)| {
@@ -1051,37 +1126,21 @@ pub async fn send_with_params(
             }
         }));
         cmds.push("DATA".into());
-        for c in cmds {
-            w.write_all(format!("{c}\r\n").as_bytes()).await?;
-            let reply = read_reply(&mut r).await?;
-            let ok = if c == "DATA" {
+        for cmd in cmds {
+            let reply = c.try_cmd(&cmd).await?;
+            let ok = if cmd == "DATA" {
                 reply.starts_with("354")
             } else {
                 reply.starts_with("250")
             };
             if !ok {
-                let _ = w.write_all(b"QUIT\r\n").await;
+                let _ = c.try_write(b"QUIT\r\n").await;
                 return Ok(Sent { reply });
             }
         }
-        let mut d = data.to_vec();
-        if !d.ends_with(b"\r\n") {
-            d.extend_from_slice(b"\r\n");
-        }
-        // dot-stuffing
-        let mut stuffed = Vec::with_capacity(d.len() + 16);
-        let mut bol = true;
-        for &b in &d {
-            if bol && b == b'.' {
-                stuffed.push(b'.');
-            }
-            stuffed.push(b);
-            bol = b == b'\n';
-        }
-        stuffed.extend_from_slice(b".\r\n");
-        w.write_all(&stuffed).await?;
-        let reply = read_reply(&mut r).await?;
-        let _ = w.write_all(b"QUIT\r\n").await;
+        c.try_write(&realparts::dot_stuffed(data)).await?;
+        let reply = c.try_reply().await?;
+        let _ = c.try_write(b"QUIT\r\n").await;
         Ok(Sent { reply })
     };
     tokio::time::timeout(Duration::from_secs(30), step)

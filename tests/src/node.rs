@@ -35,14 +35,14 @@ use kube::{
 use serde_json::{Value, json};
 
 use crate::{
-    Primary, clean_cargo_env, free_port_on,
+    Admin, Primary, clean_cargo_env, free_port_on,
     kube::{Cluster, Operator, eventually, kube_bin_dir, operator_bin, start_operator_as, text},
-    repo, require, require_root, state_dir,
+    repo, require, require_root,
+    scenarios::{self, Deployment, Rollout, Tier, TierPrimary},
+    state_dir,
 };
 
-/// How long a pod may take to become Ready on the node. Pods come up in a few seconds; deleting
-/// one takes the kubelet 1.20 ~10 s, sometimes a minute.
-pub const POD_TIMEOUT: Duration = Duration::from_secs(150);
+pub use crate::scenarios::POD_TIMEOUT;
 
 /// The StorageClass the harness' PersistentVolumes belong to (no provisioner: the volumes are
 /// made by [`Node::volumes`]).
@@ -279,22 +279,12 @@ impl Node {
 
     /// `kubectl -n NS get WHAT -o json`, or None when it fails (e.g. not found).
     pub fn get(&self, ns: &str, what: &str) -> Option<Value> {
-        let out = self.cluster.kubectl(&["-n", ns, "get", what, "-o", "json"]);
-        out.status
-            .success()
-            .then(|| serde_json::from_slice(&out.stdout).expect("kubectl JSON"))
+        self.cluster.get(ns, what)
     }
 
     /// `kubectl apply` of one object (in `ns`, or cluster-scoped).
     pub fn apply(&self, ns: Option<&str>, obj: &Value) {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("obj.json");
-        fs::write(&file, obj.to_string()).unwrap();
-        let file = file.to_string_lossy().into_owned();
-        match ns {
-            Some(ns) => self.kubectl_ok(&["-n", ns, "apply", "-f", &file]),
-            None => self.kubectl_ok(&["apply", "-f", &file]),
-        };
+        self.cluster.apply(ns, obj)
     }
 
     /// A new namespace (unique name starting with `prefix`) whose default ServiceAccount exists
@@ -635,80 +625,20 @@ impl RunningPod {
     }
 
     /// A client of its admin API (port 8025 on the pod IP) with the BackupMx's token.
-    pub fn admin(&self, token: &str) -> PodAdmin {
-        PodAdmin {
-            base: format!(
+    pub fn admin(&self, token: &str) -> Admin {
+        Admin::new(
+            format!(
                 "http://{}:{}",
                 self.ip,
                 backupmx_operator::render::ADMIN_PORT
             ),
-            token: token.to_owned(),
-            http: mx_pod::trust::Trust::webpki()
+            token,
+            mx_pod::trust::Trust::webpki()
                 .https()
                 .timeout(Duration::from_secs(10))
                 .build()
                 .unwrap(),
-        }
-    }
-}
-
-/// mx-pod's admin API in a pod, reached from the host over the bridge.
-pub struct PodAdmin {
-    pub base: String,
-    token: String,
-    http: reqwest::Client,
-}
-
-impl PodAdmin {
-    /// GET a path: status and JSON; None when the pod does not answer.
-    pub async fn try_get(&self, path: &str) -> Option<(u16, Value)> {
-        let r = self
-            .http
-            .get(format!("{}{path}", self.base))
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .ok()?;
-        let code = r.status().as_u16();
-        let body = r.text().await.ok()?;
-        Some((
-            code,
-            serde_json::from_str(&body).unwrap_or(Value::String(body)),
-        ))
-    }
-
-    /// GET a path that must answer 200.
-    pub async fn get(&self, path: &str) -> Value {
-        let (code, v) = self
-            .try_get(path)
-            .await
-            .unwrap_or_else(|| panic!("{}{path} does not answer", self.base));
-        assert_eq!(code, 200, "GET {}{path}: {v}", self.base);
-        v
-    }
-
-    /// Messages in the pod's queue.
-    pub async fn queued(&self) -> u64 {
-        self.get("/v1/queue").await["messages"]
-            .as_u64()
-            .expect("messages")
-    }
-
-    /// The pod's current replay workers.
-    pub async fn workers(&self) -> u64 {
-        self.get("/v1/replay").await["workers"]
-            .as_u64()
-            .expect("workers")
-    }
-
-    /// Waits until the pod's queue is empty.
-    pub async fn wait_empty(&self, timeout: Duration) {
-        eventually(
-            &format!("the queue of {} to empty", self.base),
-            timeout,
-            || async { (self.try_get("/v1/queue").await?.1["messages"] == 0).then_some(()) },
         )
-        .await;
     }
 }
 
@@ -975,5 +905,212 @@ impl Load {
             Ok(r) => r,
             Err(e) => std::panic::resume_unwind(e.into_panic()),
         }
+    }
+}
+
+// === the node tier of the shared scenarios ===
+
+/// A BackupMx `example` ([`scenarios::backupmx`]) whose primary is `primary`, on volumes of
+/// the harness' StorageClass.
+pub fn backupmx(primary: &BridgePrimary, replicas: usize, extra: Value) -> Value {
+    let mut bmx = scenarios::backupmx(
+        &primary.gateway.to_string(),
+        primary.port(),
+        replicas,
+        json!({"storage": {"storageClassName": STORAGE_CLASS}}),
+    );
+    scenarios::merge(&mut bmx["spec"], extra);
+    bmx
+}
+
+impl TierPrimary for BridgePrimary {
+    fn up(&mut self) {
+        BridgePrimary::up(self)
+    }
+    fn down(&mut self) {
+        BridgePrimary::down(self)
+    }
+    fn host(&self) -> String {
+        self.gateway.to_string()
+    }
+    fn port(&self) -> u16 {
+        self.inner.port
+    }
+    fn postfix(&self) -> &Primary {
+        &self.inner
+    }
+}
+
+/// The real node: the kubelet runs the mx-pod image, queues on PersistentVolumes, the operator
+/// outside the cluster reaching pods on their IPs.
+pub struct NodeTier;
+
+impl Tier for NodeTier {
+    type Primary = BridgePrimary;
+    type Deployment = Setup;
+
+    fn start_primary(&self) -> BridgePrimary {
+        BridgePrimary::start(node())
+    }
+
+    async fn deploy(
+        &self,
+        prefix: &str,
+        primary: &BridgePrimary,
+        replicas: usize,
+        extra: Value,
+        prepare: impl FnOnce(&Cluster, &str),
+    ) -> Setup {
+        Setup::new_with(prefix, primary, replicas, extra, false, |ns, _| {
+            prepare(&node().cluster, ns)
+        })
+        .await
+    }
+}
+
+/// One scenario's namespace, operator, pods and admin token on the node.
+pub struct Setup {
+    pub node: &'static Node,
+    pub ns: String,
+    pub op: Operator,
+    pub token: String,
+    pub pods: Vec<RunningPod>,
+    started: Instant,
+    _guard: NamespaceGuard,
+}
+
+impl Setup {
+    /// A namespace, volumes for `replicas` pods, the operator, the BackupMx; returns once every
+    /// pod is Running and Ready on the node.
+    pub async fn new(
+        prefix: &str,
+        primary: &BridgePrimary,
+        replicas: usize,
+        extra: Value,
+    ) -> Setup {
+        Self::new_with(prefix, primary, replicas, extra, false, |_, _| {}).await
+    }
+
+    /// [`Setup::new`], the operator electing a leader through a Lease in the namespace when
+    /// `leader_election`, and `prepare(namespace, volume directories)` run before the
+    /// BackupMx is applied.
+    pub async fn new_with(
+        prefix: &str,
+        primary: &BridgePrimary,
+        replicas: usize,
+        extra: Value,
+        leader_election: bool,
+        prepare: impl FnOnce(&str, &[PathBuf]),
+    ) -> Setup {
+        let node = node();
+        let started = Instant::now();
+        let ns = node.namespace(prefix).await;
+        let guard = NamespaceGuard { ns: ns.clone() };
+        let dirs = node.volumes(&ns, "queue", "example", replicas, "1Gi");
+        prepare(&ns, &dirs);
+        let op = if leader_election {
+            node.operator_with(&ns, &format!("op-{prefix}-a"), &["--lease-namespace", &ns])
+        } else {
+            node.operator(&ns, &format!("op-{prefix}"))
+        };
+        node.apply(Some(&ns), &backupmx(primary, replicas, extra));
+        let token = node.admin_token(&ns, "example").await;
+        let mut pods = Vec::new();
+        for i in 0..replicas {
+            pods.push(
+                node.ready_pod(&ns, &format!("example-{i}"), None, POD_TIMEOUT)
+                    .await,
+            );
+        }
+        println!(
+            "[{prefix}] {replicas} pod(s) Ready on the node in {:.1?}: {:?}",
+            started.elapsed(),
+            pods.iter().map(|p| p.ip).collect::<Vec<_>>()
+        );
+        Setup {
+            node,
+            ns,
+            op,
+            token,
+            pods,
+            started,
+            _guard: guard,
+        }
+    }
+
+    pub fn done(&self, what: &str) {
+        println!(
+            "[{}] {what}: passed in {:.1?}",
+            self.ns,
+            self.started.elapsed()
+        );
+    }
+}
+
+impl Deployment for Setup {
+    fn cluster(&self) -> &Cluster {
+        &self.node.cluster
+    }
+    fn ns(&self) -> &str {
+        &self.ns
+    }
+    fn operator(&self) -> &Operator {
+        &self.op
+    }
+    fn smtp(&self, i: usize) -> SocketAddr {
+        self.pods[i].smtp()
+    }
+    fn admin(&self, i: usize) -> Admin {
+        self.pods[i].admin(&self.token)
+    }
+
+    /// `kill -9` of the container from the host; the kubelet restarts it in the same sandbox.
+    async fn crash(&mut self, i: usize) {
+        let pod = self.pods[i].clone();
+        assert!(
+            self.node.kill_container(&pod) > 0,
+            "nothing killed in {}",
+            pod.name
+        );
+        let restarted = self.node.wait_restarted(&pod).await;
+        assert_eq!(restarted.ip, pod.ip, "the same sandbox: the same pod IP");
+        self.pods[i] = restarted;
+        let admin = self.admin(i);
+        eventually("the restarted mx-pod answers", POD_TIMEOUT, || async {
+            admin.try_get("/v1/queue").await.map(|_| ())
+        })
+        .await;
+    }
+
+    /// The real kubelet does the work: this only looks.
+    async fn roll(&mut self, i: usize, _primary: &str) -> Rollout {
+        let old = self.pods[i].clone();
+        let pods: Api<Pod> = Api::namespaced(self.node.client().await, &self.ns);
+        match pods.get_opt(&old.name).await {
+            Ok(Some(p)) if p.metadata.uid.as_deref() == Some(old.uid.as_str()) => {
+                if p.metadata.deletion_timestamp.is_some() {
+                    Rollout::Terminating
+                } else {
+                    Rollout::Running
+                }
+            }
+            // transient API errors: look again
+            Err(_) => Rollout::Running,
+            // gone, or a new incarnation
+            Ok(_) => {
+                self.pods[i] = self
+                    .node
+                    .ready_pod(&self.ns, &old.name, Some(&old.uid), POD_TIMEOUT)
+                    .await;
+                Rollout::Replaced
+            }
+        }
+    }
+
+    async fn removed(&mut self, i: usize) {
+        let pod = &self.pods[i];
+        self.node
+            .pod_gone(&self.ns, &pod.name, &pod.uid, POD_TIMEOUT)
+            .await;
     }
 }

@@ -607,8 +607,13 @@ impl Smtp {
 
     /// Sends `line` + CRLF and returns the reply.
     pub async fn cmd(&mut self, line: &str) -> String {
-        self.write(format!("{line}\r\n").as_bytes()).await;
-        self.reply().await
+        self.try_cmd(line).await.expect("an SMTP reply")
+    }
+
+    /// Sends `line` + CRLF and returns the reply; `Err` when the connection failed.
+    pub async fn try_cmd(&mut self, line: &str) -> std::io::Result<String> {
+        self.try_write(format!("{line}\r\n").as_bytes()).await?;
+        self.try_reply().await
     }
 
     /// Sends `line` and asserts the reply starts with `expect`.
@@ -628,20 +633,7 @@ impl Smtp {
         if !r.starts_with("354") {
             return r;
         }
-        let mut d = message.to_vec();
-        if !d.ends_with(b"\r\n") {
-            d.extend_from_slice(b"\r\n");
-        }
-        let mut stuffed = Vec::with_capacity(d.len() + 16);
-        let mut bol = true;
-        for &b in &d {
-            if bol && b == b'.' {
-                stuffed.push(b'.');
-            }
-            stuffed.push(b);
-            bol = b == b'\n';
-        }
-        stuffed.extend_from_slice(b".\r\n");
+        let stuffed = dot_stuffed(message);
         self.write(&stuffed).await;
         self.reply().await
     }
@@ -668,6 +660,24 @@ impl Smtp {
         let _ = self.w.write_all(b"QUIT\r\n").await;
         let _ = self.try_reply().await;
     }
+}
+
+/// `message` as DATA sends it: CRLF-terminated, dot-stuffed, followed by the `.` line.
+pub fn dot_stuffed(message: &[u8]) -> Vec<u8> {
+    let mut stuffed = Vec::with_capacity(message.len() + 16);
+    let mut bol = true;
+    for &b in message {
+        if bol && b == b'.' {
+            stuffed.push(b'.');
+        }
+        stuffed.push(b);
+        bol = b == b'\n';
+    }
+    if !stuffed.ends_with(b"\r\n") {
+        stuffed.extend_from_slice(b"\r\n");
+    }
+    stuffed.extend_from_slice(b".\r\n");
+    stuffed
 }
 
 // === mx-pod helpers ===

@@ -13,7 +13,7 @@ use std::{
     time::Duration,
 };
 
-use backupmx_tests::{MxPod, MxPodConfig, Primary, free_port, message, send, with_tag};
+use backupmx_tests::{MxPod, MxPodConfig, Primary, free_port, send_all, with_tag};
 use tokio::net::{TcpListener, TcpStream};
 
 /// What the relay does with the first connection, after holding it for [`HOLD`].
@@ -60,19 +60,7 @@ async fn relay(upstream: String, first: First) -> (u16, Arc<AtomicUsize>) {
 /// Queues `n` messages tagged `tag` while replay is held (workers 0), then lets 3 workers go;
 /// returns what was sent, in order, once the queue is empty.
 async fn queue_then_replay(pod: &MxPod, tag: &str, n: usize) -> Vec<String> {
-    let mut sent = Vec::new();
-    for i in 0..n {
-        let r = send(
-            pod.smtp,
-            "sender@sender.test",
-            &["user@example.test"],
-            &message(tag, i, 2000),
-        )
-        .await
-        .unwrap();
-        assert!(r.ok(), "{tag}.{i}: {r:?}");
-        sent.push(format!("{tag}.{i}@test"));
-    }
+    let sent = send_all(pod.smtp, "sender@sender.test", tag, 0..n, 2000).await;
     pod.set_replay(3, 0).await;
     pod.wait_empty(Duration::from_secs(60)).await;
     sent

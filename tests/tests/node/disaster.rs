@@ -7,14 +7,24 @@
 //! Load comes from [`Load`]: a sender that retries every message until it is acknowledged and
 //! follows the pod to its new IP, as a sending MTA behind a Service would.
 
-use std::{net::IpAddr, path::PathBuf};
-
-use backupmx_tests::{
-    node::{Load, LoadReport},
-    realparts::{PowerDns, Rspamd},
+use std::{
+    net::IpAddr,
+    path::PathBuf,
+    time::{Duration, Instant},
 };
 
-use super::*;
+use backupmx_tests::{
+    kube::{condition, eventually},
+    message,
+    node::{
+        BridgePrimary, Load, LoadReport, NamespaceGuard, POD_TIMEOUT, STORAGE_CLASS, Setup,
+        backupmx, node,
+    },
+    realparts::{PowerDns, Rspamd},
+    scenarios::Deployment,
+    send, send_n, with_tag,
+};
+use serde_json::{Value, json};
 
 fn summary(what: &str, r: &LoadReport) {
     println!(
