@@ -12,7 +12,6 @@ use backupmx_tests::{
 };
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
-use serde_json::Value;
 
 fn bmx_json(name: &str, policy: &str, primary_port: u16) -> String {
     serde_json::json!({"apiVersion": "backupmx.io/v1alpha1", "kind": "BackupMx",
@@ -23,13 +22,6 @@ fn bmx_json(name: &str, policy: &str, primary_port: u16) -> String {
                  "replay": {"rampUp": "1s"},
                  "storage": {"size": "1Gi"}, "mx": {"hostname": "mx2.example.test"}}})
     .to_string()
-}
-
-fn get(cluster: &Cluster, ns: &str, what: &str) -> Option<Value> {
-    let out = cluster.kubectl(&["-n", ns, "get", what, "-o", "json"]);
-    out.status
-        .success()
-        .then(|| serde_json::from_slice(&out.stdout).unwrap())
 }
 
 /// Applies a one-replica BackupMx and runs its pod as a real mx-pod at `ip` holding `n`
@@ -103,7 +95,9 @@ async fn drain_deletion_waits_until_the_queue_is_delivered_and_keeps_the_volume(
         "status.queue.messages = 3",
         Duration::from_secs(60),
         || async {
-            get(cluster, &ns, "bmx/drain").filter(|b| b["status"]["queue"]["messages"] == 3)
+            cluster
+                .get(&ns, "bmx/drain")
+                .filter(|b| b["status"]["queue"]["messages"] == 3)
         },
     )
     .await;
@@ -117,7 +111,7 @@ async fn drain_deletion_waits_until_the_queue_is_delivered_and_keeps_the_volume(
         "Ready=True once the pod is ready",
         Duration::from_secs(60),
         || async {
-            let b = get(cluster, &ns, "bmx/drain")?;
+            let b = cluster.get(&ns, "bmx/drain")?;
             (condition(&b, "Ready")?.0 == "True" && b["status"]["readyReplicas"] == 1).then_some(())
         },
     )
@@ -129,7 +123,7 @@ async fn drain_deletion_waits_until_the_queue_is_delivered_and_keeps_the_volume(
         "Deleting=True WaitingForDelivery",
         Duration::from_secs(60),
         || async {
-            condition(&get(cluster, &ns, "bmx/drain")?, "Deleting").filter(|(s, _, _)| s == "True")
+            condition(&cluster.get(&ns, "bmx/drain")?, "Deleting").filter(|(s, _, _)| s == "True")
         },
     )
     .await;
@@ -140,7 +134,9 @@ async fn drain_deletion_waits_until_the_queue_is_delivered_and_keeps_the_volume(
     let events = cluster.kubectl_ok(&["-n", &ns, "get", "events.v1.events.k8s.io", "-o", "json"]);
     assert!(events.contains("WaitingForDelivery"), "{events}");
     // still there while mail is queued
-    let bmx = get(cluster, &ns, "bmx/drain").expect("not deleted while mail is queued");
+    let bmx = cluster
+        .get(&ns, "bmx/drain")
+        .expect("not deleted while mail is queued");
     assert!(bmx["metadata"]["deletionTimestamp"].is_string());
 
     // the primary comes back: the pod delivers, deletion completes
@@ -174,7 +170,7 @@ async fn drain_deletion_waits_until_the_queue_is_delivered_and_keeps_the_volume(
         "every queued message reached the primary"
     );
     // the volume claim outlives the BackupMx
-    let pvc = get(cluster, &ns, "pvc/queue-drain-0").expect("PVC kept");
+    let pvc = cluster.get(&ns, "pvc/queue-drain-0").expect("PVC kept");
     assert!(pvc["metadata"]["deletionTimestamp"].is_null());
 }
 
@@ -201,7 +197,9 @@ async fn orphan_deletion_does_not_wait_and_keeps_the_volume() {
         "status.queue.messages = 2",
         Duration::from_secs(60),
         || async {
-            get(cluster, &ns, "bmx/orphan").filter(|b| b["status"]["queue"]["messages"] == 2)
+            cluster
+                .get(&ns, "bmx/orphan")
+                .filter(|b| b["status"]["queue"]["messages"] == 2)
         },
     )
     .await;
@@ -219,10 +217,7 @@ async fn orphan_deletion_does_not_wait_and_keeps_the_volume() {
     )
     .await;
     assert_eq!(pod.queued().await, 2, "the mail stays where it was");
-    assert!(
-        get(cluster, &ns, "pvc/queue-orphan-0").is_some(),
-        "PVC kept"
-    );
+    assert!(cluster.get(&ns, "pvc/queue-orphan-0").is_some(), "PVC kept");
     let events = cluster.kubectl_ok(&["-n", &ns, "get", "events.v1.events.k8s.io", "-o", "json"]);
     assert!(events.contains("Orphaned"), "{events}");
 }

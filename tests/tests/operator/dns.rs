@@ -24,22 +24,8 @@ use testkit::{TestCa, TlsFront};
 /// The Secret of `spec.caBundle` in these tests.
 const CA_SECRET: &str = "dns-ca";
 
-fn get(cluster: &Cluster, ns: &str, what: &str) -> Option<Value> {
-    let out = cluster.kubectl(&["-n", ns, "get", what, "-o", "json"]);
-    out.status
-        .success()
-        .then(|| serde_json::from_slice(&out.stdout).unwrap())
-}
-
-fn apply(cluster: &Cluster, ns: &str, obj: Value) {
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("obj.json");
-    std::fs::write(&file, obj.to_string()).unwrap();
-    cluster.kubectl_ok(&["-n", ns, "apply", "-f", &file.to_string_lossy()]);
-}
-
 fn credentials(cluster: &Cluster, ns: &str, pdns: &PowerDns) {
-    apply(cluster, ns, pdns.credentials_secret());
+    cluster.apply(Some(ns), &pdns.credentials_secret());
 }
 
 /// `pdns`'s API behind TLS with a certificate from a new test CA, and that CA in the Secret
@@ -49,7 +35,7 @@ async fn api_over_tls(cluster: &Cluster, ns: &str, pdns: &PowerDns) -> TlsFront 
     let front = pdns
         .api_behind_tls(&ca.issue(&["127.0.0.1", "localhost"]))
         .await;
-    apply(cluster, ns, ca_bundle_secret(CA_SECRET, &ca.pem()));
+    cluster.apply(Some(ns), &ca_bundle_secret(CA_SECRET, &ca.pem()));
     front
 }
 
@@ -71,7 +57,7 @@ async fn dns_ready(cluster: &Cluster, ns: &str, name: &str, reason: &str) -> Val
         &format!("DNSReady reason {reason}"),
         Duration::from_secs(60),
         || async {
-            let b = get(cluster, ns, &format!("bmx/{name}"))?;
+            let b = cluster.get(ns, &format!("bmx/{name}"))?;
             (condition(&b, "DNSReady")?.1 == reason).then_some(b)
         },
     )
@@ -96,10 +82,9 @@ async fn records_are_published_verified_repaired_and_removed() {
             "2s",
         ],
     );
-    apply(
-        cluster,
-        &ns,
-        backupmx(
+    cluster.apply(
+        Some(&ns),
+        &backupmx(
             "example",
             &pdns,
             &api,
@@ -211,7 +196,7 @@ async fn records_are_published_verified_repaired_and_removed() {
     eventually(
         "the BackupMx to be deleted",
         Duration::from_secs(60),
-        || async { get(cluster, &ns, "bmx/example").is_none().then_some(()) },
+        || async { cluster.get(&ns, "bmx/example").is_none().then_some(()) },
     )
     .await;
     pdns.assert_only_primary_records();
@@ -252,10 +237,9 @@ async fn records_made_by_hand_conflict_until_adopted_and_another_owner_is_refuse
         ],
     );
     let mx = json!({"hostname": "mx2.example.test", "priority": 20, "addresses": ["198.51.100.5"]});
-    apply(
-        cluster,
-        &ns,
-        backupmx("first", &pdns, &api, mx.clone(), json!({})),
+    cluster.apply(
+        Some(&ns),
+        &backupmx("first", &pdns, &api, mx.clone(), json!({})),
     );
     // provider errors are conditions with a precise reason, retried
     let b = dns_ready(cluster, &ns, "first", "CredentialsMissing").await;
@@ -266,10 +250,9 @@ async fn records_made_by_hand_conflict_until_adopted_and_another_owner_is_refuse
             .contains("dns-credentials"),
         "{b}"
     );
-    apply(
-        cluster,
-        &ns,
-        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "dns-credentials"},
+    cluster.apply(
+        Some(&ns),
+        &json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "dns-credentials"},
                "stringData": {"apiKey": "wrong-key"}}),
     );
     let b = dns_ready(cluster, &ns, "first", "ProviderAuthFailed").await;
@@ -289,10 +272,9 @@ async fn records_made_by_hand_conflict_until_adopted_and_another_owner_is_refuse
         "nothing written while in conflict"
     );
 
-    apply(
-        cluster,
-        &ns,
-        backupmx("first", &pdns, &api, mx.clone(), json!({"adopt": true})),
+    cluster.apply(
+        Some(&ns),
+        &backupmx("first", &pdns, &api, mx.clone(), json!({"adopt": true})),
     );
     dns_ready(cluster, &ns, "first", "Published").await;
     assert!(
@@ -301,10 +283,9 @@ async fn records_made_by_hand_conflict_until_adopted_and_another_owner_is_refuse
     );
 
     // a second BackupMx naming the same host never takes the first one's records
-    apply(
-        cluster,
-        &ns,
-        backupmx("second", &pdns, &api, mx, json!({"adopt": true})),
+    cluster.apply(
+        Some(&ns),
+        &backupmx("second", &pdns, &api, mx, json!({"adopt": true})),
     );
     let b = dns_ready(cluster, &ns, "second", "Conflict").await;
     assert!(
@@ -327,7 +308,7 @@ async fn an_api_certificate_from_a_ca_not_in_the_bundle_is_provider_tls_failed()
         .api_behind_tls(&issuer.issue(&["127.0.0.1", "localhost"]))
         .await;
     let other = TestCa::new("a CA that did not issue the API's certificate");
-    apply(cluster, &ns, ca_bundle_secret(CA_SECRET, &other.pem()));
+    cluster.apply(Some(&ns), &ca_bundle_secret(CA_SECRET, &other.pem()));
     credentials(cluster, &ns, &pdns);
     let _op = Operator::start(
         cluster,
@@ -341,11 +322,7 @@ async fn an_api_certificate_from_a_ca_not_in_the_bundle_is_provider_tls_failed()
         ],
     );
     let mx = json!({"hostname": "mx2.example.test", "priority": 20, "addresses": ["198.51.100.5"]});
-    apply(
-        cluster,
-        &ns,
-        backupmx("example", &pdns, &api, mx, json!({})),
-    );
+    cluster.apply(Some(&ns), &backupmx("example", &pdns, &api, mx, json!({})));
     let b = dns_ready(cluster, &ns, "example", "ProviderTlsFailed").await;
     let (status, _, message) = condition(&b, "DNSReady").unwrap();
     assert_eq!(status, "False");
@@ -363,7 +340,7 @@ async fn an_api_certificate_from_a_ca_not_in_the_bundle_is_provider_tls_failed()
     );
 
     // the right CA in the bundle's Secret: the next pass publishes
-    apply(cluster, &ns, ca_bundle_secret(CA_SECRET, &issuer.pem()));
+    cluster.apply(Some(&ns), &ca_bundle_secret(CA_SECRET, &issuer.pem()));
     dns_ready(cluster, &ns, "example", "Published").await;
     assert!(
         pdns.dig("example.test", "MX")

@@ -15,25 +15,6 @@ const BMX: &str = r#"{"apiVersion":"backupmx.io/v1alpha1","kind":"BackupMx","met
           "mx":{"hostname":"mx2.example.com"}}}"#;
 const POLICY: &str = "networkpolicy/example-mx-pod";
 
-fn get(ns: &str, what: &str) -> Option<Value> {
-    let out = cluster().kubectl(&["-n", ns, "get", what, "-o", "json"]);
-    out.status
-        .success()
-        .then(|| serde_json::from_slice(&out.stdout).unwrap())
-}
-
-fn patch_spec(ns: &str, spec: Value) {
-    cluster().kubectl_ok(&[
-        "-n",
-        ns,
-        "patch",
-        "bmx/example",
-        "--type=merge",
-        "-p",
-        &json!({ "spec": spec }).to_string(),
-    ]);
-}
-
 /// The `from` of the ingress rule that opens `port` (Null: no `from`, any source).
 fn from_of(policy: &Value, port: u16) -> Value {
     let rules = policy["spec"]["ingress"].as_array().expect("ingress rules");
@@ -88,10 +69,10 @@ async fn network_policy_fences_the_admin_port_follows_the_spec_and_goes_when_dis
 
     // made with the other children, accepted by the API server as rendered
     let policy = eventually("the NetworkPolicy", Duration::from_secs(60), || async {
-        get(&ns, POLICY)
+        cluster.get(&ns, POLICY)
     })
     .await;
-    let bmx = get(&ns, "bmx/example").unwrap();
+    let bmx = cluster.get(&ns, "bmx/example").unwrap();
     let owner = &policy["metadata"]["ownerReferences"][0];
     assert_eq!(
         (&owner["kind"], &owner["uid"], &owner["controller"]),
@@ -106,7 +87,7 @@ async fn network_policy_fences_the_admin_port_follows_the_spec_and_goes_when_dis
     assert_eq!(policy["spec"]["ingress"].as_array().unwrap().len(), 2);
     // it selects exactly the StatefulSet's pods, and opens the ports their containers name
     let sts = eventually("the StatefulSet", Duration::from_secs(30), || async {
-        get(&ns, "statefulset/example")
+        cluster.get(&ns, "statefulset/example")
     })
     .await;
     let selector = policy["spec"]["podSelector"]["matchLabels"]
@@ -146,14 +127,19 @@ async fn network_policy_fences_the_admin_port_follows_the_spec_and_goes_when_dis
         listed[0].clone(),
         listed[1].clone(),
     ];
-    patch_spec(
+    cluster.patch(
         &ns,
-        json!({"networkPolicy": {"adminFromNamespaces": listed}}),
+        "bmx/example",
+        &json!({"spec": {"networkPolicy": {"adminFromNamespaces": listed}}}),
     );
     let policy = eventually(
         "the listed namespaces in the policy",
         Duration::from_secs(30),
-        || async { get(&ns, POLICY).filter(|p| from_of(p, admin) == admits(&admitted)) },
+        || async {
+            cluster
+                .get(&ns, POLICY)
+                .filter(|p| from_of(p, admin) == admits(&admitted))
+        },
     )
     .await;
     assert_eq!(from_of(&policy, smtp), Value::Null);
@@ -164,24 +150,32 @@ async fn network_policy_fences_the_admin_port_follows_the_spec_and_goes_when_dis
     let back = eventually(
         "the NetworkPolicy put back",
         Duration::from_secs(20),
-        || async { get(&ns, POLICY).filter(|p| p["metadata"]["uid"] != uid) },
+        || async {
+            cluster
+                .get(&ns, POLICY)
+                .filter(|p| p["metadata"]["uid"] != uid)
+        },
     )
     .await;
     assert_eq!(from_of(&back, admin), admits(&admitted));
 
     // opt-out: the policy is deleted, and an event says so
-    patch_spec(&ns, json!({"networkPolicy": {"enabled": false}}));
+    cluster.patch(
+        &ns,
+        "bmx/example",
+        &json!({"spec": {"networkPolicy": {"enabled": false}}}),
+    );
     eventually(
         "the NetworkPolicy deleted",
         Duration::from_secs(30),
-        || async { get(&ns, POLICY).is_none().then_some(()) },
+        || async { cluster.get(&ns, POLICY).is_none().then_some(()) },
     )
     .await;
     eventually(
         "the NetworkPolicyDeleted event",
         Duration::from_secs(30),
         || async {
-            let events = get(&ns, "events.v1.events.k8s.io")?;
+            let events = cluster.get(&ns, "events.v1.events.k8s.io")?;
             events["items"]
                 .as_array()?
                 .iter()
@@ -209,7 +203,7 @@ async fn network_policy_fences_the_admin_port_follows_the_spec_and_goes_when_dis
         || async { (operator.finished_reconciles(&ns, "example").await > passes).then_some(()) },
     )
     .await;
-    let kept = get(&ns, POLICY).expect("their policy kept");
+    let kept = cluster.get(&ns, POLICY).expect("their policy kept");
     assert!(kept["metadata"]["ownerReferences"].is_null(), "{kept}");
     assert_eq!(kept["spec"]["podSelector"], json!({}));
 }

@@ -9,13 +9,6 @@ use backupmx_tests::{
 };
 use serde_json::Value;
 
-fn get(ns: &str, what: &str) -> Option<Value> {
-    let out = cluster().kubectl(&["-n", ns, "get", what, "-o", "json"]);
-    out.status
-        .success()
-        .then(|| serde_json::from_slice(&out.stdout).unwrap())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn example_becomes_owned_objects_and_a_second_pass_changes_nothing() {
     let cluster = cluster();
@@ -42,7 +35,11 @@ async fn example_becomes_owned_objects_and_a_second_pass_changes_nothing() {
     let bmx = eventually(
         "status with observedGeneration 1",
         Duration::from_secs(60),
-        || async { get(&ns, "bmx/example").filter(|b| b["status"]["observedGeneration"] == 1) },
+        || async {
+            cluster
+                .get(&ns, "bmx/example")
+                .filter(|b| b["status"]["observedGeneration"] == 1)
+        },
     )
     .await;
     let uid = bmx["metadata"]["uid"].as_str().unwrap().to_string();
@@ -76,7 +73,9 @@ async fn example_becomes_owned_objects_and_a_second_pass_changes_nothing() {
     };
 
     // StatefulSet
-    let sts = get(&ns, "statefulset/example").expect("StatefulSet");
+    let sts = cluster
+        .get(&ns, "statefulset/example")
+        .expect("StatefulSet");
     assert!(owned_by_it(&sts));
     let spec = &sts["spec"];
     assert_eq!(spec["replicas"], 2);
@@ -108,17 +107,23 @@ async fn example_becomes_owned_objects_and_a_second_pass_changes_nothing() {
         .to_string();
 
     // Services
-    let smtp = get(&ns, "service/example-smtp").expect("smtp Service");
+    let smtp = cluster
+        .get(&ns, "service/example-smtp")
+        .expect("smtp Service");
     assert!(owned_by_it(&smtp));
     assert_eq!(smtp["spec"]["type"], "LoadBalancer");
     assert_eq!(smtp["spec"]["externalTrafficPolicy"], "Local");
     assert_eq!(smtp["spec"]["ports"][0]["port"], 25);
     assert_eq!(smtp["spec"]["ports"][0]["protocol"], "TCP");
-    let headless = get(&ns, "service/example-pods").expect("headless Service");
+    let headless = cluster
+        .get(&ns, "service/example-pods")
+        .expect("headless Service");
     assert_eq!(headless["spec"]["clusterIP"], "None");
 
     // ConfigMap: the TOML is a config mx-pod accepts
-    let cm = get(&ns, "configmap/example-config").expect("ConfigMap");
+    let cm = cluster
+        .get(&ns, "configmap/example-config")
+        .expect("ConfigMap");
     assert!(owned_by_it(&cm));
     let toml = cm["data"]["mx-pod.toml"].as_str().unwrap();
     let config = mx_pod::config::Config::parse(toml, "ConfigMap").expect("mx-pod accepts it");
@@ -128,17 +133,23 @@ async fn example_becomes_owned_objects_and_a_second_pass_changes_nothing() {
     assert_eq!(config.queue.retention.to_string(), "5days");
 
     // Secret with a token
-    let secret = get(&ns, "secret/example-admin-token").expect("Secret");
+    let secret = cluster
+        .get(&ns, "secret/example-admin-token")
+        .expect("Secret");
     assert!(owned_by_it(&secret));
     let token = secret["data"]["token"].as_str().unwrap().to_string();
     assert!(token.len() > 40);
 
     // NetworkPolicy (its content: network_policy.rs)
-    let netpol = get(&ns, "networkpolicy/example-mx-pod").expect("NetworkPolicy");
+    let netpol = cluster
+        .get(&ns, "networkpolicy/example-mx-pod")
+        .expect("NetworkPolicy");
     assert!(owned_by_it(&netpol));
 
     // PodDisruptionBudget: discovery chose policy/v1beta1 on this 1.20 server
-    let pdb = get(&ns, "poddisruptionbudgets.v1beta1.policy/example").expect("PDB");
+    let pdb = cluster
+        .get(&ns, "poddisruptionbudgets.v1beta1.policy/example")
+        .expect("PDB");
     assert!(owned_by_it(&pdb));
     assert_eq!(pdb["spec"]["maxUnavailable"], 1);
 
@@ -170,7 +181,7 @@ async fn example_becomes_owned_objects_and_a_second_pass_changes_nothing() {
         "the StatefulSet controller to settle",
         Duration::from_secs(30),
         || async {
-            get(&ns, "statefulset/example").filter(|s| {
+            cluster.get(&ns, "statefulset/example").filter(|s| {
                 s["status"]["observedGeneration"] == s["metadata"]["generation"]
                     && s["status"]["replicas"] == 2
             })
@@ -193,7 +204,7 @@ async fn example_becomes_owned_objects_and_a_second_pass_changes_nothing() {
     let mut before = before;
     before.remove("bmx/example");
     assert_eq!(before, after, "a second reconcile changed owned objects");
-    let bmx_now = get(&ns, "bmx/example").unwrap();
+    let bmx_now = cluster.get(&ns, "bmx/example").unwrap();
     assert_eq!(
         bmx_now["metadata"]["resourceVersion"],
         annotated_rv.as_str(),
@@ -211,23 +222,25 @@ async fn example_becomes_owned_objects_and_a_second_pass_changes_nothing() {
         r#"{"spec":{"replicas":3,"retention":"3d","replay":{"paused":true}}}"#,
     ]);
     let bmx = eventually("observedGeneration 2", Duration::from_secs(60), || async {
-        get(&ns, "bmx/example").filter(|b| b["status"]["observedGeneration"] == 2)
+        cluster
+            .get(&ns, "bmx/example")
+            .filter(|b| b["status"]["observedGeneration"] == 2)
     })
     .await;
     assert_eq!(bmx["status"]["replay"]["workers"], 0);
     assert_eq!(bmx["status"]["replay"]["reason"], "Paused");
-    let sts = get(&ns, "statefulset/example").unwrap();
+    let sts = cluster.get(&ns, "statefulset/example").unwrap();
     assert_eq!(sts["spec"]["replicas"], 3);
     let hash2 = sts["spec"]["template"]["metadata"]["annotations"]["backupmx.io/config-hash"]
         .as_str()
         .unwrap();
     assert_ne!(hash1, hash2, "a config change rolls the pods");
-    let cm = get(&ns, "configmap/example-config").unwrap();
+    let cm = cluster.get(&ns, "configmap/example-config").unwrap();
     let config =
         mx_pod::config::Config::parse(cm["data"]["mx-pod.toml"].as_str().unwrap(), "cm").unwrap();
     assert_eq!(config.queue.retention.to_string(), "3days");
     assert_eq!(config.replay.workers, 0);
-    let secret = get(&ns, "secret/example-admin-token").unwrap();
+    let secret = cluster.get(&ns, "secret/example-admin-token").unwrap();
     assert_eq!(
         secret["data"]["token"].as_str().unwrap(),
         token,
@@ -239,7 +252,7 @@ async fn example_becomes_owned_objects_and_a_second_pass_changes_nothing() {
     eventually(
         "the ConfigMap to be re-created",
         Duration::from_secs(30),
-        || async { get(&ns, "configmap/example-config") },
+        || async { cluster.get(&ns, "configmap/example-config") },
     )
     .await;
 

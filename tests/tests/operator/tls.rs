@@ -15,13 +15,6 @@ use backupmx_tests::{
 use serde_json::{Value, json};
 use testkit::TestCa;
 
-fn apply(cluster: &backupmx_tests::kube::Cluster, ns: &str, obj: &Value) {
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("obj.json");
-    std::fs::write(&file, obj.to_string()).unwrap();
-    cluster.kubectl_ok(&["-n", ns, "apply", "-f", &file.to_string_lossy()]);
-}
-
 fn bmx(cluster: &backupmx_tests::kube::Cluster, ns: &str) -> Option<Value> {
     let out = cluster.kubectl(&["-n", ns, "get", "bmx/example", "-o", "json"]);
     out.status
@@ -41,15 +34,13 @@ async fn verify_holds_mail_for_a_primary_without_tls_and_delivers_once_its_certi
         "op-tls",
         &["--namespace", &ns, "--leader-elect=false"],
     );
-    apply(
-        cluster,
-        &ns,
+    cluster.apply(
+        Some(&ns),
         &json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "primary-ca"},
                 "stringData": {"ca.crt": ca.pem()}}),
     );
-    apply(
-        cluster,
-        &ns,
+    cluster.apply(
+        Some(&ns),
         &json!({"apiVersion": "backupmx.io/v1alpha1", "kind": "BackupMx",
         "metadata": {"name": "example"},
         "spec": {
