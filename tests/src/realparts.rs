@@ -34,7 +34,12 @@ fn require_file(path: &str, package: &str) {
 }
 
 /// Runs `tests/infra/SCRIPT ACTION DIR` with `env`; returns the `KEY=VALUE` lines it printed.
-fn infra(script: &str, action: &str, dir: &Path, env: &[(&str, &str)]) -> HashMap<String, String> {
+pub fn infra(
+    script: &str,
+    action: &str,
+    dir: &Path,
+    env: &[(&str, &str)],
+) -> HashMap<String, String> {
     let mut cmd = Command::new("bash");
     cmd.arg(repo().join("tests/infra").join(script))
         .arg(action)

@@ -5,9 +5,7 @@
 //! MX. Then every way the server says no, and the kind each one maps to.
 
 use std::{
-    collections::HashMap,
     net::{Ipv4Addr, SocketAddr},
-    path::Path,
     process::Command,
     time::Instant,
 };
@@ -15,7 +13,7 @@ use std::{
 use backupmx_operator::dns::{
     Changes, DnsError, DnsErrorKind, DnsProvider, RData, Record, rfc2136::Rfc2136,
 };
-use backupmx_tests::{repo, require, require_root, run, state_dir};
+use backupmx_tests::{realparts::infra, repo, require, require_root, run, state_dir};
 
 /// A real BIND in its own directory; stopped (`bind.sh stop DIR`) on drop, also on panic.
 struct Bind {
@@ -40,7 +38,7 @@ impl Bind {
             require(cmd); // fails with "run `make deps`"
         }
         let dir = state_dir("bind");
-        let env = bind_sh("start", dir.path());
+        let env = infra("bind.sh", "start", dir.path(), &[]);
         let get = |k: &str| {
             env.get(k)
                 .unwrap_or_else(|| panic!("bind.sh start did not print {k}: {env:?}"))
@@ -62,70 +60,51 @@ impl Bind {
             .expect("the key bind.sh made is usable")
     }
 
-    /// `dig +tcp +short NAME TYPE` at this server: the answer lines, sorted.
-    fn dig(&self, name: &str, rtype: &str) -> Vec<String> {
+    /// `dig @THIS +tcp +norec OPTIONS NAME TYPE`: whether it succeeded, and its output.
+    fn dig_with(&self, options: &[&str], name: &str, rtype: &str) -> (bool, String) {
         let port = self.dns.port().to_string();
-        let (ok, out) = run(
-            "dig",
-            &[
-                "@127.0.0.1",
-                "-p",
-                &port,
-                "+tcp",
-                "+norec",
-                "+time=2",
-                "+tries=1",
-                "+short",
-                name,
-                rtype,
-            ],
-        );
+        let mut args = vec!["@127.0.0.1", "-p", &port, "+tcp", "+norec"];
+        args.extend_from_slice(options);
+        args.extend([name, rtype]);
+        run("dig", &args)
+    }
+
+    /// The lines of a successful `dig` with `options`, each through `line`, sorted.
+    fn dig_lines(
+        &self,
+        options: &[&str],
+        name: &str,
+        rtype: &str,
+        line: impl Fn(&str) -> Option<String>,
+    ) -> Vec<String> {
+        let (ok, out) = self.dig_with(options, name, rtype);
         assert!(ok, "dig {name} {rtype} failed: {out}");
-        let mut lines: Vec<String> = out
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty())
-            .map(str::to_string)
-            .collect();
+        let mut lines: Vec<String> = out.lines().filter_map(line).collect();
         lines.sort();
         lines
+    }
+
+    /// `dig +short NAME TYPE` at this server: the answer lines, sorted.
+    fn dig(&self, name: &str, rtype: &str) -> Vec<String> {
+        let short = ["+time=2", "+tries=1", "+short"];
+        self.dig_lines(&short, name, rtype, |l| {
+            let l = l.trim();
+            (!l.is_empty()).then(|| l.to_string())
+        })
     }
 
     /// `dig +noall +answer NAME TYPE` at this server: the answer records (`NAME TTL CLASS TYPE
     /// DATA`, single spaces), sorted.
     fn dig_answer(&self, name: &str, rtype: &str) -> Vec<String> {
-        let port = self.dns.port().to_string();
-        let (ok, out) = run(
-            "dig",
-            &[
-                "@127.0.0.1",
-                "-p",
-                &port,
-                "+tcp",
-                "+norec",
-                "+noall",
-                "+answer",
-                name,
-                rtype,
-            ],
-        );
-        assert!(ok, "dig {name} {rtype} failed: {out}");
-        let mut lines: Vec<String> = out
-            .lines()
-            .filter(|l| !l.trim().is_empty() && !l.starts_with(';'))
-            .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
-            .collect();
-        lines.sort();
-        lines
+        self.dig_lines(&["+noall", "+answer"], name, rtype, |l| {
+            (!l.trim().is_empty() && !l.starts_with(';'))
+                .then(|| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        })
     }
 
     /// `dig NAME TYPE` at this server: the status in the header (`NOERROR`, `REFUSED`, ...).
     fn dig_status(&self, name: &str, rtype: &str) -> String {
-        let port = self.dns.port().to_string();
-        let (_, out) = run(
-            "dig",
-            &["@127.0.0.1", "-p", &port, "+tcp", "+norec", name, rtype],
-        );
+        let (_, out) = self.dig_with(&[], name, rtype);
         out.split("status: ")
             .nth(1)
             .and_then(|s| s.split(',').next())
@@ -156,29 +135,6 @@ impl Drop for Bind {
             Err(e) => eprintln!("bind.sh stop: {e}"),
         }
     }
-}
-
-/// Runs `tests/infra/bind.sh ACTION DIR`; the `KEY=VALUE` lines it printed.
-fn bind_sh(action: &str, dir: &Path) -> HashMap<String, String> {
-    let out = Command::new("bash")
-        .arg(repo().join("tests/infra/bind.sh"))
-        .arg(action)
-        .arg(dir)
-        .output()
-        .expect("run tests/infra/bind.sh");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "tests/infra/bind.sh {action} {} failed ({}); is bind9 installed (`make deps`)?\nstdout:\n{stdout}\nstderr:\n{}",
-        dir.display(),
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
-        .lines()
-        .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect()
 }
 
 fn mx(name: &str, ttl: u32, pref: u16, host: &str) -> Record {

@@ -22,6 +22,23 @@ fn rspamd_filter(url: &str, fail_mode: &str) -> String {
     format!("[filter.rspamd]\nurl = \"{url}\"\ntimeout = \"10s\"\nfail_mode = \"{fail_mode}\"\n")
 }
 
+/// A session with `pod`, past EHLO; through a PROXY header naming `client` when given.
+async fn session(pod: &MxPod, client: Option<&str>) -> Smtp {
+    let mut c = match client {
+        Some(ip) => Smtp::connect_as(pod.smtp, ip).await,
+        None => Smtp::connect(pod.smtp).await,
+    };
+    c.expect("EHLO client.test", "250").await;
+    c
+}
+
+/// Sends `body` from `from` to user@example.test in session `c`; the end-of-DATA reply must
+/// start with `want` (`what` and `pod`'s log explain a failure).
+async fn expect_mail(c: &mut Smtp, pod: &MxPod, from: &str, body: &[u8], want: &str, what: &str) {
+    let r = c.mail(from, &["user@example.test"], body).await;
+    assert!(r.starts_with(want), "{what}: {r}\n{}", pod.log_text());
+}
+
 /// The dumped message whose Message-ID is `<TAG@sender.test>`.
 fn find<'a>(dumps: &'a [String], tag: &str) -> &'a str {
     let mid = format!("<{tag}@sender.test>");
@@ -44,43 +61,40 @@ async fn rspamd_refuses_gtube_and_annotates_accepted_mail() {
     let pod = MxPod::start(cfg).await;
 
     // from outside (a load balancer's PROXY header names 192.0.2.10)
-    let mut c = Smtp::connect_as(pod.smtp, "192.0.2.10").await;
-    c.expect("EHLO client.test", "250").await;
-    let r = c
-        .mail("spammer@sender.test", &["user@example.test"], GTUBE)
-        .await;
-    assert!(
-        r.starts_with("550 5.7.1"),
-        "GTUBE at end of DATA: {r}\n{}",
-        pod.log_text()
-    );
+    let mut c = session(&pod, Some("192.0.2.10")).await;
+    expect_mail(
+        &mut c,
+        &pod,
+        "spammer@sender.test",
+        GTUBE,
+        "550 5.7.1",
+        "GTUBE at end of DATA",
+    )
+    .await;
     assert_eq!(pod.queued().await, 0, "a refused message is not queued");
-    let r = c
-        .mail(
-            "alice@sender.test",
-            &["user@example.test"],
-            &plain("outside", ""),
-        )
-        .await;
-    assert!(
-        r.starts_with("250 2.0.0"),
-        "plain mail from outside ('add header'): {r}\n{}",
-        pod.log_text()
-    );
+    expect_mail(
+        &mut c,
+        &pod,
+        "alice@sender.test",
+        &plain("outside", ""),
+        "250 2.0.0",
+        "plain mail from outside ('add header')",
+    )
+    .await;
     c.quit().await;
 
     // ham from the loopback network, carrying a forged "clean" verdict
-    let mut c = Smtp::connect_as(pod.smtp, "127.0.0.1").await;
-    c.expect("EHLO client.test", "250").await;
+    let mut c = session(&pod, Some("127.0.0.1")).await;
     let forged = "X-Spam-Status: No, score=-100.00 required=15.00 (forged)\r\nX-Spam: No\r\nX-Spam-Score: -100.00\r\n";
-    let r = c
-        .mail(
-            "alice@sender.test",
-            &["user@example.test"],
-            &plain("ham", forged),
-        )
-        .await;
-    assert!(r.starts_with("250 2.0.0"), "ham: {r}\n{}", pod.log_text());
+    expect_mail(
+        &mut c,
+        &pod,
+        "alice@sender.test",
+        &plain("ham", forged),
+        "250 2.0.0",
+        "ham",
+    )
+    .await;
     c.quit().await;
 
     assert_eq!(pod.queued().await, 2);
@@ -148,31 +162,31 @@ async fn rspamd_down_tempfails_or_accepts_as_fail_mode_says() {
 
     // while rspamd answers, both scan and queue (from 127.0.0.1: "no action")
     for (pod, tag) in [(&tempfail, "up-t"), (&accept, "up-a")] {
-        let mut c = Smtp::connect(pod.smtp).await;
-        c.expect("EHLO client.test", "250").await;
-        let r = c
-            .mail("alice@sender.test", &["user@example.test"], &plain(tag, ""))
-            .await;
-        assert!(r.starts_with("250 2.0.0"), "{tag}: {r}\n{}", pod.log_text());
+        let mut c = session(pod, None).await;
+        expect_mail(
+            &mut c,
+            pod,
+            "alice@sender.test",
+            &plain(tag, ""),
+            "250 2.0.0",
+            "{tag}",
+        )
+        .await;
         c.quit().await;
     }
 
     rspamd.stop();
 
-    let mut c = Smtp::connect(tempfail.smtp).await;
-    c.expect("EHLO client.test", "250").await;
-    let r = c
-        .mail(
-            "alice@sender.test",
-            &["user@example.test"],
-            &plain("down-t", ""),
-        )
-        .await;
-    assert!(
-        r.starts_with("451 4.7.1"),
-        "rspamd down, fail_mode tempfail: {r}\n{}",
-        tempfail.log_text()
-    );
+    let mut c = session(&tempfail, None).await;
+    expect_mail(
+        &mut c,
+        &tempfail,
+        "alice@sender.test",
+        &plain("down-t", ""),
+        "451 4.7.1",
+        "rspamd down, fail_mode tempfail",
+    )
+    .await;
     // the session goes on: the sender may retry later, or now
     c.expect("NOOP", "250").await;
     c.quit().await;
@@ -183,20 +197,16 @@ async fn rspamd_down_tempfails_or_accepts_as_fail_mode_says() {
     );
     assert_eq!(rejected(&tempfail, "filter_unavailable").await, 1);
 
-    let mut c = Smtp::connect(accept.smtp).await;
-    c.expect("EHLO client.test", "250").await;
-    let r = c
-        .mail(
-            "alice@sender.test",
-            &["user@example.test"],
-            &plain("down-a", ""),
-        )
-        .await;
-    assert!(
-        r.starts_with("250 2.0.0"),
-        "rspamd down, fail_mode accept: {r}\n{}",
-        accept.log_text()
-    );
+    let mut c = session(&accept, None).await;
+    expect_mail(
+        &mut c,
+        &accept,
+        "alice@sender.test",
+        &plain("down-a", ""),
+        "250 2.0.0",
+        "rspamd down, fail_mode accept",
+    )
+    .await;
     c.quit().await;
     assert_eq!(accept.queued().await, 2);
     assert_eq!(rejected(&accept, "filter_unavailable").await, 0);
@@ -242,24 +252,25 @@ async fn rspamd_over_https_is_verified_and_an_untrusted_certificate_is_the_fail_
         ca_file.display()
     );
     let trusted = MxPod::start_in(dir, cfg.clone()).await;
-    let mut c = Smtp::connect(trusted.smtp).await;
-    c.expect("EHLO client.test", "250").await;
-    let r = c
-        .mail("spammer@sender.test", &["user@example.test"], GTUBE)
-        .await;
-    assert!(
-        r.starts_with("550 5.7.1"),
-        "GTUBE refused after an HTTPS scan: {r}\n{}",
-        trusted.log_text()
-    );
-    let r = c
-        .mail(
-            "alice@sender.test",
-            &["user@example.test"],
-            &plain("https-ham", ""),
-        )
-        .await;
-    assert!(r.starts_with("250 2.0.0"), "{r}\n{}", trusted.log_text());
+    let mut c = session(&trusted, None).await;
+    expect_mail(
+        &mut c,
+        &trusted,
+        "spammer@sender.test",
+        GTUBE,
+        "550 5.7.1",
+        "GTUBE refused after an HTTPS scan",
+    )
+    .await;
+    expect_mail(
+        &mut c,
+        &trusted,
+        "alice@sender.test",
+        &plain("https-ham", ""),
+        "250 2.0.0",
+        "ham scanned over HTTPS",
+    )
+    .await;
     c.quit().await;
     assert_eq!(rejected(&trusted, "spam").await, 1);
     assert_eq!(rejected(&trusted, "filter_unavailable").await, 0);
@@ -274,19 +285,16 @@ async fn rspamd_over_https_is_verified_and_an_untrusted_certificate_is_the_fail_
     // the same URL without the CA: the certificate is refused, the fail mode answers
     cfg.extra = rspamd_filter(&front.url(), "tempfail");
     let untrusting = MxPod::start(cfg).await;
-    let mut c = Smtp::connect(untrusting.smtp).await;
-    c.expect("EHLO client.test", "250").await;
-    let r = c
-        .mail(
-            "alice@sender.test",
-            &["user@example.test"],
-            &plain("untrusted", ""),
-        )
-        .await;
-    assert!(
-        r.starts_with("451 4.7.1"),
-        "an rspamd whose certificate is not trusted is unavailable: {r}"
-    );
+    let mut c = session(&untrusting, None).await;
+    expect_mail(
+        &mut c,
+        &untrusting,
+        "alice@sender.test",
+        &plain("untrusted", ""),
+        "451 4.7.1",
+        "an rspamd whose certificate is not trusted is unavailable",
+    )
+    .await;
     c.quit().await;
     assert_eq!(untrusting.queued().await, 0);
     assert_eq!(rejected(&untrusting, "filter_unavailable").await, 1);

@@ -336,6 +336,19 @@ async fn queue(pod: &MxPod, tag: &str, n: usize) -> (Vec<String>, Vec<String>) {
     (sent, ids)
 }
 
+/// A lost reply to the final dot: no second copy went out while a dot was pending, the
+/// possible duplicate is logged with its queue id, and counted as an unknown outcome.
+async fn assert_possible_duplicate(pod: &MxPod, events: &[Event], id: &str) {
+    assert_no_copy_while_a_dot_is_pending(events);
+    let log = pod.log_text();
+    assert!(
+        log.lines()
+            .any(|l| l.contains(POSSIBLE_DUPLICATE) && l.contains(id)),
+        "the possible duplicate is logged with its message:\n{log}"
+    );
+    assert!(pod.metric(UNKNOWN).await >= 2.0);
+}
+
 const UNKNOWN: &str = "mxpod_replay_unknown_outcome_total{domain=\"example.test\"}";
 const POSSIBLE_DUPLICATE: &str = "possible duplicate: connection lost after the final dot";
 
@@ -495,14 +508,7 @@ async fn no_reply_to_the_final_dot_is_a_possible_duplicate_sent_again_only_after
             >= 2,
         "the oldest message was sent again: {events:?}"
     );
-    assert_no_copy_while_a_dot_is_pending(&events);
-    let log = pod.log_text();
-    assert!(
-        log.lines()
-            .any(|l| l.contains(POSSIBLE_DUPLICATE) && l.contains(&ids[0])),
-        "the possible duplicate is logged with its message:\n{log}"
-    );
-    assert!(pod.metric(UNKNOWN).await >= 2.0);
+    assert_possible_duplicate(&pod, &events, &ids[0]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -514,14 +520,7 @@ async fn a_hang_up_after_the_final_dot_is_a_possible_duplicate() {
         "",
     )
     .await;
-    assert_no_copy_while_a_dot_is_pending(&front.events());
-    let log = pod.log_text();
-    assert!(
-        log.lines()
-            .any(|l| l.contains(POSSIBLE_DUPLICATE) && l.contains(&ids[0])),
-        "the possible duplicate is logged with its message:\n{log}"
-    );
-    assert!(pod.metric(UNKNOWN).await >= 2.0);
+    assert_possible_duplicate(&pod, &front.events(), &ids[0]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
