@@ -543,6 +543,14 @@ impl MxPod {
         }
     }
 
+    /// [`MxPod::cli`] of `args` against this pod's config file (`--config` added).
+    pub fn cli_config(&self, args: &[&str]) -> (bool, String) {
+        let cfg = self.config_path.display().to_string();
+        let mut all = args.to_vec();
+        all.extend(["--config", &cfg]);
+        self.cli(&all)
+    }
+
     /// Runs `mx-pod` with arguments (a CLI subcommand); returns exit status and stdout+stderr.
     pub fn cli(&self, args: &[&str]) -> (bool, String) {
         let out = Command::new(mxpod_bin())

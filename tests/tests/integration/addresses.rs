@@ -79,17 +79,9 @@ async fn an_idn_is_one_route_for_holds_listings_metrics_and_auto_replay() {
     cfg.auto = true;
     cfg.workers = 1;
     let pod = MxPod::start(cfg).await;
-    let conf = pod.config_path.to_str().unwrap().to_owned();
 
     // held by a person's spelling through the CLI, before any mail: the one route is held
-    let (ok, out) = pod.cli(&[
-        "queue",
-        "hold",
-        "--domain",
-        "Bücher.EXAMPLE",
-        "--config",
-        &conf,
-    ]);
+    let (ok, out) = pod.cli_config(&["queue", "hold", "--domain", "Bücher.EXAMPLE"]);
     assert!(ok, "{out}");
     assert!(out.contains(&format!("\"domain\": \"{IDN}\"")), "{out}");
 
@@ -141,14 +133,7 @@ async fn an_idn_is_one_route_for_holds_listings_metrics_and_auto_replay() {
         .get("/v1/queue/messages?domain=b%C3%BCcher..example")
         .await;
     assert_eq!(code, 400, "{body}");
-    let (ok, out) = pod.cli(&[
-        "queue",
-        "list",
-        "--domain",
-        "bücher.example",
-        "--config",
-        &conf,
-    ]);
+    let (ok, out) = pod.cli_config(&["queue", "list", "--domain", "bücher.example"]);
     assert!(ok && out.contains("jürgen@bücher.example"), "{out}");
 
     // replay runs (auto: the prober found the primary up) and the hold holds: mail for the

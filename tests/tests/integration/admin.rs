@@ -11,7 +11,6 @@ use serde_json::json;
 async fn admin_api_cli_and_metrics() {
     let sink = Sink::start(&[], 0, true).await;
     let pod = MxPod::start(MxPodConfig::new(&sink.addr())).await;
-    let cfg = pod.config_path.to_str().unwrap().to_owned();
     for i in 0..3 {
         assert!(
             send(
@@ -99,46 +98,32 @@ async fn admin_api_cli_and_metrics() {
     assert_eq!(code, 401);
 
     // CLI: list, show, hold, release, delete
-    let (ok, out) = pod.cli(&["queue", "list", "--config", &cfg]);
+    let (ok, out) = pod.cli_config(&["queue", "list"]);
     assert!(ok && out.contains("-- 3 message(s)"), "{out}");
     let (_, list) = pod.get("/v1/queue/messages").await;
     let first = list[0]["id"].as_str().unwrap().to_owned();
     let last = list[2]["id"].as_str().unwrap().to_owned();
-    let (ok, out) = pod.cli(&["queue", "show", &first, "--config", &cfg]);
+    let (ok, out) = pod.cli_config(&["queue", "show", &first]);
     assert!(ok && out.contains("\"sender\": \"s@sender.test\""), "{out}");
-    let (ok, out) = pod.cli(&[
-        "queue",
-        "hold",
-        "--domain",
-        "example.test",
-        "--config",
-        &cfg,
-    ]);
+    let (ok, out) = pod.cli_config(&["queue", "hold", "--domain", "example.test"]);
     assert!(ok, "{out}");
     assert_eq!(pod.get("/v1/queue").await.1["domains"][0]["held"], true);
     pod.set_replay(2, 0).await;
-    let (ok, out) = pod.cli(&["queue", "delete", &last, "--config", &cfg]);
+    let (ok, out) = pod.cli_config(&["queue", "delete", &last]);
     assert!(ok, "{out}");
     assert_eq!(
         pod.queued().await,
         2,
         "held mail is not delivered; the deleted one is gone"
     );
-    let (ok, out) = pod.cli(&[
-        "queue",
-        "release",
-        "--domain",
-        "example.test",
-        "--config",
-        &cfg,
-    ]);
+    let (ok, out) = pod.cli_config(&["queue", "release", "--domain", "example.test"]);
     assert!(ok, "{out}");
     pod.wait_empty(Duration::from_secs(20)).await;
     wait_for("two deliveries", Duration::from_secs(5), || async {
         sink.dumped().len() == 2
     })
     .await;
-    let (ok, out) = pod.cli(&["queue", "list", "--config", &cfg]);
+    let (ok, out) = pod.cli_config(&["queue", "list"]);
     assert!(ok && out.contains("Mail queue is empty"), "{out}");
     for args in [["queue", "list"], ["queue", "flush"]] {
         let mut args = args.to_vec();

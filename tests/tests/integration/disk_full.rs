@@ -64,11 +64,16 @@ async fn max_bytes_gives_452_then_accepts_again_after_replay() {
     .unwrap();
     assert_eq!(again.code(), 452, "{again:?}");
     drain_and_check(&pod, &primary, &acked).await;
+    accepts_again(&pod, "quota", 1000, 4096).await;
+}
+
+/// Once replay has freed space, a message `message(tag, seq, size)` is accepted again.
+async fn accepts_again(pod: &MxPod, tag: &str, seq: usize, size: usize) {
     let after = send(
         pod.smtp,
         "sender@sender.test",
         &["user@example.test"],
-        &message("quota", 1000, 4096),
+        &message(tag, seq, size),
     )
     .await
     .unwrap();
@@ -118,17 +123,5 @@ async fn full_filesystem_gives_452_then_accepts_again_after_replay() {
         "the failure is logged"
     );
     drain_and_check(&pod, &primary, &acked).await;
-    let after = send(
-        pod.smtp,
-        "sender@sender.test",
-        &["user@example.test"],
-        &message("enospc", 9999, 8192),
-    )
-    .await
-    .unwrap();
-    assert!(
-        after.ok(),
-        "space freed, accepting again: {after:?}\n{}",
-        pod.log_text()
-    );
+    accepts_again(&pod, "enospc", 9999, 8192).await;
 }

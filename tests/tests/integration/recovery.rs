@@ -205,8 +205,7 @@ async fn one_damaged_record(newest: bool, part: Part) {
     })
     .await;
     assert!(segment.exists(), "a damaged segment is kept until repaired");
-    let cfg = pod.config_path.display().to_string();
-    let (ok, out) = pod.cli(&["queue", "repair", "--config", &cfg]);
+    let (ok, out) = pod.cli_config(&["queue", "repair"]);
     assert!(ok, "{out}");
     assert!(out.contains(what), "{out}");
     assert_eq!(summary(&pod).await["damage"], serde_json::json!([]));
@@ -296,8 +295,7 @@ async fn removed_segment_is_reported_and_the_rest_delivered() {
     pod.kill9();
     pod.restart().await;
     assert_eq!(summary(&pod).await["damage"].as_array().unwrap().len(), 1);
-    let cfg = pod.config_path.display().to_string();
-    let (ok, out) = pod.cli(&["queue", "repair", "--config", &cfg]);
+    let (ok, out) = pod.cli_config(&["queue", "repair"]);
     assert!(ok, "{out}");
     pod.kill9();
     pod.restart().await;
@@ -311,15 +309,7 @@ async fn lost_holds(garble: bool) {
     let mut pod = MxPod::start(MxPodConfig::new(&primary.addr())).await;
     let tag = if garble { "holdsgarbled" } else { "holdsgone" };
     send_all(pod.smtp, SENDER, tag, 0..3, 500).await;
-    let cfg = pod.config_path.display().to_string();
-    let (ok, out) = pod.cli(&[
-        "queue",
-        "hold",
-        "--domain",
-        "example.test",
-        "--config",
-        &cfg,
-    ]);
+    let (ok, out) = pod.cli_config(&["queue", "hold", "--domain", "example.test"]);
     assert!(ok, "{out}");
     pod.kill9();
     let holds = pod.queue_dir.join("holds.json");
@@ -352,10 +342,10 @@ async fn lost_holds(garble: bool) {
     );
     assert!(delivered_seqs(&primary).is_empty());
     // `queue list` tells the operator
-    let (ok, out) = pod.cli(&["queue", "list", "--config", &cfg]);
+    let (ok, out) = pod.cli_config(&["queue", "list"]);
     assert!(ok && out.contains("DAMAGE") && out.contains(what), "{out}");
     // the operator releases: the holds file is whole again and the mail goes
-    let (ok, out) = pod.cli(&["queue", "release", "--config", &cfg]);
+    let (ok, out) = pod.cli_config(&["queue", "release"]);
     assert!(ok, "{out}");
     let s = summary(&pod).await;
     assert_eq!(s["held"], false, "{s}");
