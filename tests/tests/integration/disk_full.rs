@@ -3,20 +3,22 @@
 
 use std::{collections::BTreeSet, process::Command, time::Duration};
 
-use backupmx_tests::{MxPod, MxPodConfig, Primary, message, send, seq_of, state_dir, wait_for};
+use backupmx_tests::{
+    MxPod, MxPodConfig, Primary, Sent, message, send, seq_of, state_dir, wait_for,
+};
+
+/// `message(tag, seq, size)` from sender@sender.test to user@example.test.
+async fn send_seq(pod: &MxPod, tag: &str, seq: usize, size: usize) -> Sent {
+    let to = ["user@example.test"];
+    let m = message(tag, seq, size);
+    send(pod.smtp, "sender@sender.test", &to, &m).await.unwrap()
+}
 
 /// Sends numbered messages until one is refused; returns the accepted seqs and the refusal.
 async fn fill(pod: &MxPod, tag: &str, size: usize, max: usize) -> (BTreeSet<usize>, String) {
     let mut acked = BTreeSet::new();
     for seq in 0..max {
-        let r = send(
-            pod.smtp,
-            "sender@sender.test",
-            &["user@example.test"],
-            &message(tag, seq, size),
-        )
-        .await
-        .unwrap();
+        let r = send_seq(pod, tag, seq, size).await;
         if r.ok() {
             acked.insert(seq);
         } else {
@@ -69,14 +71,7 @@ async fn max_bytes_gives_452_then_accepts_again_after_replay() {
 
 /// Once replay has freed space, a message `message(tag, seq, size)` is accepted again.
 async fn accepts_again(pod: &MxPod, tag: &str, seq: usize, size: usize) {
-    let after = send(
-        pod.smtp,
-        "sender@sender.test",
-        &["user@example.test"],
-        &message(tag, seq, size),
-    )
-    .await
-    .unwrap();
+    let after = send_seq(pod, tag, seq, size).await;
     assert!(
         after.ok(),
         "space freed, accepting again: {after:?}\n{}",

@@ -549,15 +549,11 @@ async fn spec_errors_show_in_kubectl_describe() {
     );
 
     // fixed: the condition clears and the StatefulSet is made
-    node.kubectl_ok(&[
-        "-n",
+    node.cluster.patch(
         &ns,
-        "patch",
         "bmx/bad",
-        "--type=merge",
-        "-p",
-        r#"{"spec":{"storage":{"size":"1Gi"},"mx":{"hostname":"mx2.example.test"}}}"#,
-    ]);
+        &json!({"spec":{"storage":{"size":"1Gi"},"mx":{"hostname":"mx2.example.test"}}}),
+    );
     eventually("the StatefulSet", Duration::from_secs(60), || async {
         node.get(&ns, "statefulset/bad").map(|_| ())
     })

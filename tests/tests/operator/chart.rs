@@ -1380,15 +1380,11 @@ async fn assert_reconciled_fully(operator: &Operator, rel: &str, mail: &str) {
         rel,
         "{netpol}"
     );
-    cluster().kubectl_ok(&[
-        "-n",
+    cluster().patch(
         mail,
-        "patch",
         "bmx/example",
-        "--type=merge",
-        "-p",
-        r#"{"spec":{"networkPolicy":{"enabled":false}}}"#,
-    ]);
+        &json!({"spec":{"networkPolicy":{"enabled":false}}}),
+    );
     let start = std::time::Instant::now();
     while get_json(mail, "networkpolicy/example-mx-pod").is_some() {
         assert!(

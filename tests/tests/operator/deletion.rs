@@ -131,7 +131,7 @@ async fn drain_deletion_waits_until_the_queue_is_delivered_and_keeps_the_volume(
     assert!(message.contains("drain-0: 3"), "{message}");
     let (_, q) = pod.get("/v1/queue").await;
     assert_eq!(q["draining"], true, "the pod was told to drain: {q}");
-    let events = cluster.kubectl_ok(&["-n", &ns, "get", "events.v1.events.k8s.io", "-o", "json"]);
+    let events = cluster.events(&ns);
     assert!(events.contains("WaitingForDelivery"), "{events}");
     // still there while mail is queued
     let bmx = cluster
@@ -218,6 +218,6 @@ async fn orphan_deletion_does_not_wait_and_keeps_the_volume() {
     .await;
     assert_eq!(pod.queued().await, 2, "the mail stays where it was");
     assert!(cluster.get(&ns, "pvc/queue-orphan-0").is_some(), "PVC kept");
-    let events = cluster.kubectl_ok(&["-n", &ns, "get", "events.v1.events.k8s.io", "-o", "json"]);
+    let events = cluster.events(&ns);
     assert!(events.contains("Orphaned"), "{events}");
 }

@@ -39,6 +39,18 @@ async fn api_over_tls(cluster: &Cluster, ns: &str, pdns: &PowerDns) -> TlsFront 
     front
 }
 
+/// The operator watching `ns` only, re-checking DNS records every 2 s.
+fn dns_operator(cluster: &Cluster, ns: &str, identity: &str) -> Operator {
+    let args = [
+        "--namespace",
+        ns,
+        "--leader-elect=false",
+        "--dns-resync",
+        "2s",
+    ];
+    Operator::start(cluster, identity, &args)
+}
+
 /// A BackupMx publishing in example.test through the API at `api` (https), trusting the CA in
 /// [`CA_SECRET`].
 fn backupmx(name: &str, pdns: &PowerDns, api: &TlsFront, mx: Value, dns_extra: Value) -> Value {
@@ -71,17 +83,7 @@ async fn records_are_published_verified_repaired_and_removed() {
     let pdns = PowerDns::with_example_test().await;
     let api = api_over_tls(cluster, &ns, &pdns).await;
     credentials(cluster, &ns, &pdns);
-    let _op = Operator::start(
-        cluster,
-        "op-dns",
-        &[
-            "--namespace",
-            &ns,
-            "--leader-elect=false",
-            "--dns-resync",
-            "2s",
-        ],
-    );
+    let _op = dns_operator(cluster, &ns, "op-dns");
     cluster.apply(
         Some(&ns),
         &backupmx(
@@ -152,19 +154,11 @@ async fn records_are_published_verified_repaired_and_removed() {
         },
     )
     .await;
-    let events = cluster.kubectl_ok(&["-n", &ns, "get", "events.v1.events.k8s.io", "-o", "json"]);
+    let events = cluster.events(&ns);
     assert!(events.contains("DriftRepaired"), "{events}");
 
     // an unsafe priority is refused and nothing changes
-    cluster.kubectl_ok(&[
-        "-n",
-        &ns,
-        "patch",
-        "bmx/example",
-        "--type=merge",
-        "-p",
-        r#"{"spec":{"mx":{"priority":5}}}"#,
-    ]);
+    cluster.patch(&ns, "bmx/example", &json!({"spec":{"mx":{"priority":5}}}));
     let b = dns_ready(cluster, &ns, "example", "PriorityNotHigherThanPrimary").await;
     assert!(
         condition(&b, "DNSReady").unwrap().2.contains("lowest, 10"),
@@ -175,15 +169,7 @@ async fn records_are_published_verified_repaired_and_removed() {
             .contains("20 mx2.example.test.")
     );
     // a safe change replaces only our own MX
-    cluster.kubectl_ok(&[
-        "-n",
-        &ns,
-        "patch",
-        "bmx/example",
-        "--type=merge",
-        "-p",
-        r#"{"spec":{"mx":{"priority":30}}}"#,
-    ]);
+    cluster.patch(&ns, "bmx/example", &json!({"spec":{"mx":{"priority":30}}}));
     dns_ready(cluster, &ns, "example", "Published").await;
     let mx = pdns.dig("example.test", "MX");
     assert!(
@@ -225,17 +211,7 @@ async fn records_made_by_hand_conflict_until_adopted_and_another_owner_is_refuse
         &["198.51.100.5"],
     )
     .await;
-    let _op = Operator::start(
-        cluster,
-        "op-dnsadopt",
-        &[
-            "--namespace",
-            &ns,
-            "--leader-elect=false",
-            "--dns-resync",
-            "2s",
-        ],
-    );
+    let _op = dns_operator(cluster, &ns, "op-dnsadopt");
     let mx = json!({"hostname": "mx2.example.test", "priority": 20, "addresses": ["198.51.100.5"]});
     cluster.apply(
         Some(&ns),
@@ -310,17 +286,7 @@ async fn an_api_certificate_from_a_ca_not_in_the_bundle_is_provider_tls_failed()
     let other = TestCa::new("a CA that did not issue the API's certificate");
     cluster.apply(Some(&ns), &ca_bundle_secret(CA_SECRET, &other.pem()));
     credentials(cluster, &ns, &pdns);
-    let _op = Operator::start(
-        cluster,
-        "op-dnstls",
-        &[
-            "--namespace",
-            &ns,
-            "--leader-elect=false",
-            "--dns-resync",
-            "2s",
-        ],
-    );
+    let _op = dns_operator(cluster, &ns, "op-dnstls");
     let mx = json!({"hostname": "mx2.example.test", "priority": 20, "addresses": ["198.51.100.5"]});
     cluster.apply(Some(&ns), &backupmx("example", &pdns, &api, mx, json!({})));
     let b = dns_ready(cluster, &ns, "example", "ProviderTlsFailed").await;
@@ -331,7 +297,7 @@ async fn an_api_certificate_from_a_ca_not_in_the_bundle_is_provider_tls_failed()
         "the certificate problem is named: {message}"
     );
     assert!(message.contains(&api.url()), "the API is named: {message}");
-    let events = cluster.kubectl_ok(&["-n", &ns, "get", "events.v1.events.k8s.io", "-o", "json"]);
+    let events = cluster.events(&ns);
     assert!(events.contains("ProviderTlsFailed"), "{events}");
     assert_eq!(
         pdns.dig("_backupmx.example.test", "TXT"),

@@ -7,7 +7,7 @@ use backupmx_tests::{
     kube::{Operator, cluster, condition, eventually, resource_versions},
     repo,
 };
-use serde_json::Value;
+use serde_json::{Value, json};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn example_becomes_owned_objects_and_a_second_pass_changes_nothing() {
@@ -212,15 +212,11 @@ async fn example_becomes_owned_objects_and_a_second_pass_changes_nothing() {
     );
 
     // a spec edit is followed: replicas, config (and so the pod template hash), observedGeneration
-    cluster.kubectl_ok(&[
-        "-n",
+    cluster.patch(
         &ns,
-        "patch",
         "bmx/example",
-        "--type=merge",
-        "-p",
-        r#"{"spec":{"replicas":3,"retention":"3d","replay":{"paused":true}}}"#,
-    ]);
+        &json!({"spec":{"replicas":3,"retention":"3d","replay":{"paused":true}}}),
+    );
     let bmx = eventually("observedGeneration 2", Duration::from_secs(60), || async {
         cluster
             .get(&ns, "bmx/example")

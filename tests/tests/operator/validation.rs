@@ -159,7 +159,7 @@ async fn invalid_spec_is_refused_with_a_reason_an_event_and_nothing_applied() {
     assert!(message.contains("spec.delayWarning"), "{message}");
     assert_eq!(bmx.0["status"]["observedGeneration"], 1);
 
-    let events = cluster.kubectl_ok(&["-n", &ns, "get", "events.v1.events.k8s.io", "-o", "json"]);
+    let events = cluster.events(&ns);
     let events: Value = serde_json::from_str(&events).unwrap();
     let found = events["items"].as_array().unwrap().iter().any(|e| {
         e["reason"] == "InvalidSpec" && e["type"] == "Warning" && e["regarding"]["name"] == "bad"
