@@ -364,26 +364,7 @@ impl MxPod {
                 cfg.domain_extra
             ));
         }
-        let config_path = dir.path().join("mx-pod.toml");
-        fs::write(&config_path, toml).unwrap();
-        let log = dir.path().join("mx-pod.log");
-        let mut pod = MxPod {
-            queue_dir,
-            config_path,
-            smtp,
-            admin: format!("http://{admin}"),
-            api: Admin::new(
-                format!("http://{admin}"),
-                &token,
-                mx_pod::trust::Trust::webpki().client(),
-            ),
-            token,
-            child: None,
-            log,
-            dir,
-        };
-        pod.restart().await;
-        pod
+        Self::launch(dir, queue_dir, &toml, smtp, admin, &token).await
     }
 
     /// Plays a pod with the operator's rendered `mx-pod.toml` (from its ConfigMap): only what
@@ -422,8 +403,20 @@ impl MxPod {
                 given.map(|_| "a")
             ),
         }
+        Self::launch(dir, queue_dir, &config.to_toml(), smtp, admin, token).await
+    }
+
+    /// Writes `config` to `DIR/mx-pod.toml` and runs mx-pod on it; waits until ready.
+    async fn launch(
+        dir: tempfile::TempDir,
+        queue_dir: PathBuf,
+        config: &str,
+        smtp: SocketAddr,
+        admin: SocketAddr,
+        token: &str,
+    ) -> MxPod {
         let config_path = dir.path().join("mx-pod.toml");
-        fs::write(&config_path, config.to_toml()).unwrap();
+        fs::write(&config_path, config).unwrap();
         let mut pod = MxPod {
             queue_dir,
             config_path,
