@@ -204,19 +204,19 @@ impl PowerDns {
         }
     }
 
+    /// Sets example.test's MX RRset to the primary's record alone (`10 mail.example.test.`).
+    pub async fn primary_mx_only(&self) {
+        let mx = ["10 mail.example.test."];
+        self.set_records("example.test", "example.test", "MX", 300, &mx)
+            .await;
+    }
+
     /// A PowerDNS serving `example.test` with the primary's records only: MX
     /// `10 mail.example.test.` and `mail.example.test A 192.0.2.10`.
     pub async fn with_example_test() -> PowerDns {
         let pdns = Self::start();
         pdns.create_zone("example.test").await;
-        pdns.set_records(
-            "example.test",
-            "example.test",
-            "MX",
-            300,
-            &["10 mail.example.test."],
-        )
-        .await;
+        pdns.primary_mx_only().await;
         pdns.set_records(
             "example.test",
             "mail.example.test",

@@ -136,14 +136,7 @@ async fn records_are_published_verified_repaired_and_removed() {
     assert!(claim.contains(&format!("owner={ns}/example")), "{claim}");
 
     // drift: someone puts the MX RRset back to the primary alone; the operator repairs it
-    pdns.set_records(
-        "example.test",
-        "example.test",
-        "MX",
-        300,
-        &["10 mail.example.test."],
-    )
-    .await;
+    pdns.primary_mx_only().await;
     eventually(
         "the backup MX put back",
         Duration::from_secs(60),
