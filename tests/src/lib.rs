@@ -1,16 +1,20 @@
 //! Harness for backupmx's integration tests: real components on 127.0.0.1.
 //!
-//! - [`MxPod`]: the real `mx-pod` binary in its own temp dir, driven over SMTP and its admin API.
+//! - [`MxPod`]: the real `mx-pod` binary in its own temp dir, driven over SMTP and its admin API
+//!   ([`Admin`], the one admin client, also used for pods on the node).
 //! - [`Primary`]: a real Postfix instance acting as a domain's primary
 //!   (`tests/infra/postfix-primary.sh`), delivering into one maildir.
 //! - [`Sink`]: Postfix's `smtp-sink`, optionally with fault injection or dumping each message.
-//! - [`send`]: a small SMTP client that records the exact reply to each message, so tests know
-//!   which messages were acknowledged with `250`.
-//! - [`realparts`]: real rspamd and PowerDNS, swaks, an openssl certificate and a raw SMTP
-//!   client (PROXY headers, arbitrary bytes) for the filter tests.
+//! - [`send`]: one message over [`realparts::Smtp`] (the one SMTP client), recording the exact
+//!   reply, so tests know which messages were acknowledged with `250`.
+//! - [`realparts`]: real rspamd and PowerDNS, swaks, an openssl certificate and the raw SMTP
+//!   client (PROXY headers, arbitrary bytes).
+//! - [`kube`] and [`node`]: the API-server tier and the real node; [`scenarios`]: the replay
+//!   scenarios both run, written once.
 //!
 //! A missing component fails the test with the command that installs it (`make deps`); nothing
-//! is skipped. Conditions are awaited with [`wait_for`], never with fixed sleeps.
+//! is skipped. Conditions are awaited with [`eventually`] (or [`wait_for`]), never with fixed
+//! sleeps.
 
 use std::{
     collections::HashMap,
