@@ -3,30 +3,19 @@
 
 use std::time::Duration;
 
-use backupmx_tests::{MxPod, MxPodConfig, Primary, Sink, message, mxpod_bin, send, state_dir};
-use tokio::{
-    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
-    net::TcpStream,
+use backupmx_tests::{
+    MxPod, MxPodConfig, Primary, Sink, message, mxpod_bin, realparts::Smtp, send, state_dir,
 };
-
-async fn line(r: &mut BufReader<tokio::net::tcp::OwnedReadHalf>) -> String {
-    let mut l = String::new();
-    r.read_line(&mut l).await.unwrap();
-    l
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_refuses_new_sessions_finishes_open_ones_and_exits_0() {
     let sink = Sink::start(&[], 0, false).await;
     let mut pod = MxPod::start(MxPodConfig::new(&sink.addr())).await;
-    let (r, mut w) = TcpStream::connect(pod.smtp).await.unwrap().into_split();
-    let mut r = BufReader::new(r);
-    assert!(line(&mut r).await.starts_with("220"));
-    w.write_all(b"HELO c.test\r\nMAIL FROM:<a@sender.test>\r\nRCPT TO:<user@example.test>\r\n")
-        .await
-        .unwrap();
+    let mut c = Smtp::connect(pod.smtp).await;
+    c.write(b"HELO c.test\r\nMAIL FROM:<a@sender.test>\r\nRCPT TO:<user@example.test>\r\n")
+        .await;
     for _ in 0..3 {
-        assert!(line(&mut r).await.starts_with("250"));
+        assert!(c.reply().await.starts_with("250"));
     }
     pod.sigterm();
     // a new connection is told to come back later
@@ -34,24 +23,20 @@ async fn sigterm_refuses_new_sessions_finishes_open_ones_and_exits_0() {
         "new connections to get 421 4.3.2",
         Duration::from_secs(10),
         || async {
-            let Ok(s) = TcpStream::connect(pod.smtp).await else {
-                return false;
-            };
-            let mut r = BufReader::new(s);
-            let mut l = String::new();
-            r.read_line(&mut l).await.is_ok() && l.starts_with("421 4.3.2")
+            Smtp::open(pod.smtp, b"")
+                .await
+                .is_ok_and(|s| s.greeting.starts_with("421 4.3.2"))
         },
     )
     .await;
     // the session in flight finishes its message
-    w.write_all(b"DATA\r\n").await.unwrap();
-    assert!(line(&mut r).await.starts_with("354"));
-    w.write_all(b"Subject: late\r\n\r\nhi\r\n.\r\n")
-        .await
-        .unwrap();
-    assert!(line(&mut r).await.starts_with("250 2.0.0"));
     assert!(
-        line(&mut r).await.starts_with("421 4.3.2"),
+        c.data(b"Subject: late\r\n\r\nhi\r\n")
+            .await
+            .starts_with("250 2.0.0")
+    );
+    assert!(
+        c.reply().await.starts_with("421 4.3.2"),
         "then it is closed"
     );
     let status = pod.wait_exit(Duration::from_secs(30)).await;
