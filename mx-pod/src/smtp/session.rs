@@ -309,8 +309,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             if self.buf.len() - self.start > MAX_LINE {
                 // drop the overlong line up to its end
                 self.skip_line(deadline).await?;
-                self.reject(RejectReason::LineTooLong, "command");
-                return Ok(self.count_error());
+                return Ok(self.reject_error(RejectReason::LineTooLong, "command"));
             }
             match self.fill(deadline, self.tx.is_none()).await {
                 Ok(Some(true)) => {}
@@ -326,12 +325,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let line = self.buf[self.start..line_end].to_vec();
         self.start = line_end;
         if line.len() > MAX_LINE {
-            self.reject(RejectReason::LineTooLong, "command");
-            return Ok(self.count_error());
+            return Ok(self.reject_error(RejectReason::LineTooLong, "command"));
         }
         if !line.ends_with(b"\r\n") || line[..line.len() - 2].contains(&b'\r') {
-            self.reject(RejectReason::BareLineEnding, "command");
-            return Ok(self.count_error());
+            return Ok(self.reject_error(RejectReason::BareLineEnding, "command"));
         }
         if self.shutdown.is_cancelled() && self.tx.is_none() {
             self.reject(RejectReason::Shutdown, "idle");
@@ -353,10 +350,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     smtp_proto::Error::UnsupportedParameter { param } => {
                         Reply::dynamic(555, "5.5.4", format!("Unsupported parameter {param}"))
                     }
-                    _ => {
-                        self.reject(RejectReason::Syntax, "command");
-                        return Ok(self.count_error());
-                    }
+                    _ => return Ok(self.reject_error(RejectReason::Syntax, "command")),
                 };
                 self.ctx.metrics.reject(RejectReason::Syntax);
                 self.send(&reply);
@@ -364,6 +358,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
         };
         self.handle(request, &line).await
+    }
+
+    /// Refuses a command the client should not have sent (malformed, unknown or not offered);
+    /// it counts towards `smtp.max_errors`.
+    fn reject_error(&mut self, reason: RejectReason, stage: &str) -> Option<End> {
+        self.reject(reason, stage);
+        self.count_error()
+    }
+
+    /// Answers a command sent out of order (`503`; `554` for DATA with no recipient): not a
+    /// policy refusal, so not counted as one, but an error towards `smtp.max_errors`.
+    fn sequence_error(&mut self, reply: &Reply) -> Option<End> {
+        self.send(reply);
+        self.count_error()
     }
 
     fn count_error(&mut self) -> Option<End> {
@@ -413,10 +421,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
             Request::Vrfy { .. } => self.send(&reply::VRFY),
             Request::Help { .. } => self.send(&reply::HELP),
-            _ => {
-                self.reject(RejectReason::NotImplemented, "command");
-                return Ok(self.count_error());
-            }
+            _ => return Ok(self.reject_error(RejectReason::NotImplemented, "command")),
         }
         Ok(None)
     }

@@ -27,12 +27,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// The DATA command: `354` once a transaction has a recipient, then the message.
     pub(super) async fn data(&mut self) -> std::io::Result<Option<End>> {
         let Some(tx) = self.tx.as_ref() else {
-            self.send(&reply::NEED_MAIL);
-            return Ok(self.count_error());
+            return Ok(self.sequence_error(&reply::NEED_MAIL));
         };
         if tx.recipients.is_empty() {
-            self.send(&reply::NO_RECIPIENTS);
-            return Ok(self.count_error());
+            return Ok(self.sequence_error(&reply::NO_RECIPIENTS));
         }
         self.send(&reply::START_DATA);
         self.receive().await

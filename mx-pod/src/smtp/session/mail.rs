@@ -14,12 +14,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// Checks the sender and what the client announced, then opens the transaction.
     pub(super) fn mail(&mut self, from: MailFrom<String>, raw: &[u8]) -> Option<End> {
         if self.helo.is_none() {
-            self.send(&reply::NEED_HELO);
-            return self.count_error();
+            return self.sequence_error(&reply::NEED_HELO);
         }
         if self.tx.is_some() {
-            self.send(&reply::NESTED_MAIL);
-            return self.count_error();
+            return self.sequence_error(&reply::NESTED_MAIL);
         }
         let max = self.ctx.config.smtp.max_message_size.0 as usize;
         if from.size > max {

@@ -18,8 +18,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     pub(super) async fn rcpt(&mut self, mut to: RcptTo<String>, raw: &[u8]) -> Option<End> {
         let max = self.ctx.config.smtp.max_recipients;
         let Some(tx) = self.tx.as_ref() else {
-            self.send(&reply::NEED_MAIL);
-            return self.count_error();
+            return self.sequence_error(&reply::NEED_MAIL);
         };
         if tx.recipients.len() >= max {
             self.reject(RejectReason::TooManyRecipients, "rcpt");

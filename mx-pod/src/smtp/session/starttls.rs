@@ -20,12 +20,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// in plaintext must not run inside the encrypted session).
     pub(super) async fn start_tls(&mut self) -> std::io::Result<Option<End>> {
         let Some(tls) = self.ctx.tls.clone() else {
-            self.reject(RejectReason::NotImplemented, "starttls");
-            return Ok(self.count_error());
+            return Ok(self.reject_error(RejectReason::NotImplemented, "starttls"));
         };
         if self.io.tls_version().is_some() {
-            self.send(&reply::BAD_SEQUENCE_TLS);
-            return Ok(self.count_error());
+            return Ok(self.sequence_error(&reply::BAD_SEQUENCE_TLS));
         }
         let acceptor = tls.acceptor();
         self.send(&reply::READY_TLS);
