@@ -1,4 +1,4 @@
-//! Inbound SMTP: the listener and the per-connection session.
+//! Inbound SMTP: the listener and the per-connection session (its commands in `session/`).
 
 pub mod budget;
 pub mod listener;
