@@ -2,13 +2,13 @@
 //! to `[dsn] relay` when set, else to the MX of the sender's domain, so that bounces go out while
 //! the primaries are down.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use tracing::{error, warn};
 
 use super::{
-    Replay,
+    Replay, now,
     throttle::{RouteHealth, backoff},
 };
 use crate::outbound::{AtOnce, ClientError, Rcpt};
@@ -22,7 +22,7 @@ impl Replay {
             if shutdown.is_cancelled() {
                 return;
             }
-            let now = Instant::now();
+            let now = now();
             let job = self.inner.queue.take(None, |route, n| {
                 route == DSN_ROUTE && health.can_take(n, now)
             });
@@ -52,7 +52,7 @@ impl Replay {
                 Err(e) => {
                     warn!(id = %job.env.id, error = %e, "DSN delivery failed; will retry");
                     health.failure(
-                        Instant::now(),
+                        super::now(),
                         cfg.replay.min_backoff.0,
                         cfg.replay.max_backoff.0,
                         e.to_string(),

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::{Replay, lock, throttle::RouteHealth};
+use super::{Replay, lock, now, throttle::RouteHealth};
 use crate::queue::{Job, index::DSN_ROUTE};
 
 impl Replay {
@@ -37,7 +37,7 @@ impl Replay {
         }
         lock(&self.inner.routes)
             .get(route)
-            .is_none_or(|h| h.can_take(in_flight, Instant::now()))
+            .is_none_or(|h| h.can_take(in_flight, now()))
     }
 
     /// How many times `route` has failed or been throttled so far.
@@ -88,7 +88,7 @@ impl Replay {
         f(
             routes.entry(route.to_owned()).or_default(),
             in_flight,
-            Instant::now(),
+            now(),
         );
     }
 

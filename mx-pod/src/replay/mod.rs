@@ -50,6 +50,8 @@ mod dsn_sender;
 mod expiry;
 mod health;
 mod outcome;
+#[cfg(test)]
+mod tests;
 pub mod throttle;
 mod worker;
 
@@ -197,7 +199,7 @@ impl Replay {
 
     /// Per-route state.
     pub fn routes(&self) -> Vec<RouteStatus> {
-        let now = Instant::now();
+        let now = now();
         let health = lock(&self.inner.routes).clone();
         let up = lock(&self.inner.primary_up).clone();
         let mut out: Vec<RouteStatus> = self
@@ -264,6 +266,12 @@ impl Replay {
             }
         }
     }
+}
+
+/// The time replay paces and backs off by: tokio's clock, which is the system's except under a
+/// test's paused clock (where backoffs and the rate then pass in virtual time).
+fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -2,12 +2,12 @@
 //! it over a connection it keeps for the next job of the same route and target, and holds the
 //! final dot until the message's commit turn ([`CommitOrder`]).
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use super::{Replay, lock};
+use super::{Replay, lock, now};
 use crate::outbound::{ClientError, CommitTurn, Rcpt, SmtpClient, Timeouts};
 use crate::queue::Job;
 use crate::trust::TlsPolicy;
@@ -60,7 +60,7 @@ impl Replay {
             self.route_failed(&job, "domain no longer configured".into(), false);
             return;
         };
-        let at = lock(&self.inner.limiter).reserve(Instant::now());
+        let at = lock(&self.inner.limiter).reserve(now());
         tokio::time::sleep_until(at.into()).await;
         let body = match self.inner.queue.read_body(&job) {
             Ok(b) => b,
