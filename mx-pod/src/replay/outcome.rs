@@ -15,11 +15,13 @@ use crate::{
 
 impl Replay {
     /// Applies per-recipient results: queues the DSN for failures first, then updates the queue.
+    /// Failed recipients are counted as bounced for `reason`.
     pub(super) async fn record(
         &self,
         job: &Job,
         mut results: Vec<(usize, RcptResult)>,
         body: Option<&[u8]>,
+        reason: Bounce,
     ) {
         let failed: Vec<(usize, String)> = results
             .iter()
@@ -62,7 +64,7 @@ impl Replay {
                     self.inner
                         .metrics
                         .bounced
-                        .get_or_create(&Bounce::Rejected.label())
+                        .get_or_create(&reason.label())
                         .inc();
                     warn!(id = %job.env.id, to = %addr, route = %job.route, reply = %reply, "bounced");
                 }
@@ -112,7 +114,7 @@ impl Replay {
     }
 
     /// A body that fails its checksum is never delivered: it is saved to `corrupt/` and the
-    /// sender is told.
+    /// sender is told; each recipient counts once, as a `corrupt` bounce.
     pub(super) async fn damaged(&self, job: &Job, error: &str) {
         error!(id = %job.env.id, error, "queued message is damaged; not delivering it");
         self.save_corrupt(job, error);
@@ -122,12 +124,7 @@ impl Replay {
             .iter()
             .map(|(i, _)| (*i, RcptResult::Failed(reply.clone())))
             .collect();
-        self.inner
-            .metrics
-            .bounced
-            .get_or_create(&Bounce::Corrupt.label())
-            .inc();
-        self.record(job, results, None).await;
+        self.record(job, results, None, Bounce::Corrupt).await;
     }
 
     /// Ends a claimed message for its `pending` recipients (index, the reply they fail with),

@@ -21,6 +21,7 @@ const ROUTE: &str = "example.test";
 struct Harness {
     replay: Replay,
     queue: Queue,
+    metrics: Arc<Metrics>,
     shutdown: CancellationToken,
     _dir: tempfile::TempDir,
 }
@@ -34,14 +35,11 @@ impl Harness {
         );
         let config = Arc::new(Config::parse(&text, "test").unwrap());
         let (queue, _) = Queue::open(&config.queue).unwrap();
+        let metrics = Arc::new(Metrics::new());
         Harness {
-            replay: Replay::new(
-                config,
-                queue.clone(),
-                Arc::new(Metrics::new()),
-                Trust::webpki(),
-            ),
+            replay: Replay::new(config, queue.clone(), metrics.clone(), Trust::webpki()),
             queue,
+            metrics,
             shutdown: CancellationToken::new(),
             _dir: dir,
         }
@@ -92,6 +90,14 @@ impl Harness {
             .filter(|e| e.kind == MessageKind::Mail)
             .map(|e| e.id)
             .collect()
+    }
+
+    /// `mxpod_bounced_total{reason}`.
+    fn bounced(&self, reason: &str) -> u64 {
+        let label = ReasonLabel {
+            reason: reason.into(),
+        };
+        self.metrics.bounced.get_or_create(&label).get()
     }
 }
 
@@ -373,4 +379,23 @@ async fn after_421s_the_route_gets_one_delivery_at_a_time_then_ramps_back_up() {
     .await;
     let want: Vec<String> = (1..=24).map(|i| format!("m{i}@sender.test")).collect();
     assert_eq!(committed(&seen), want);
+}
+
+#[tokio::test]
+async fn a_damaged_message_is_bounced_and_counted_once_per_recipient_as_corrupt() {
+    let h = Harness::new("127.0.0.1:9", "workers = 0");
+    let rcpts = ["a@example.test", "b@example.test"];
+    let id = h.enqueue_to(1, &rcpts).await;
+    let job = h.queue.take(None, |_, _| true).unwrap();
+
+    h.replay.damaged(&job, "checksum mismatch").await;
+
+    assert_eq!(
+        (h.bounced("corrupt"), h.bounced("rejected")),
+        (2, 0),
+        "each recipient once, as corrupt (the primary refused nothing)"
+    );
+    assert!(h.queued().is_empty(), "it left the queue");
+    let saved = h.queue.dir().join("corrupt").join(format!("{id}.json"));
+    assert!(saved.exists(), "{saved:?}");
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use super::{Replay, lock, now};
+use super::{Replay, lock, now, outcome::Bounce};
 use crate::outbound::{ClientError, CommitTurn, Rcpt, SmtpClient, Timeouts};
 use crate::queue::Job;
 use crate::trust::TlsPolicy;
@@ -144,7 +144,8 @@ impl Replay {
                     .metrics
                     .delivered_message(&job.route, &tx.results, tls);
                 self.route_answered(&job.route, tx.throttled);
-                self.record(&job, tx.results, Some(&body)).await;
+                self.record(&job, tx.results, Some(&body), Bounce::Rejected)
+                    .await;
             }
         }
     }
