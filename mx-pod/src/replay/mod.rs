@@ -45,6 +45,8 @@
 //! - [`dsn_sender`]: the DSN worker and its delivery to the relay or the sender's MX.
 //! - [`expiry`]: the sweep that bounces mail past retention and sends delay warnings.
 //! - [`throttle`]: the pure pacing rules: the rate limiter, route health, backoff.
+//! - `tests.rs`: all of the above against a scripted primary (`outbound::script`), under
+//!   tokio's paused clock.
 
 mod dsn_sender;
 mod expiry;
