@@ -7,8 +7,11 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, warn};
 
-use super::{Replay, outcome::Bounce};
-use crate::dsn::{self, DsnKind};
+use super::{
+    Replay,
+    outcome::{Bounce, pending, wants_dsn},
+};
+use crate::dsn::DsnKind;
 use crate::queue::message::now_micros;
 
 impl Replay {
@@ -36,29 +39,15 @@ impl Replay {
             .queue
             .expiry_scan(now_micros(), q.retention.0, q.delay_warning.0);
         for job in work.expired {
-            let pending: Vec<(usize, String)> = job
-                .env
-                .recipients
-                .iter()
-                .enumerate()
-                .filter(|(_, r)| !r.status.is_final())
-                .map(|(i, r)| {
-                    let why = r
-                        .last_error
-                        .clone()
-                        .map(|e| format!("; last error: {e}"))
-                        .unwrap_or_default();
-                    (
-                        i,
-                        format!("550 5.4.7 Delivery time expired after {}{why}", q.retention),
-                    )
-                })
-                .collect();
-            if dsn::wanted(
-                &job.env,
-                DsnKind::Failed,
-                pending.iter().map(|(i, _)| &job.env.recipients[*i]),
-            ) {
+            let pending = pending(&job, |r| {
+                let why = r
+                    .last_error
+                    .clone()
+                    .map(|e| format!("; last error: {e}"))
+                    .unwrap_or_default();
+                format!("550 5.4.7 Delivery time expired after {}{why}", q.retention)
+            });
+            if wants_dsn(&job, DsnKind::Failed, &pending) {
                 let body = self.inner.queue.read_body_of(job.env.id).ok();
                 if let Err(e) = self
                     .queue_dsn(&job, DsnKind::Failed, &pending, body.as_deref())
@@ -75,26 +64,13 @@ impl Replay {
             warn!(id = %job.env.id, from = %job.env.sender, recipients = pending.len(), "expired after retention; bounced");
         }
         for job in work.delayed {
-            let pending: Vec<(usize, String)> = job
-                .env
-                .recipients
-                .iter()
-                .enumerate()
-                .filter(|(_, r)| !r.status.is_final())
-                .map(|(i, r)| {
-                    (
-                        i,
-                        r.last_error.clone().unwrap_or_else(|| {
-                            "451 4.4.1 primary mail server not reachable yet".into()
-                        }),
-                    )
-                })
-                .collect();
-            if dsn::wanted(
-                &job.env,
-                DsnKind::Delayed,
-                pending.iter().map(|(i, _)| &job.env.recipients[*i]),
-            ) && let Err(e) = self.queue_dsn(&job, DsnKind::Delayed, &pending, None).await
+            let pending = pending(&job, |r| {
+                r.last_error
+                    .clone()
+                    .unwrap_or_else(|| "451 4.4.1 primary mail server not reachable yet".into())
+            });
+            if wants_dsn(&job, DsnKind::Delayed, &pending)
+                && let Err(e) = self.queue_dsn(&job, DsnKind::Delayed, &pending, None).await
             {
                 error!(id = %job.env.id, error = %e, "cannot queue the delay DSN");
                 continue;

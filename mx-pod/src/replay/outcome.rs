@@ -10,7 +10,10 @@ use super::{Replay, throttle::backoff};
 use crate::{
     dsn::{self, DsnKind, DsnRecipient},
     metrics::{DomainLabel, ReasonLabel},
-    queue::{Job, RcptResult, message::now_micros},
+    queue::{
+        Job, RcptResult,
+        message::{Recipient, now_micros},
+    },
 };
 
 impl Replay {
@@ -31,11 +34,7 @@ impl Replay {
             })
             .collect();
         if !failed.is_empty()
-            && dsn::wanted(
-                &job.env,
-                DsnKind::Failed,
-                failed.iter().map(|(i, _)| &job.env.recipients[*i]),
-            )
+            && wants_dsn(job, DsnKind::Failed, &failed)
             && let Err(e) = self.queue_dsn(job, DsnKind::Failed, &failed, body).await
         {
             // without its DSN a failure would be silent: retry the recipients later instead
@@ -172,19 +171,9 @@ impl Replay {
         for (job, why) in self.inner.queue.claim_damaged() {
             error!(id = %job.env.id, from = %job.env.sender, error = %why, "message damaged in the queue log; not delivering it, bouncing it");
             let reply = format!("554 5.3.0 message damaged in the backup MX queue ({why})");
-            let pending: Vec<(usize, String)> = job
-                .env
-                .recipients
-                .iter()
-                .enumerate()
-                .filter(|(_, r)| !r.status.is_final())
-                .map(|(i, _)| (i, reply.clone()))
-                .collect();
-            if dsn::wanted(
-                &job.env,
-                DsnKind::Failed,
-                pending.iter().map(|(i, _)| &job.env.recipients[*i]),
-            ) && let Err(e) = self.queue_dsn(&job, DsnKind::Failed, &pending, None).await
+            let pending = pending(&job, |_| reply.clone());
+            if wants_dsn(&job, DsnKind::Failed, &pending)
+                && let Err(e) = self.queue_dsn(&job, DsnKind::Failed, &pending, None).await
             {
                 error!(id = %job.env.id, error = %e, "cannot queue the DSN of a damaged message; keeping it");
                 self.inner.queue.unclaim(&job);
@@ -194,6 +183,21 @@ impl Replay {
             self.fail_pending(&job, &pending, Bounce::Corrupt);
         }
     }
+}
+
+/// The recipients of `job` not yet delivered or failed, each with the reply `reply` gives it.
+pub(super) fn pending(job: &Job, reply: impl Fn(&Recipient) -> String) -> Vec<(usize, String)> {
+    let recipients = job.env.recipients.iter().enumerate();
+    recipients
+        .filter(|(_, r)| !r.status.is_final())
+        .map(|(i, r)| (i, reply(r)))
+        .collect()
+}
+
+/// Whether the sender asked for a DSN of `kind` about any of these recipients of `job`.
+pub(super) fn wants_dsn(job: &Job, kind: DsnKind, rcpts: &[(usize, String)]) -> bool {
+    let recipients = rcpts.iter().map(|(i, _)| &job.env.recipients[*i]);
+    dsn::wanted(&job.env, kind, recipients)
 }
 
 /// Why recipients bounced: the `reason` of `mxpod_bounced_total`.
