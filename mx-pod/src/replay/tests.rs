@@ -132,6 +132,15 @@ fn connections(seen: &Mutex<Seen>) -> usize {
     seen.lock().unwrap().connections
 }
 
+/// A primary that hangs up on every connection until its script is changed.
+async fn primary_down() -> (String, Arc<Mutex<Seen>>, Arc<Mutex<Script>>) {
+    let down = Script {
+        greeting: Answer::Close,
+        ..Script::default()
+    };
+    scripted_live(down).await
+}
+
 fn late(after: u64, reply: &[u8]) -> Answer {
     Answer::Late(Duration::from_secs(after), reply.to_vec())
 }
@@ -175,11 +184,7 @@ async fn a_younger_message_is_not_committed_before_an_older_one() {
 
 #[tokio::test(start_paused = true)]
 async fn a_failed_route_backs_off_and_keeps_its_mail_at_the_head() {
-    let (addr, seen, script) = scripted_live(Script {
-        greeting: Answer::Close,
-        ..Script::default()
-    })
-    .await;
+    let (addr, seen, script) = primary_down().await;
     let h = Harness::new(&addr, "workers = 1\nrate_per_second = 0");
     let ids = h.enqueue(2).await;
     let t0 = Instant::now();
@@ -275,11 +280,7 @@ async fn a_younger_message_waiting_for_its_turn_is_withdrawn_when_an_older_one_f
 
 #[tokio::test(start_paused = true)]
 async fn mail_for_a_primary_that_is_down_is_withheld_until_the_probe_finds_it_up() {
-    let (addr, seen, script) = scripted_live(Script {
-        greeting: Answer::Close,
-        ..Script::default()
-    })
-    .await;
+    let (addr, seen, script) = primary_down().await;
     let h = Harness::new(&addr, "workers = 2\nrate_per_second = 0\nauto = true");
     let ids = h.enqueue(1).await;
     h.start();
