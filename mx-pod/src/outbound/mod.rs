@@ -1280,4 +1280,6 @@ fn xtext(s: &str) -> String {
 }
 
 #[cfg(test)]
+pub(crate) mod script;
+#[cfg(test)]
 mod tests;

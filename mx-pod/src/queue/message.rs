@@ -205,6 +205,31 @@ impl Envelope {
     }
 }
 
+#[cfg(test)]
+impl Envelope {
+    /// A plain message for tests: id `id` (also its arrival time), from `sender` to `rcpts`.
+    pub fn for_test(id: u64, sender: &str, rcpts: &[&str]) -> Envelope {
+        Envelope {
+            id: QueueId(id),
+            kind: MessageKind::Mail,
+            arrival: id,
+            sender: sender.into(),
+            recipients: rcpts
+                .iter()
+                .map(|r| Recipient::new((*r).into(), None, Notify::default()))
+                .collect(),
+            size: 0,
+            env_id: None,
+            ret: None,
+            smtputf8: false,
+            eight_bit: false,
+            client: ClientInfo::default(),
+            held: false,
+            delay_warned: false,
+        }
+    }
+}
+
 /// The part of an envelope that changes after acceptance, written as a state record.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MessageState {

@@ -1482,27 +1482,12 @@ fn create_segment(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::queue::message::{Notify, RcptStatus, Recipient};
+    use crate::queue::message::RcptStatus;
 
     fn envelope(id: u64) -> Envelope {
         Envelope {
-            id: QueueId(id),
-            kind: Default::default(),
-            arrival: id,
-            sender: "a@sender.test".into(),
-            recipients: vec![Recipient::new(
-                "b@example.test".into(),
-                None,
-                Notify::default(),
-            )],
             size: 5,
-            env_id: None,
-            ret: None,
-            smtputf8: false,
-            eight_bit: false,
-            client: Default::default(),
-            held: false,
-            delay_warned: false,
+            ..Envelope::for_test(id, "a@sender.test", &["b@example.test"])
         }
     }
 

@@ -50,7 +50,7 @@ impl RateLimiter {
 pub struct RouteHealth {
     failures: u32,
     /// Route failures and `421`s ever seen (never reset): a delivery that saw this change while
-    /// it waited for its commit turn withdraws its message (see `replay::CommitOrder`).
+    /// it waited for its commit turn withdraws its message (see `replay::worker::CommitOrder`).
     setbacks: u64,
     backoff_until: Option<Instant>,
     /// How many concurrent deliveries the primary is given; halved on `421`, grows by one per
