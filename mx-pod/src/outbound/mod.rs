@@ -4,8 +4,9 @@
 //! Written here rather than taken from a client library because replay needs what the common
 //! clients do not give: a separate outcome per recipient (accepted, `4xx`, `5xx`) from one
 //! pipelined transaction, DSN parameters passed through unchanged, and `421` told apart from
-//! other temporary failures (it lowers the concurrency). Replies are read line by line
-//! (RFC 5321 4.2: `NNN-text` continues, `NNN text` ends), bounded in length.
+//! other temporary failures (it lowers the concurrency). Replies are parsed by smtp-proto's
+//! [`ResponseReceiver`] (RFC 5321 4.2: `NNN-text` continues, `NNN text` ends), with the checks
+//! it does not make around it ([`ReplyReader`]).
 //!
 //! Replay believes only a real commit. Every reply is matched to its command (pipelined groups
 //! included); a reply the protocol does not allow at that point (a `250` to DATA, a `3xx` to
@@ -30,6 +31,10 @@ use tokio_rustls::{TlsConnector, rustls::pki_types::ServerName};
 use tracing::warn;
 
 use serde::{Deserialize, Serialize};
+use smtp_proto::{
+    Response,
+    response::parser::{MAX_RESPONSE_LENGTH, ResponseReceiver},
+};
 
 use crate::trust::{TlsPolicy, Trust, error_chain, server_name};
 
@@ -112,8 +117,10 @@ pub enum RcptResult {
     Failed(String),
 }
 
-/// Longest reply accepted from a server, all lines together.
-const MAX_REPLY: usize = 64 * 1024;
+/// Longest reply accepted from a server, all lines together, line ends included: smtp-proto's
+/// own cap on a reply's text. Counted on the raw bytes, ours is reached first, so the error
+/// names the cap that applies.
+const MAX_REPLY: usize = MAX_RESPONSE_LENGTH;
 
 /// Message data is written in blocks of this size, each within [`Timeouts::data_block`]: a
 /// large message on a slow link is not one long wait.
@@ -785,50 +792,25 @@ impl SmtpClient {
         self.read_reply(stage).await
     }
 
-    /// Reads one (possibly multi-line) reply, whole within the time-out of `stage`.
+    /// Reads one (possibly multi-line) reply, whole within the time-out of `stage`. Takes no
+    /// byte past its end: what follows is for [`SmtpClient::expect_quiet`] to judge.
     pub async fn read_reply(&mut self, stage: Stage) -> Result<ServerReply, ClientError> {
         let deadline = Instant::now() + self.timeouts.of(stage);
-        let mut lines = Vec::new();
-        let mut code = 0u16;
-        let mut total = 0usize;
+        let mut reader = ReplyReader::default();
         loop {
-            let Some(nl) = self.buf[self.start..].iter().position(|&b| b == b'\n') else {
-                if total + self.buf.len() - self.start > MAX_REPLY {
-                    return Err(self.violation(stage, Violation::TooLong));
-                }
-                self.fill(stage, deadline).await?;
-                continue;
-            };
-            let raw = &self.buf[self.start..self.start + nl];
-            let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
-            total += raw.len() + 2;
-            if total > MAX_REPLY {
-                return Err(self.violation(stage, Violation::TooLong));
-            }
-            let parsed = parse_line(raw);
-            self.start += nl + 1;
-            let (this, more, text) = match parsed {
-                Ok(p) => p,
+            let (taken, reply) = match reader.read(&self.buf[self.start..]) {
+                Ok(read) => read,
                 Err(v) => return Err(self.violation(stage, v)),
             };
-            if code != 0 && this != code {
-                return Err(self.violation(
-                    stage,
-                    Violation::MixedCodes {
-                        first: code,
-                        then: this,
-                    },
-                ));
-            }
-            code = this;
-            lines.push(text);
-            if !more {
-                if code == 421 {
+            self.start += taken;
+            if let Some(reply) = reply {
+                if reply.code == 421 {
                     // the server closes after 421
                     self.broken = true;
                 }
-                return Ok(ServerReply { code, lines });
+                return Ok(reply);
             }
+            self.fill(stage, deadline).await?;
         }
     }
 
@@ -1206,28 +1188,117 @@ impl Class {
     }
 }
 
-/// One reply line without its line end (RFC 5321 4.2): a code from 200 to 599, then nothing,
-/// a space or a `-` (more lines follow), then text without control characters. Returns the
-/// code, whether more lines follow, and the text.
-fn parse_line(raw: &[u8]) -> Result<(u16, bool, String), Violation> {
-    let malformed =
-        || Violation::Malformed(String::from_utf8_lossy(&raw[..raw.len().min(200)]).into_owned());
-    let code = match raw.get(..3) {
-        Some(d) if d.iter().all(u8::is_ascii_digit) && (b'2'..=b'5').contains(&d[0]) => {
-            d.iter().fold(0u16, |n, b| n * 10 + u16::from(b - b'0'))
+/// One reply as it arrives. smtp-proto's [`ResponseReceiver`] parses it: the code, which line
+/// ends it, the enhanced status code. It is made for a client that trusts its server; replay
+/// must never take one reply for another, so each complete line is also checked here:
+/// - no control character but tab: smtp-proto passes them into the text, and drops a stray CR;
+/// - the code is 200 to 599: smtp-proto takes any three digits;
+/// - every line repeats the first line's code: smtp-proto reads the first line's code only, so
+///   `250-ok` then `550 no` would be a `250`;
+/// - at most [`MAX_REPLY`] bytes, a line that never ends included.
+#[derive(Default)]
+struct ReplyReader {
+    receiver: ResponseReceiver,
+    /// The first line's code, as it was written.
+    code: Option<[u8; 3]>,
+    /// Bytes taken so far.
+    taken: usize,
+}
+
+impl ReplyReader {
+    /// Reads the complete lines at the start of `bytes`, up to the end of the reply. Returns how
+    /// many bytes it took, and the reply once its last line is in.
+    fn read(&mut self, bytes: &[u8]) -> Result<(usize, Option<ServerReply>), Violation> {
+        let mut taken = 0;
+        while let Some(nl) = bytes[taken..].iter().position(|&b| b == b'\n') {
+            let line = &bytes[taken..taken + nl];
+            taken += nl + 1;
+            self.taken += nl + 1;
+            if self.taken > MAX_REPLY {
+                return Err(Violation::TooLong);
+            }
+            if let Some(reply) = self.line(line.strip_suffix(b"\r").unwrap_or(line))? {
+                return Ok((taken, Some(reply)));
+            }
         }
-        _ => return Err(malformed()),
-    };
-    let more = match raw.get(3) {
-        None | Some(b' ') => false,
-        Some(b'-') => true,
-        Some(_) => return Err(malformed()),
-    };
-    let text = raw.get(4..).unwrap_or_default();
-    if text.iter().any(|&b| (b < 32 && b != b'\t') || b == 127) {
-        return Err(malformed());
+        if self.taken + bytes.len() - taken > MAX_REPLY {
+            return Err(Violation::TooLong);
+        }
+        Ok((taken, None))
     }
-    Ok((code, more, String::from_utf8_lossy(text).into_owned()))
+
+    /// One line without its line end; the reply if it was the last.
+    fn line(&mut self, raw: &[u8]) -> Result<Option<ServerReply>, Violation> {
+        let malformed = || {
+            Violation::Malformed(String::from_utf8_lossy(&raw[..raw.len().min(200)]).into_owned())
+        };
+        if raw.iter().any(|&b| (b < 32 && b != b'\t') || b == 127) {
+            return Err(malformed());
+        }
+        // always fed with CRLF: after a partial status code (`250 2.1`) a bare LF would end up
+        // in the text
+        let mut response = None;
+        for part in [raw, b"\r\n"] {
+            match self.receiver.parse(&mut part.iter()) {
+                Ok(r) => response = Some(r),
+                Err(smtp_proto::Error::NeedsMoreData { .. }) => {}
+                Err(smtp_proto::Error::ResponseTooLong) => return Err(Violation::TooLong),
+                Err(_) => return Err(malformed()),
+            }
+        }
+        // smtp-proto took the line: it starts with three digits
+        let Some(&code) = raw.first_chunk::<3>() else {
+            return Err(malformed());
+        };
+        match self.code {
+            None if !(b'2'..=b'5').contains(&code[0]) => return Err(malformed()),
+            None => self.code = Some(code),
+            Some(first) if first != code => {
+                return Err(Violation::MixedCodes {
+                    first: number(first),
+                    then: number(code),
+                });
+            }
+            Some(_) => {}
+        }
+        Ok(response.map(ServerReply::from))
+    }
+}
+
+/// A reply code as written, smtp-proto having checked that it is three digits.
+fn number(code: [u8; 3]) -> u16 {
+    code.iter().fold(0, |n, d| n * 10 + u16::from(d - b'0'))
+}
+
+/// smtp-proto gives the text of every line without its enhanced status code, and the code
+/// apart. It goes back in front of the first line, so the reply reads `550 5.7.1 text` in logs
+/// and in DSNs, whose `Status:` is taken from there. Written as smtp-proto read it: leading
+/// zeros dropped, and a part over 255 (RFC 3463 allows three digits, no registered code needs
+/// them) reads 255, as smtp-proto keeps each part in a byte.
+impl From<Response<String>> for ServerReply {
+    fn from(r: Response<String>) -> Self {
+        // a CR here can only be the line end after a partial status code: the lines were
+        // checked for any other
+        let mut lines: Vec<String> = r
+            .message
+            .split('\n')
+            .map(|l| l.strip_suffix('\r').unwrap_or(l).to_owned())
+            .collect();
+        if let (Some(first), [class, subject, detail]) = (lines.first_mut(), r.esc)
+            && r.esc != [0, 0, 0]
+        {
+            let esc = format!("{class}.{subject}.{detail}");
+            *first = if first.is_empty() {
+                esc
+            } else {
+                format!("{esc} {first}")
+            };
+        }
+        ServerReply {
+            code: r.code,
+            lines,
+        }
+    }
 }
 
 /// Maps a reply to a recipient result: 2xx delivered, 4xx retried, 5xx failed.

@@ -249,18 +249,24 @@ fn code_of(v: Option<(Stage, &Violation)>) -> Option<(Stage, u16)> {
     }
 }
 
+/// One reply read from `bytes` at once: `None` if it wants more.
+fn parse(bytes: &[u8]) -> Result<Option<ServerReply>, Violation> {
+    ReplyReader::default().read(bytes).map(|(_, reply)| reply)
+}
+
+fn one_line(code: u16, text: &str) -> Result<Option<ServerReply>, Violation> {
+    Ok(Some(ServerReply {
+        code,
+        lines: vec![text.into()],
+    }))
+}
+
 #[test]
 fn only_smtp_reply_lines_parse() {
-    assert_eq!(parse_line(b"250"), Ok((250, false, String::new())));
-    assert_eq!(parse_line(b"250 ok"), Ok((250, false, "ok".into())));
-    assert_eq!(
-        parse_line(b"250-PIPELINING"),
-        Ok((250, true, "PIPELINING".into()))
-    );
-    assert_eq!(
-        parse_line(b"554 5.7.1 a\tb"),
-        Ok((554, false, "5.7.1 a\tb".into()))
-    );
+    assert_eq!(parse(b"250\r\n"), one_line(250, ""));
+    assert_eq!(parse(b"250 ok\r\n"), one_line(250, "ok"));
+    assert_eq!(parse(b"250-PIPELINING\r\n"), Ok(None));
+    assert_eq!(parse(b"554 5.7.1 a\tb\r\n"), one_line(554, "5.7.1 a\tb"));
     for bad in [
         &b""[..],
         b"25",
@@ -271,13 +277,65 @@ fn only_smtp_reply_lines_parse() {
         b"600 not smtp",
         b"250 a\0b",
         b"250 \x1b[31mred",
+        // smtp-proto would drop the CR
+        b"250 a\rb",
     ] {
         assert!(
-            matches!(parse_line(bad), Err(Violation::Malformed(_))),
+            matches!(
+                parse(&[bad, b"\r\n"].concat()),
+                Err(Violation::Malformed(_))
+            ),
             "{:?} parsed",
             String::from_utf8_lossy(bad)
         );
     }
+}
+
+#[test]
+fn every_line_of_a_reply_has_its_code() {
+    // smtp-proto alone would call both a 250
+    for (reply, first, then) in [
+        (&b"250-ok\r\n550 5.7.1 no\r\n"[..], 250, 550),
+        (b"550-no\r\n250 ok\r\n", 550, 250),
+        (b"250-a\r\n250-b\r\n251 c\r\n", 250, 251),
+    ] {
+        assert_eq!(parse(reply), Err(Violation::MixedCodes { first, then }));
+    }
+}
+
+#[test]
+fn the_enhanced_status_code_leads_the_reply_text() {
+    let lines = |bytes: &[u8]| parse(bytes).unwrap().unwrap().lines;
+    // smtp-proto takes it off every line; the first line gets it back, once
+    assert_eq!(
+        lines(b"550-5.7.1 first\r\n550 5.7.1 second\r\n"),
+        ["5.7.1 first", "second"]
+    );
+    // on the last line only: it still leads, where a DSN's `Status:` is looked for
+    let r = parse(b"550-first\r\n550 5.7.26 second\r\n")
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.text(), "550 5.7.26 first / second");
+    assert_eq!(lines(b"250 2.0.0\r\n"), ["2.0.0"]);
+    // not a status code: text as written, bare LF or CRLF
+    assert_eq!(lines(b"250 2.1\r\n"), ["2.1"]);
+    assert_eq!(lines(b"250-8BITMIME\n250 2.1\n"), ["8BITMIME", "2.1"]);
+    assert_eq!(lines(b"250 192.0.2.1 hi\r\n"), ["192.0.2.1 hi"]);
+}
+
+#[test]
+fn a_reply_ends_at_its_last_line() {
+    let bytes = b"250-a\r\n250 b\r\n250 next\r\n";
+    let mut reader = ReplyReader::default();
+    let (taken, reply) = reader.read(&bytes[..3]).unwrap();
+    assert_eq!(
+        (taken, reply),
+        (0, None),
+        "nothing taken from a partial line"
+    );
+    let (taken, reply) = reader.read(bytes).unwrap();
+    assert_eq!(taken, 14, "the next reply is left for expect_quiet");
+    assert_eq!(reply.unwrap().lines, ["a", "b"]);
 }
 
 #[tokio::test]

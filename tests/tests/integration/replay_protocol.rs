@@ -138,7 +138,7 @@ impl Front {
     }
 }
 
-/// A reply to MAIL of more than 64 KiB in continuation lines.
+/// A reply to MAIL of 70 KiB in continuation lines (the client takes 4 KiB).
 fn oversized() -> Vec<u8> {
     let mut r = Vec::new();
     while r.len() < 70 * 1024 {
