@@ -365,6 +365,28 @@ async fn bare_lf_in_data_and_commands_is_refused() {
 }
 
 #[tokio::test]
+async fn a_refused_body_gives_its_memory_back() {
+    let mut h = start().await;
+    let c = &mut h.client;
+    c.cmd("EHLO client.test", "250").await;
+    c.cmd("MAIL FROM:<a@sender.test>", "250").await;
+    c.cmd("RCPT TO:<x@example.test>", "250").await;
+    c.cmd("DATA", "354").await;
+    // more than the 1 KiB a body starts with: it takes memory from the budget; refused for a
+    // bare LF inside
+    let mut body = b"Subject: a\r\n\r\n".to_vec();
+    body.extend(b"filler line of text\r\n".repeat(60));
+    body.extend(b"bare\nline\r\n.\r\n");
+    c.raw(&body, "550 5.6.11").await;
+    assert_eq!(h.queue.totals().0, 0);
+    assert_eq!(
+        h.metric("mxpod_smtp_data_inflight_bytes"),
+        0,
+        "the refused body's memory is given back and the gauge says so"
+    );
+}
+
+#[tokio::test]
 async fn loop_guard_counts_received_headers() {
     let mut h = start().await;
     let c = &mut h.client;
@@ -546,8 +568,13 @@ async fn a_connection_without_the_proxy_header_is_refused() {
 impl Harness {
     /// `mxpod_rejected_total{reason=...}`.
     fn metrics_label(&self, reason: &str) -> u64 {
+        self.metric(&format!("mxpod_rejected_total{{reason=\"{reason}\"}}"))
+    }
+
+    /// The value of one series (`name{labels}` as rendered; 0 when absent).
+    fn metric(&self, series: &str) -> u64 {
         let text = self.metrics.render(&self.queue, &[]);
-        let needle = format!("mxpod_rejected_total{{reason=\"{reason}\"}} ");
+        let needle = format!("{series} ");
         text.lines()
             .find_map(|l| l.strip_prefix(&needle))
             .and_then(|v| v.trim().parse().ok())

@@ -33,7 +33,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             return Ok(self.sequence_error(&reply::NO_RECIPIENTS));
         }
         self.send(&reply::START_DATA);
-        self.receive().await
+        let end = self.receive().await;
+        // the body's memory is given back however `receive` ended (queued, refused, cut off):
+        // the gauge follows here, once, rather than on each of its exits
+        let in_use = self.ctx.data_budget.in_use();
+        self.ctx.metrics.data_inflight.set(in_use as i64);
+        end
     }
 
     /// Receives the message after `354`, checks it and queues it.
@@ -193,8 +198,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
             Err(e) => self.queue_error(&e, "data"),
         }
-        drop(held);
-        self.ctx.metrics.data_inflight.set(budget.in_use() as i64);
         Ok(None)
     }
 
