@@ -19,8 +19,13 @@ use mx_pod::trust::{TlsPolicy, Trust, error_chain};
 use serde_json::json;
 use tracing::warn;
 
+use super::{
+    replay::ReplayOutcome,
+    step::{Note, StepOutcome},
+};
 use crate::{
     crd::{AlertState, BackupMx, QueueStatus},
+    pod_admin::PodQueue,
     validate::ValidSpec,
 };
 
@@ -181,6 +186,52 @@ pub fn changes(
 
 fn human(secs: u64) -> String {
     humantime::format_duration(Duration::from_secs(secs)).to_string()
+}
+
+/// The alerts step of an apply pass: the alert state `status.alerts` is to keep, an event per
+/// change since the last pass, and the changes a person must act on sent to the webhook and
+/// the email (`trust` verifies the webhook); each failure adds an `AlertNotDelivered` event.
+pub async fn step(
+    bmx: &BackupMx,
+    valid: &ValidSpec,
+    queues: &[PodQueue],
+    replay: &ReplayOutcome,
+    trust: &Trust,
+) -> (AlertState, StepOutcome) {
+    let queue = super::status::queue_status(queues);
+    let disk: Vec<(String, u64)> = queues
+        .iter()
+        .filter_map(|q| {
+            q.result
+                .as_ref()
+                .ok()
+                .map(|s| (q.pod.clone(), s.disk_bytes))
+        })
+        .collect();
+    let before = bmx
+        .status
+        .as_ref()
+        .and_then(|s| s.alerts.clone())
+        .unwrap_or_default();
+    let now = state(valid, replay.healthy, &queue, &disk);
+    let mut events = Vec::new();
+    let told = changes(
+        bmx,
+        &before,
+        &now,
+        &queue,
+        replay.primary.last_error.as_deref(),
+        &disk,
+    );
+    for alert in told {
+        events.push(Note::new(alert.warning, alert.reason, &alert.message));
+        if alert.notify {
+            for failure in notify(bmx, &alert, trust).await {
+                events.push(Note::warning("AlertNotDelivered", failure));
+            }
+        }
+    }
+    (now, StepOutcome::events(events))
 }
 
 /// Sends `alert` to the webhook and the email of `spec.alerts`; returns what failed, each

@@ -1,8 +1,9 @@
 //! The controller: watches BackupMx objects (and the children they own) and reconciles each.
 //!
 //! The top-level [`reconcile`] only does tracing, metrics and the finalizer wrap; the work is in
-//! [`apply`] (make the children match the spec, then report status) and [`cleanup`] (deletion).
-//! [`error_policy`] counts the failure and requeues.
+//! [`apply`] (a list of steps that make the children match the spec, then report status; each
+//! hands back its events and requeue time in a [`step::StepOutcome`], which the pass folds) and
+//! [`cleanup`] (deletion). [`error_policy`] counts the failure and requeues.
 //!
 //! # Guarantees
 //! - Nothing is applied from a spec that fails [`crate::validate`]: the objects keep their last
@@ -20,6 +21,7 @@ pub mod dns;
 pub mod drill;
 pub mod replay;
 pub mod status;
+pub mod step;
 #[cfg(test)]
 mod tests;
 pub mod trust;
