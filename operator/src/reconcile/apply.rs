@@ -9,7 +9,7 @@
 //! | replay push | the replay decision, pushed to the pods; drains before a scale-down | [`super::replay::step`] |
 //! | workload | StatefulSet (scaled down once drained), PodDisruptionBudget | [`workload`] |
 //! | DNS | the MX records, when due | [`super::dns::step`] |
-//! | alerts | an event per change; webhook/email for what a person must act on | [`super::alerts::step`] |
+//! | alerts | an event per change; webhook/email queued for their own task | [`super::alerts::step`] |
 //! | drill | the failover drill, if one is asked for | [`super::drill::step`] |
 //! | status | the new status, and the `Ready` transition event | [`super::status::step`] |
 //!
@@ -101,7 +101,14 @@ async fn steps(
     let sts = pass.take(workload(bmx, ctx, &objects, &pods, &replay).await?);
     let dns = super::dns::step(bmx, &objects.lb_addresses, ctx, &bundle.trust).await;
     let dns = pass.take(dns);
-    let alerts = super::alerts::step(bmx, valid, &pods.queues, &replay, &bundle.trust).await;
+    let alerts = super::alerts::step(
+        bmx,
+        valid,
+        &ctx.alerts,
+        &pods.queues,
+        &replay,
+        &bundle.trust,
+    );
     let alerts = pass.take(alerts);
     let drill = pass.take(super::drill::step(bmx, ctx, &objects, &pods, &replay.decision).await);
     let seen = Observed {
