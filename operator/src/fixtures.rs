@@ -19,7 +19,7 @@ use crate::{
     crd::{BackupMx, BackupMxSpec},
     metrics::Metrics,
     pod_admin::PodAdmin,
-    reconcile::{Context, FINALIZER},
+    reconcile::{Context, FINALIZER, alerts::AlertQueue},
 };
 
 /// A valid spec: two domains, primary mail.example.com, 1Gi volumes.
@@ -166,16 +166,24 @@ impl Context {
     pub fn test(pods: PodAdmin) -> (Arc<Context>, ApiServerVerifier) {
         let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
         let client = Client::new(service, "default");
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "backupmx-operator".into(),
+                instance: Some("test".into()),
+            },
+        );
+        let metrics = Arc::new(Metrics::default());
+        // the delivery task ends with the context (its queue's last sender)
+        let (alerts, _) = AlertQueue::spawn(
+            recorder.clone(),
+            metrics.clone(),
+            tokio_util::sync::CancellationToken::new(),
+        );
         let ctx = Context {
-            recorder: Recorder::new(
-                client.clone(),
-                Reporter {
-                    controller: "backupmx-operator".into(),
-                    instance: Some("test".into()),
-                },
-            ),
+            recorder,
             client,
-            metrics: Arc::new(Metrics::default()),
+            metrics,
             caps: Capabilities::current(),
             mxpod_image: "backupmx/mx-pod:test".into(),
             operator_namespace: "backupmx-system".into(),
@@ -183,6 +191,7 @@ impl Context {
             dns: crate::reconcile::dns::DnsFactory::FromSpec,
             dns_resync: std::time::Duration::from_secs(300),
             probers: Arc::new(crate::health::Probers::disabled()),
+            alerts,
         };
         (Arc::new(ctx), ApiServerVerifier(handle))
     }

@@ -13,7 +13,10 @@ use backupmx_operator::{
     leader::{self, LeaseConfig},
     metrics::Metrics,
     pod_admin::PodAdmin,
-    reconcile::{self, Context, Scope},
+    reconcile::{
+        self, Context, Scope,
+        alerts::{AlertQueue, SHUTDOWN_GRACE},
+    },
 };
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use kube::runtime::events::{Recorder, Reporter};
@@ -254,14 +257,19 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     });
 
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "backupmx-operator".into(),
+            instance: Some(identity.clone()),
+        },
+    );
+    // alert delivery stops once the controller has: what its last passes queued still goes out
+    let alerts_stop = CancellationToken::new();
+    let (alerts, alert_delivery) =
+        AlertQueue::spawn(recorder.clone(), metrics.clone(), alerts_stop.clone());
     let ctx = Arc::new(Context {
-        recorder: Recorder::new(
-            client.clone(),
-            Reporter {
-                controller: "backupmx-operator".into(),
-                instance: Some(identity.clone()),
-            },
-        ),
+        recorder,
         client: client.clone(),
         metrics: metrics.clone(),
         caps,
@@ -271,6 +279,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         dns: backupmx_operator::reconcile::dns::DnsFactory::FromSpec,
         dns_resync: args.dns_resync,
         probers: Arc::new(backupmx_operator::health::Probers::new()),
+        alerts,
     });
     ready.store(true, std::sync::atomic::Ordering::Relaxed);
     let controller = |stop: CancellationToken| {
@@ -293,6 +302,16 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         Ok(())
     };
     shutdown.cancel();
+    alerts_stop.cancel();
+    if tokio::time::timeout(SHUTDOWN_GRACE, alert_delivery)
+        .await
+        .is_err()
+    {
+        warn!(
+            grace = ?SHUTDOWN_GRACE,
+            "exiting with alerts still queued: they were not sent to the webhook/email"
+        );
+    }
     let _ = http.await;
     info!("backupmx-operator stopped");
     result

@@ -1,7 +1,8 @@
 //! The operator's Prometheus metrics (prefix `backupmx_`): reconciles, their duration and their
 //! errors per BackupMx object, the primary's health and the replay workers pushed to the pods,
-//! and whether this replica leads. Labels are bounded: object keys
-//! (one series per BackupMx) and the error kind from [`crate::Error::kind`].
+//! alerts dropped because the delivery queue was full, and whether this replica leads. Labels
+//! are bounded: object keys (one series per BackupMx), the error kind from
+//! [`crate::Error::kind`] and the alert reason (a fixed set).
 
 use std::time::Instant;
 
@@ -26,6 +27,14 @@ pub struct ErrorLabels {
     pub kind: String,
 }
 
+/// Labels of an alert about one BackupMx.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AlertLabels {
+    pub namespace: String,
+    pub name: String,
+    pub alert: String,
+}
+
 /// Every metric of the operator.
 pub struct Metrics {
     registry: Registry,
@@ -37,6 +46,8 @@ pub struct Metrics {
     pub primary_healthy: Family<ObjectLabels, Gauge>,
     /// Replay workers per pod the operator decided (0: held).
     pub replay_workers: Family<ObjectLabels, Gauge>,
+    /// Alerts not sent to the webhook/email because the delivery queue was full.
+    pub alerts_dropped: Family<AlertLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -50,6 +61,7 @@ impl Default for Metrics {
         let leader = Gauge::default();
         let primary_healthy = Family::<ObjectLabels, Gauge>::default();
         let replay_workers = Family::<ObjectLabels, Gauge>::default();
+        let alerts_dropped = Family::<AlertLabels, Counter>::default();
         registry.register(
             "reconcile",
             "Reconcile passes per BackupMx",
@@ -80,6 +92,11 @@ impl Default for Metrics {
             "Replay workers per pod the operator decided for the BackupMx (0: held)",
             replay_workers.clone(),
         );
+        registry.register(
+            "alerts_dropped",
+            "Alerts of the BackupMx not sent to its webhook/email: the delivery queue was full",
+            alerts_dropped.clone(),
+        );
         Self {
             registry,
             reconciles,
@@ -88,6 +105,7 @@ impl Default for Metrics {
             leader,
             primary_healthy,
             replay_workers,
+            alerts_dropped,
         }
     }
 }
@@ -136,6 +154,17 @@ impl Metrics {
         self.replay_workers
             .get_or_create(&labels)
             .set(i64::from(workers));
+    }
+
+    /// Counts an alert of `namespace/name` dropped from the delivery queue.
+    pub fn alert_dropped(&self, namespace: &str, name: &str, alert: &str) {
+        self.alerts_dropped
+            .get_or_create(&AlertLabels {
+                namespace: namespace.to_string(),
+                name: name.to_string(),
+                alert: alert.to_string(),
+            })
+            .inc();
     }
 
     /// Forgets the per-object gauges of a deleted BackupMx.

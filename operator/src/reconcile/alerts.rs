@@ -10,17 +10,39 @@
 //! | `QueueAgeWarning` / `QueueAgeNormal` | the oldest message passes `spec.alerts.queueAgeWarning` | yes |
 //! | `RetentionNear` / `RetentionNormal` | the oldest message has used 80% of `spec.retention` | yes |
 //! | `DiskFilling` / `DiskNormal` | a pod's queue uses over 80% of its volume | yes |
+//!
+//! # Delivery
+//! The reconcile pass only decides what is due ([`step`]): it publishes the events and pushes
+//! the alerts for the webhook and the email onto a bounded queue ([`AlertQueue`],
+//! [`QUEUE_CAPACITY`]) without waiting. One task ([`AlertQueue::spawn`]) delivers them in
+//! order, each with its own timeout (webhook 10 s, email 15 s); what fails is logged (warn,
+//! with the BackupMx, the alert, where it went and the whole cause) and published as an
+//! `AlertNotDelivered` event. A full queue drops the new alert: a warning in the log, an
+//! `AlertNotDelivered` event and `backupmx_alerts_dropped_total`. At shutdown the task delivers
+//! what is already queued, then stops.
 
-use std::time::Duration;
+use std::{future::Future, sync::Arc, time::Duration};
 
 use chrono::{SecondsFormat, Utc};
+use kube::{
+    ResourceExt,
+    runtime::events::{EventType, Recorder},
+};
 use mail_builder::MessageBuilder;
 use mx_pod::trust::{TlsPolicy, Trust, error_chain};
 use serde_json::json;
+use tokio::sync::mpsc::{self, error::TrySendError};
+use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
+use super::{
+    replay::ReplayOutcome,
+    step::{Note, StepOutcome},
+};
 use crate::{
     crd::{AlertState, BackupMx, QueueStatus},
+    metrics::Metrics,
+    pod_admin::PodQueue,
     validate::ValidSpec,
 };
 
@@ -183,6 +205,161 @@ fn human(secs: u64) -> String {
     humantime::format_duration(Duration::from_secs(secs)).to_string()
 }
 
+/// The alerts step of an apply pass: the alert state `status.alerts` is to keep, an event per
+/// change since the last pass, and the changes a person must act on queued for the webhook and
+/// the email (`trust` verifies the webhook). A change the queue refused (full) adds an
+/// `AlertNotDelivered` event.
+pub fn step(
+    bmx: &BackupMx,
+    valid: &ValidSpec,
+    alerts: &AlertQueue,
+    queues: &[PodQueue],
+    replay: &ReplayOutcome,
+    trust: &Trust,
+) -> (AlertState, StepOutcome) {
+    let queue = super::status::queue_status(queues);
+    let disk: Vec<(String, u64)> = queues
+        .iter()
+        .filter_map(|q| {
+            q.result
+                .as_ref()
+                .ok()
+                .map(|s| (q.pod.clone(), s.disk_bytes))
+        })
+        .collect();
+    let before = bmx
+        .status
+        .as_ref()
+        .and_then(|s| s.alerts.clone())
+        .unwrap_or_default();
+    let now = state(valid, replay.healthy, &queue, &disk);
+    let sent_anywhere = bmx
+        .spec
+        .alerts
+        .as_ref()
+        .is_some_and(|a| a.webhook_url.is_some() || a.email.is_some());
+    let mut events = Vec::new();
+    let told = changes(
+        bmx,
+        &before,
+        &now,
+        &queue,
+        replay.primary.last_error.as_deref(),
+        &disk,
+    );
+    for alert in told {
+        events.push(Note::new(alert.warning, alert.reason, &alert.message));
+        if alert.notify && sent_anywhere {
+            let reason = alert.reason;
+            if let Err(why) = alerts.push(bmx, alert, trust) {
+                let message = format!("{reason}: not sent to the webhook/email: {why}");
+                events.push(Note::warning("AlertNotDelivered", message));
+            }
+        }
+    }
+    (now, StepOutcome::events(events))
+}
+
+/// How many alerts may wait for delivery; a new one beyond that is dropped.
+pub const QUEUE_CAPACITY: usize = 256;
+
+/// How long delivery may go on after shutdown for what was queued before it.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(15);
+
+/// An alert waiting for delivery, with what delivery needs: the object as the pass saw it
+/// (`spec.alerts`, its names and domains) and the trust that verifies the webhook.
+pub struct Queued {
+    pub bmx: BackupMx,
+    pub alert: Alert,
+    pub trust: Trust,
+}
+
+/// The reconcile side of the alert queue: [`AlertQueue::push`] never waits.
+#[derive(Clone)]
+pub struct AlertQueue {
+    tx: mpsc::Sender<Queued>,
+    metrics: Arc<Metrics>,
+}
+
+impl AlertQueue {
+    /// A queue of `capacity` and its receiving end (for [`deliver`]); drops are counted in
+    /// `metrics`.
+    pub fn new(capacity: usize, metrics: Arc<Metrics>) -> (Self, mpsc::Receiver<Queued>) {
+        let (tx, rx) = mpsc::channel(capacity);
+        (Self { tx, metrics }, rx)
+    }
+
+    /// A queue of [`QUEUE_CAPACITY`] and the task that delivers it ([`notify`]), publishing
+    /// `AlertNotDelivered` through `recorder` for what fails. After `shutdown` the task
+    /// delivers what is queued and ends (give it [`SHUTDOWN_GRACE`]); it also ends once every
+    /// clone of the queue is gone.
+    pub fn spawn(
+        recorder: Recorder,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+    ) -> (Self, tokio::task::JoinHandle<()>) {
+        let (queue, rx) = Self::new(QUEUE_CAPACITY, metrics);
+        let task = tokio::spawn(deliver(rx, shutdown, move |q: Queued| {
+            let recorder = recorder.clone();
+            async move {
+                for failure in notify(&q.bmx, &q.alert, &q.trust).await {
+                    let (bmx, warning) = (&q.bmx, EventType::Warning);
+                    super::publish_with(&recorder, bmx, warning, "AlertNotDelivered", failure)
+                        .await;
+                }
+            }
+        }));
+        (queue, task)
+    }
+
+    /// Queues `alert` about `bmx` for delivery; the error says why it was dropped instead (the
+    /// queue is full, or shut down), which is logged and counted.
+    pub fn push(&self, bmx: &BackupMx, alert: Alert, trust: &Trust) -> Result<(), &'static str> {
+        let queued = Queued {
+            bmx: bmx.clone(),
+            alert,
+            trust: trust.clone(),
+        };
+        let (why, dropped) = match self.tx.try_send(queued) {
+            Ok(()) => return Ok(()),
+            Err(TrySendError::Full(q)) => ("the alert queue is full", q),
+            Err(TrySendError::Closed(q)) => ("alert delivery has stopped", q),
+        };
+        let (ns, name) = (bmx.namespace().unwrap_or_default(), bmx.name_any());
+        let alert = dropped.alert.reason;
+        warn!(backupmx = %format!("{ns}/{name}"), alert, capacity = self.tx.max_capacity(),
+            "alert not sent to the webhook/email: {why}");
+        self.metrics.alert_dropped(&ns, &name, alert);
+        Err(why)
+    }
+}
+
+/// Takes queued alerts one at a time, in queue order, and hands each to `send` (which logs
+/// and reports its own failures), until the queue is gone; after `shutdown`, only what is
+/// queued already.
+pub async fn deliver<F, Fut>(
+    mut rx: mpsc::Receiver<Queued>,
+    shutdown: CancellationToken,
+    mut send: F,
+) where
+    F: FnMut(Queued) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    loop {
+        tokio::select! {
+            queued = rx.recv() => match queued {
+                Some(q) => send(q).await,
+                None => return,
+            },
+            () = shutdown.cancelled() => break,
+        }
+    }
+    rx.close();
+    while let Some(q) = rx.recv().await {
+        send(q).await;
+    }
+}
+
 /// Sends `alert` to the webhook and the email of `spec.alerts`; returns what failed, each
 /// failure also logged (warn) with where it went and the whole cause. `trust` (the BackupMx's
 /// CA bundle and the Mozilla roots) verifies the webhook's certificate.
@@ -300,8 +477,202 @@ async fn email(
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Mutex;
+
+    use axum::{Json, Router, http::StatusCode, routing::post};
+    use http::Method;
+
     use super::*;
-    use crate::fixtures::backupmx;
+    use crate::{
+        fixtures::{BackupMxExt, Expect, backupmx},
+        pod_admin::PodAdmin,
+        reconcile::Context,
+        replay_control::{Decision, ReplayReason},
+    };
+
+    fn alert(reason: &'static str) -> Alert {
+        Alert {
+            reason,
+            message: format!("{reason} happened"),
+            warning: true,
+            notify: true,
+        }
+    }
+
+    /// A queue of `capacity` (nothing takes from it yet), with `reasons` pushed in order:
+    /// whether each was taken.
+    fn queue_with(
+        capacity: usize,
+        reasons: &[&'static str],
+    ) -> (AlertQueue, mpsc::Receiver<Queued>, Arc<Metrics>, Vec<bool>) {
+        let metrics = Arc::new(Metrics::default());
+        let (queue, rx) = AlertQueue::new(capacity, metrics.clone());
+        let (bmx, trust) = (backupmx(), Trust::default());
+        let taken = reasons
+            .iter()
+            .map(|r| queue.push(&bmx, alert(r), &trust).is_ok())
+            .collect();
+        (queue, rx, metrics, taken)
+    }
+
+    /// Runs [`deliver`] to its end with a `send` that only records each alert's reason.
+    async fn delivered(
+        rx: mpsc::Receiver<Queued>,
+        shutdown: CancellationToken,
+    ) -> Vec<&'static str> {
+        let mut sent = Vec::new();
+        deliver(rx, shutdown, |q: Queued| {
+            sent.push(q.alert.reason);
+            std::future::ready(())
+        })
+        .await;
+        sent
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_drops_the_new_alert_and_counts_it_without_waiting() {
+        // nothing takes from the queue: a push that waited for room would hang here
+        let (queue, rx, metrics, taken) =
+            queue_with(2, &["PrimaryDown", "QueueAgeWarning", "DiskFilling"]);
+        assert_eq!(taken, [true, true, false]);
+        let text = metrics.encode();
+        assert!(
+            text.contains(
+                r#"backupmx_alerts_dropped_total{namespace="mail",name="example",alert="DiskFilling"} 1"#
+            ),
+            "{text}"
+        );
+        // what was queued is delivered, in order; the dropped one is not
+        drop(queue);
+        let sent = delivered(rx, CancellationToken::new()).await;
+        assert_eq!(sent, ["PrimaryDown", "QueueAgeWarning"]);
+    }
+
+    #[tokio::test]
+    async fn after_shutdown_what_is_queued_is_delivered_and_nothing_more_is_taken() {
+        let (queue, rx, metrics, taken) = queue_with(4, &["PrimaryDown", "PrimaryRecovered"]);
+        assert_eq!(taken, [true, true]);
+        let stop = CancellationToken::new();
+        stop.cancel();
+        // ends although the queue (a sender) is still there
+        let sent = delivered(rx, stop).await;
+        assert_eq!(sent, ["PrimaryDown", "PrimaryRecovered"]);
+        let late = queue.push(&backupmx(), alert("DiskFilling"), &Trust::default());
+        assert_eq!(late, Err("alert delivery has stopped"));
+        assert!(metrics.encode().contains(r#"alert="DiskFilling"} 1"#));
+    }
+
+    /// A webhook that records each alert's `event` and refuses `QueueAgeWarning` (HTTP 500).
+    async fn webhook_server(seen: Arc<Mutex<Vec<String>>>) -> String {
+        let app = Router::new().route(
+            "/hook",
+            post(move |Json(body): Json<serde_json::Value>| async move {
+                let event = body["event"].as_str().unwrap_or_default().to_string();
+                let refused = event == "QueueAgeWarning";
+                seen.lock().unwrap().push(event);
+                if refused {
+                    StatusCode::INTERNAL_SERVER_ERROR
+                } else {
+                    StatusCode::OK
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        format!("http://{addr}/hook")
+    }
+
+    #[tokio::test]
+    async fn the_delivery_task_sends_in_order_and_reports_a_failure_as_an_event() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let url = webhook_server(seen.clone()).await;
+        let bmx = backupmx().with_spec(|s| {
+            s.alerts = Some(serde_json::from_value(json!({"webhookUrl": url})).unwrap())
+        });
+        let (ctx, server) = Context::test(PodAdmin::default());
+        let events = "/apis/events.k8s.io/v1/namespaces/mail/events";
+        let verifier = server.run(vec![Expect::new(Method::POST, events, |b| {
+            (StatusCode::CREATED, b.clone())
+        })]);
+        let trust = Trust::default();
+        for reason in ["PrimaryDown", "PrimaryRecovered", "QueueAgeWarning"] {
+            ctx.alerts.push(&bmx, alert(reason), &trust).unwrap();
+        }
+        // the task delivers what is queued, then ends with the context
+        drop(ctx);
+        let calls = verifier.await.expect("the failure is published");
+        let event = &calls[0].1;
+        assert_eq!(event["reason"], "AlertNotDelivered");
+        assert_eq!(event["type"], "Warning");
+        let note = event["note"].as_str().unwrap();
+        assert!(note.contains(&url) && note.contains("HTTP 500"), "{note}");
+        // the failure is published after its call, the last one: every call was made, in order
+        let sent = seen.lock().unwrap().clone();
+        assert_eq!(sent, ["PrimaryDown", "PrimaryRecovered", "QueueAgeWarning"]);
+    }
+
+    fn replay_down() -> ReplayOutcome {
+        ReplayOutcome {
+            decision: Decision {
+                workers: 0,
+                reason: ReplayReason::PrimaryDown,
+                message: String::new(),
+            },
+            primary: Default::default(),
+            maintenance: Default::default(),
+            draining: Vec::new(),
+            drained: false,
+            push_errors: Vec::new(),
+            requeue: None,
+            healthy: Some(false),
+            tls_failed: false,
+            resumed_at: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn the_step_tells_each_change_and_queues_only_what_goes_somewhere() {
+        let metrics = Arc::new(Metrics::default());
+        let (queue, mut rx) = AlertQueue::new(1, metrics);
+        let trust = Trust::default();
+
+        // no webhook, no email: events only, nothing queued
+        let bmx = backupmx().finalized();
+        let valid = crate::validate::validate(&bmx.spec).unwrap();
+        let (state, outcome) = step(&bmx, &valid, &queue, &[], &replay_down(), &trust);
+        assert!(state.primary_down);
+        let told: Vec<_> = outcome.events.iter().map(|n| n.reason.as_str()).collect();
+        assert_eq!(told, ["PrimaryDown"]);
+        assert_eq!(outcome.requeue, None);
+        assert!(rx.try_recv().is_err(), "nothing queued");
+
+        // with a webhook: queued; with the queue full, an AlertNotDelivered event
+        let bmx = bmx.with_spec(|s| {
+            s.alerts =
+                Some(serde_json::from_value(json!({"webhookUrl": "https://hook.test/"})).unwrap())
+        });
+        let (_, outcome) = step(&bmx, &valid, &queue, &[], &replay_down(), &trust);
+        assert_eq!(outcome.events.len(), 1, "{:?}", outcome.events);
+        let (_, outcome) = step(&bmx, &valid, &queue, &[], &replay_down(), &trust);
+        let told: Vec<_> = outcome.events.iter().map(|n| n.reason.as_str()).collect();
+        assert_eq!(told, ["PrimaryDown", "AlertNotDelivered"]);
+        let dropped = &outcome.events[1].message;
+        assert_eq!(
+            dropped,
+            "PrimaryDown: not sent to the webhook/email: the alert queue is full"
+        );
+        assert_eq!(rx.try_recv().unwrap().alert.reason, "PrimaryDown");
+
+        // told once: the next pass starts from the state this one keeps
+        let mut told_bmx = bmx.clone();
+        told_bmx.status = Some(crate::crd::BackupMxStatus {
+            alerts: Some(state),
+            ..Default::default()
+        });
+        let (_, outcome) = step(&told_bmx, &valid, &queue, &[], &replay_down(), &trust);
+        assert!(outcome.events.is_empty(), "{:?}", outcome.events);
+    }
 
     #[test]
     fn each_change_is_told_once() {

@@ -1,9 +1,30 @@
-//! The apply path: validate, then make every child match the spec, then report status.
+//! The apply path: validate, then run the steps of the pass in order, each making its part of
+//! the world match the spec and saying what it saw; then publish their events and write status.
+//!
+//! | step | what | function |
+//! |---|---|---|
+//! | objects | admin-token Secret, ConfigMap, Services, NetworkPolicy | [`objects`] |
+//! | pods | the mx-pods, their queues, the StatefulSet's current replicas | [`pods`] |
+//! | probe | the primary's prober, and what it knows | [`super::replay::probe`] |
+//! | replay push | the replay decision, pushed to the pods; drains before a scale-down | [`super::replay::step`] |
+//! | workload | StatefulSet (scaled down once drained), PodDisruptionBudget | [`workload`] |
+//! | DNS | the MX records, when due | [`super::dns::step`] |
+//! | alerts | an event per change; webhook/email queued for their own task | [`super::alerts::step`] |
+//! | drill | the failover drill, if one is asked for | [`super::drill::step`] |
+//! | status | the new status, and the `Ready` transition event | [`super::status::step`] |
+//!
+//! Each step hands back its events and how soon it wants another look ([`StepOutcome`]); the
+//! pass folds them in step order (events concatenated, the earliest requeue wins, capped at the
+//! resync and `--dns-resync`), publishes the events — those of the steps before a failed one
+//! too — and then writes the status. A spec that cannot be served stops the pass before any
+//! step ([`refuse`]).
 //!
 //! Order matters only for the first pass: the Secret and ConfigMap exist before the StatefulSet
 //! whose pods mount them, and the NetworkPolicy before the pods it fences. Children are applied
 //! with `force`: the operator owns them, and a field changed by hand is taken back (that is what
 //! reconciling means); the BackupMx status is applied without force.
+
+use std::{net::IpAddr, time::Duration};
 
 use k8s_openapi::api::{
     apps::v1::StatefulSet,
@@ -13,18 +34,22 @@ use k8s_openapi::api::{
 use kube::{
     Api, ResourceExt,
     api::{DeleteParams, DynamicObject, ListParams, Patch, PatchParams, Preconditions},
-    runtime::{controller::Action, events::EventType},
+    runtime::controller::Action,
 };
 use tracing::{debug, info};
 
 use super::{
-    Context, RESYNC, publish,
-    status::{self, Observed, READY},
+    Context, RESYNC,
+    replay::ReplayOutcome,
+    status::{self, Observed},
+    step::{Note, StepOutcome},
+    trust::Bundle,
     write_status,
 };
 use crate::{
-    crd::{BackupMx, ConditionStatus, DrillResult},
+    crd::{BackupMx, BackupMxStatus},
     error::{Error, Result},
+    pod_admin::PodQueue,
     render::{
         FIELD_MANAGER, Names,
         config::{config_hash, configmap, mxpod_config},
@@ -33,12 +58,12 @@ use crate::{
         selector_string,
         workload::{apply_body, pdb, statefulset},
     },
-    validate::validate,
+    validate::{ValidSpec, validate},
 };
 
 /// Applies `bmx`'s children and updates its status.
 pub async fn apply(bmx: &BackupMx, ctx: &Context) -> Result<Action> {
-    let ns = bmx.namespace().ok_or(Error::NoNamespace)?;
+    bmx.namespace().ok_or(Error::NoNamespace)?;
     let rendered = validate(&bmx.spec).and_then(|valid| Ok((mxpod_config(bmx, &valid)?, valid)));
     let (config, valid) = match rendered {
         Ok(r) => r,
@@ -50,9 +75,93 @@ pub async fn apply(bmx: &BackupMx, ctx: &Context) -> Result<Action> {
             return refuse(bmx, ctx, super::trust::CA_BUNDLE_INVALID, &message).await;
         }
     };
+    let mut pass = StepOutcome::default();
+    let status = steps(bmx, ctx, &valid, &config, &bundle, &mut pass).await;
+    pass.publish(ctx, bmx).await;
+    write_status(bmx, status?, ctx).await?;
+    let requeue = pass.requeue.map_or(RESYNC, |r| r.min(RESYNC));
+    Ok(Action::requeue(
+        requeue.min(ctx.dns_resync.max(Duration::from_secs(1))),
+    ))
+}
+
+/// The steps of one pass, in order, each folding its outcome into `pass`; the status to write.
+async fn steps(
+    bmx: &BackupMx,
+    ctx: &Context,
+    valid: &ValidSpec,
+    config: &mx_pod::config::Config,
+    bundle: &Bundle,
+    pass: &mut StepOutcome,
+) -> Result<BackupMxStatus> {
+    let objects = pass.take(objects(bmx, ctx, config).await?);
+    let pods = pods(bmx, ctx, &objects).await?;
+    let health = super::replay::probe(bmx, valid, ctx, bundle);
+    let replay = pass.take(super::replay::step(bmx, valid, ctx, &objects, &pods, health).await);
+    let sts = pass.take(workload(bmx, ctx, &objects, &pods, &replay).await?);
+    let dns = super::dns::step(bmx, &objects.lb_addresses, ctx, &bundle.trust).await;
+    let dns = pass.take(dns);
+    let alerts = super::alerts::step(
+        bmx,
+        valid,
+        &ctx.alerts,
+        &pods.queues,
+        &replay,
+        &bundle.trust,
+    );
+    let alerts = pass.take(alerts);
+    let drill = pass.take(super::drill::step(bmx, ctx, &objects, &pods, &replay.decision).await);
+    let seen = Observed {
+        replicas: bmx.spec.replicas,
+        ready_replicas: sts
+            .status
+            .as_ref()
+            .and_then(|s| s.ready_replicas)
+            .unwrap_or(0),
+        queues: pods.queues,
+        dns,
+        replay: Some(replay),
+        alerts: Some(alerts),
+        drill,
+    };
+    Ok(pass.take(status::step(bmx, &seen)))
+}
+
+/// What the objects step made or found.
+pub struct Objects {
+    /// The pods' admin token, as its Secret holds it.
+    pub token: String,
+    /// The hash of the rendered config (the pods' `backupmx.io/config-hash`).
+    pub config_hash: String,
+    /// What a cloud load balancer gave the SMTP Service.
+    pub lb_addresses: Vec<IpAddr>,
+}
+
+/// What the pods step saw.
+pub struct Pods {
+    pub pods: Vec<Pod>,
+    /// Each pod's queue, read from its admin API.
+    pub queues: Vec<PodQueue>,
+    /// The StatefulSet's replicas as they are (`spec.replicas` before it exists).
+    pub current_replicas: i32,
+}
+
+/// Server-side apply of a child the operator owns.
+fn owned() -> PatchParams {
+    PatchParams::apply(FIELD_MANAGER).force()
+}
+
+/// The objects step: the admin-token Secret, the ConfigMap with `config`, the Services and the
+/// NetworkPolicy (an event when it is deleted).
+async fn objects(
+    bmx: &BackupMx,
+    ctx: &Context,
+    config: &mx_pod::config::Config,
+) -> Result<(Objects, StepOutcome)> {
+    let ns = bmx.namespace().ok_or(Error::NoNamespace)?;
     let names = Names::of(bmx);
     let client = &ctx.client;
-    let pp = PatchParams::apply(FIELD_MANAGER).force();
+    let pp = owned();
 
     // The admin token: made once, then read back and re-applied unchanged.
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
@@ -89,69 +198,75 @@ pub async fn apply(bmx: &BackupMx, ctx: &Context) -> Result<Action> {
         }
     }
 
-    sync_network_policy(bmx, ctx, &ns, &names.network_policy, &pp).await?;
+    let deleted = sync_network_policy(bmx, ctx, &ns, &names.network_policy, &pp).await?;
+    let objects = Objects {
+        token,
+        config_hash: config_hash(&toml),
+        lb_addresses,
+    };
+    Ok((objects, StepOutcome::events(deleted)))
+}
 
-    // Observe the pods first: a scale-down waits for the pods it removes to drain.
-    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+/// The pods step: the mx-pods and their queues, and the StatefulSet's current replicas (a
+/// scale-down waits for the pods it removes to drain).
+async fn pods(bmx: &BackupMx, ctx: &Context, objects: &Objects) -> Result<Pods> {
+    let ns = bmx.namespace().ok_or(Error::NoNamespace)?;
+    let statefulset = Names::of(bmx).statefulset;
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     let pods = pods
         .list(&ListParams::default().labels(&selector_string(bmx)))
         .await
         .map_err(Error::kube("list mx-pods"))?
         .items;
-    let queues = ctx.pods.queues(&pods, Some(&token)).await;
-    let sts_api: Api<StatefulSet> = Api::namespaced(client.clone(), &ns);
+    let queues = ctx.pods.queues(&pods, Some(&objects.token)).await;
+    let sts_api: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), &ns);
     let current_replicas = sts_api
-        .get_opt(&names.statefulset)
+        .get_opt(&statefulset)
         .await
-        .map_err(Error::kube(format!(
-            "get StatefulSet {}",
-            names.statefulset
-        )))?
+        .map_err(Error::kube(format!("get StatefulSet {statefulset}")))?
         .and_then(|s| s.spec.replicas)
         .unwrap_or(bmx.spec.replicas);
-    let hash = config_hash(&toml);
-    let replay = super::replay::control(
-        bmx,
-        &valid,
-        ctx,
-        &pods,
-        &queues,
-        Some(&token),
-        &hash,
+    Ok(Pods {
+        pods,
+        queues,
         current_replicas,
-        &bundle,
-    )
-    .await;
-    ctx.metrics.replay_state(
-        &ns,
-        &bmx.name_any(),
-        replay.healthy,
-        replay.decision.workers,
-    );
-    let replicas = if current_replicas > bmx.spec.replicas && !replay.drained {
-        current_replicas
+    })
+}
+
+/// The workload step: the StatefulSet, at the current replicas until the pods above
+/// `spec.replicas` are drained (then scaled down, with an event), and the PodDisruptionBudget.
+/// Returns the StatefulSet as applied (its status counts the ready pods).
+async fn workload(
+    bmx: &BackupMx,
+    ctx: &Context,
+    objects: &Objects,
+    pods: &Pods,
+    replay: &ReplayOutcome,
+) -> Result<(StatefulSet, StepOutcome)> {
+    let ns = bmx.namespace().ok_or(Error::NoNamespace)?;
+    let names = Names::of(bmx);
+    let pp = owned();
+    let (current, wanted) = (pods.current_replicas, bmx.spec.replicas);
+    let mut outcome = StepOutcome::default();
+    let replicas = if current > wanted && !replay.drained {
+        current
     } else {
-        bmx.spec.replicas
+        wanted
     };
-    if current_replicas > bmx.spec.replicas && replay.drained {
-        publish(
-            ctx,
-            bmx,
-            EventType::Normal,
+    if current > wanted && replay.drained {
+        outcome.events.push(Note::normal(
             "ScaledDown",
             format!(
-                "pods {}..{} drained (their volumes are kept): scaling down to {}",
-                bmx.spec.replicas,
-                current_replicas - 1,
-                bmx.spec.replicas
+                "pods {wanted}..{} drained (their volumes are kept): scaling down to {wanted}",
+                current - 1
             ),
-        )
-        .await;
+        ));
     }
 
     let image = bmx.spec.image.as_deref().unwrap_or(&ctx.mxpod_image);
-    let mut desired = statefulset(bmx, image, &hash, &ctx.caps);
+    let mut desired = statefulset(bmx, image, &objects.config_hash, &ctx.caps);
     desired.spec.replicas = Some(replicas);
+    let sts_api: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), &ns);
     let sts = sts_api
         .patch(&names.statefulset, &pp, &Patch::Apply(apply_body(&desired)))
         .await
@@ -161,7 +276,7 @@ pub async fn apply(bmx: &BackupMx, ctx: &Context) -> Result<Action> {
         )))?;
 
     let pdb_api: Api<DynamicObject> =
-        Api::namespaced_with(client.clone(), &ns, &ctx.caps.pdb_resource());
+        Api::namespaced_with(ctx.client.clone(), &ns, &ctx.caps.pdb_resource());
     pdb_api
         .patch(&names.pdb, &pp, &Patch::Apply(pdb(bmx, &ctx.caps)))
         .await
@@ -169,128 +284,32 @@ pub async fn apply(bmx: &BackupMx, ctx: &Context) -> Result<Action> {
             "apply PodDisruptionBudget {}",
             names.pdb
         )))?;
-
-    let dns = super::dns::sync(bmx, &lb_addresses, ctx, &bundle.trust).await;
-    let mut requeue = RESYNC;
-    if let Some(outcome) = &dns {
-        for (reason, message, warning) in &outcome.events {
-            let t = if *warning {
-                EventType::Warning
-            } else {
-                EventType::Normal
-            };
-            publish(ctx, bmx, t, reason, message).await;
-        }
-        if let Some(r) = outcome.retry {
-            requeue = requeue.min(r);
-        }
-    }
-    if let Some(r) = replay.requeue {
-        requeue = requeue.min(r);
-    }
-    if !replay.draining.is_empty() {
-        requeue = requeue.min(std::time::Duration::from_secs(2));
-    }
-
-    // alerts: each change told once
-    let queue = status::queue_status(&queues);
-    let disk: Vec<(String, u64)> = queues
-        .iter()
-        .filter_map(|q| {
-            q.result
-                .as_ref()
-                .ok()
-                .map(|s| (q.pod.clone(), s.disk_bytes))
-        })
-        .collect();
-    let before = bmx
-        .status
-        .as_ref()
-        .and_then(|s| s.alerts.clone())
-        .unwrap_or_default();
-    let now_alerts = super::alerts::state(&valid, replay.healthy, &queue, &disk);
-    for alert in super::alerts::changes(
-        bmx,
-        &before,
-        &now_alerts,
-        &queue,
-        replay.primary.last_error.as_deref(),
-        &disk,
-    ) {
-        let t = if alert.warning {
-            EventType::Warning
-        } else {
-            EventType::Normal
-        };
-        publish(ctx, bmx, t, alert.reason, &alert.message).await;
-        if alert.notify {
-            for failure in super::alerts::notify(bmx, &alert, &bundle.trust).await {
-                publish(ctx, bmx, EventType::Warning, "AlertNotDelivered", failure).await;
-            }
-        }
-    }
-
-    // the failover drill, if one is asked for
-    let drill = super::drill::step(bmx, ctx, &pods, Some(&token), &replay.decision).await;
-    if let Some(d) = &drill {
-        let was = bmx.status.as_ref().and_then(|s| s.drill.as_ref());
-        let changed = was.is_none_or(|w| w.request != d.request || w.result != d.result);
-        if changed && d.result != DrillResult::Running {
-            let t = if d.result == DrillResult::Passed {
-                EventType::Normal
-            } else {
-                EventType::Warning
-            };
-            publish(ctx, bmx, t, &format!("Drill{}", d.result), &d.message).await;
-        }
-        if d.result == DrillResult::Running {
-            requeue = requeue.min(std::time::Duration::from_secs(2));
-        }
-    }
-
-    let seen = Observed {
-        replicas: bmx.spec.replicas,
-        ready_replicas: sts
-            .status
-            .as_ref()
-            .and_then(|s| s.ready_replicas)
-            .unwrap_or(0),
-        queues,
-        dns: dns.map(|o| (o.status, o.condition)),
-        replay: Some(replay),
-        alerts: Some(now_alerts),
-        drill,
-    };
-    let new = status::applied(bmx, &seen);
-    announce_transition(bmx, &new, ctx).await;
-    write_status(bmx, new, ctx).await?;
-    Ok(Action::requeue(requeue.min(
-        ctx.dns_resync.max(std::time::Duration::from_secs(1)),
-    )))
+    Ok((sts, outcome))
 }
 
 /// Applies the pods' NetworkPolicy; with `spec.networkPolicy.enabled: false`, deletes the one
-/// this BackupMx owns (an object of that name made by someone else is left alone).
+/// this BackupMx owns (an object of that name made by someone else is left alone), and says so
+/// in the event it returns.
 async fn sync_network_policy(
     bmx: &BackupMx,
     ctx: &Context,
     ns: &str,
     name: &str,
     pp: &PatchParams,
-) -> Result<()> {
+) -> Result<Option<Note>> {
     let api: Api<NetworkPolicy> = Api::namespaced(ctx.client.clone(), ns);
     if let Some(policy) = network_policy(bmx, &ctx.operator_namespace) {
         api.patch(name, pp, &Patch::Apply(policy))
             .await
             .map_err(Error::kube(format!("apply NetworkPolicy {name}")))?;
-        return Ok(());
+        return Ok(None);
     }
     let Some(existing) = api
         .get_opt(name)
         .await
         .map_err(Error::kube(format!("get NetworkPolicy {name}")))?
     else {
-        return Ok(());
+        return Ok(None);
     };
     let ours = existing
         .owner_references()
@@ -301,7 +320,7 @@ async fn sync_network_policy(
             networkpolicy = name,
             "not made by this BackupMx: left alone"
         );
-        return Ok(());
+        return Ok(None);
     }
     // the uid precondition: a policy re-created by someone else meanwhile is not deleted
     let params = DeleteParams {
@@ -313,25 +332,20 @@ async fn sync_network_policy(
     };
     match api.delete(name, &params).await {
         Ok(_) => {}
-        Err(kube::Error::Api(e)) if e.code == 404 => return Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => return Ok(None),
         Err(e) => return Err(Error::kube(format!("delete NetworkPolicy {name}"))(e)),
     }
     info!(
         networkpolicy = name,
         "spec.networkPolicy.enabled is false: deleted"
     );
-    publish(
-        ctx,
-        bmx,
-        EventType::Normal,
+    Ok(Some(Note::normal(
         "NetworkPolicyDeleted",
         format!(
             "spec.networkPolicy.enabled is false: NetworkPolicy {name} deleted; the pods' admin \
              port is reachable from any pod (its /v1 calls still need the token)"
         ),
-    )
-    .await;
-    Ok(())
+    )))
 }
 
 /// The addresses a cloud load balancer gave the SMTP Service (`status.loadBalancer.ingress`).
@@ -354,38 +368,15 @@ fn load_balancer_addresses(svc: &Service) -> Vec<std::net::IpAddr> {
 /// is looked at again after the resync period.
 async fn refuse(bmx: &BackupMx, ctx: &Context, reason: &str, message: &str) -> Result<Action> {
     let new = status::refused(bmx, reason, message);
-    announce_transition(bmx, &new, ctx).await;
+    StepOutcome::events(status::transition(bmx, &new))
+        .publish(ctx, bmx)
+        .await;
     write_status(bmx, new, ctx).await?;
     Ok(if reason == "InvalidSpec" {
         Action::await_change()
     } else {
         Action::requeue(RESYNC)
     })
-}
-
-/// Publishes an event when the Ready condition changes status or reason.
-async fn announce_transition(bmx: &BackupMx, new: &crate::crd::BackupMxStatus, ctx: &Context) {
-    let Some(now) = new.condition(READY) else {
-        return;
-    };
-    let before = bmx.status.as_ref().and_then(|s| s.condition(READY));
-    let changed = before.is_none_or(|b| {
-        b.status != now.status
-            || b.reason != now.reason
-            || ((b.reason == "InvalidSpec" || b.reason == super::trust::CA_BUNDLE_INVALID)
-                && b.message != now.message)
-    });
-    if changed {
-        // pods that are still starting are news, not a warning; a refused spec is
-        let type_ = if now.status == ConditionStatus::False
-            && (now.reason == "InvalidSpec" || now.reason == super::trust::CA_BUNDLE_INVALID)
-        {
-            EventType::Warning
-        } else {
-            EventType::Normal
-        };
-        publish(ctx, bmx, type_, &now.reason, &now.message).await;
-    }
 }
 
 #[cfg(test)]

@@ -127,6 +127,7 @@ pub async fn cleanup(bmx: &BackupMx, ctx: &Context) -> Result<Action> {
             let hash = crate::render::config::config_hash(&config.to_toml());
             // an unreadable CA bundle only costs a verified probe: deletion goes on
             let bundle = bundle.clone().unwrap_or_default();
+            let health = super::replay::probe(bmx, &valid, ctx, &bundle);
             super::replay::control(
                 bmx,
                 &valid,
@@ -136,7 +137,7 @@ pub async fn cleanup(bmx: &BackupMx, ctx: &Context) -> Result<Action> {
                 token.as_deref(),
                 &hash,
                 bmx.spec.replicas,
-                &bundle,
+                health,
             )
             .await;
         }

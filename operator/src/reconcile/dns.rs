@@ -17,6 +17,7 @@ use mx_pod::trust::Trust;
 use super::{
     Context,
     status::{self, DNS_READY},
+    step::{Note, StepOutcome},
 };
 use crate::{
     crd::{BackupMx, ConditionStatus, DnsPolicy, DnsProviderKind, DnsSpec, DnsStatus},
@@ -38,8 +39,8 @@ pub enum DnsFactory {
 pub struct DnsOutcome {
     pub status: DnsStatus,
     pub condition: crate::crd::Condition,
-    /// Events to publish (reason, message, warning?).
-    pub events: Vec<(&'static str, String, bool)>,
+    /// Events to publish.
+    pub events: Vec<Note>,
     /// Retry sooner than the usual resync.
     pub retry: Option<Duration>,
 }
@@ -247,6 +248,26 @@ pub fn due(previous: Option<&DnsStatus>, synced_for: &str, resync: Duration) -> 
     }
 }
 
+/// The DNS step of an apply pass: [`sync`]'s status and condition (`None`: the previous ones
+/// stand), its events, and its retry as the requeue.
+pub async fn step(
+    bmx: &BackupMx,
+    lb_addresses: &[IpAddr],
+    ctx: &Context,
+    trust: &Trust,
+) -> (Option<(DnsStatus, crate::crd::Condition)>, StepOutcome) {
+    match sync(bmx, lb_addresses, ctx, trust).await {
+        Some(o) => (
+            Some((o.status, o.condition)),
+            StepOutcome {
+                events: o.events,
+                requeue: o.retry,
+            },
+        ),
+        None => (None, StepOutcome::default()),
+    }
+}
+
 /// One DNS pass for `bmx`, whose LoadBalancer has `lb_addresses`, reaching the provider with
 /// `trust`. `None` when the spec asks for no DNS management, or when nothing is due (the
 /// previous status stands).
@@ -297,7 +318,7 @@ pub async fn sync(
             reason,
             message.clone(),
         ),
-        events: vec![(static_reason(reason), message, true)],
+        events: vec![Note::warning(static_reason(reason), message)],
         retry,
     };
     let provider = match provider(bmx, spec, ctx, trust).await {
@@ -398,15 +419,14 @@ pub async fn sync(
         } else {
             "DNSUpdated"
         };
-        events.push((
+        events.push(Note::normal(
             reason,
             format!("added: {}; removed: {}", list(&added), list(&removed)),
-            false,
         ));
     }
     for w in &p.warnings {
         if !previous.is_some_and(|x| x.warnings.contains(w)) {
-            events.push(("DNSWarning", w.clone(), true));
+            events.push(Note::warning("DNSWarning", w.clone()));
         }
     }
     // verify at the authoritative servers
@@ -493,7 +513,7 @@ fn list(v: &[String]) -> String {
     }
 }
 
-/// Maps a reason computed at run time to the `'static` names events need.
+/// The event reason for a condition reason: one of the known ones, `DNSError` for any other.
 fn static_reason(reason: &str) -> &'static str {
     const KNOWN: [&str; 17] = [
         "CredentialsMissing",

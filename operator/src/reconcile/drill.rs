@@ -17,7 +17,11 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 use serde_json::Value;
 
-use super::Context;
+use super::{
+    Context,
+    apply::{Objects, Pods},
+    step::{Note, StepOutcome},
+};
 use crate::{
     crd::{BackupMx, DrillResult, DrillStatus},
     pod_admin::pod_ip,
@@ -32,8 +36,35 @@ fn now() -> String {
     Utc::now().to_rfc3339_opts(SecondsFormat::Secs, true)
 }
 
-/// Advances the drill; `None` when there is nothing to do (no request, or it is answered).
+/// The drill step of an apply pass: the drill's new status (`None`: nothing to do, the
+/// previous one stands), an event when it has a verdict, and a look again every 2 s while it
+/// runs.
 pub async fn step(
+    bmx: &BackupMx,
+    ctx: &Context,
+    objects: &Objects,
+    pods: &Pods,
+    replay: &crate::replay_control::Decision,
+) -> (Option<DrillStatus>, StepOutcome) {
+    let drill = advance(bmx, ctx, &pods.pods, Some(&objects.token), replay).await;
+    let mut outcome = StepOutcome::default();
+    if let Some(d) = &drill {
+        let was = bmx.status.as_ref().and_then(|s| s.drill.as_ref());
+        let changed = was.is_none_or(|w| w.request != d.request || w.result != d.result);
+        if changed && d.result != DrillResult::Running {
+            let failed = d.result != DrillResult::Passed;
+            let verdict = Note::new(failed, format!("Drill{}", d.result), &d.message);
+            outcome.events.push(verdict);
+        }
+        if d.result == DrillResult::Running {
+            outcome.requeue = Some(Duration::from_secs(2));
+        }
+    }
+    (drill, outcome)
+}
+
+/// Advances the drill; `None` when there is nothing to do (no request, or it is answered).
+async fn advance(
     bmx: &BackupMx,
     ctx: &Context,
     pods: &[Pod],

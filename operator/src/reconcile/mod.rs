@@ -1,8 +1,11 @@
 //! The controller: watches BackupMx objects (and the children they own) and reconciles each.
 //!
 //! The top-level [`reconcile`] only does tracing, metrics and the finalizer wrap; the work is in
-//! [`apply`] (make the children match the spec, then report status) and [`cleanup`] (deletion).
-//! [`error_policy`] counts the failure and requeues.
+//! [`apply`] (a list of steps that make the children match the spec, then report status; each
+//! hands back its events and requeue time in a [`step::StepOutcome`], which the pass folds) and
+//! [`cleanup`] (deletion). [`error_policy`] counts the failure and requeues. Alerts for the
+//! webhook and the email are only queued by a pass; a task of their own delivers them
+//! ([`alerts::AlertQueue`]).
 //!
 //! # Guarantees
 //! - Nothing is applied from a spec that fails [`crate::validate`]: the objects keep their last
@@ -20,6 +23,7 @@ pub mod dns;
 pub mod drill;
 pub mod replay;
 pub mod status;
+pub mod step;
 #[cfg(test)]
 mod tests;
 pub mod trust;
@@ -81,6 +85,9 @@ pub struct Context {
     pub dns_resync: Duration,
     /// One prober of the primary per BackupMx.
     pub probers: Arc<crate::health::Probers>,
+    /// Alerts due for the webhook and the email; a task of their own delivers them, so a slow
+    /// webhook or relay never holds up a reconcile pass.
+    pub alerts: alerts::AlertQueue,
 }
 
 /// Which namespaces the controller watches.
@@ -221,6 +228,17 @@ pub async fn publish(
     reason: &str,
     note: impl Into<String>,
 ) {
+    publish_with(&ctx.recorder, bmx, type_, reason, note).await;
+}
+
+/// [`publish`] through `recorder` (the alert delivery task has no [`Context`]).
+pub async fn publish_with(
+    recorder: &Recorder,
+    bmx: &BackupMx,
+    type_: EventType,
+    reason: &str,
+    note: impl Into<String>,
+) {
     let mut note: String = note.into();
     if note.len() > 1000 {
         let mut cut = 1000;
@@ -236,7 +254,7 @@ pub async fn publish(
         action: "Reconcile".into(),
         secondary: None,
     };
-    if let Err(e) = ctx.recorder.publish(&event, &bmx.object_ref(&())).await {
+    if let Err(e) = recorder.publish(&event, &bmx.object_ref(&())).await {
         warn!(error = %e, reason, "could not publish event");
     }
 }

@@ -21,10 +21,14 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 use tracing::{info, warn};
 
-use super::Context;
+use super::{
+    Context,
+    apply::{Objects, Pods},
+    step::StepOutcome,
+};
 use crate::{
     crd::{BackupMx, MaintenanceStatus, PrimaryStatus},
-    health::ProbeSettings,
+    health::{Health, ProbeSettings},
     maintenance,
     pod_admin::{PodQueue, pod_ip},
     render::{CONFIG_HASH_ANNOTATION, SMTP_PORT},
@@ -58,28 +62,22 @@ pub struct ReplayOutcome {
     pub resumed_at: Option<DateTime<Utc>>,
 }
 
-/// Runs the replay step for `bmx` (`valid`: its spec, parsed), whose StatefulSet has
-/// `current_replicas`.
-#[allow(clippy::too_many_arguments)]
-pub async fn control(
+/// The probe step: makes sure the primary `bmx` names is probed as its spec (`valid`) says,
+/// trusting `bundle` under `tlsPolicy: verify`, and returns what the prober knows so far (the
+/// probing itself runs in the prober's own task).
+pub fn probe(
     bmx: &BackupMx,
     valid: &ValidSpec,
     ctx: &Context,
-    pods: &[Pod],
-    queues: &[PodQueue],
-    token: Option<&str>,
-    config_hash: &str,
-    current_replicas: i32,
     bundle: &super::trust::Bundle,
-) -> ReplayOutcome {
+) -> Option<Health> {
     let spec = &bmx.spec;
     let key = format!("{}/{}", bmx.namespace().unwrap_or_default(), bmx.name_any());
-    let target = primary_target(bmx);
     let hc = &spec.primary.health_check;
     ctx.probers.ensure(
         &key,
         ProbeSettings {
-            target: target.clone(),
+            target: primary_target(bmx),
             helo: spec.mx.hostname.clone(),
             interval: valid.health_check.interval,
             timeout: valid.health_check.timeout,
@@ -90,7 +88,62 @@ pub async fn control(
             ca_pem: bundle.pem.clone(),
         },
     );
-    let health = ctx.probers.health(&key);
+    ctx.probers.health(&key)
+}
+
+/// The replay push step of an apply pass: [`control`] with what the objects and pods steps
+/// found, its verdict recorded in the metrics; it asks to look again at the decision's next
+/// change, and every 2 s while pods drain.
+pub async fn step(
+    bmx: &BackupMx,
+    valid: &ValidSpec,
+    ctx: &Context,
+    objects: &Objects,
+    pods: &Pods,
+    health: Option<Health>,
+) -> (ReplayOutcome, StepOutcome) {
+    let replay = control(
+        bmx,
+        valid,
+        ctx,
+        &pods.pods,
+        &pods.queues,
+        Some(&objects.token),
+        &objects.config_hash,
+        pods.current_replicas,
+        health,
+    )
+    .await;
+    ctx.metrics.replay_state(
+        &bmx.namespace().unwrap_or_default(),
+        &bmx.name_any(),
+        replay.healthy,
+        replay.decision.workers,
+    );
+    let draining = (!replay.draining.is_empty()).then_some(Duration::from_secs(2));
+    let outcome = StepOutcome {
+        requeue: [replay.requeue, draining].into_iter().flatten().min(),
+        ..StepOutcome::default()
+    };
+    (replay, outcome)
+}
+
+/// Decides the replay workers for `bmx` (`valid`: its spec, parsed; `health`: what the
+/// [`probe`] knows), whose StatefulSet has `current_replicas`, and pushes them to the pods.
+#[allow(clippy::too_many_arguments)]
+pub async fn control(
+    bmx: &BackupMx,
+    valid: &ValidSpec,
+    ctx: &Context,
+    pods: &[Pod],
+    queues: &[PodQueue],
+    token: Option<&str>,
+    config_hash: &str,
+    current_replicas: i32,
+    health: Option<Health>,
+) -> ReplayOutcome {
+    let spec = &bmx.spec;
+    let target = primary_target(bmx);
     let now = Utc::now();
     let window = maintenance::evaluate(&valid.maintenance_windows, now);
 

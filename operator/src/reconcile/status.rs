@@ -5,6 +5,10 @@ use std::collections::BTreeMap;
 
 use chrono::{SecondsFormat, Utc};
 
+use super::{
+    step::{Note, StepOutcome},
+    trust::CA_BUNDLE_INVALID,
+};
 use crate::{
     crd::{
         BackupMx, BackupMxStatus, Condition, ConditionStatus, DomainQueueStatus, PodQueueStatus,
@@ -95,6 +99,30 @@ pub struct Observed {
     pub alerts: Option<crate::crd::AlertState>,
     /// `None`: the previous drill status stands.
     pub drill: Option<crate::crd::DrillStatus>,
+}
+
+/// The status step of an apply pass: the status from what the pass saw, and an event when
+/// `Ready` changed (the pass publishes the events, then writes the status).
+pub fn step(bmx: &BackupMx, seen: &Observed) -> (BackupMxStatus, StepOutcome) {
+    let new = applied(bmx, seen);
+    let event = transition(bmx, &new);
+    (new, StepOutcome::events(event))
+}
+
+/// The event for a change of the `Ready` condition from `bmx`'s status to `new` (its status or
+/// reason; for a refused spec, also its message): a Warning for a refused spec, news (Normal)
+/// otherwise, pods still starting included.
+pub fn transition(bmx: &BackupMx, new: &BackupMxStatus) -> Option<Note> {
+    let now = new.condition(READY)?;
+    let before = bmx.status.as_ref().and_then(|s| s.condition(READY));
+    let refused = |reason: &str| reason == "InvalidSpec" || reason == CA_BUNDLE_INVALID;
+    let changed = before.is_none_or(|b| {
+        b.status != now.status
+            || b.reason != now.reason
+            || (refused(&b.reason) && b.message != now.message)
+    });
+    let warning = now.status == ConditionStatus::False && refused(&now.reason);
+    changed.then(|| Note::new(warning, &now.reason, &now.message))
 }
 
 /// The status after a successful apply pass.

@@ -214,10 +214,11 @@ fn existing_netpol(owner_uid: &str) -> Value {
         "spec": {"podSelector": {}}})
 }
 
-#[tokio::test]
-async fn disabling_the_network_policy_deletes_the_one_it_made() {
+/// The NetworkPolicy's calls when `spec.networkPolicy.enabled` is false and the operator made
+/// it: read, then deleted.
+fn delete_own_netpol() -> Vec<Expect> {
     let uid = backupmx().metadata.uid.unwrap();
-    let netpol = vec![
+    vec![
         Expect::new(Method::GET, NETPOL, move |_| {
             (StatusCode::OK, existing_netpol(&uid))
         }),
@@ -227,14 +228,19 @@ async fn disabling_the_network_policy_deletes_the_one_it_made() {
                 json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}),
             )
         }),
-        echo_event(), // NetworkPolicyDeleted
-    ];
+    ]
+}
+
+#[tokio::test]
+async fn disabling_the_network_policy_deletes_the_one_it_made() {
     let mut expects = apply_children_with(
         Expect::not_found(Method::GET, format!("{NS}/secrets/example-admin-token")),
         0,
-        netpol,
+        delete_own_netpol(),
     );
-    expects.extend([echo_event(), status_patch()]);
+    // the pass publishes its steps' events at the end, in step order: NetworkPolicyDeleted
+    // (objects), then PodsNotReady (status)
+    expects.extend([echo_event(), echo_event(), status_patch()]);
     let bmx = backupmx()
         .finalized()
         .with_spec(|s| s.network_policy.enabled = false);
@@ -250,6 +256,40 @@ async fn disabling_the_network_policy_deletes_the_one_it_made() {
         .find(|(c, b)| c == &format!("POST {EVENTS}") && b["reason"] == "NetworkPolicyDeleted")
         .expect("an event says the policy was deleted");
     assert_eq!(deleted.1["type"], "Normal");
+}
+
+#[tokio::test]
+async fn a_failed_step_still_publishes_the_events_of_the_steps_before_it() {
+    let mut expects = apply_children_with(
+        Expect::not_found(Method::GET, format!("{NS}/secrets/example-admin-token")),
+        0,
+        delete_own_netpol(),
+    );
+    // the StatefulSet apply fails: no PodDisruptionBudget, no status
+    expects.truncate(expects.len() - 2);
+    expects.extend([
+        Expect::new(
+            Method::PATCH,
+            "/apis/apps/v1/namespaces/mail/statefulsets/example",
+            |_| {
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                           "reason": "InternalError", "code": 500, "message": "etcd is away"}),
+                )
+            },
+        ),
+        echo_event(),
+    ]);
+    let bmx = backupmx()
+        .finalized()
+        .with_spec(|s| s.network_policy.enabled = false);
+    let (result, seen) = run(bmx, expects, PodAdmin::default()).await;
+    let err = result.unwrap_err();
+    assert!(err.to_string().contains("StatefulSet"), "{err}");
+    let (call, event) = seen.last().unwrap();
+    assert_eq!(call, &format!("POST {EVENTS}"));
+    assert_eq!(event["reason"], "NetworkPolicyDeleted");
 }
 
 #[tokio::test]
