@@ -58,7 +58,7 @@ async fn dsn_parameters_pass_through_to_a_real_postfix_primary() {
     assert!(refusals.is_empty(), "no refusal on replay:\n{log}");
     assert_eq!(
         log.lines()
-            .filter(|l| l.contains("delivered") && l.contains("reply=250"))
+            .filter(|l| l.contains("delivered") && l.contains("250 2.0.0"))
             .count(),
         3,
         "three deliveries logged:\n{log}"
