@@ -73,16 +73,10 @@ pick_port() {
   die "no free TCP port found on 127.0.0.1"
 }
 
-# alive PID: some thread of PID is not a zombie (a multi-threaded program's main thread can be a
-# zombie while its other threads still run; an unreaped dead child is all zombie)
-alive() {
-  local t s
-  for t in /proc/"$1"/task/*/stat; do
-    s=$(sed 's/.*) //' "$t" 2> /dev/null | cut -c1)
-    [ -n "$s" ] && [ "$s" != Z ] && return 0
-  done
-  return 1
-}
+# alive PID (and the stop helpers of the kube and node tiers): in proc-lib.sh, which the scripts
+# that do not source this file share with it
+# shellcheck source=tests/infra/proc-lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/proc-lib.sh"
 
 # pid_is PID COMM: PID is alive and its /proc/PID/comm is COMM (guards against PID reuse)
 pid_is() {
