@@ -14,6 +14,13 @@ log() { printf '[%s] %s\n' "$LOG_TAG" "$*"; }
 warn() { printf '[%s] WARNING: %s\n' "$LOG_TAG" "$*" >&2; }
 die() { printf '[%s] ERROR: %s\n' "$LOG_TAG" "$*" >&2; exit 1; }
 
+# usage_exit FIRST LAST: the scripts keep their usage in their header comment, so one way to show
+# it: print lines FIRST..LAST of the calling script's file, comment marks stripped, to stderr; exit 2
+usage_exit() {
+  sed -n "$1,$2p" "${BASH_SOURCE[1]}" | sed 's/^# \{0,1\}//' >&2
+  exit 2
+}
+
 need_root() { [ "$(id -u)" = 0 ] || die "must run as root (Postfix's master and smtp-sink -u need it)"; }
 need_cmd() {
   local c

@@ -30,10 +30,7 @@ LOG_TAG=powerdns
 . "$HERE/realparts-lib.sh"
 exec 3>&1 1>&2 # stdout (fd 3) carries only the env lines; messages go to stderr
 
-usage() {
-  sed -n '4,7p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
-  exit 2
-}
+usage() { usage_exit 4 7; }
 
 SCHEMA=/usr/share/pdns-backend-sqlite3/schema/schema.sqlite3.sql
 

@@ -41,10 +41,7 @@ LOG_TAG=rspamd
 . "$HERE/realparts-lib.sh"
 exec 3>&1 1>&2 # stdout (fd 3) carries only the env lines; messages go to stderr
 
-usage() {
-  sed -n '3,6p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
-  exit 2
-}
+usage() { usage_exit 3 6; }
 
 CACHE=${BACKUPMX_RSPAMD_CACHE:-/var/cache/backupmx-rspamd}
 SMALL_TLD=${RSPAMD_SMALL_TLD:-0}
