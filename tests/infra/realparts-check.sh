@@ -81,6 +81,9 @@ cycle() {
   check "$part: second stop is a no-op (exit 0)" bash "$HERE/$part.sh" stop "$d" 2> /dev/null
 }
 
+# api METHOD PATH JSON: the HTTP status of one keyed PowerDNS API call (U, H, J: check_powerdns)
+api() { curl -s -o /dev/null -w '%{http_code}' -H "$H" -H "$J" -X "$1" "$U/$2" -d "$3"; }
+
 check_powerdns() { # check_powerdns DIR (sets the globals of DIR/env, U, H, J, DP)
   local D=$1
   # shellcheck disable=SC1091
@@ -90,16 +93,14 @@ check_powerdns() { # check_powerdns DIR (sets the globals of DIR/env, U, H, J, D
   J='Content-Type: application/json'
   DP=${PDNS_DNS##*:}
   check "pdns API without key -> 401" test "$(curl -s -o /dev/null -w '%{http_code}' "$U/zones")" = 401
-  check "pdns API creates zone bl.test. (201)" test "$(curl -s -o /dev/null -w '%{http_code}' -H "$H" -H "$J" \
-    -X POST "$U/zones" -d '{"name":"bl.test.","kind":"Native","nameservers":["ns1.bl.test."]}')" = 201
-  check "pdns API adds A+TXT 2.0.0.127.bl.test. (204)" test "$(curl -s -o /dev/null -w '%{http_code}' -H "$H" -H "$J" \
-    -X PATCH "$U/zones/bl.test." -d '{"rrsets":[
+  check "pdns API creates zone bl.test. (201)" \
+    test "$(api POST zones '{"name":"bl.test.","kind":"Native","nameservers":["ns1.bl.test."]}')" = 201
+  check "pdns API adds A+TXT 2.0.0.127.bl.test. (204)" test "$(api PATCH zones/bl.test. '{"rrsets":[
         {"name":"2.0.0.127.bl.test.","type":"A","ttl":300,"changetype":"REPLACE","records":[{"content":"127.0.0.2","disabled":false}]},
         {"name":"2.0.0.127.bl.test.","type":"TXT","ttl":300,"changetype":"REPLACE","records":[{"content":"\"listed by the test\"","disabled":false}]}]}')" = 204
-  check "pdns API creates zone example.test. (201)" test "$(curl -s -o /dev/null -w '%{http_code}' -H "$H" -H "$J" \
-    -X POST "$U/zones" -d '{"name":"example.test.","kind":"Native","nameservers":["ns1.example.test."]}')" = 201
-  check "pdns API adds MX+TXT(SPF) example.test. (204)" test "$(curl -s -o /dev/null -w '%{http_code}' -H "$H" -H "$J" \
-    -X PATCH "$U/zones/example.test." -d '{"rrsets":[
+  check "pdns API creates zone example.test. (201)" \
+    test "$(api POST zones '{"name":"example.test.","kind":"Native","nameservers":["ns1.example.test."]}')" = 201
+  check "pdns API adds MX+TXT(SPF) example.test. (204)" test "$(api PATCH zones/example.test. '{"rrsets":[
         {"name":"example.test.","type":"MX","ttl":300,"changetype":"REPLACE","records":[{"content":"10 mx1.example.test.","disabled":false}]},
         {"name":"example.test.","type":"TXT","ttl":300,"changetype":"REPLACE","records":[{"content":"\"v=spf1 ip4:127.0.0.1 -all\"","disabled":false}]}]}')" = 204
   check "dig A 2.0.0.127.bl.test -> 127.0.0.2" \
