@@ -23,6 +23,8 @@ cd "$ROOT"
 LOG_TAG=demo
 # shellcheck source=tests/infra/common.sh
 . "$ROOT/tests/infra/common.sh"
+# shellcheck source=demo/demo-lib.sh
+. "$ROOT/demo/demo-lib.sh"
 
 MXPOD_BIN=${MXPOD_BIN:-target/release/mx-pod}
 N=${DEMO_MESSAGES:-20}
@@ -47,9 +49,6 @@ banner() {
   STEP=$((STEP + 1))
   printf '\n%s==> [%d/%d] %s%s\n' "$B1" "$STEP" "$STEPS" "$*" "$B0"
 }
-indent() { sed 's/^/    /'; }
-PROBLEMS=()
-problem() { warn "$*"; PROBLEMS+=("$*"); }
 
 WORK=$(mktemp -d /tmp/backupmx-demo.XXXXXX)
 chmod 755 "$WORK"
@@ -282,7 +281,6 @@ DSNS=${DSNS:-0}
 
 # ---------------------------------------------------------------- 9
 banner "Summary"
-ok() { if [ "$1" = "$2" ]; then echo ok; else echo FAIL; fi; }
 printf '    %-34s %8s %8s  %s\n' "check" "value" "expected" "result"
 printf '    %-34s %8s %8s  %s\n' "sent (swaks exit 0)" "$SENT" "$N" "$(ok "$SENT" "$N")"
 printf '    %-34s %8s %8s  %s\n' "queued in mx-pod during the outage" "$QUEUED" "$N" "$(ok "$QUEUED" "$N")"
@@ -292,10 +290,4 @@ printf '    %-34s %8s %8s  %s\n' "duplicates" "$DUPS" 0 "$(ok "$DUPS" 0)"
 printf '    %-34s %8s %8s  %s\n' "arrival order kept" "$ORDER_OK" yes "$(ok "$ORDER_OK" yes)"
 printf '    %-34s %8s %8s  %s\n' "DSNs sent by mx-pod" "$DSNS" 0 "$(ok "$DSNS" 0)"
 printf '    %-34s %8s %8s\n' "replay time (s), rate limit $RATE/s" "$REPLAY_S" "-"
-if [ "${#PROBLEMS[@]}" -gt 0 ]; then
-  echo
-  log "${#PROBLEMS[@]} problem(s):"
-  printf '    - %s\n' "${PROBLEMS[@]}"
-  exit 1
-fi
-exit 0
+problems_exit
