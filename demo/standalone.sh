@@ -39,9 +39,7 @@ need_cmd postfix postconf smtp-sink swaks curl python3 setsid setpriv pgrep
 [[ "$N" =~ ^[1-9][0-9]*$ && "$N" -le 999 ]] || die "DEMO_MESSAGES must be 1..999, not '$N'"
 [[ "$RATE" =~ ^[0-9]+$ ]] || die "DEMO_RATE must be a number, not '$RATE'"
 [[ "$WORKERS" =~ ^[1-9][0-9]*$ ]] || die "DEMO_WORKERS must be at least 1, not '$WORKERS'"
-[ -x "$MXPOD_BIN" ] || die "mx-pod binary $MXPOD_BIN not found (cargo build --release -p mx-pod, or set MXPOD_BIN)"
-MXPOD_BIN=$(realpath "$MXPOD_BIN")
-MXPOD_COMM=$(basename "$MXPOD_BIN" | cut -c1-15)
+need_mxpod_bin # also sets MXPOD_COMM
 
 if [ -t 1 ]; then B1=$'\e[1m' B0=$'\e[0m'; else B1='' B0=''; fi
 STEP=0

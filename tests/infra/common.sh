@@ -29,6 +29,14 @@ need_cmd() {
   done
 }
 
+# need_mxpod_bin: bench/run.sh and demo/standalone.sh both run the mx-pod binary MXPOD_BIN: it
+# must be executable; it is made absolute, and MXPOD_COMM is what /proc/PID/comm shows for it
+need_mxpod_bin() {
+  [ -x "$MXPOD_BIN" ] || die "mx-pod binary $MXPOD_BIN not found (cargo build --release -p mx-pod, or set MXPOD_BIN)"
+  MXPOD_BIN=$(realpath "$MXPOD_BIN")
+  MXPOD_COMM=$(basename "$MXPOD_BIN" | cut -c1-15)
+}
+
 # now: seconds since the epoch with microseconds, e.g. 1732550000.123456 (no fork)
 now() { printf '%s' "$EPOCHREALTIME"; }
 # since T0: seconds elapsed since T0 (a value of now), 3 decimals
