@@ -56,9 +56,7 @@ need_cmd postfix postconf postqueue smtp-source smtp-sink curl python3 setsid se
 for v in N SESSIONS SIZE CONC RESTART_N STEP_T BIG_SESSIONS BIG_SIZE SLOW_CLIENTS HALF_OPEN; do
   [[ "${!v}" =~ ^[1-9][0-9]*$ ]] || die "$v must be a positive integer, not '${!v}'"
 done
-[ -x "$MXPOD_BIN" ] || die "mx-pod binary $MXPOD_BIN not found (cargo build --release -p mx-pod, or set MXPOD_BIN)"
-MXPOD_BIN=$(realpath "$MXPOD_BIN")
-MXPOD_COMM=$(basename "$MXPOD_BIN" | cut -c1-15)   # what /proc/PID/comm shows for it
+need_mxpod_bin # also sets MXPOD_COMM
 
 WORK=$(mktemp -d "${BENCH_TMPDIR:-/tmp}/backupmx-bench.XXXXXX")
 chmod 755 "$WORK"   # Postfix's unprivileged processes must reach its queue under WORK

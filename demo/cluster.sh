@@ -42,6 +42,8 @@ LOG_TAG=demo-cluster
 . "$ROOT/tests/infra/common.sh"
 # shellcheck source=tests/infra/postfix-lib.sh
 . "$ROOT/tests/infra/postfix-lib.sh"
+# shellcheck source=demo/demo-lib.sh
+. "$ROOT/demo/demo-lib.sh"
 
 N=${DEMO_MESSAGES:-20}
 LOAD=${DEMO_LOAD:-60}
@@ -87,10 +89,7 @@ banner() {
   STEP=$((STEP + 1))
   printf '\n%s==> [%d/%d] %s%s   (t=%ss)\n' "$B1" "$STEP" "$STEPS" "$*" "$B0" "$(since "$T_RUN" | cut -d. -f1)"
 }
-indent() { sed 's/^/    /'; }
 cmdline() { printf '    %s$ %s%s\n' "$B1" "$*" "$B0"; }
-PROBLEMS=()
-problem() { warn "$*"; PROBLEMS+=("$*"); }
 
 # ---------------------------------------------------------------- refuse a second node
 # (one real node per machine: fixed bridge, kubelet ports, host-wide clean-up)
@@ -788,7 +787,6 @@ LOST=$((N - DELIVERED))
 
 # ================================================================ 10
 banner "Summary"
-ok() { if [ "$1" = "$2" ]; then echo ok; else echo FAIL; fi; }
 row() { printf '    %-44s %9s %9s  %s\n' "$@"; }
 row "check" "value" "expected" "result"
 row "sent (numbered messages)" "$SENT" "$N" "$(ok "$SENT" "$N")"
@@ -812,10 +810,4 @@ row "time to drain after the primary came back (s)" "$DRAIN_S" "-" ""
 row "replay steps seen" "${#STEPS_SEEN[@]}" "-" "${STEPS_SEEN[*]}"
 row "start-up: control plane / node / pods (s)" "${T_CP%.*}/${T_NODE%.*}/${T_PODS%.*}" "-" ""
 row "run time so far (s)" "$(since "$T_RUN" | cut -d. -f1)" "-" ""
-if [ "${#PROBLEMS[@]}" -gt 0 ]; then
-  echo
-  log "${#PROBLEMS[@]} problem(s):"
-  printf '    - %s\n' "${PROBLEMS[@]}"
-  exit 1
-fi
-exit 0
+problems_exit

@@ -23,6 +23,8 @@ cd "$ROOT"
 LOG_TAG=demo
 # shellcheck source=tests/infra/common.sh
 . "$ROOT/tests/infra/common.sh"
+# shellcheck source=demo/demo-lib.sh
+. "$ROOT/demo/demo-lib.sh"
 
 MXPOD_BIN=${MXPOD_BIN:-target/release/mx-pod}
 N=${DEMO_MESSAGES:-20}
@@ -37,9 +39,7 @@ need_cmd postfix postconf smtp-sink swaks curl python3 setsid setpriv pgrep
 [[ "$N" =~ ^[1-9][0-9]*$ && "$N" -le 999 ]] || die "DEMO_MESSAGES must be 1..999, not '$N'"
 [[ "$RATE" =~ ^[0-9]+$ ]] || die "DEMO_RATE must be a number, not '$RATE'"
 [[ "$WORKERS" =~ ^[1-9][0-9]*$ ]] || die "DEMO_WORKERS must be at least 1, not '$WORKERS'"
-[ -x "$MXPOD_BIN" ] || die "mx-pod binary $MXPOD_BIN not found (cargo build --release -p mx-pod, or set MXPOD_BIN)"
-MXPOD_BIN=$(realpath "$MXPOD_BIN")
-MXPOD_COMM=$(basename "$MXPOD_BIN" | cut -c1-15)
+need_mxpod_bin # also sets MXPOD_COMM
 
 if [ -t 1 ]; then B1=$'\e[1m' B0=$'\e[0m'; else B1='' B0=''; fi
 STEP=0
@@ -47,9 +47,6 @@ banner() {
   STEP=$((STEP + 1))
   printf '\n%s==> [%d/%d] %s%s\n' "$B1" "$STEP" "$STEPS" "$*" "$B0"
 }
-indent() { sed 's/^/    /'; }
-PROBLEMS=()
-problem() { warn "$*"; PROBLEMS+=("$*"); }
 
 WORK=$(mktemp -d /tmp/backupmx-demo.XXXXXX)
 chmod 755 "$WORK"
@@ -282,7 +279,6 @@ DSNS=${DSNS:-0}
 
 # ---------------------------------------------------------------- 9
 banner "Summary"
-ok() { if [ "$1" = "$2" ]; then echo ok; else echo FAIL; fi; }
 printf '    %-34s %8s %8s  %s\n' "check" "value" "expected" "result"
 printf '    %-34s %8s %8s  %s\n' "sent (swaks exit 0)" "$SENT" "$N" "$(ok "$SENT" "$N")"
 printf '    %-34s %8s %8s  %s\n' "queued in mx-pod during the outage" "$QUEUED" "$N" "$(ok "$QUEUED" "$N")"
@@ -292,10 +288,4 @@ printf '    %-34s %8s %8s  %s\n' "duplicates" "$DUPS" 0 "$(ok "$DUPS" 0)"
 printf '    %-34s %8s %8s  %s\n' "arrival order kept" "$ORDER_OK" yes "$(ok "$ORDER_OK" yes)"
 printf '    %-34s %8s %8s  %s\n' "DSNs sent by mx-pod" "$DSNS" 0 "$(ok "$DSNS" 0)"
 printf '    %-34s %8s %8s\n' "replay time (s), rate limit $RATE/s" "$REPLAY_S" "-"
-if [ "${#PROBLEMS[@]}" -gt 0 ]; then
-  echo
-  log "${#PROBLEMS[@]} problem(s):"
-  printf '    - %s\n' "${PROBLEMS[@]}"
-  exit 1
-fi
-exit 0
+problems_exit

@@ -34,6 +34,8 @@ CMD=("$@")
 IMAGE_USER="65532:65532"
 BIN_DIR="/usr/local/bin"
 HERE="$(cd "$(dirname "$0")" && pwd)"
+# shellcheck source=images/archive-lib.sh
+. "$HERE/archive-lib.sh"
 [ -x "$BIN" ] || { echo "make-image.sh: not an executable: $BIN" >&2; exit 1; }
 case $REF in *:*) ;; *) echo "make-image.sh: $REF has no tag (pin one)" >&2; exit 1 ;; esac
 NAME=$(basename "$BIN")
@@ -75,16 +77,5 @@ CFG+=",\"org.opencontainers.image.version\":\"${IMAGE_VERSION:-${REF##*:}}\""
 CFG+=",\"org.opencontainers.image.licenses\":\"Apache-2.0\"}},"
 CFG+="\"rootfs\":{\"type\":\"layers\",\"diff_ids\":[\"sha256:$LSHA\"]},"
 CFG+="\"history\":[{\"created\":\"1970-01-01T00:00:00Z\",\"created_by\":\"images/make-image.sh $NAME\"}]}"
-printf '%s' "$CFG" > "$W/config.json"
-CSHA=$(sha256sum "$W/config.json" | cut -d' ' -f1)
-
-A=$W/archive
-mkdir -p "$A/$LSHA"
-mv "$W/layer.tar" "$A/$LSHA/layer.tar"
-mv "$W/config.json" "$A/$CSHA.json"
-printf '[{"Config":"%s.json","RepoTags":["%s"],"Layers":["%s/layer.tar"]}]' "$CSHA" "$REF" "$LSHA" > "$A/manifest.json"
-printf '{"%s":{"%s":"%s"}}' "${REF%:*}" "${REF##*:}" "$LSHA" > "$A/repositories"
-mkdir -p "$(dirname "$OUT")"
-tar --format=gnu --sort=name --owner=0 --group=0 --numeric-owner --mtime=@0 -C "$A" -cf "$OUT.tmp" .
-mv "$OUT.tmp" "$OUT"
+docker_archive "$W" "$LSHA" "$REF" "$OUT" "$CFG" --format=gnu
 echo "make-image.sh: $OUT: $REF (config sha256:$CSHA, $(du -h "$OUT" | cut -f1))" >&2

@@ -31,18 +31,49 @@ LOG_TAG=bind
 . "$HERE/realparts-lib.sh"
 exec 3>&1 1>&2 # stdout (fd 3) carries only the env lines; messages go to stderr
 
-usage() {
-  sed -n '4,7p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
-  exit 2
-}
+usage() { usage_exit 4 7; }
 
 PORT='' ZONE='' # set by cmd_start
 soa_up() {
   dig @127.0.0.1 -p "$PORT" +norec +time=1 +tries=1 SOA "$ZONE" | grep -q 'status: NOERROR'
 }
 
+# launch TRY: one try of cmd_start (rp_start_loop): a port, named.conf, named (uses cmd_start's
+# want and kf)
+launch() {
+  rp_pick_port PORT udp "$want" "$(rp_port_of "$(rp_prev BIND_DNS)")"
+  cat > "$RP_DIR/named.conf" << EOF
+// written by tests/infra/bind.sh
+include "$kf";
+options {
+  directory "$RP_DIR";
+  pid-file "$RP_DIR/named.pid";
+  session-keyfile "$RP_DIR/session.key";
+  managed-keys-directory "$RP_DIR";
+  listen-on port $PORT { 127.0.0.1; };
+  listen-on-v6 { none; };
+  recursion no;
+  dnssec-validation no;
+  notify no;
+  allow-transfer { none; };
+};
+controls { };
+zone "$ZONE" {
+  type primary;
+  file "$RP_DIR/$ZONE.zone";
+  allow-update { key "$KEYNAME"; };
+};
+EOF
+  # named (user bind) writes the journal, pid and session key into DIR and reads the key
+  chown -R bind:bind "$RP_DIR"
+  chmod 640 "$kf"
+  log "starting named: DNS 127.0.0.1:$PORT (udp+tcp), zone $ZONE, TSIG key $KEYNAME (try $1)"
+  # -g: foreground, log to stderr; -4: IPv4 only; -u bind: drops to bind after binding
+  rp_spawn - named -g -4 -u bind -c "$RP_DIR/named.conf"
+}
+
 cmd_start() {
-  local t0=$EPOCHREALTIME attempt rc want=${BIND_PORT:-} secret kf
+  local t0=$EPOCHREALTIME want=${BIND_PORT:-} secret kf
   local wait_s=${START_WAIT_S:-30}
   ZONE=${DDNS_ZONE:-example.test}
   ZONE=${ZONE%.}
@@ -68,49 +99,9 @@ ns1 IN A   127.0.0.1
 EOF
   fi
 
-  for attempt in 1 2 3; do
-    rp_pick_port PORT udp "$want" "$(rp_port_of "$(rp_prev BIND_DNS)")"
-    cat > "$RP_DIR/named.conf" << EOF
-// written by tests/infra/bind.sh
-include "$kf";
-options {
-  directory "$RP_DIR";
-  pid-file "$RP_DIR/named.pid";
-  session-keyfile "$RP_DIR/session.key";
-  managed-keys-directory "$RP_DIR";
-  listen-on port $PORT { 127.0.0.1; };
-  listen-on-v6 { none; };
-  recursion no;
-  dnssec-validation no;
-  notify no;
-  allow-transfer { none; };
-};
-controls { };
-zone "$ZONE" {
-  type primary;
-  file "$RP_DIR/$ZONE.zone";
-  allow-update { key "$KEYNAME"; };
-};
-EOF
-    # named (user bind) writes the journal, pid and session key into DIR and reads the key
-    chown -R bind:bind "$RP_DIR"
-    chmod 640 "$kf"
-    log "starting named: DNS 127.0.0.1:$PORT (udp+tcp), zone $ZONE, TSIG key $KEYNAME (try $attempt)"
-    # -g: foreground, log to stderr; -4: IPv4 only; -u bind: drops to bind after binding
-    rp_spawn - named -g -4 -u bind -c "$RP_DIR/named.conf"
-    rc=0
-    rp_wait "$wait_s" soa_up || rc=1
-    [ "$rc" = 0 ] && break
-    if rp_port_clash && [ -z "$want" ] && [ "$attempt" -lt 3 ]; then
-      warn "the port was taken meanwhile; retrying with another one"
-      rp_stop named 10
-      rm -f "$RP_DIR/env.last"
-      continue
-    fi
-    rp_show_log
-    rp_stop named 10
-    die "named in $RP_DIR did not answer SOA $ZONE within ${wait_s}s"
-  done
+  rp_start_loop launch soa_up named "$wait_s" "$want" \
+    "the port was taken meanwhile; retrying with another one" \
+    "named in $RP_DIR did not answer SOA $ZONE within ${wait_s}s"
 
   rp_write_env "BIND_DNS=127.0.0.1:$PORT" "DDNS_ZONE=$ZONE" "TSIG_KEY_NAME=$KEYNAME" \
     "TSIG_ALGORITHM=hmac-sha256" "TSIG_SECRET=$secret" "TSIG_KEY_FILE=$kf"
@@ -123,9 +114,4 @@ action=$1
 need_root
 need_cmd named tsig-keygen dig setsid flock ss
 rp_layout bind "$2"
-case "$action" in
-  start) cmd_start ;;
-  stop) rp_stop named "${STOP_WAIT_S:-15}" ;;
-  status) rp_status named >&3 ;;
-  *) usage ;;
-esac
+rp_main "$action" named

@@ -14,12 +14,27 @@ log() { printf '[%s] %s\n' "$LOG_TAG" "$*"; }
 warn() { printf '[%s] WARNING: %s\n' "$LOG_TAG" "$*" >&2; }
 die() { printf '[%s] ERROR: %s\n' "$LOG_TAG" "$*" >&2; exit 1; }
 
+# usage_exit FIRST LAST: the scripts keep their usage in their header comment, so one way to show
+# it: print lines FIRST..LAST of the calling script's file, comment marks stripped, to stderr; exit 2
+usage_exit() {
+  sed -n "$1,$2p" "${BASH_SOURCE[1]}" | sed 's/^# \{0,1\}//' >&2
+  exit 2
+}
+
 need_root() { [ "$(id -u)" = 0 ] || die "must run as root (Postfix's master and smtp-sink -u need it)"; }
 need_cmd() {
   local c
   for c in "$@"; do
     command -v "$c" > /dev/null || die "$c not found; run tests/infra/deps.sh (as root) first"
   done
+}
+
+# need_mxpod_bin: bench/run.sh and demo/standalone.sh both run the mx-pod binary MXPOD_BIN: it
+# must be executable; it is made absolute, and MXPOD_COMM is what /proc/PID/comm shows for it
+need_mxpod_bin() {
+  [ -x "$MXPOD_BIN" ] || die "mx-pod binary $MXPOD_BIN not found (cargo build --release -p mx-pod, or set MXPOD_BIN)"
+  MXPOD_BIN=$(realpath "$MXPOD_BIN")
+  MXPOD_COMM=$(basename "$MXPOD_BIN" | cut -c1-15)
 }
 
 # now: seconds since the epoch with microseconds, e.g. 1732550000.123456 (no fork)
@@ -73,16 +88,10 @@ pick_port() {
   die "no free TCP port found on 127.0.0.1"
 }
 
-# alive PID: some thread of PID is not a zombie (a multi-threaded program's main thread can be a
-# zombie while its other threads still run; an unreaped dead child is all zombie)
-alive() {
-  local t s
-  for t in /proc/"$1"/task/*/stat; do
-    s=$(sed 's/.*) //' "$t" 2> /dev/null | cut -c1)
-    [ -n "$s" ] && [ "$s" != Z ] && return 0
-  done
-  return 1
-}
+# alive PID (and the stop helpers of the kube and node tiers): in proc-lib.sh, which the scripts
+# that do not source this file share with it
+# shellcheck source=tests/infra/proc-lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/proc-lib.sh"
 
 # pid_is PID COMM: PID is alive and its /proc/PID/comm is COMM (guards against PID reuse)
 pid_is() {

@@ -45,6 +45,9 @@
 set -euo pipefail
 LOG_TAG=deps
 log() { printf '[%s] %s\n' "$LOG_TAG" "$*"; }
+# alive PID (not all of common.sh: it would export LC_ALL=C to apt-get)
+# shellcheck source=tests/infra/proc-lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/proc-lib.sh"
 
 PKGS=(postfix swaks libnet-ssleay-perl curl bind9-dnsutils procps iproute2 python3 util-linux coreutils etcd-server openssl
   rspamd pdns-server pdns-backend-sqlite3 sqlite3 bind9
@@ -91,16 +94,6 @@ install_packages() {
   stop_packaged_daemons "${missing[@]}"
 }
 
-# running PID: some thread of PID is not a zombie (as in common.sh's alive)
-running() {
-  local t st
-  for t in /proc/"$1"/task/*/stat; do
-    st=$(sed 's/.*) //' "$t" 2> /dev/null | cut -c1)
-    [ -n "$st" ] && [ "$st" != Z ] && return 0
-  done
-  return 1
-}
-
 # stop_packaged_daemons PKG...: for each just-installed package that ships a daemon, if its
 # system-wide instance is running anyway (policy-rc.d missing or ignored), stop it by the PID
 # file the package's own configuration uses, after checking /proc/PID/comm (a reused PID is never
@@ -121,8 +114,8 @@ stop_packaged_daemons() {
     if [ -n "$pid" ] && [ "$(cat "/proc/$pid/comm" 2> /dev/null)" = "$comm" ]; then
       log "$p's postinst left $comm running (PID $pid from $pf); stopping it"
       kill -TERM "$pid" 2> /dev/null || true
-      for ((i = 0; i < 100; i++)); do running "$pid" || break; sleep 0.1; done
-      if running "$pid"; then kill -KILL "$pid" 2> /dev/null || true; fi
+      for ((i = 0; i < 100; i++)); do alive "$pid" || break; sleep 0.1; done
+      if alive "$pid"; then kill -KILL "$pid" 2> /dev/null || true; fi
     else
       log "$p: no system $comm instance running (as expected)"
     fi

@@ -30,10 +30,7 @@ LOG_TAG=postfix-backup
 # shellcheck source=tests/infra/postfix-lib.sh
 . "$HERE/postfix-lib.sh"
 
-usage() {
-  sed -n '6,12p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
-  exit 2
-}
+usage() { usage_exit 6 12; }
 
 cmd_start() {
   local port=$1 relay=$2 domain=${3:-example.test} conc=${CONCURRENCY:-8}

@@ -33,10 +33,7 @@ LOG_TAG=postfix-primary
 # shellcheck source=tests/infra/postfix-lib.sh
 . "$HERE/postfix-lib.sh"
 
-usage() {
-  sed -n '3,6p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
-  exit 2
-}
+usage() { usage_exit 3 6; }
 
 cmd_start() {
   local port=$1; shift

@@ -30,10 +30,7 @@ LOG_TAG=powerdns
 . "$HERE/realparts-lib.sh"
 exec 3>&1 1>&2 # stdout (fd 3) carries only the env lines; messages go to stderr
 
-usage() {
-  sed -n '4,7p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
-  exit 2
-}
+usage() { usage_exit 4 7; }
 
 SCHEMA=/usr/share/pdns-backend-sqlite3/schema/schema.sqlite3.sql
 
@@ -45,25 +42,12 @@ dns_up() {
 }
 both_up() { api_up && dns_up; }
 
-cmd_start() {
-  local t0=$EPOCHREALTIME attempt rc want_d=${PDNS_PORT:-} want_a=${PDNS_API_PORT:-}
-  local wait_s=${START_WAIT_S:-30}
-  rp_prepare pdns_server pdns
-  KEY=${PDNS_API_KEY:-$(rp_prev PDNS_API_KEY)}
-  [ -n "$KEY" ] || KEY=$(python3 -c 'import secrets; print(secrets.token_hex(16))')
-  [[ "$KEY" =~ ^[A-Za-z0-9._~+/=-]+$ ]] || die "PDNS_API_KEY may hold only [A-Za-z0-9._~+/=-]"
-
-  if [ ! -s "$RP_DIR/pdns.sqlite3" ]; then
-    sqlite3 "$RP_DIR/pdns.sqlite3" < "$SCHEMA"
-  fi
-  mkdir -p "$RP_DIR/run"
-  # pdns writes the database (and sqlite's journal next to it) and its control socket
-  chown pdns:pdns "$RP_DIR" "$RP_DIR/pdns.sqlite3" "$RP_DIR/run"
-
-  for attempt in 1 2 3; do
-    rp_pick_port DPORT udp "$want_d" "$(rp_port_of "$(rp_prev PDNS_DNS)")"
-    rp_pick_port APORT "" "$want_a" "$(rp_port_of "$(rp_prev PDNS_API_URL)")"
-    cat > "$RP_DIR/pdns.conf" << EOF
+# launch TRY: one try of cmd_start (rp_start_loop): the ports, pdns.conf, pdns_server (uses
+# cmd_start's want_d and want_a)
+launch() {
+  rp_pick_port DPORT udp "$want_d" "$(rp_port_of "$(rp_prev PDNS_DNS)")"
+  rp_pick_port APORT "" "$want_a" "$(rp_port_of "$(rp_prev PDNS_API_URL)")"
+  cat > "$RP_DIR/pdns.conf" << EOF
 # written by tests/infra/powerdns.sh
 launch=gsqlite3
 gsqlite3-database=$RP_DIR/pdns.sqlite3
@@ -93,23 +77,31 @@ webserver-port=$APORT
 webserver-allow-from=127.0.0.0/8
 default-soa-content=ns1.@ hostmaster.@ 1 10800 3600 604800 3600
 EOF
-    chmod 640 "$RP_DIR/pdns.conf"
-    chgrp pdns "$RP_DIR/pdns.conf"
-    log "starting pdns_server: DNS 127.0.0.1:$DPORT (udp+tcp), API http://127.0.0.1:$APORT (try $attempt)"
-    rp_spawn - pdns_server --config-dir="$RP_DIR"
-    rc=0
-    rp_wait "$wait_s" both_up || rc=1
-    [ "$rc" = 0 ] && break
-    if rp_port_clash && [ -z "$want_d$want_a" ] && [ "$attempt" -lt 3 ]; then
-      warn "a port was taken meanwhile; retrying with other ports"
-      rp_stop pdns_server 10
-      rm -f "$RP_DIR/env.last"
-      continue
-    fi
-    rp_show_log
-    rp_stop pdns_server 10
-    die "PowerDNS in $RP_DIR did not answer within ${wait_s}s"
-  done
+  chmod 640 "$RP_DIR/pdns.conf"
+  chgrp pdns "$RP_DIR/pdns.conf"
+  log "starting pdns_server: DNS 127.0.0.1:$DPORT (udp+tcp), API http://127.0.0.1:$APORT (try $1)"
+  rp_spawn - pdns_server --config-dir="$RP_DIR"
+}
+
+cmd_start() {
+  [ -r "$SCHEMA" ] || die "$SCHEMA not found; run tests/infra/deps.sh (pdns-backend-sqlite3)"
+  local t0=$EPOCHREALTIME want_d=${PDNS_PORT:-} want_a=${PDNS_API_PORT:-}
+  local wait_s=${START_WAIT_S:-30}
+  rp_prepare pdns_server pdns
+  KEY=${PDNS_API_KEY:-$(rp_prev PDNS_API_KEY)}
+  [ -n "$KEY" ] || KEY=$(python3 -c 'import secrets; print(secrets.token_hex(16))')
+  [[ "$KEY" =~ ^[A-Za-z0-9._~+/=-]+$ ]] || die "PDNS_API_KEY may hold only [A-Za-z0-9._~+/=-]"
+
+  if [ ! -s "$RP_DIR/pdns.sqlite3" ]; then
+    sqlite3 "$RP_DIR/pdns.sqlite3" < "$SCHEMA"
+  fi
+  mkdir -p "$RP_DIR/run"
+  # pdns writes the database (and sqlite's journal next to it) and its control socket
+  chown pdns:pdns "$RP_DIR" "$RP_DIR/pdns.sqlite3" "$RP_DIR/run"
+
+  rp_start_loop launch both_up pdns_server "$wait_s" "$want_d$want_a" \
+    "a port was taken meanwhile; retrying with other ports" \
+    "PowerDNS in $RP_DIR did not answer within ${wait_s}s"
 
   rp_write_env "PDNS_API_URL=http://127.0.0.1:$APORT" "PDNS_API_KEY=$KEY" "PDNS_SERVER_ID=localhost" \
     "PDNS_DNS=127.0.0.1:$DPORT"
@@ -122,11 +114,4 @@ action=$1
 need_root
 need_cmd pdns_server sqlite3 curl dig python3 setsid flock ss
 rp_layout pdns "$2"
-case "$action" in
-  start)
-    [ -r "$SCHEMA" ] || die "$SCHEMA not found; run tests/infra/deps.sh (pdns-backend-sqlite3)"
-    cmd_start ;;
-  stop) rp_stop pdns_server "${STOP_WAIT_S:-15}" ;;
-  status) rp_status pdns_server >&3 ;;
-  *) usage ;;
-esac
+rp_main "$action" pdns_server

@@ -64,18 +64,93 @@ check_rspamd() { # check_rspamd DIR
   check "rspamd $d: controller /ping -> pong" grep -q pong "$d.ping"
 }
 
-if [[ " $WHAT " == *" rspamd "* ]]; then
-  D=$T/rspamd
-  if timed rspamd start "$D"; then
-    pass "rspamd start: $(tr '\n' ' ' < "$D.out")"
-    remember_pid "$D"
-    check_rspamd "$D"
+# cycle PART DIR CHECKS: every part gets the same start, checks, stop and leftover checks, so one
+# cycle: start tests/infra/PART.sh in DIR, run `CHECKS DIR` when it started, stop it, check that
+# no process is left and that a second stop is a no-op
+cycle() {
+  local part=$1 d=$2 checks=$3
+  if timed "$part" start "$d"; then
+    pass "$part start: $(tr '\n' ' ' < "$d.out")"
+    remember_pid "$d"
+    "$checks" "$d"
   else
-    fail "rspamd start"
+    fail "$part start"
   fi
-  timed rspamd stop "$D"
-  check "rspamd: no process left" gone "$D"
-  check "rspamd: second stop is a no-op (exit 0)" bash "$HERE/rspamd.sh" stop "$D" 2> /dev/null
+  timed "$part" stop "$d"
+  check "$part: no process left" gone "$d"
+  check "$part: second stop is a no-op (exit 0)" bash "$HERE/$part.sh" stop "$d" 2> /dev/null
+}
+
+# api METHOD PATH JSON: the HTTP status of one keyed PowerDNS API call (U, H, J: check_powerdns)
+api() { curl -s -o /dev/null -w '%{http_code}' -H "$H" -H "$J" -X "$1" "$U/$2" -d "$3"; }
+
+check_powerdns() { # check_powerdns DIR (sets the globals of DIR/env, U, H, J, DP)
+  local D=$1
+  # shellcheck disable=SC1091
+  . "$D/env"
+  U=$PDNS_API_URL/api/v1/servers/$PDNS_SERVER_ID
+  H="X-API-Key: $PDNS_API_KEY"
+  J='Content-Type: application/json'
+  DP=${PDNS_DNS##*:}
+  check "pdns API without key -> 401" test "$(curl -s -o /dev/null -w '%{http_code}' "$U/zones")" = 401
+  check "pdns API creates zone bl.test. (201)" \
+    test "$(api POST zones '{"name":"bl.test.","kind":"Native","nameservers":["ns1.bl.test."]}')" = 201
+  check "pdns API adds A+TXT 2.0.0.127.bl.test. (204)" test "$(api PATCH zones/bl.test. '{"rrsets":[
+        {"name":"2.0.0.127.bl.test.","type":"A","ttl":300,"changetype":"REPLACE","records":[{"content":"127.0.0.2","disabled":false}]},
+        {"name":"2.0.0.127.bl.test.","type":"TXT","ttl":300,"changetype":"REPLACE","records":[{"content":"\"listed by the test\"","disabled":false}]}]}')" = 204
+  check "pdns API creates zone example.test. (201)" \
+    test "$(api POST zones '{"name":"example.test.","kind":"Native","nameservers":["ns1.example.test."]}')" = 201
+  check "pdns API adds MX+TXT(SPF) example.test. (204)" test "$(api PATCH zones/example.test. '{"rrsets":[
+        {"name":"example.test.","type":"MX","ttl":300,"changetype":"REPLACE","records":[{"content":"10 mx1.example.test.","disabled":false}]},
+        {"name":"example.test.","type":"TXT","ttl":300,"changetype":"REPLACE","records":[{"content":"\"v=spf1 ip4:127.0.0.1 -all\"","disabled":false}]}]}')" = 204
+  check "dig A 2.0.0.127.bl.test -> 127.0.0.2" \
+    test "$(dig @127.0.0.1 -p "$DP" +short 2.0.0.127.bl.test A)" = 127.0.0.2
+  check "dig TXT 2.0.0.127.bl.test" \
+    test "$(dig @127.0.0.1 -p "$DP" +short 2.0.0.127.bl.test TXT)" = '"listed by the test"'
+  check "dig MX example.test -> 10 mx1.example.test. (UDP)" \
+    test "$(dig @127.0.0.1 -p "$DP" +short example.test MX)" = "10 mx1.example.test."
+  check "dig +tcp MX example.test -> 10 mx1.example.test. (TCP)" \
+    test "$(dig @127.0.0.1 -p "$DP" +tcp +short example.test MX)" = "10 mx1.example.test."
+  check "dig TXT example.test -> SPF" \
+    test "$(dig @127.0.0.1 -p "$DP" +short example.test TXT)" = '"v=spf1 ip4:127.0.0.1 -all"'
+  check "dig A 3.0.0.127.bl.test -> NXDOMAIN (not listed)" \
+    sh -c "dig @127.0.0.1 -p $DP 3.0.0.127.bl.test A | grep -q 'status: NXDOMAIN'"
+}
+
+check_bind() { # check_bind DIR (sets the globals of DIR/env, BP, rc)
+  local D=$1
+  # shellcheck disable=SC1091
+  . "$D/env"
+  BP=${BIND_DNS##*:}
+  check "dig SOA $DDNS_ZONE answers" sh -c "dig @127.0.0.1 -p $BP +short SOA $DDNS_ZONE | grep -q ns1"
+  # an MX whose target lies in the zone needs the target's address in the zone (named's
+  # check-integrity): without it named REFUSES the whole update, key or not
+  printf 'server 127.0.0.1 %s\nzone %s\nupdate add %s. 300 IN MX 10 mx1.%s.\nsend\n' \
+    "$BP" "$DDNS_ZONE" "$DDNS_ZONE" "$DDNS_ZONE" > "$T/upd0"
+  nsupdate -t 5 -k "$TSIG_KEY_FILE" "$T/upd0" > "$T/upd0.out" 2>&1
+  rc=$?
+  check "signed MX to an in-zone name without A -> REFUSED (check-integrity; exit $rc)" \
+    sh -c "[ $rc = 2 ] && grep -q REFUSED '$T/upd0.out'"
+  printf 'server 127.0.0.1 %s\nzone %s\nupdate add mx1.%s. 300 IN A 127.0.0.1\nupdate add %s. 300 IN MX 10 mx1.%s.\nsend\n' \
+    "$BP" "$DDNS_ZONE" "$DDNS_ZONE" "$DDNS_ZONE" "$DDNS_ZONE" > "$T/upd"
+  check "nsupdate -k TSIG_KEY_FILE adds A mx1 + MX (exit 0)" nsupdate -t 5 -k "$TSIG_KEY_FILE" "$T/upd"
+  check "dig MX shows it" test "$(dig @127.0.0.1 -p "$BP" +short MX "$DDNS_ZONE")" = "10 mx1.$DDNS_ZONE."
+  check "dig +tcp A mx1 shows it" test "$(dig @127.0.0.1 -p "$BP" +tcp +short A "mx1.$DDNS_ZONE")" = 127.0.0.1
+  printf 'server 127.0.0.1 %s\nzone %s\nupdate delete %s. MX\nsend\n' "$BP" "$DDNS_ZONE" "$DDNS_ZONE" > "$T/del"
+  check "nsupdate -y alg:name:secret deletes it (exit 0)" \
+    nsupdate -t 5 -y "$TSIG_ALGORITHM:$TSIG_KEY_NAME:$TSIG_SECRET" "$T/del"
+  check "dig MX shows none" test -z "$(dig @127.0.0.1 -p "$BP" +short MX "$DDNS_ZONE")"
+  printf 'server 127.0.0.1 %s\nzone %s\nupdate add evil.%s. 300 IN A 127.0.0.9\nsend\n' \
+    "$BP" "$DDNS_ZONE" "$DDNS_ZONE" > "$T/bad"
+  nsupdate -t 5 "$T/bad" > "$T/bad.out" 2>&1
+  rc=$?
+  check "unsigned update -> REFUSED (nsupdate exit $rc: $(tr '\n' ' ' < "$T/bad.out"))" \
+    sh -c "[ $rc = 2 ] && grep -q REFUSED '$T/bad.out'"
+  check "dig A evil.$DDNS_ZONE shows nothing" test -z "$(dig @127.0.0.1 -p "$BP" +short A "evil.$DDNS_ZONE")"
+}
+
+if [[ " $WHAT " == *" rspamd "* ]]; then
+  cycle rspamd "$T/rspamd" check_rspamd
 fi
 
 if [[ " $WHAT " == *" parallel "* ]]; then
@@ -101,88 +176,11 @@ if [[ " $WHAT " == *" parallel "* ]]; then
 fi
 
 if [[ " $WHAT " == *" powerdns "* ]]; then
-  D=$T/pdns
-  if timed powerdns start "$D"; then
-    pass "powerdns start: $(tr '\n' ' ' < "$D.out")"
-    remember_pid "$D"
-    # shellcheck disable=SC1091
-    . "$D/env"
-    U=$PDNS_API_URL/api/v1/servers/$PDNS_SERVER_ID
-    H="X-API-Key: $PDNS_API_KEY"
-    J='Content-Type: application/json'
-    DP=${PDNS_DNS##*:}
-    check "pdns API without key -> 401" test "$(curl -s -o /dev/null -w '%{http_code}' "$U/zones")" = 401
-    check "pdns API creates zone bl.test. (201)" test "$(curl -s -o /dev/null -w '%{http_code}' -H "$H" -H "$J" \
-      -X POST "$U/zones" -d '{"name":"bl.test.","kind":"Native","nameservers":["ns1.bl.test."]}')" = 201
-    check "pdns API adds A+TXT 2.0.0.127.bl.test. (204)" test "$(curl -s -o /dev/null -w '%{http_code}' -H "$H" -H "$J" \
-      -X PATCH "$U/zones/bl.test." -d '{"rrsets":[
-        {"name":"2.0.0.127.bl.test.","type":"A","ttl":300,"changetype":"REPLACE","records":[{"content":"127.0.0.2","disabled":false}]},
-        {"name":"2.0.0.127.bl.test.","type":"TXT","ttl":300,"changetype":"REPLACE","records":[{"content":"\"listed by the test\"","disabled":false}]}]}')" = 204
-    check "pdns API creates zone example.test. (201)" test "$(curl -s -o /dev/null -w '%{http_code}' -H "$H" -H "$J" \
-      -X POST "$U/zones" -d '{"name":"example.test.","kind":"Native","nameservers":["ns1.example.test."]}')" = 201
-    check "pdns API adds MX+TXT(SPF) example.test. (204)" test "$(curl -s -o /dev/null -w '%{http_code}' -H "$H" -H "$J" \
-      -X PATCH "$U/zones/example.test." -d '{"rrsets":[
-        {"name":"example.test.","type":"MX","ttl":300,"changetype":"REPLACE","records":[{"content":"10 mx1.example.test.","disabled":false}]},
-        {"name":"example.test.","type":"TXT","ttl":300,"changetype":"REPLACE","records":[{"content":"\"v=spf1 ip4:127.0.0.1 -all\"","disabled":false}]}]}')" = 204
-    check "dig A 2.0.0.127.bl.test -> 127.0.0.2" \
-      test "$(dig @127.0.0.1 -p "$DP" +short 2.0.0.127.bl.test A)" = 127.0.0.2
-    check "dig TXT 2.0.0.127.bl.test" \
-      test "$(dig @127.0.0.1 -p "$DP" +short 2.0.0.127.bl.test TXT)" = '"listed by the test"'
-    check "dig MX example.test -> 10 mx1.example.test. (UDP)" \
-      test "$(dig @127.0.0.1 -p "$DP" +short example.test MX)" = "10 mx1.example.test."
-    check "dig +tcp MX example.test -> 10 mx1.example.test. (TCP)" \
-      test "$(dig @127.0.0.1 -p "$DP" +tcp +short example.test MX)" = "10 mx1.example.test."
-    check "dig TXT example.test -> SPF" \
-      test "$(dig @127.0.0.1 -p "$DP" +short example.test TXT)" = '"v=spf1 ip4:127.0.0.1 -all"'
-    check "dig A 3.0.0.127.bl.test -> NXDOMAIN (not listed)" \
-      sh -c "dig @127.0.0.1 -p $DP 3.0.0.127.bl.test A | grep -q 'status: NXDOMAIN'"
-  else
-    fail "powerdns start"
-  fi
-  timed powerdns stop "$D"
-  check "powerdns: no process left" gone "$D"
-  check "powerdns: second stop is a no-op (exit 0)" bash "$HERE/powerdns.sh" stop "$D" 2> /dev/null
+  cycle powerdns "$T/pdns" check_powerdns
 fi
 
 if [[ " $WHAT " == *" bind "* ]]; then
-  D=$T/bind
-  if timed bind start "$D"; then
-    pass "bind start: $(tr '\n' ' ' < "$D.out")"
-    remember_pid "$D"
-    # shellcheck disable=SC1091
-    . "$D/env"
-    BP=${BIND_DNS##*:}
-    check "dig SOA $DDNS_ZONE answers" sh -c "dig @127.0.0.1 -p $BP +short SOA $DDNS_ZONE | grep -q ns1"
-    # an MX whose target lies in the zone needs the target's address in the zone (named's
-    # check-integrity): without it named REFUSES the whole update, key or not
-    printf 'server 127.0.0.1 %s\nzone %s\nupdate add %s. 300 IN MX 10 mx1.%s.\nsend\n' \
-      "$BP" "$DDNS_ZONE" "$DDNS_ZONE" "$DDNS_ZONE" > "$T/upd0"
-    nsupdate -t 5 -k "$TSIG_KEY_FILE" "$T/upd0" > "$T/upd0.out" 2>&1
-    rc=$?
-    check "signed MX to an in-zone name without A -> REFUSED (check-integrity; exit $rc)" \
-      sh -c "[ $rc = 2 ] && grep -q REFUSED '$T/upd0.out'"
-    printf 'server 127.0.0.1 %s\nzone %s\nupdate add mx1.%s. 300 IN A 127.0.0.1\nupdate add %s. 300 IN MX 10 mx1.%s.\nsend\n' \
-      "$BP" "$DDNS_ZONE" "$DDNS_ZONE" "$DDNS_ZONE" "$DDNS_ZONE" > "$T/upd"
-    check "nsupdate -k TSIG_KEY_FILE adds A mx1 + MX (exit 0)" nsupdate -t 5 -k "$TSIG_KEY_FILE" "$T/upd"
-    check "dig MX shows it" test "$(dig @127.0.0.1 -p "$BP" +short MX "$DDNS_ZONE")" = "10 mx1.$DDNS_ZONE."
-    check "dig +tcp A mx1 shows it" test "$(dig @127.0.0.1 -p "$BP" +tcp +short A "mx1.$DDNS_ZONE")" = 127.0.0.1
-    printf 'server 127.0.0.1 %s\nzone %s\nupdate delete %s. MX\nsend\n' "$BP" "$DDNS_ZONE" "$DDNS_ZONE" > "$T/del"
-    check "nsupdate -y alg:name:secret deletes it (exit 0)" \
-      nsupdate -t 5 -y "$TSIG_ALGORITHM:$TSIG_KEY_NAME:$TSIG_SECRET" "$T/del"
-    check "dig MX shows none" test -z "$(dig @127.0.0.1 -p "$BP" +short MX "$DDNS_ZONE")"
-    printf 'server 127.0.0.1 %s\nzone %s\nupdate add evil.%s. 300 IN A 127.0.0.9\nsend\n' \
-      "$BP" "$DDNS_ZONE" "$DDNS_ZONE" > "$T/bad"
-    nsupdate -t 5 "$T/bad" > "$T/bad.out" 2>&1
-    rc=$?
-    check "unsigned update -> REFUSED (nsupdate exit $rc: $(tr '\n' ' ' < "$T/bad.out"))" \
-      sh -c "[ $rc = 2 ] && grep -q REFUSED '$T/bad.out'"
-    check "dig A evil.$DDNS_ZONE shows nothing" test -z "$(dig @127.0.0.1 -p "$BP" +short A "evil.$DDNS_ZONE")"
-  else
-    fail "bind start"
-  fi
-  timed bind stop "$D"
-  check "bind: no process left" gone "$D"
-  check "bind: second stop is a no-op (exit 0)" bash "$HERE/bind.sh" stop "$D" 2> /dev/null
+  cycle bind "$T/bind" check_bind
 fi
 
 rm -rf "$T"

@@ -219,3 +219,39 @@ rp_write_env() {
   cp -f "$RP_ENV.new" "$RP_DIR/env.last"
   mv -f "$RP_ENV.new" "$RP_ENV"
 }
+
+# rp_start_loop LAUNCH CHECK COMM WAIT_S WANTED RETRY_MSG FAIL_MSG: the start retry of rspamd.sh,
+# powerdns.sh and bind.sh, kept in one place. Up to 3 tries of `LAUNCH TRY` (pick the ports,
+# write the config, rp_spawn COMM), each waiting up to WAIT_S s for CHECK. A try whose port was
+# taken meanwhile (rp_port_clash) is stopped and retried with new ports, unless WANTED (the
+# ports the caller asked for) is non-empty or it was the third; any other failure shows the log,
+# stops COMM and dies with FAIL_MSG.
+rp_start_loop() {
+  local _launch=$1 _check=$2 _comm=$3 _wait_s=$4 _wanted=$5 _retry_msg=$6 _fail_msg=$7 _try _rc
+  for _try in 1 2 3; do
+    "$_launch" "$_try"
+    _rc=0
+    rp_wait "$_wait_s" "$_check" || _rc=1
+    [ "$_rc" = 0 ] && break
+    if rp_port_clash && [ -z "$_wanted" ] && [ "$_try" -lt 3 ]; then
+      warn "$_retry_msg"
+      rp_stop "$_comm" 10
+      rm -f "$RP_DIR/env.last"
+      continue
+    fi
+    rp_show_log
+    rp_stop "$_comm" 10
+    die "$_fail_msg"
+  done
+}
+
+# rp_main ACTION COMM: the three part scripts take the same actions; run ACTION for the daemon
+# COMM: start (the script's cmd_start), stop (STOP_WAIT_S, default 15), status (to fd 3); else usage
+rp_main() {
+  case "$1" in
+    start) cmd_start ;;
+    stop) rp_stop "$2" "${STOP_WAIT_S:-15}" ;;
+    status) rp_status "$2" >&3 ;;
+    *) usage ;;
+  esac
+}

@@ -41,10 +41,7 @@ LOG_TAG=rspamd
 . "$HERE/realparts-lib.sh"
 exec 3>&1 1>&2 # stdout (fd 3) carries only the env lines; messages go to stderr
 
-usage() {
-  sed -n '3,6p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
-  exit 2
-}
+usage() { usage_exit 3 6; }
 
 CACHE=${BACKUPMX_RSPAMD_CACHE:-/var/cache/backupmx-rspamd}
 SMALL_TLD=${RSPAMD_SMALL_TLD:-0}
@@ -96,8 +93,20 @@ ping_both() {
   curl -sf -m 5 "http://127.0.0.1:$NPORT/ping" && curl -sf -m 5 "http://127.0.0.1:$CPORT/ping"
 }
 
+# launch TRY: one try of cmd_start (rp_start_loop): the ports, the config, rspamd (uses
+# cmd_start's want_n and want_c)
+launch() {
+  rp_pick_port NPORT "" "$want_n" "$(rp_port_of "$(rp_prev RSPAMD_URL)")"
+  rp_pick_port CPORT "" "$want_c" "$(rp_port_of "$(rp_prev RSPAMD_CONTROLLER_URL)")"
+  write_config "$NPORT" "$CPORT"
+  log "starting rspamd: normal 127.0.0.1:$NPORT, controller 127.0.0.1:$CPORT, DNS $DNS (try $1)"
+  rp_spawn _rspamd rspamd -f -c /etc/rspamd/rspamd.conf \
+    --var=LOCAL_CONFDIR="$RP_DIR/etc" --var=DBDIR="$RP_DIR/db" \
+    --var=RUNDIR="$RP_DIR/run" --var=LOGDIR="$RP_DIR/logdir"
+}
+
 cmd_start() {
-  local t0=$EPOCHREALTIME attempt rc cold=0 want_n=${RSPAMD_PORT:-} want_c=${RSPAMD_CONTROLLER_PORT:-}
+  local t0=$EPOCHREALTIME cold=0 want_n=${RSPAMD_PORT:-} want_c=${RSPAMD_CONTROLLER_PORT:-}
   local wait_s=${START_WAIT_S:-300}
   DNS=${RSPAMD_DNS:-127.0.0.1:1}
   [[ "$DNS" =~ ^[0-9.]+:[0-9]+$ ]] || die "RSPAMD_DNS must be IP:PORT, not '$DNS'"
@@ -120,27 +129,9 @@ cmd_start() {
     fi
   fi
 
-  for attempt in 1 2 3; do
-    rp_pick_port NPORT "" "$want_n" "$(rp_port_of "$(rp_prev RSPAMD_URL)")"
-    rp_pick_port CPORT "" "$want_c" "$(rp_port_of "$(rp_prev RSPAMD_CONTROLLER_URL)")"
-    write_config "$NPORT" "$CPORT"
-    log "starting rspamd: normal 127.0.0.1:$NPORT, controller 127.0.0.1:$CPORT, DNS $DNS (try $attempt)"
-    rp_spawn _rspamd rspamd -f -c /etc/rspamd/rspamd.conf \
-      --var=LOCAL_CONFDIR="$RP_DIR/etc" --var=DBDIR="$RP_DIR/db" \
-      --var=RUNDIR="$RP_DIR/run" --var=LOGDIR="$RP_DIR/logdir"
-    rc=0
-    rp_wait "$wait_s" ping_both || rc=1
-    [ "$rc" = 0 ] && break
-    if rp_port_clash && [ -z "$want_n$want_c" ] && [ "$attempt" -lt 3 ]; then
-      warn "a port was taken meanwhile; retrying with other ports"
-      rp_stop rspamd 10
-      rm -f "$RP_DIR/env.last"
-      continue
-    fi
-    rp_show_log
-    rp_stop rspamd 10
-    die "rspamd in $RP_DIR did not answer /ping within ${wait_s}s"
-  done
+  rp_start_loop launch ping_both rspamd "$wait_s" "$want_n$want_c" \
+    "a port was taken meanwhile; retrying with other ports" \
+    "rspamd in $RP_DIR did not answer /ping within ${wait_s}s"
 
   if [ "$cold" = 1 ]; then
     # rspamd answers before its hs_helper has compiled (and written) all regexp classes; wait
@@ -164,9 +155,4 @@ action=$1
 need_root
 need_cmd rspamd curl setsid setpriv flock ss
 rp_layout rspamd "$2"
-case "$action" in
-  start) cmd_start ;;
-  stop) rp_stop rspamd "${STOP_WAIT_S:-15}" ;;
-  status) rp_status rspamd >&3 ;;
-  *) usage ;;
-esac
+rp_main "$action" rspamd

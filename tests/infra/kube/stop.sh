@@ -21,54 +21,28 @@ STATEDIR=$(cd "$STATEDIR" && pwd) # absolute, as start.sh wrote it into the watc
 
 # is PID (still) COMM? comm is the executable's name cut to 15 characters
 is_comm() { [ "$(cat "/proc/$1/comm" 2> /dev/null)" = "${2:0:15}" ]; }
-# running PID: some thread of PID is not a zombie. A process that exited counts as gone at once,
-# even before it is reaped (these are orphans, and some PID 1s reap them seconds later only).
-running() {
-  local t s
-  for t in /proc/"$1"/task/*/stat; do
-    s=$(sed 's/.*) //' "$t" 2> /dev/null | cut -c1)
-    [ -n "$s" ] && [ "$s" != Z ] && return 0
-  done
-  return 1
-}
+# alive PID (proc-lib.sh): some thread of PID is not a zombie. A process that exited counts as
+# gone at once, even before it is reaped (these are orphans, and some PID 1s reap them seconds
+# later only). Also term_wait_kill and stop_watchdog, shared with the node tier's stop.sh.
+# shellcheck source=tests/infra/proc-lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/../proc-lib.sh"
 
 stop_pid() { # $1 = pid file, $2 = expected program name
   local f=$1 comm=$2 pid
   [ -f "$f" ] || return 0
   pid=$(cat "$f")
-  if [ -n "$pid" ] && running "$pid"; then
+  if [ -n "$pid" ] && alive "$pid"; then
     if ! is_comm "$pid" "$comm"; then
       log "pid $pid of $(basename "$f") is no longer $comm; not signalling it"
     else
-      kill -TERM "$pid" 2> /dev/null
-      for _ in $(seq 1 50); do running "$pid" || break; sleep 0.1; done
-      if running "$pid"; then kill -KILL "$pid" 2> /dev/null; sleep 0.2; fi
+      term_wait_kill alive "$pid" 50
       log "stopped $(basename "$f" .pid) (pid $pid)"
     fi
   fi
   rm -f "$f"
 }
 
-# the watchdog (a setsid'd `bash watchdog.sh STATEDIR ...`, leader of its own process group)
-stop_watchdog() {
-  local f=$STATEDIR/watchdog.pid pid
-  [ -f "$f" ] || return 0
-  pid=$(cat "$f")
-  if [ "$pid" = "$$" ] || [ "$pid" = "$PPID" ]; then
-    rm -f "$f" # the watchdog is the caller: it exits by itself after this
-    return 0
-  fi
-  if [ -n "$pid" ] && running "$pid" &&
-    tr '\0' ' ' < "/proc/$pid/cmdline" 2> /dev/null | grep -qF "watchdog.sh $STATEDIR "; then
-    kill -TERM -- "-$pid" 2> /dev/null || kill -TERM "$pid" 2> /dev/null
-    for _ in $(seq 1 20); do running "$pid" || break; sleep 0.1; done
-    running "$pid" && kill -KILL -- "-$pid" 2> /dev/null
-    log "stopped watchdog (pid $pid)"
-  fi
-  rm -f "$f"
-}
-
-stop_watchdog
+stop_watchdog "$STATEDIR" alive
 [ "$MODE" = --watchdog-only ] && exit 0
 # reverse start order
 stop_pid "$STATEDIR/kube-scheduler.pid" kube-scheduler

@@ -10,6 +10,9 @@ set -euo pipefail
 OUT=${1:?usage: make-pause-image.sh OUT.tar [NAME:TAG]}
 REF=${2:-k8s.gcr.io/pause:3.2}
 HERE=$(cd "$(dirname "$0")" && pwd)
+# the docker-archive writer of images/make-image.sh
+# shellcheck source=images/archive-lib.sh
+. "$HERE/../../images/archive-lib.sh"
 W=$(mktemp -d)
 trap 'rm -rf "$W"' EXIT
 R=$W/rootfs
@@ -22,15 +25,5 @@ CFG="{\"architecture\":\"amd64\",\"os\":\"linux\",\"created\":\"1970-01-01T00:00
 CFG+="\"config\":{\"Env\":[\"PATH=/bin\"],\"Entrypoint\":[\"/bin/pause\"],\"WorkingDir\":\"/\"},"
 CFG+="\"rootfs\":{\"type\":\"layers\",\"diff_ids\":[\"sha256:$LSHA\"]},"
 CFG+="\"history\":[{\"created\":\"1970-01-01T00:00:00Z\",\"created_by\":\"make-pause-image.sh\"}]}"
-printf '%s' "$CFG" > "$W/config.json"
-CSHA=$(sha256sum "$W/config.json" | cut -d' ' -f1)
-A=$W/archive
-mkdir -p "$A/$LSHA"
-mv "$W/layer.tar" "$A/$LSHA/layer.tar"
-mv "$W/config.json" "$A/$CSHA.json"
-printf '[{"Config":"%s.json","RepoTags":["%s"],"Layers":["%s/layer.tar"]}]' "$CSHA" "$REF" "$LSHA" > "$A/manifest.json"
-printf '{"%s":{"%s":"%s"}}' "${REF%:*}" "${REF##*:}" "$LSHA" > "$A/repositories"
-mkdir -p "$(dirname "$OUT")"
-tar --sort=name --owner=0 --group=0 --numeric-owner --mtime=@0 -C "$A" -cf "$OUT.tmp" .
-mv "$OUT.tmp" "$OUT"
+docker_archive "$W" "$LSHA" "$REF" "$OUT" "$CFG"
 echo "$OUT: $REF (config sha256:$CSHA, $(du -h "$OUT" | cut -f1))" >&2

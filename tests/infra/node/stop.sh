@@ -23,6 +23,9 @@ esac
 [ -d "$STATEDIR" ] || { echo "[node-stop] no such dir: $STATEDIR" >&2; exit 0; }
 STATEDIR=$(cd "$STATEDIR" && pwd)
 log() { echo "[node-stop] $*" >&2; }
+# term_wait_kill and stop_watchdog, shared with the kube tier's stop.sh
+# shellcheck source=tests/infra/proc-lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/../proc-lib.sh"
 # alive = exists and is not a zombie (this VM's init reaps orphans only every second or so)
 pid_alive() { [ -n "$1" ] && kill -0 "$1" 2>/dev/null && [ "$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -c1)" != Z ]; }
 stop_pid() {  # $1 = pid file, $2 = seconds to wait after TERM, $3 = expected executable name (guards
@@ -33,33 +36,13 @@ stop_pid() {  # $1 = pid file, $2 = seconds to wait after TERM, $3 = expected ex
     log "pid $pid from $(basename "$f") is not $exe any more (stale pid file), not touching it"; rm -f "$f"; return 0
   fi
   if pid_alive "$pid"; then
-    kill -TERM "$pid" 2>/dev/null
-    for _ in $(seq 1 $(( w * 10 ))); do pid_alive "$pid" || break; sleep 0.1; done
-    if pid_alive "$pid"; then kill -KILL "$pid" 2>/dev/null; sleep 0.2; fi
+    term_wait_kill pid_alive "$pid" $(( w * 10 ))
     log "stopped $(basename "$f" .pid) (pid $pid)"
   fi
   rm -f "$f"
 }
 
-# the watchdog (a setsid'd `bash watchdog.sh STATEDIR ...`, leader of its own process group)
-stop_watchdog() {
-  local f=$STATEDIR/watchdog.pid pid
-  [ -f "$f" ] || return 0
-  pid=$(cat "$f")
-  if [ "$pid" = "$$" ] || [ "$pid" = "$PPID" ]; then
-    rm -f "$f" # the watchdog is the caller: it exits by itself after this
-    return 0
-  fi
-  if pid_alive "$pid" &&
-    tr '\0' ' ' < "/proc/$pid/cmdline" 2> /dev/null | grep -qF "watchdog.sh $STATEDIR "; then
-    kill -TERM -- "-$pid" 2> /dev/null || kill -TERM "$pid" 2> /dev/null
-    for _ in $(seq 1 20); do pid_alive "$pid" || break; sleep 0.1; done
-    pid_alive "$pid" && kill -KILL -- "-$pid" 2> /dev/null
-    log "stopped watchdog (pid $pid)"
-  fi
-  rm -f "$f"
-}
-stop_watchdog
+stop_watchdog "$STATEDIR" pid_alive
 [ "$MODE" = --watchdog-only ] && exit 0
 
 stop_pid "$STATEDIR/kube-proxy.pid" 5 kube-proxy
