@@ -51,7 +51,7 @@ fi
 
 mkdir -p "$OUT"
 for name in mx-pod backupmx-operator; do
-  bin="target/$TARGET/release/$name"
+  bin="${CARGO_TARGET_DIR:-target}/$TARGET/release/$name"
   [ -x "$bin" ] || die "$bin was not built"
   ldd_out="$(ldd "$bin" 2>&1 || true)"
   case "$ldd_out" in

@@ -52,7 +52,7 @@ export CARGO_PROFILE_RELEASE_DEBUG=0 CARGO_PROFILE_RELEASE_STRIP=debuginfo
 "${CARGO:-cargo}" build -q --release --locked --target "$TARGET" \
   -p mx-pod -p backupmx-operator --bin mx-pod --bin backupmx-operator >&2 ||
   die "cargo build failed"
-BIN="target/$TARGET/release/mx-pod"
+BIN="${CARGO_TARGET_DIR:-target}/$TARGET/release/mx-pod"
 [ -x "$BIN" ] || die "$BIN was not built"
 ldd_out="$(ldd "$BIN" 2>&1 || true)"
 case "$ldd_out" in
