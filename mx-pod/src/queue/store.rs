@@ -858,6 +858,20 @@ struct SegmentScan {
     regions: Vec<Region>,
 }
 
+impl SegmentScan {
+    /// The records from `offset` to `end` are damaged, as `fault` says; `tail`: nothing valid
+    /// follows them.
+    fn damaged(&mut self, offset: u64, end: u64, fault: Fault, tail: bool) {
+        self.regions.push(Region {
+            offset,
+            len: end - offset,
+            kind: fault.kind,
+            detail: fault.detail,
+            tail,
+        });
+    }
+}
+
 /// Why a record at some offset is not valid.
 struct Fault {
     kind: DamageKind,
@@ -1088,13 +1102,7 @@ fn read_segment(
         match (fault.kind, fault.end) {
             (DamageKind::BodyChecksum, Some(end)) if end == len => {
                 // the last record: nothing valid follows it
-                scan.regions.push(Region {
-                    offset,
-                    len: end - offset,
-                    kind: fault.kind,
-                    detail: fault.detail,
-                    tail: true,
-                });
+                scan.damaged(offset, end, fault, true);
                 break;
             }
             (DamageKind::BodyChecksum, Some(end)) => {
@@ -1116,25 +1124,13 @@ fn read_segment(
                 if let Err(why) = visit(item) {
                     tracing::error!(segment = %path.display(), offset, %why, "the damaged message's envelope is undecodable");
                 }
-                scan.regions.push(Region {
-                    offset,
-                    len: end - offset,
-                    kind: fault.kind,
-                    detail: fault.detail,
-                    tail: false,
-                });
+                scan.damaged(offset, end, fault, false);
                 offset = end;
                 seek(&mut r, offset)?;
             }
             (DamageKind::RecordUndecodable, Some(end)) => {
                 // checksums hold: not a torn write, the record is just not what it says
-                scan.regions.push(Region {
-                    offset,
-                    len: end - offset,
-                    kind: fault.kind,
-                    detail: fault.detail,
-                    tail: false,
-                });
+                scan.damaged(offset, end, fault, false);
                 offset = end;
                 seek(&mut r, offset)?;
             }
@@ -1154,13 +1150,7 @@ fn read_segment(
                         }
                     }
                 }
-                scan.regions.push(Region {
-                    offset,
-                    len: end - offset,
-                    kind: fault.kind,
-                    detail: fault.detail,
-                    tail,
-                });
+                scan.damaged(offset, end, fault, tail);
                 if tail {
                     break;
                 }
