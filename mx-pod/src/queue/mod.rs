@@ -428,19 +428,7 @@ impl Queue {
         id: Option<QueueId>,
     ) -> Result<usize, QueueError> {
         if let Some(id) = id {
-            let state = {
-                let mut st = self.lock();
-                let mut env = st
-                    .index
-                    .get(id)
-                    .ok_or(QueueError::NotFound(id))?
-                    .env
-                    .clone();
-                env.held = held;
-                st.index.update(env.clone(), now_micros());
-                MessageState::of(&env)
-            };
-            self.inner.store.append(Record::State(state)).await?;
+            self.update_envelope(id, |env| env.held = held).await?;
             self.inner.work.notify_waiters();
             return Ok(1);
         }
@@ -574,6 +562,17 @@ impl Queue {
 
     /// Marks the delay warning of a message as sent.
     pub async fn mark_delay_warned(&self, id: QueueId) -> Result<(), QueueError> {
+        self.update_envelope(id, |env| env.delay_warned = true)
+            .await
+    }
+
+    /// Changes one queued message's envelope with `change`, in the index and then as a state
+    /// record in the log, so the change survives a restart.
+    async fn update_envelope(
+        &self,
+        id: QueueId,
+        change: impl FnOnce(&mut Envelope),
+    ) -> Result<(), QueueError> {
         let state = {
             let mut st = self.lock();
             let mut env = st
@@ -582,7 +581,7 @@ impl Queue {
                 .ok_or(QueueError::NotFound(id))?
                 .env
                 .clone();
-            env.delay_warned = true;
+            change(&mut env);
             st.index.update(env.clone(), now_micros());
             MessageState::of(&env)
         };
