@@ -221,25 +221,14 @@ mod tests {
     use super::*;
 
     fn original() -> Envelope {
-        Envelope {
-            id: QueueId(7),
-            kind: MessageKind::Mail,
+        let mut env = Envelope {
             arrival: 1_700_000_000_000_000,
-            sender: "alice@sender.test".into(),
-            recipients: vec![Recipient::new(
-                "bob@example.test".into(),
-                Some("rfc822;bob@example.test".into()),
-                Notify::default(),
-            )],
             size: 10,
             env_id: Some("ENV42".into()),
-            ret: None,
-            smtputf8: false,
-            eight_bit: false,
-            client: Default::default(),
-            held: false,
-            delay_warned: false,
-        }
+            ..Envelope::for_test(7, "alice@sender.test", &["bob@example.test"])
+        };
+        env.recipients[0].orcpt = Some("rfc822;bob@example.test".into());
+        env
     }
 
     #[test]

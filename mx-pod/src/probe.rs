@@ -121,6 +121,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
+    use crate::outbound::script::{Answer, Script, scripted, send};
     use rustls::pki_types::CertificateDer;
     use tokio::{
         io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
@@ -138,26 +139,26 @@ mod tests {
         probe_with(addr, "mx2.test", Duration::from_secs(5), tls).await
     }
 
-    /// A scripted server: greets with `greeting`, answers EHLO and QUIT.
+    /// A scripted server: greets with `greeting`, offers STARTTLS but answers it `221`.
     async fn server(greeting: &'static str) -> String {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap().to_string();
-        tokio::spawn(async move {
-            let (s, _) = l.accept().await.unwrap();
-            let (r, mut w) = s.into_split();
-            w.write_all(greeting.as_bytes()).await.unwrap();
-            let mut r = BufReader::new(r);
-            let mut line = String::new();
-            while r.read_line(&mut line).await.unwrap_or(0) > 0 {
-                let reply: &[u8] = if line.starts_with("EHLO") {
-                    b"250-primary.test\r\n250-PIPELINING\r\n250 STARTTLS\r\n"
-                } else {
-                    b"221 bye\r\n"
-                };
-                let _ = w.write_all(reply).await;
-                line.clear();
-            }
-        });
+        let (addr, _) = scripted(Script {
+            greeting: send(greeting.as_bytes()),
+            ehlo: send(b"250-primary.test\r\n250-PIPELINING\r\n250 STARTTLS\r\n"),
+            starttls: send(b"221 bye\r\n"),
+            ..Script::default()
+        })
+        .await;
+        addr
+    }
+
+    /// A scripted server offering STARTTLS that answers it with `answer`, and no TLS.
+    async fn starttls_server(answer: Answer) -> String {
+        let (addr, _) = scripted(Script {
+            ehlo: send(b"250-p.test\r\n250 STARTTLS\r\n"),
+            starttls: answer,
+            ..Script::default()
+        })
+        .await;
         addr
     }
 
@@ -186,10 +187,10 @@ mod tests {
         );
     }
 
-    /// A server offering STARTTLS: `handshake` false answers 220 and then closes (a broken TLS
-    /// stack); true completes TLS with a self-signed certificate and answers EHLO inside.
-    /// Also returns the certificate (PEM, for `primary.test` and `127.0.0.1`).
-    async fn tls_server(handshake: bool) -> (String, String) {
+    /// A server offering STARTTLS that completes TLS with a self-signed certificate and
+    /// answers EHLO inside. Also returns the certificate (PEM, for `primary.test` and
+    /// `127.0.0.1`).
+    async fn tls_server() -> (String, String) {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap().to_string();
         let ck = rcgen::generate_simple_self_signed(vec![
@@ -229,9 +230,6 @@ mod tests {
                         .write_all(b"220 2.0.0 go ahead\r\n")
                         .await
                         .unwrap();
-                    if !handshake {
-                        return;
-                    }
                     let tls = acceptor.accept(r.into_inner()).await.unwrap();
                     let mut t = BufReader::new(tls);
                     let mut l2 = String::new();
@@ -259,33 +257,14 @@ mod tests {
     /// STARTTLS would be read as if it came inside TLS; the client refuses the session.
     #[tokio::test]
     async fn starttls_refuses_data_sent_with_the_220() {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap().to_string();
-        tokio::spawn(async move {
-            let (s, _) = l.accept().await.unwrap();
-            let mut r = BufReader::new(s);
-            r.get_mut()
-                .write_all(b"220 p.test ESMTP\r\n")
-                .await
-                .unwrap();
-            let mut line = String::new();
-            while r.read_line(&mut line).await.unwrap_or(0) > 0 {
-                let reply: &[u8] = if line.starts_with("EHLO") {
-                    b"250-p.test\r\n250 STARTTLS\r\n"
-                } else {
-                    b"220 2.0.0 go ahead\r\n250 2.0.0 injected\r\n"
-                };
-                r.get_mut().write_all(reply).await.unwrap();
-                line.clear();
-            }
-        });
+        let addr = starttls_server(send(b"220 2.0.0 go ahead\r\n250 2.0.0 injected\r\n")).await;
         let err = starttls_probe(&addr).await.unwrap_err();
         assert!(err.to_string().contains("plaintext injection"), "{err}");
     }
 
     #[tokio::test]
     async fn starttls_probe_completes_the_handshake_and_ehlo_inside_tls() {
-        let (addr, _) = tls_server(true).await;
+        let (addr, _) = tls_server().await;
         let r = starttls_probe(&addr).await.unwrap();
         let tls = r.tls.expect("TLS details");
         assert!(tls.starts_with("TLSv1_3"), "{tls}");
@@ -302,12 +281,12 @@ mod tests {
             probe_with(&addr, "mx2.test", Duration::from_secs(5), tls).await
         };
         // unknown issuer: refused as a certificate failure
-        let (addr, _) = tls_server(true).await;
+        let (addr, _) = tls_server().await;
         let err = verify(Trust::webpki(), addr).await.unwrap_err();
         assert_eq!(err.tls_failure(), Some(TlsFailure::Certificate), "{err}");
         assert!(err.to_string().contains("certificate rejected"), "{err}");
         // the same kind of server, its certificate trusted through the CA bundle: healthy
-        let (addr, pem) = tls_server(true).await;
+        let (addr, pem) = tls_server().await;
         let trust = Trust::with_pem(pem.as_bytes(), "test bundle").unwrap();
         let r = verify(trust, addr).await.unwrap();
         assert!(r.tls.is_some());
@@ -327,7 +306,8 @@ mod tests {
 
     #[tokio::test]
     async fn starttls_probe_fails_on_a_broken_handshake_or_when_not_offered() {
-        let (addr, _) = tls_server(false).await;
+        // a broken TLS stack: 220, then the server hangs up
+        let addr = starttls_server(Answer::Last(b"220 2.0.0 go ahead\r\n".to_vec())).await;
         let err = starttls_probe(&addr).await.unwrap_err();
         assert!(err.to_string().contains("TLS handshake failed"), "{err}");
         let addr = server("220 primary.test ESMTP\r\n").await; // offers STARTTLS, answers 221

@@ -82,6 +82,17 @@ fn error(status: StatusCode, message: String) -> Response {
     ApiError(status, message).into_response()
 }
 
+/// A request body parsed as JSON; a body that does not parse is a 400 that shows `expected`, a
+/// body that would, so a caller can fix the request from the answer alone.
+fn json_body<T: serde::de::DeserializeOwned>(body: &[u8], expected: &str) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("bad request body: {e}; expected {expected}"),
+        )
+    })
+}
+
 /// An error answer: a status and a message, sent as `{"error": message}`.
 pub struct ApiError(StatusCode, String);
 
@@ -218,20 +229,14 @@ struct RepairBody {
 
 /// `POST /v1/queue/repair`: acknowledges the queue log's damage (see [`Queue::repair`]).
 async fn repair(State(s): State<AdminState>, body: axum::body::Bytes) -> Response {
-    let req: RepairBody = if body.iter().all(u8::is_ascii_whitespace) {
-        RepairBody::default()
+    let req = if body.iter().all(u8::is_ascii_whitespace) {
+        Ok(RepairBody::default())
     } else {
-        match serde_json::from_slice(&body) {
-            Ok(b) => b,
-            Err(e) => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    format!(
-                        "bad request body: {e}; expected {{}} or {{\"segment\":\"0000000000000003\"}}"
-                    ),
-                );
-            }
-        }
+        json_body(&body, r#"{} or {"segment":"0000000000000003"}"#)
+    };
+    let req = match req {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
     };
     let segment = match req.segment.as_deref() {
         None => None,
@@ -477,14 +482,9 @@ struct ReplayPatch {
 const MAX_WORKERS: usize = 1024;
 
 async fn put_replay(State(s): State<AdminState>, body: axum::body::Bytes) -> Response {
-    let patch: ReplayPatch = match serde_json::from_slice(&body) {
+    let patch: ReplayPatch = match json_body(&body, r#"{"workers":N,"rate_per_second":R}"#) {
         Ok(p) => p,
-        Err(e) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                format!("bad request body: {e}; expected {{\"workers\":N,\"rate_per_second\":R}}"),
-            );
-        }
+        Err(e) => return e.into_response(),
     };
     let mut st = s.replay.settings();
     if let Some(w) = patch.workers {
@@ -512,20 +512,14 @@ struct DrainBody {
 }
 
 async fn drain(State(s): State<AdminState>, body: axum::body::Bytes) -> Response {
-    let req: DrainBody = if body.is_empty() {
-        DrainBody::default()
+    let req = if body.is_empty() {
+        Ok(DrainBody::default())
     } else {
-        match serde_json::from_slice(&body) {
-            Ok(b) => b,
-            Err(e) => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    format!(
-                        "bad request body: {e}; expected {{}} or {{\"forward_to\":\"host:port\"}}"
-                    ),
-                );
-            }
-        }
+        json_body(&body, r#"{} or {"forward_to":"host:port"}"#)
+    };
+    let req = match req {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
     };
     if let Some(target) = &req.forward_to
         && let Err(e) = crate::config::parse_host_port(target)
@@ -563,14 +557,9 @@ struct DrillBody {
 /// its id; the caller releases it and follows it with `GET /v1/queue/messages/{id}` (the
 /// failover drill: the whole path through the backup, without touching the primary).
 async fn drill(State(s): State<AdminState>, body: axum::body::Bytes) -> Response {
-    let req: DrillBody = match serde_json::from_slice(&body) {
+    let req: DrillBody = match json_body(&body, r#"{"domain":"example.com"}"#) {
         Ok(b) => b,
-        Err(e) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                format!("bad request body: {e}; expected {{\"domain\":\"example.com\"}}"),
-            );
-        }
+        Err(e) => return e.into_response(),
     };
     let configured = route_from_admin(&req.domain)
         .ok()

@@ -28,6 +28,9 @@ pub(crate) enum Answer {
     Close,
 }
 
+/// The answer to a command the scripted server does not know.
+const NOT_RECOGNIZED: &[u8] = b"502 5.5.2 Error: command not recognized\r\n";
+
 pub(crate) fn send(bytes: &[u8]) -> Answer {
     Answer::Send(bytes.to_vec())
 }
@@ -41,6 +44,8 @@ pub(crate) struct Script {
     pub rcpt: Answer,
     pub data: Answer,
     pub dot: Answer,
+    /// The answer to `STARTTLS`; no TLS handshake follows (the default refuses the command).
+    pub starttls: Answer,
 }
 
 impl Default for Script {
@@ -52,6 +57,7 @@ impl Default for Script {
             rcpt: send(b"250 2.1.5 Ok\r\n"),
             data: send(b"354 End data with <CR><LF>.<CR><LF>\r\n"),
             dot: send(b"250 2.0.0 Ok: queued\r\n"),
+            starttls: send(NOT_RECOGNIZED),
         }
     }
 }
@@ -134,12 +140,13 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             "MAIL" => script.mail.clone(),
             "RCPT" => script.rcpt.clone(),
             "DATA" => script.data.clone(),
+            "STAR" => script.starttls.clone(),
             "RSET" => send(b"250 2.0.0 Ok\r\n"),
             "QUIT" => {
                 let _ = r.get_mut().write_all(b"221 2.0.0 Bye\r\n").await;
                 return;
             }
-            _ => send(b"502 5.5.2 Error: command not recognized\r\n"),
+            _ => send(NOT_RECOGNIZED),
         };
         if !answer(r.get_mut(), &a).await {
             return;

@@ -63,77 +63,43 @@ fn orcpt_is_sent_with_its_address_type_and_xtext() {
     assert_eq!(orcpt_address("a@b.test"), "a@b.test");
 }
 
-/// A server offering STARTTLS whose TLS is broken: it says `220` and hangs up. Serves any
-/// number of connections; returns its address and how many it has taken.
-async fn broken_tls_server() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
-    use tokio::io::{AsyncBufReadExt, BufReader};
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap().to_string();
-    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let seen = count.clone();
-    tokio::spawn(async move {
-        while let Ok((s, _)) = l.accept().await {
-            seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            tokio::spawn(async move {
-                let mut r = BufReader::new(s);
-                r.get_mut()
-                    .write_all(b"220 p.test ESMTP\r\n")
-                    .await
-                    .unwrap();
-                let mut line = String::new();
-                while r.read_line(&mut line).await.unwrap_or(0) > 0 {
-                    let reply: &[u8] = if line.starts_with("EHLO") {
-                        b"250-p.test\r\n250-PIPELINING\r\n250 STARTTLS\r\n"
-                    } else if line.starts_with("STARTTLS") {
-                        let _ = r.get_mut().write_all(b"220 2.0.0 go ahead\r\n").await;
-                        return;
-                    } else {
-                        b"221 bye\r\n"
-                    };
-                    let _ = r.get_mut().write_all(reply).await;
-                    line.clear();
-                }
-            });
-        }
-    });
-    (addr, count)
-}
-
 #[tokio::test]
 async fn may_falls_back_to_plaintext_on_a_new_connection_and_encrypt_does_not() {
-    use std::sync::atomic::Ordering;
     let trust = Trust::webpki();
     let t = Duration::from_secs(5);
-    let (addr, conns) = broken_tls_server().await;
+    // a server offering STARTTLS whose TLS is broken: it says `220` and hangs up
+    let (addr, seen) = scripted(Script {
+        ehlo: send(b"250-p.test\r\n250-PIPELINING\r\n250 STARTTLS\r\n"),
+        starttls: Answer::Last(b"220 2.0.0 go ahead\r\n".to_vec()),
+        ..Script::default()
+    })
+    .await;
+    let connections = || seen.lock().unwrap().connections;
     let c = SmtpClient::open(&addr, "mx2.test", t, TlsPolicy::May, &trust)
         .await
         .expect("may delivers without TLS");
     assert!(c.tls.is_none());
     assert_eq!(c.tls_fallback, Some(TlsFailure::Handshake));
-    assert_eq!(
-        conns.load(Ordering::SeqCst),
-        2,
-        "a new connection for plaintext"
-    );
+    assert_eq!(connections(), 2, "a new connection for plaintext");
     c.quit().await;
 
     for policy in [TlsPolicy::Encrypt, TlsPolicy::Verify] {
-        let before = conns.load(Ordering::SeqCst);
+        let before = connections();
         let err = SmtpClient::open(&addr, "mx2.test", t, policy, &trust)
             .await
             .err()
             .expect("no plaintext under encrypt/verify");
         assert_eq!(err.tls_failure(), Some(TlsFailure::Handshake), "{err}");
-        assert_eq!(conns.load(Ordering::SeqCst), before + 1, "no second try");
+        assert_eq!(connections(), before + 1, "no second try");
     }
 
     // none never says STARTTLS
-    let before = conns.load(Ordering::SeqCst);
+    let before = connections();
     let c = SmtpClient::open(&addr, "mx2.test", t, TlsPolicy::None, &trust)
         .await
         .unwrap();
     assert!(c.tls.is_none() && c.tls_fallback.is_none());
-    assert_eq!(conns.load(Ordering::SeqCst), before + 1);
+    assert_eq!(connections(), before + 1);
 }
 
 #[test]
@@ -224,20 +190,43 @@ async fn send_one(c: &mut SmtpClient) -> Result<TxResult, ClientError> {
     c.send(&envelope(), &RCPT, BODY, &AtOnce).await
 }
 
+/// A session with the server at `addr` (TCP), saying EHLO `mx2.test`.
+async fn connect(addr: &str) -> Result<SmtpClient, ClientError> {
+    SmtpClient::connect(addr, "mx2.test", Duration::from_secs(10)).await
+}
+
 /// Connects to `script` on TCP and sends one message; returns what `send` said, whether the
 /// connection is still usable, and what the server saw.
 async fn deliver_to(script: Script) -> (Result<TxResult, ClientError>, bool, Arc<Mutex<Seen>>) {
     let (addr, seen) = scripted(script).await;
-    let mut c = SmtpClient::connect(&addr, "mx2.test", Duration::from_secs(10))
-        .await
-        .expect("the session opens");
+    let mut c = connect(&addr).await.expect("the session opens");
     let r = send_one(&mut c).await;
     (r, c.usable(), seen)
 }
 
+/// Fails the test unless the one recipient was delivered.
+fn assert_delivered(tx: &TxResult) {
+    assert!(
+        matches!(&tx.results[..], [(0, RcptResult::Delivered(_))]),
+        "{tx:?}"
+    );
+}
+
 fn violation_of(r: &Result<TxResult, ClientError>) -> Option<(Stage, &Violation)> {
+    r.as_ref().err().and_then(violation_in)
+}
+
+fn violation_in(e: &ClientError) -> Option<(Stage, &Violation)> {
+    match e {
+        ClientError::Violation { stage, violation } => Some((*stage, violation)),
+        _ => None,
+    }
+}
+
+/// The protocol violation that left the outcome unknown (it came after the final dot).
+fn violation_after_the_dot(r: &Result<TxResult, ClientError>) -> Option<(Stage, &Violation)> {
     match r {
-        Err(ClientError::Violation { stage, violation }) => Some((*stage, violation)),
+        Err(ClientError::UnknownOutcome(e)) => violation_in(e),
         _ => None,
     }
 }
@@ -377,11 +366,7 @@ async fn a_refusal_of_data_is_the_recipients_result() {
 #[tokio::test]
 async fn only_a_2xx_to_the_final_dot_delivers() {
     let (r, usable, seen) = deliver_to(Script::default()).await;
-    let tx = r.unwrap();
-    assert!(
-        matches!(&tx.results[..], [(0, RcptResult::Delivered(_))]),
-        "{tx:?}"
-    );
+    assert_delivered(&r.unwrap());
     assert!(usable);
     assert_eq!(seen.lock().unwrap().dots, 1);
     // a 3xx to the dot: the server is out of step, and may have committed
@@ -390,26 +375,25 @@ async fn only_a_2xx_to_the_final_dot_delivers() {
         ..Script::default()
     })
     .await;
-    match r {
-        Err(ClientError::UnknownOutcome(e)) => assert!(
-            matches!(*e, ClientError::Violation { stage: Stage::FinalDot, violation: Violation::UnexpectedReply(ref reply) } if reply.code == 354),
-            "{e}"
-        ),
-        other => panic!("{other:?}"),
-    }
+    assert_eq!(
+        code_of(violation_after_the_dot(&r)),
+        Some((Stage::FinalDot, 354)),
+        "{r:?}"
+    );
 }
 
 #[tokio::test]
 async fn a_line_after_the_greeting_is_a_protocol_error() {
-    let (addr, seen) = scripted(Script {
-        greeting: send(b"220 p.test ESMTP\r\n250 2.0.0 extra\r\n"),
-        ..Script::default()
-    })
-    .await;
-    let err = SmtpClient::connect(&addr, "mx2.test", Duration::from_secs(10))
-        .await
-        .err()
-        .expect("refused");
+    /// The session with a server that greets with `greeting`, which must fail.
+    async fn refused(greeting: &[u8]) -> (ClientError, Arc<Mutex<Seen>>) {
+        let (addr, seen) = scripted(Script {
+            greeting: send(greeting),
+            ..Script::default()
+        })
+        .await;
+        (connect(&addr).await.err().expect("refused"), seen)
+    }
+    let (err, seen) = refused(b"220 p.test ESMTP\r\n250 2.0.0 extra\r\n").await;
     assert!(
         matches!(&err, ClientError::Violation { stage: Stage::Ehlo, violation: Violation::Unsolicited(line) } if line == "250 2.0.0 extra"),
         "{err}"
@@ -420,15 +404,7 @@ async fn a_line_after_the_greeting_is_a_protocol_error() {
     );
 
     // a line with another code inside the greeting
-    let (addr, _) = scripted(Script {
-        greeting: send(b"220-p.test ESMTP\r\n250 2.0.0 extra\r\n"),
-        ..Script::default()
-    })
-    .await;
-    let err = SmtpClient::connect(&addr, "mx2.test", Duration::from_secs(10))
-        .await
-        .err()
-        .expect("refused");
+    let (err, _) = refused(b"220-p.test ESMTP\r\n250 2.0.0 extra\r\n").await;
     assert!(
         matches!(
             err,
@@ -496,19 +472,13 @@ async fn two_replies_to_one_command_are_a_protocol_error() {
         ..Script::default()
     })
     .await;
-    match r {
-        Err(ClientError::UnknownOutcome(e)) => assert!(
-            matches!(
-                *e,
-                ClientError::Violation {
-                    stage: Stage::FinalDot,
-                    violation: Violation::Unsolicited(_)
-                }
-            ),
-            "{e}"
+    assert!(
+        matches!(
+            violation_after_the_dot(&r),
+            Some((Stage::FinalDot, Violation::Unsolicited(_)))
         ),
-        other => panic!("{other:?}"),
-    }
+        "{r:?}"
+    );
     assert!(!usable);
 }
 
@@ -519,11 +489,7 @@ async fn a_421_after_the_reply_to_the_dot_only_ends_the_session() {
         ..Script::default()
     })
     .await;
-    let tx = r.expect("the 250 stands");
-    assert!(
-        matches!(&tx.results[..], [(0, RcptResult::Delivered(_))]),
-        "{tx:?}"
-    );
+    assert_delivered(&r.expect("the 250 stands"));
     assert!(!usable, "the server is closing");
 }
 
@@ -600,6 +566,7 @@ async fn replies_split_across_reads_parse() {
         rcpt: trickle(b"250 2.1.5 Ok\r\n"),
         data: trickle(b"354 go ahead\r\n"),
         dot: trickle(b"250 2.0.0 Ok: queued\r\n"),
+        ..Script::default()
     };
     let (addr, seen) = scripted(script).await;
     let tcp = TcpStream::connect(&addr).await.unwrap();
@@ -614,11 +581,7 @@ async fn replies_split_across_reads_parse() {
     assert!(c.caps.pipelining && c.caps.dsn);
     assert_eq!(c.caps.size, Some(1_000_000));
     for _ in 0..2 {
-        let tx = send_one(&mut c).await.unwrap();
-        assert!(
-            matches!(&tx.results[..], [(0, RcptResult::Delivered(_))]),
-            "{tx:?}"
-        );
+        assert_delivered(&send_one(&mut c).await.unwrap());
     }
     assert!(c.usable());
     assert_eq!(seen.lock().unwrap().dots, 2);
@@ -675,19 +638,13 @@ async fn garbage_is_a_protocol_error() {
         ..Script::default()
     })
     .await;
-    match r {
-        Err(ClientError::UnknownOutcome(e)) => assert!(
-            matches!(
-                *e,
-                ClientError::Violation {
-                    stage: Stage::FinalDot,
-                    violation: Violation::Malformed(_)
-                }
-            ),
-            "{e}"
+    assert!(
+        matches!(
+            violation_after_the_dot(&r),
+            Some((Stage::FinalDot, Violation::Malformed(_)))
         ),
-        other => panic!("{other:?}"),
-    }
+        "{r:?}"
+    );
 }
 
 #[tokio::test]
@@ -714,16 +671,11 @@ async fn a_reused_connection_the_server_closed_is_stale() {
         ..Script::default()
     })
     .await;
-    let mut c = SmtpClient::connect(&addr, "mx2.test", Duration::from_secs(10))
-        .await
-        .unwrap();
+    let mut c = connect(&addr).await.unwrap();
     let tx = send_one(&mut c)
         .await
         .expect("a hang-up after the reply does not undo it");
-    assert!(
-        matches!(&tx.results[..], [(0, RcptResult::Delivered(_))]),
-        "{tx:?}"
-    );
+    assert_delivered(&tx);
     // the next message: the hang-up is seen before its dot, so a new connection may retry
     let err = send_one(&mut c).await.expect_err("the connection is gone");
     assert!(err.is_stale_connection(), "{err}");
@@ -767,11 +719,7 @@ async fn each_wait_lasts_as_long_as_rfc_5321_says() {
     })
     .await
     .expect("a slow greeting is waited for");
-    let tx = send_one(&mut c).await.expect("slow replies are waited for");
-    assert!(
-        matches!(&tx.results[..], [(0, RcptResult::Delivered(_))]),
-        "{tx:?}"
-    );
+    assert_delivered(&send_one(&mut c).await.expect("slow replies are waited for"));
 
     // silent at each step: each times out after its own limit
     let silent = |s: &dyn Fn(&mut Script)| {

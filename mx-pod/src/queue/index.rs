@@ -402,27 +402,13 @@ impl Index {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::queue::message::{Notify, Recipient};
 
     fn entry(id: u64, rcpts: &[&str]) -> Entry {
         Entry {
             env: Envelope {
-                id: QueueId(id),
-                kind: Default::default(),
                 arrival: id * 10,
-                sender: "s@sender.test".into(),
-                recipients: rcpts
-                    .iter()
-                    .map(|r| Recipient::new((*r).into(), None, Notify::default()))
-                    .collect(),
                 size: 100,
-                env_id: None,
-                ret: None,
-                smtputf8: false,
-                eight_bit: false,
-                client: Default::default(),
-                held: false,
-                delay_warned: false,
+                ..Envelope::for_test(id, "s@sender.test", rcpts)
             },
             body: BodyRef {
                 segment: 1,

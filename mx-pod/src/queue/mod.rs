@@ -428,19 +428,7 @@ impl Queue {
         id: Option<QueueId>,
     ) -> Result<usize, QueueError> {
         if let Some(id) = id {
-            let state = {
-                let mut st = self.lock();
-                let mut env = st
-                    .index
-                    .get(id)
-                    .ok_or(QueueError::NotFound(id))?
-                    .env
-                    .clone();
-                env.held = held;
-                st.index.update(env.clone(), now_micros());
-                MessageState::of(&env)
-            };
-            self.inner.store.append(Record::State(state)).await?;
+            self.update_envelope(id, |env| env.held = held).await?;
             self.inner.work.notify_waiters();
             return Ok(1);
         }
@@ -574,6 +562,17 @@ impl Queue {
 
     /// Marks the delay warning of a message as sent.
     pub async fn mark_delay_warned(&self, id: QueueId) -> Result<(), QueueError> {
+        self.update_envelope(id, |env| env.delay_warned = true)
+            .await
+    }
+
+    /// Changes one queued message's envelope with `change`, in the index and then as a state
+    /// record in the log, so the change survives a restart.
+    async fn update_envelope(
+        &self,
+        id: QueueId,
+        change: impl FnOnce(&mut Envelope),
+    ) -> Result<(), QueueError> {
         let state = {
             let mut st = self.lock();
             let mut env = st
@@ -582,7 +581,7 @@ impl Queue {
                 .ok_or(QueueError::NotFound(id))?
                 .env
                 .clone();
-            env.delay_warned = true;
+            change(&mut env);
             st.index.update(env.clone(), now_micros());
             MessageState::of(&env)
         };
@@ -702,24 +701,25 @@ fn read_holds(dir: &Path, managed: bool) -> Result<(Holds, Option<Damage>), Queu
 
 fn read_holds_file(dir: &Path, managed: bool) -> Result<(Holds, Option<Damage>), QueueError> {
     let path = dir.join("holds.json");
-    let held = Holds {
-        all: true,
-        domains: vec![],
+    // the file cannot say what is held: everything is, and the damage says why
+    let hold_all = |kind: DamageKind, why: String| {
+        let held = Holds {
+            all: true,
+            domains: vec![],
+        };
+        let detail = format!(
+            "{} {why} until an operator releases it (mx-pod queue release)",
+            path.display()
+        );
+        Ok((held, Some(Damage::new(kind, None, detail))))
     };
     match std::fs::read(&path) {
         Ok(bytes) => match serde_json::from_slice(&bytes) {
             Ok(h) => Ok((h, None)),
-            Err(e) => Ok((
-                held,
-                Some(Damage::new(
-                    DamageKind::HoldsUnreadable,
-                    None,
-                    format!(
-                        "{} cannot be parsed ({e}): holding everything until an operator releases it (mx-pod queue release)",
-                        path.display()
-                    ),
-                )),
-            )),
+            Err(e) => hold_all(
+                DamageKind::HoldsUnreadable,
+                format!("cannot be parsed ({e}): holding everything"),
+            ),
         },
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && !managed => {
             let holds = Holds::default();
@@ -731,28 +731,14 @@ fn read_holds_file(dir: &Path, managed: bool) -> Result<(Holds, Option<Damage>),
             })?;
             Ok((holds, None))
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok((
-            held,
-            Some(Damage::new(
-                DamageKind::HoldsMissing,
-                None,
-                format!(
-                    "{} is gone: which domains were held is unknown, so everything is held until an operator releases it (mx-pod queue release)",
-                    path.display()
-                ),
-            )),
-        )),
-        Err(e) => Ok((
-            held,
-            Some(Damage::new(
-                DamageKind::HoldsUnreadable,
-                None,
-                format!(
-                    "{} cannot be read ({e}): holding everything until an operator releases it (mx-pod queue release)",
-                    path.display()
-                ),
-            )),
-        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => hold_all(
+            DamageKind::HoldsMissing,
+            "is gone: which domains were held is unknown, so everything is held".into(),
+        ),
+        Err(e) => hold_all(
+            DamageKind::HoldsUnreadable,
+            format!("cannot be read ({e}): holding everything"),
+        ),
     }
 }
 

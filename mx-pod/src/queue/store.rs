@@ -858,6 +858,20 @@ struct SegmentScan {
     regions: Vec<Region>,
 }
 
+impl SegmentScan {
+    /// The records from `offset` to `end` are damaged, as `fault` says; `tail`: nothing valid
+    /// follows them.
+    fn damaged(&mut self, offset: u64, end: u64, fault: Fault, tail: bool) {
+        self.regions.push(Region {
+            offset,
+            len: end - offset,
+            kind: fault.kind,
+            detail: fault.detail,
+            tail,
+        });
+    }
+}
+
 /// Why a record at some offset is not valid.
 struct Fault {
     kind: DamageKind,
@@ -1088,13 +1102,7 @@ fn read_segment(
         match (fault.kind, fault.end) {
             (DamageKind::BodyChecksum, Some(end)) if end == len => {
                 // the last record: nothing valid follows it
-                scan.regions.push(Region {
-                    offset,
-                    len: end - offset,
-                    kind: fault.kind,
-                    detail: fault.detail,
-                    tail: true,
-                });
+                scan.damaged(offset, end, fault, true);
                 break;
             }
             (DamageKind::BodyChecksum, Some(end)) => {
@@ -1116,25 +1124,13 @@ fn read_segment(
                 if let Err(why) = visit(item) {
                     tracing::error!(segment = %path.display(), offset, %why, "the damaged message's envelope is undecodable");
                 }
-                scan.regions.push(Region {
-                    offset,
-                    len: end - offset,
-                    kind: fault.kind,
-                    detail: fault.detail,
-                    tail: false,
-                });
+                scan.damaged(offset, end, fault, false);
                 offset = end;
                 seek(&mut r, offset)?;
             }
             (DamageKind::RecordUndecodable, Some(end)) => {
                 // checksums hold: not a torn write, the record is just not what it says
-                scan.regions.push(Region {
-                    offset,
-                    len: end - offset,
-                    kind: fault.kind,
-                    detail: fault.detail,
-                    tail: false,
-                });
+                scan.damaged(offset, end, fault, false);
                 offset = end;
                 seek(&mut r, offset)?;
             }
@@ -1154,13 +1150,7 @@ fn read_segment(
                         }
                     }
                 }
-                scan.regions.push(Region {
-                    offset,
-                    len: end - offset,
-                    kind: fault.kind,
-                    detail: fault.detail,
-                    tail,
-                });
+                scan.damaged(offset, end, fault, tail);
                 if tail {
                     break;
                 }
@@ -1491,6 +1481,29 @@ mod tests {
         }
     }
 
+    /// The record of a new message `id` with `body`.
+    fn message(id: u64, body: impl Into<Vec<u8>>) -> Record {
+        Record::Message {
+            envelope: envelope(id),
+            body: body.into(),
+        }
+    }
+
+    /// A crash in the middle of writing message `id`: all but the last bytes of its record
+    /// are appended to `segment`.
+    fn write_torn_record(segment: &Path, id: u64) {
+        let (partial, _) = message(id, vec![b'y'; 100]).encode();
+        let mut f = OpenOptions::new().append(true).open(segment).unwrap();
+        f.write_all(&partial[..partial.len() - 10]).unwrap();
+    }
+
+    /// The one damage `store` lists; fails the test if it lists none or more.
+    fn only_damage(store: &Store) -> Damage {
+        let listed = store.damage().active();
+        assert_eq!(listed.len(), 1, "{listed:?}");
+        listed.into_iter().next().unwrap()
+    }
+
     /// `Store::open` in a test that reopens a directory: the dropped store's committer thread
     /// releases the directory lock when it has finished its last write, so wait for that.
     fn open_store(
@@ -1525,13 +1538,7 @@ mod tests {
             let (store, rec, _) = open_store(dir.path(), 1 << 20).unwrap();
             assert!(rec.is_empty());
             for i in 1..=3 {
-                store
-                    .append(Record::Message {
-                        envelope: envelope(i),
-                        body: format!("body{i}").into_bytes(),
-                    })
-                    .await
-                    .unwrap();
+                store.append(message(i, format!("body{i}"))).await.unwrap();
             }
             let mut st = MessageState::of(&envelope(2));
             st.held = true;
@@ -1552,13 +1559,7 @@ mod tests {
         {
             let (store, _, _) = open_store(dir.path(), 1 << 20).unwrap();
             for i in 1..=2 {
-                store
-                    .append(Record::Message {
-                        envelope: envelope(i),
-                        body: vec![b'x'; 100],
-                    })
-                    .await
-                    .unwrap();
+                store.append(message(i, vec![b'x'; 100])).await.unwrap();
             }
         }
         // simulate a crash in the middle of the next write
@@ -1566,14 +1567,7 @@ mod tests {
             .path()
             .join("log")
             .join(seg_files(dir.path()).pop().unwrap());
-        let (partial, _) = Record::Message {
-            envelope: envelope(3),
-            body: vec![b'y'; 100],
-        }
-        .encode();
-        let mut f = OpenOptions::new().append(true).open(&last).unwrap();
-        f.write_all(&partial[..partial.len() - 10]).unwrap();
-        drop(f);
+        write_torn_record(&last, 3);
         let (_, rec, report) = open_store(dir.path(), 1 << 20).unwrap();
         assert_eq!(report.torn_tails, 1);
         assert_eq!(rec.len(), 2);
@@ -1583,13 +1577,7 @@ mod tests {
     async fn damaged_body_is_detected_on_read() {
         let dir = tempfile::tempdir().unwrap();
         let (store, _, _) = open_store(dir.path(), 1 << 20).unwrap();
-        let a = store
-            .append(Record::Message {
-                envelope: envelope(1),
-                body: b"hello world".to_vec(),
-            })
-            .await
-            .unwrap();
+        let a = store.append(message(1, b"hello world")).await.unwrap();
         let body = a.body.unwrap();
         let path = segment_path(&dir.path().join("log"), body.segment);
         let f = OpenOptions::new().write(true).open(&path).unwrap();
@@ -1604,13 +1592,7 @@ mod tests {
         // tiny segments: every message rotates
         let (store, _, _) = open_store(dir.path(), 64).unwrap();
         for i in 1..=3 {
-            store
-                .append(Record::Message {
-                    envelope: envelope(i),
-                    body: vec![b'z'; 200],
-                })
-                .await
-                .unwrap();
+            store.append(message(i, vec![b'z'; 200])).await.unwrap();
         }
         // message 1 delivered: its remove record lands in a later segment
         store.append(Record::Remove(QueueId(1))).await.unwrap();
@@ -1639,13 +1621,7 @@ mod tests {
         let (store, _, _) = open_store(dir.path(), 64 * 1024).unwrap();
         // ~1.5 MiB of messages, each delivered (removed) right away, in the same segments
         for i in 1..=400 {
-            store
-                .append(Record::Message {
-                    envelope: envelope(i),
-                    body: vec![b'm'; 4000],
-                })
-                .await
-                .unwrap();
+            store.append(message(i, vec![b'm'; 4000])).await.unwrap();
             store.append(Record::Remove(QueueId(i))).await.unwrap();
         }
         store.sync().await.unwrap();
@@ -1662,20 +1638,8 @@ mod tests {
     async fn state_update_in_later_segment_keeps_it() {
         let dir = tempfile::tempdir().unwrap();
         let (store, _, _) = open_store(dir.path(), 64).unwrap();
-        store
-            .append(Record::Message {
-                envelope: envelope(1),
-                body: vec![1; 100],
-            })
-            .await
-            .unwrap();
-        store
-            .append(Record::Message {
-                envelope: envelope(2),
-                body: vec![2; 100],
-            })
-            .await
-            .unwrap();
+        store.append(message(1, vec![1; 100])).await.unwrap();
+        store.append(message(2, vec![2; 100])).await.unwrap();
         let mut st = MessageState::of(&envelope(1));
         st.recipients[0].status = RcptStatus::Pending;
         st.recipients[0].attempts = 7;
@@ -1694,13 +1658,8 @@ mod tests {
         for range in [1..=5u64, 6..=10] {
             let (store, _, _) = open_store(dir, 1 << 20).unwrap();
             for i in range {
-                store
-                    .append(Record::Message {
-                        envelope: envelope(i),
-                        body: format!("body of message {i}").repeat(20).into_bytes(),
-                    })
-                    .await
-                    .unwrap();
+                let body = format!("body of message {i}").repeat(20);
+                store.append(message(i, body)).await.unwrap();
             }
         }
         dir.join("log")
@@ -1808,9 +1767,7 @@ mod tests {
             let err = store.read_body(r.envelope.id, r.body).unwrap_err();
             assert!(matches!(err, StoreError::Corrupt(..)), "{err}");
         }
-        let listed = store.damage().active();
-        assert_eq!(listed.len(), 1, "{part:?} in segment {seg}: {listed:?}");
-        let d = &listed[0];
+        let d = &only_damage(&store);
         assert_eq!(d.segment_number(), Some(seg));
         let offset = if body_checked_later {
             // found when read: the body's offset
@@ -1837,45 +1794,30 @@ mod tests {
         assert!(store.damage().pinned().contains(&seg));
     }
 
-    #[tokio::test]
-    async fn damaged_header_in_older_segment() {
-        one_damaged_record(1, 3, Part::HeaderLength).await;
+    /// One test per [`Part`], each damaging message `id` in segment `seg` through
+    /// [`one_damaged_record`].
+    macro_rules! one_damaged_record_tests {
+        ($seg:literal, $id:literal: $($name:ident => $part:ident),* $(,)?) => {$(
+            #[tokio::test]
+            async fn $name() {
+                one_damaged_record($seg, $id, Part::$part).await;
+            }
+        )*};
     }
 
-    #[tokio::test]
-    async fn damaged_envelope_in_older_segment() {
-        one_damaged_record(1, 3, Part::EnvelopeByte).await;
-    }
+    one_damaged_record_tests!(1, 3:
+        damaged_header_in_older_segment => HeaderLength,
+        damaged_envelope_in_older_segment => EnvelopeByte,
+        garbled_envelope_in_older_segment => EnvelopeGarbled,
+        damaged_body_in_older_segment => Body,
+    );
 
-    #[tokio::test]
-    async fn garbled_envelope_in_older_segment() {
-        one_damaged_record(1, 3, Part::EnvelopeGarbled).await;
-    }
-
-    #[tokio::test]
-    async fn damaged_body_in_older_segment() {
-        one_damaged_record(1, 3, Part::Body).await;
-    }
-
-    #[tokio::test]
-    async fn damaged_header_in_the_middle_of_the_newest_segment() {
-        one_damaged_record(2, 8, Part::HeaderLength).await;
-    }
-
-    #[tokio::test]
-    async fn damaged_envelope_in_the_middle_of_the_newest_segment() {
-        one_damaged_record(2, 8, Part::EnvelopeByte).await;
-    }
-
-    #[tokio::test]
-    async fn garbled_envelope_in_the_middle_of_the_newest_segment() {
-        one_damaged_record(2, 8, Part::EnvelopeGarbled).await;
-    }
-
-    #[tokio::test]
-    async fn damaged_body_in_the_middle_of_the_newest_segment() {
-        one_damaged_record(2, 8, Part::Body).await;
-    }
+    one_damaged_record_tests!(2, 8:
+        damaged_header_in_the_middle_of_the_newest_segment => HeaderLength,
+        damaged_envelope_in_the_middle_of_the_newest_segment => EnvelopeByte,
+        garbled_envelope_in_the_middle_of_the_newest_segment => EnvelopeGarbled,
+        damaged_body_in_the_middle_of_the_newest_segment => Body,
+    );
 
     #[tokio::test]
     async fn damaged_last_record_of_an_older_segment_is_damage_not_a_torn_tail() {
@@ -1886,9 +1828,7 @@ mod tests {
         assert_eq!(report.torn_tails, 0);
         assert_eq!(ids(&rec), (1..=10).collect::<Vec<_>>());
         assert!(rec[4].body.unreadable);
-        let listed = store.damage().active();
-        assert_eq!(listed.len(), 1, "{listed:?}");
-        assert_eq!(listed[0].messages, vec![QueueId(5)]);
+        assert_eq!(only_damage(&store).messages, vec![QueueId(5)]);
     }
 
     #[tokio::test]
@@ -1937,10 +1877,9 @@ mod tests {
         let (store, rec, report) = open_store(dir.path(), 1 << 20).unwrap();
         assert_eq!(ids(&rec), (6..=10).collect::<Vec<_>>());
         assert_eq!(report.missing_segments, vec![1]);
-        let listed = store.damage().active();
-        assert_eq!(listed.len(), 1, "{listed:?}");
-        assert_eq!(listed[0].what, DamageKind::MissingSegment);
-        assert_eq!(listed[0].segment.as_deref(), Some("0000000000000001.seg"));
+        let d = only_damage(&store);
+        assert_eq!(d.what, DamageKind::MissingSegment);
+        assert_eq!(d.segment.as_deref(), Some("0000000000000001.seg"));
         drop(store);
         // the new manifest no longer lists it; the saved damage list still does
         let (store, _, report) = open_store(dir.path(), 1 << 20).unwrap();
@@ -1954,13 +1893,7 @@ mod tests {
         {
             let (store, _, _) = open_store(dir.path(), 64).unwrap();
             for i in 1..=6 {
-                store
-                    .append(Record::Message {
-                        envelope: envelope(i),
-                        body: vec![b'g'; 100],
-                    })
-                    .await
-                    .unwrap();
+                store.append(message(i, vec![b'g'; 100])).await.unwrap();
                 if i % 2 == 0 {
                     store.append(Record::Remove(QueueId(i - 1))).await.unwrap();
                 }
@@ -1984,9 +1917,7 @@ mod tests {
         fs::remove_file(log.join(MANIFEST)).unwrap();
         let (store, rec, _) = open_store(dir.path(), 1 << 20).unwrap();
         assert_eq!(rec.len(), 10);
-        let listed = store.damage().active();
-        assert_eq!(listed.len(), 1, "{listed:?}");
-        assert_eq!(listed[0].what, DamageKind::Manifest);
+        assert_eq!(only_damage(&store).what, DamageKind::Manifest);
     }
 
     #[test]
@@ -2027,12 +1958,7 @@ mod tests {
         seg.extend_from_slice(&1u32.to_le_bytes());
         seg.extend_from_slice(&[0; 4]);
         for i in 1..=3 {
-            let (rec, _) = Record::Message {
-                envelope: envelope(i),
-                body: b"old".to_vec(),
-            }
-            .encode();
-            seg.extend_from_slice(&rec);
+            seg.extend_from_slice(&message(i, b"old").encode().0);
         }
         fs::write(segment_path(&log, 7), &seg).unwrap();
         let (store, rec, report) = open_store(dir.path(), 1 << 20).unwrap();
@@ -2050,16 +1976,9 @@ mod tests {
     async fn torn_tail_is_cut_off_and_not_damage_at_later_starts() {
         let dir = tempfile::tempdir().unwrap();
         let log = two_segments(dir.path()).await;
-        let (partial, _) = Record::Message {
-            envelope: envelope(11),
-            body: vec![b'y'; 100],
-        }
-        .encode();
         let newest = segment_path(&log, 2);
         let len = fs::metadata(&newest).unwrap().len();
-        let mut f = OpenOptions::new().append(true).open(&newest).unwrap();
-        f.write_all(&partial[..partial.len() - 10]).unwrap();
-        drop(f);
+        write_torn_record(&newest, 11);
         let (store, rec, report) = open_store(dir.path(), 1 << 20).unwrap();
         assert_eq!(report.torn_tails, 1);
         assert_eq!(rec.len(), 10);

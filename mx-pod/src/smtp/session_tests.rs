@@ -55,7 +55,34 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Client<T> {
         assert!(r.starts_with(expect), "expected {expect:?}, got {r:?}");
         r
     }
+
+    /// `EHLO client.test`, accepted; returns the reply (the extensions).
+    async fn ehlo(&mut self) -> String {
+        self.cmd("EHLO client.test", "250").await
+    }
+
+    /// A transaction opened: `MAIL FROM:<from>` and `RCPT TO` each of `rcpts`, all accepted.
+    async fn transaction(&mut self, from: &str, rcpts: &[&str]) {
+        self.cmd(&format!("MAIL FROM:<{from}>"), "250").await;
+        self.rcpts(rcpts, "250").await;
+    }
+
+    /// `RCPT TO` each of `rcpts`, every reply starting with `expect`.
+    async fn rcpts(&mut self, rcpts: &[&str], expect: &str) {
+        for r in rcpts {
+            self.cmd(&format!("RCPT TO:<{r}>"), expect).await;
+        }
+    }
+
+    /// `DATA` (answered 354), then `message` with its final dot; the reply starts with `expect`.
+    async fn send_message(&mut self, message: &[u8], expect: &str) -> String {
+        self.cmd("DATA", "354").await;
+        self.raw(message, expect).await
+    }
 }
+
+/// A short message with its final dot.
+const HELLO: &[u8] = b"Subject: hi\r\n\r\nhello\r\n.\r\n";
 
 struct Harness {
     client: Client,
@@ -166,7 +193,7 @@ async fn ehlo_advertises_extensions() {
 async fn message_is_queued_with_received_header_before_250() {
     let mut h = start().await;
     let c = &mut h.client;
-    c.cmd("EHLO client.test", "250").await;
+    c.ehlo().await;
     c.cmd("MAIL FROM:<a@sender.test> RET=HDRS ENVID=abc", "250 2.1.0")
         .await;
     c.cmd(
@@ -174,9 +201,8 @@ async fn message_is_queued_with_received_header_before_250() {
         "250 2.1.5",
     )
     .await;
-    c.cmd("DATA", "354").await;
     let r = c
-        .raw(
+        .send_message(
             b"Subject: hi\r\n\r\n..dot\r\nbody\r\n.\r\n",
             "250 2.0.0 Ok: queued as ",
         )
@@ -201,7 +227,7 @@ async fn message_is_queued_with_received_header_before_250() {
 async fn pipelined_commands_get_replies_in_order() {
     let mut h = start().await;
     let c = &mut h.client;
-    c.cmd("EHLO client.test", "250").await;
+    c.ehlo().await;
     c.w.write_all(b"MAIL FROM:<a@sender.test>\r\nRCPT TO:<x@example.test>\r\nRCPT TO:<y@other.test>\r\nDATA\r\n").await.unwrap();
     assert!(c.reply().await.starts_with("250 2.1.0"));
     assert!(c.reply().await.starts_with("250 2.1.5"));
@@ -234,15 +260,12 @@ async fn relay_and_sequence_errors() {
 async fn bare_postmaster_is_accepted_for_the_first_domain() {
     let mut h = start().await;
     let c = &mut h.client;
-    c.cmd("EHLO client.test", "250").await;
-    c.cmd("MAIL FROM:<a@sender.test>", "250").await;
-    c.cmd("RCPT TO:<Postmaster>", "250").await;
+    c.ehlo().await;
+    c.transaction("a@sender.test", &["Postmaster"]).await;
     // only the bare form: a postmaster elsewhere is still relaying
-    c.cmd("RCPT TO:<postmaster@elsewhere.test>", "550 5.7.1")
-        .await;
-    c.cmd("RCPT TO:<postmaster@>", "5").await;
-    c.cmd("DATA", "354").await;
-    c.raw(b"Subject: hi\r\n\r\nhello\r\n.\r\n", "250").await;
+    c.rcpts(&["postmaster@elsewhere.test"], "550 5.7.1").await;
+    c.rcpts(&["postmaster@"], "5").await;
+    c.send_message(HELLO, "250").await;
     let queued = h.queue.list(None, 10);
     assert_eq!(queued.len(), 1);
     assert_eq!(queued[0].recipients[0].address, "postmaster@example.test");
@@ -252,16 +275,16 @@ async fn bare_postmaster_is_accepted_for_the_first_domain() {
 async fn quoted_local_parts_are_queued_as_written() {
     let mut h = start().await;
     let c = &mut h.client;
-    c.cmd("EHLO client.test", "250").await;
+    c.ehlo().await;
     c.cmd("MAIL FROM:<\"s d\"@sender.test>", "250 2.1.0").await;
-    c.cmd("RCPT TO:<\"john doe\"@example.test>", "250 2.1.5")
-        .await;
-    c.cmd("RCPT TO:<\"x\\\"y\"@Example.test>", "250 2.1.5")
-        .await;
+    c.rcpts(
+        &["\"john doe\"@example.test", "\"x\\\"y\"@Example.test"],
+        "250 2.1.5",
+    )
+    .await;
     // a quoted local part hiding an address is the relay trick it always was
-    c.cmd("RCPT TO:<\"a@b\"@example.test>", "550 5.7.1").await;
-    c.cmd("DATA", "354").await;
-    c.raw(b"Subject: hi\r\n\r\nhello\r\n.\r\n", "250").await;
+    c.rcpts(&["\"a@b\"@example.test"], "550 5.7.1").await;
+    c.send_message(HELLO, "250").await;
     let queued = h.queue.list(None, 10);
     assert_eq!(queued[0].sender, "\"s d\"@sender.test");
     let got: Vec<(&str, &str)> = queued[0]
@@ -282,20 +305,19 @@ async fn quoted_local_parts_are_queued_as_written() {
 async fn non_ascii_addresses_need_smtputf8() {
     let mut h = start().await;
     let c = &mut h.client;
-    c.cmd("EHLO client.test", "250").await;
+    c.ehlo().await;
     c.cmd("MAIL FROM:<jürgen@sender.test>", "553 5.6.7").await;
-    c.cmd("MAIL FROM:<s@sender.test>", "250").await;
-    c.cmd("RCPT TO:<jürgen@example.test>", "553 5.6.7").await;
-    c.cmd("RCPT TO:<user@bücher.test>", "553 5.6.7").await;
+    c.transaction("s@sender.test", &[]).await;
+    c.rcpts(&["jürgen@example.test", "user@bücher.test"], "553 5.6.7")
+        .await;
     // the A-label spelling is ASCII
-    c.cmd("RCPT TO:<user@xn--bcher-kva.test>", "250").await;
+    c.rcpts(&["user@xn--bcher-kva.test"], "250").await;
     c.cmd("RSET", "250").await;
     c.cmd("MAIL FROM:<jürgen@sender.test> SMTPUTF8", "250")
         .await;
-    c.cmd("RCPT TO:<jürgen@bücher.test>", "250").await;
-    c.cmd("RCPT TO:<a@XN--BCHER-KVA.test>", "250").await;
-    c.cmd("DATA", "354").await;
-    c.raw(b"Subject: hi\r\n\r\nhello\r\n.\r\n", "250").await;
+    c.rcpts(&["jürgen@bücher.test", "a@XN--BCHER-KVA.test"], "250")
+        .await;
+    c.send_message(HELLO, "250").await;
     let queued = h.queue.list(Some("bücher.test"), 10);
     assert_eq!(queued.len(), 1, "listed by the U-label");
     let env = &queued[0];
@@ -324,15 +346,15 @@ async fn non_ascii_addresses_need_smtputf8() {
 async fn limits_on_size_and_recipients() {
     let mut h = start().await;
     let c = &mut h.client;
-    c.cmd("EHLO client.test", "250").await;
+    c.ehlo().await;
     c.cmd("MAIL FROM:<a@sender.test> SIZE=999999", "552 5.3.4")
         .await;
-    c.cmd("MAIL FROM:<a@sender.test>", "250").await;
-    for i in 0..3 {
-        c.cmd(&format!("RCPT TO:<u{i}@example.test>"), "250").await;
-    }
-    c.cmd("RCPT TO:<u9@example.test>", "452 4.5.3").await;
-    c.cmd("DATA", "354").await;
+    c.transaction(
+        "a@sender.test",
+        &["u0@example.test", "u1@example.test", "u2@example.test"],
+    )
+    .await;
+    c.rcpts(&["u9@example.test"], "452 4.5.3").await;
     let mut big = vec![b'x'; 100];
     big.extend_from_slice(b"\r\n");
     let mut data = Vec::new();
@@ -340,7 +362,7 @@ async fn limits_on_size_and_recipients() {
         data.extend_from_slice(&big);
     }
     data.extend_from_slice(b".\r\n");
-    c.raw(&data, "552 5.3.4").await;
+    c.send_message(&data, "552 5.3.4").await;
     assert_eq!(h.queue.totals().0, 0);
     // the session goes on
     c.cmd("NOOP", "250").await;
@@ -350,13 +372,11 @@ async fn limits_on_size_and_recipients() {
 async fn bare_lf_in_data_and_commands_is_refused() {
     let mut h = start().await;
     let c = &mut h.client;
-    c.cmd("EHLO client.test", "250").await;
+    c.ehlo().await;
     c.raw(b"NOOP\n", "550 5.6.11").await;
-    c.cmd("MAIL FROM:<a@sender.test>", "250").await;
-    c.cmd("RCPT TO:<x@example.test>", "250").await;
-    c.cmd("DATA", "354").await;
+    c.transaction("a@sender.test", &["x@example.test"]).await;
     // a smuggled second message hidden behind a bare LF end-of-data
-    c.raw(
+    c.send_message(
         b"Subject: a\r\n\r\nhello\n.\nMAIL FROM:<evil@x>\r\n.\r\n",
         "550 5.6.11",
     )
@@ -368,16 +388,14 @@ async fn bare_lf_in_data_and_commands_is_refused() {
 async fn a_refused_body_gives_its_memory_back() {
     let mut h = start().await;
     let c = &mut h.client;
-    c.cmd("EHLO client.test", "250").await;
-    c.cmd("MAIL FROM:<a@sender.test>", "250").await;
-    c.cmd("RCPT TO:<x@example.test>", "250").await;
-    c.cmd("DATA", "354").await;
+    c.ehlo().await;
+    c.transaction("a@sender.test", &["x@example.test"]).await;
     // more than the 1 KiB a body starts with: it takes memory from the budget; refused for a
     // bare LF inside
     let mut body = b"Subject: a\r\n\r\n".to_vec();
     body.extend(b"filler line of text\r\n".repeat(60));
     body.extend(b"bare\nline\r\n.\r\n");
-    c.raw(&body, "550 5.6.11").await;
+    c.send_message(&body, "550 5.6.11").await;
     assert_eq!(h.queue.totals().0, 0);
     assert_eq!(
         h.metric("mxpod_smtp_data_inflight_bytes"),
@@ -390,11 +408,9 @@ async fn a_refused_body_gives_its_memory_back() {
 async fn loop_guard_counts_received_headers() {
     let mut h = start().await;
     let c = &mut h.client;
-    c.cmd("EHLO client.test", "250").await;
-    c.cmd("MAIL FROM:<a@sender.test>", "250").await;
-    c.cmd("RCPT TO:<x@example.test>", "250").await;
-    c.cmd("DATA", "354").await;
-    c.raw(
+    c.ehlo().await;
+    c.transaction("a@sender.test", &["x@example.test"]).await;
+    c.send_message(
         &b"Received: hop\r\n"
             .repeat(6)
             .into_iter()
@@ -409,19 +425,15 @@ async fn loop_guard_counts_received_headers() {
 async fn full_queue_answers_452_and_keeps_serving() {
     let mut h = start_with("max_bytes = 600").await;
     let c = &mut h.client;
-    c.cmd("EHLO client.test", "250").await;
-    c.cmd("MAIL FROM:<a@sender.test>", "250").await;
-    c.cmd("RCPT TO:<x@example.test>", "250").await;
-    c.cmd("DATA", "354").await;
-    c.raw(
+    c.ehlo().await;
+    c.transaction("a@sender.test", &["x@example.test"]).await;
+    c.send_message(
         &[b"Subject: 1\r\n\r\n".as_slice(), &[b'a'; 300], b"\r\n.\r\n"].concat(),
         "250",
     )
     .await;
-    c.cmd("MAIL FROM:<a@sender.test>", "250").await;
-    c.cmd("RCPT TO:<x@example.test>", "250").await;
-    c.cmd("DATA", "354").await;
-    c.raw(
+    c.transaction("a@sender.test", &["x@example.test"]).await;
+    c.send_message(
         &[b"Subject: 2\r\n\r\n".as_slice(), &[b'a'; 300], b"\r\n.\r\n"].concat(),
         "452 4.3.1",
     )
@@ -434,12 +446,12 @@ async fn full_queue_answers_452_and_keeps_serving() {
 #[tokio::test]
 async fn shutdown_lets_data_finish_then_says_421() {
     let mut h = start().await;
-    h.client.cmd("EHLO client.test", "250").await;
-    h.client.cmd("MAIL FROM:<a@sender.test>", "250").await;
-    h.client.cmd("RCPT TO:<x@example.test>", "250").await;
+    h.client.ehlo().await;
+    h.client
+        .transaction("a@sender.test", &["x@example.test"])
+        .await;
     h.shutdown.cancel();
-    h.client.cmd("DATA", "354").await;
-    h.client.raw(b"x\r\n.\r\n", "250 2.0.0").await;
+    h.client.send_message(b"x\r\n.\r\n", "250 2.0.0").await;
     // the transaction is over: the server says 421 on its own and closes
     let r = h.client.reply().await;
     assert!(r.starts_with("421 4.3.2"), "{r}");
@@ -458,8 +470,9 @@ fn bare_line_endings_are_found() {
 
 // === filters, TLS, PROXY, limits ===
 
-/// A self-signed certificate for mx2.example.test in `dir`; returns the acceptor and the cert.
-fn test_tls(dir: &std::path::Path) -> (Arc<Tls>, rustls::pki_types::CertificateDer<'static>) {
+/// A self-signed certificate for mx2.example.test in `dir`; returns the acceptor and the
+/// certificate (PEM).
+fn test_tls(dir: &std::path::Path) -> (Arc<Tls>, String) {
     let ck = rcgen::generate_simple_self_signed(vec!["mx2.example.test".to_string()]).unwrap();
     let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
     std::fs::write(&cert, ck.cert.pem()).unwrap();
@@ -469,20 +482,14 @@ fn test_tls(dir: &std::path::Path) -> (Arc<Tls>, rustls::pki_types::CertificateD
         key_file: key,
     })
     .unwrap();
-    (Arc::new(tls), ck.cert.der().clone())
+    (Arc::new(tls), ck.cert.pem())
 }
 
-fn tls_client(cert: rustls::pki_types::CertificateDer<'static>) -> tokio_rustls::TlsConnector {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(cert).unwrap();
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    tokio_rustls::TlsConnector::from(Arc::new(config))
+/// A client that verifies the server against `cert` (PEM) as mx-pod's own SMTP client does.
+fn tls_client(cert: &str) -> tokio_rustls::TlsConnector {
+    crate::trust::Trust::with_pem(cert.as_bytes(), "test certificate")
+        .unwrap()
+        .smtp_connector(crate::trust::TlsPolicy::Verify)
 }
 
 #[tokio::test]
@@ -494,22 +501,21 @@ async fn starttls_upgrades_the_session_and_drops_injected_plaintext() {
         ..Default::default()
     })
     .await;
-    let ehlo = h.client.cmd("EHLO client.test", "250").await;
+    let ehlo = h.client.ehlo().await;
     assert!(ehlo.contains("STARTTLS"), "{ehlo}");
     // a command pipelined after STARTTLS in plaintext must never run (CVE-2011-0411)
     h.client.raw(b"STARTTLS\r\nRSET\r\n", "220 2.0.0").await;
     let stream = std::mem::replace(&mut h.client, Client::new(tokio::io::duplex(1).0)).into_inner();
     let name = rustls::pki_types::ServerName::try_from("mx2.example.test").unwrap();
-    let tls_stream = tls_client(cert).connect(name, stream).await.unwrap();
+    let tls_stream = tls_client(&cert).connect(name, stream).await.unwrap();
     let mut c = Client::new(tls_stream);
     // the injected RSET's reply would come first if it had run
-    let ehlo = c.cmd("EHLO client.test", "250").await;
+    let ehlo = c.ehlo().await;
     assert!(!ehlo.contains("STARTTLS"), "not offered twice: {ehlo}");
     c.cmd("STARTTLS", "503 5.5.1").await;
-    c.cmd("MAIL FROM:<a@sender.test>", "250").await;
-    c.cmd("RCPT TO:<u@example.test>", "250").await;
-    c.cmd("DATA", "354").await;
-    c.raw(b"Subject: tls\r\n\r\nhi\r\n.\r\n", "250 2.0.0").await;
+    c.transaction("a@sender.test", &["u@example.test"]).await;
+    c.send_message(b"Subject: tls\r\n\r\nhi\r\n.\r\n", "250 2.0.0")
+        .await;
     let (id, _) = {
         let env = h.queue.list(None, 10);
         (env[0].id, ())
@@ -521,7 +527,7 @@ async fn starttls_upgrades_the_session_and_drops_injected_plaintext() {
 #[tokio::test]
 async fn starttls_is_not_offered_or_accepted_without_a_certificate() {
     let mut h = start().await;
-    let ehlo = h.client.cmd("EHLO client.test", "250").await;
+    let ehlo = h.client.ehlo().await;
     assert!(!ehlo.contains("STARTTLS"));
     h.client.cmd("STARTTLS", "502 5.5.1").await;
 }
@@ -540,12 +546,14 @@ async fn proxy_header_names_the_client() {
             "220 mx2.example.test",
         )
         .await;
-    let ehlo = h.client.cmd("EHLO client.test", "250").await;
+    let ehlo = h.client.ehlo().await;
     assert!(ehlo.contains("[198.51.100.7]"), "{ehlo}");
-    h.client.cmd("MAIL FROM:<a@sender.test>", "250").await;
-    h.client.cmd("RCPT TO:<u@example.test>", "250").await;
-    h.client.cmd("DATA", "354").await;
-    h.client.raw(b"Subject: p\r\n\r\nx\r\n.\r\n", "250").await;
+    h.client
+        .transaction("a@sender.test", &["u@example.test"])
+        .await;
+    h.client
+        .send_message(b"Subject: p\r\n\r\nx\r\n.\r\n", "250")
+        .await;
     let id = h.queue.list(None, 1)[0].id;
     let body = String::from_utf8(h.queue.read_body_of(id).unwrap()).unwrap();
     assert!(body.contains("([198.51.100.7])"), "{body}");
@@ -590,13 +598,12 @@ async fn message_and_recipient_rates_per_client_are_limited() {
     })
     .await;
     let c = &mut h.client;
-    c.cmd("EHLO client.test", "250").await;
-    c.cmd("MAIL FROM:<a@sender.test>", "250").await;
-    c.cmd("RCPT TO:<u1@example.test>", "250").await;
-    c.cmd("RCPT TO:<u2@example.test>", "250").await;
-    c.cmd("RCPT TO:<u3@example.test>", "451 4.7.1").await;
+    c.ehlo().await;
+    c.transaction("a@sender.test", &["u1@example.test", "u2@example.test"])
+        .await;
+    c.rcpts(&["u3@example.test"], "451 4.7.1").await;
     c.cmd("RSET", "250").await;
-    c.cmd("MAIL FROM:<a@sender.test>", "250").await;
+    c.transaction("a@sender.test", &[]).await;
     c.cmd("RSET", "250").await;
     c.cmd("MAIL FROM:<a@sender.test>", "451 4.7.1").await;
     assert_eq!(h.metrics_label("rate_limited"), 2);
@@ -661,30 +668,32 @@ async fn list_mode_refuses_unknown_recipients_at_rcpt() {
     })
     .await;
     let c = &mut h.client;
-    c.cmd("EHLO client.test", "250").await;
-    c.cmd("MAIL FROM:<a@sender.test>", "250").await;
-    c.cmd("RCPT TO:<Alice@Example.test>", "250").await;
-    c.cmd("RCPT TO:<bob@example.test>", "550 5.1.1").await;
+    c.ehlo().await;
+    c.transaction("a@sender.test", &["Alice@Example.test"])
+        .await;
+    c.rcpts(&["bob@example.test"], "550 5.1.1").await;
 }
 
 #[tokio::test]
 async fn idn_domains_are_accepted_in_both_forms() {
     let mut h = start().await;
     let c = &mut h.client;
-    c.cmd("EHLO client.test", "250").await;
+    c.ehlo().await;
     c.cmd("MAIL FROM:<a@sender.test> SMTPUTF8", "250").await;
-    c.cmd("RCPT TO:<user@bücher.test>", "250").await;
-    c.cmd("RCPT TO:<user@xn--bcher-kva.test>", "250").await;
+    c.rcpts(&["user@bücher.test", "user@xn--bcher-kva.test"], "250")
+        .await;
     // UTS 46 mappings (upper case, full-width letters) are for user interfaces: on the wire
     // only the U-label and the A-label name the domain
-    c.cmd("RCPT TO:<user@BÜCHER.test>", "550 5.7.1").await;
-    c.cmd("RCPT TO:<user@ｅｘａｍｐｌｅ.test>", "550 5.7.1")
-        .await;
-    c.cmd("RCPT TO:<user@example。test>", "550 5.7.1").await;
+    let mapped = [
+        "user@BÜCHER.test",
+        "user@ｅｘａｍｐｌｅ.test",
+        "user@example。test",
+    ];
+    c.rcpts(&mapped, "550 5.7.1").await;
     c.cmd("RSET", "250").await;
     c.cmd("MAIL FROM:<a@sender.test> SMTPUTF8", "250").await;
-    c.cmd("RCPT TO:<user@bucher.test>", "550 5.7.1").await;
-    c.cmd("RCPT TO:<user@bü-cher.test>", "550 5.7.1").await;
+    c.rcpts(&["user@bucher.test", "user@bü-cher.test"], "550 5.7.1")
+        .await;
 }
 
 /// The published SMTP-smuggling end-of-data look-alikes: none ends the message, none lets a
@@ -706,16 +715,14 @@ async fn smuggling_variants_never_split_a_message() {
     for v in variants {
         let mut h = start().await;
         let c = &mut h.client;
-        c.cmd("EHLO client.test", "250").await;
-        c.cmd("MAIL FROM:<a@sender.test>", "250").await;
-        c.cmd("RCPT TO:<u@example.test>", "250").await;
-        c.cmd("DATA", "354").await;
+        c.ehlo().await;
+        c.transaction("a@sender.test", &["u@example.test"]).await;
         let mut data = b"Subject: first\r\n\r\nhello".to_vec();
         data.extend_from_slice(v);
         data.extend_from_slice(
             b"MAIL FROM:<evil@evil.test>\r\nRCPT TO:<victim@example.test>\r\nDATA\r\nSubject: injected\r\n\r\nx\r\n.\r\n",
         );
-        let reply = c.raw(&data, "").await;
+        let reply = c.send_message(&data, "").await;
         if v == b"\r\n\x00.\r\n" {
             // NUL is not a line ending: one message, queued whole
             assert!(reply.starts_with("250"), "{reply}");
@@ -727,10 +734,9 @@ async fn smuggling_variants_never_split_a_message() {
         c.cmd("NOOP", "250 2.0.0").await;
         assert_eq!(h.queue.totals().0, 0, "{v:?}: nothing queued");
         // the session goes on with a clean message
-        c.cmd("MAIL FROM:<a@sender.test>", "250").await;
-        c.cmd("RCPT TO:<u@example.test>", "250").await;
-        c.cmd("DATA", "354").await;
-        c.raw(b"Subject: clean\r\n\r\nok\r\n.\r\n", "250").await;
+        c.transaction("a@sender.test", &["u@example.test"]).await;
+        c.send_message(b"Subject: clean\r\n\r\nok\r\n.\r\n", "250")
+            .await;
         assert_eq!(h.queue.totals().0, 1);
     }
 }
