@@ -1,7 +1,7 @@
 //! Unit tests of [`super`] (the cloudflare provider), kept out of the provider's file.
 
 use super::*;
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use axum::{
     Json, Router,

@@ -31,6 +31,7 @@
 //! are ours either way, so the crate would only replace the four thin clients.
 
 pub mod cloudflare;
+mod http;
 pub mod inmemory;
 pub mod ownership;
 pub mod plan;
