@@ -38,6 +38,8 @@ pub mod plan;
 pub mod powerdns;
 pub mod rfc2136;
 pub mod route53;
+#[cfg(test)]
+mod test_fixtures;
 pub mod txt;
 pub mod verify;
 
