@@ -151,32 +151,21 @@ impl Probers {
         if probers.get(key).is_some_and(|p| p.settings == settings) {
             return;
         }
-        if self.disabled {
-            let health = Arc::new(Mutex::new(Health {
-                target: settings.target.clone(),
-                ..Health::default()
-            }));
-            let task = tokio::spawn(async {});
-            probers.insert(
-                key.to_string(),
-                Prober {
-                    settings,
-                    health,
-                    task,
-                },
-            );
-            return;
-        }
         let health = Arc::new(Mutex::new(Health {
             target: settings.target.clone(),
             ..Health::default()
         }));
-        let task = tokio::spawn(run(
-            key.to_string(),
-            settings.clone(),
-            health.clone(),
-            self.wake.clone(),
-        ));
+        // disabled: a prober that never probes, so the health stays unknown
+        let task = if self.disabled {
+            tokio::spawn(async {})
+        } else {
+            tokio::spawn(run(
+                key.to_string(),
+                settings.clone(),
+                health.clone(),
+                self.wake.clone(),
+            ))
+        };
         probers.insert(
             key.to_string(),
             Prober {
@@ -273,29 +262,27 @@ mod tests {
     #[test]
     fn thresholds_decide_and_single_blips_do_not_flap() {
         let mut h = Hysteresis::new(3, 2);
-        assert_eq!(
-            h.observe(true),
-            None,
-            "one success is not enough from unknown"
-        );
-        assert_eq!(h.observe(true), Some(true));
-        assert_eq!(h.observe(false), None);
-        assert_eq!(
-            h.observe(true),
-            None,
-            "a single failure between successes changes nothing"
-        );
-        assert_eq!(h.observe(false), None);
-        assert_eq!(h.observe(false), None);
-        assert_eq!(h.observe(false), Some(false), "three in a row");
-        assert_eq!(h.observe(true), None);
-        assert_eq!(
-            h.observe(false),
-            None,
-            "a single success does not bring it back"
-        );
-        assert_eq!(h.observe(true), None);
-        assert_eq!(h.observe(true), Some(true));
+        // (probe result, verdict change expected, why)
+        let steps = [
+            (true, None, "one success is not enough from unknown"),
+            (true, Some(true), "two in a row"),
+            (false, None, ""),
+            (
+                true,
+                None,
+                "a single failure between successes changes nothing",
+            ),
+            (false, None, ""),
+            (false, None, ""),
+            (false, Some(false), "three in a row"),
+            (true, None, ""),
+            (false, None, "a single success does not bring it back"),
+            (true, None, ""),
+            (true, Some(true), ""),
+        ];
+        for (i, (ok, verdict, why)) in steps.into_iter().enumerate() {
+            assert_eq!(h.observe(ok), verdict, "step {i}: {why}");
+        }
         assert_eq!(h.healthy, Some(true));
     }
 

@@ -318,7 +318,32 @@ impl Operator {
             .and_then(|v| v.trim().parse().ok())
             .unwrap_or(0)
     }
+
+    /// Pokes the BackupMx `name` (an annotation) and waits until a reconcile pass that started
+    /// after the poke has finished, so whatever that pass writes is written.
+    pub async fn another_pass(&self, cluster: &Cluster, ns: &str, name: &str) {
+        let passes = self.reconciles(ns, name).await;
+        cluster.kubectl_ok(&["-n", ns, "annotate", &format!("bmx/{name}"), "test/poke=1"]);
+        eventually(
+            "another reconcile pass",
+            Duration::from_secs(30),
+            || async { (self.finished_reconciles(ns, name).await > passes).then_some(()) },
+        )
+        .await;
+    }
 }
+
+/// The objects the operator makes for a BackupMx named `example` (the chart tests' and the
+/// reconcile tests' fixture), as kubectl names them.
+pub const EXAMPLE_OBJECTS: [&str; 7] = [
+    "statefulset/example",
+    "service/example-smtp",
+    "service/example-pods",
+    "configmap/example-config",
+    "secret/example-admin-token",
+    "poddisruptionbudgets.v1beta1.policy/example",
+    "networkpolicy/example-mx-pod",
+];
 
 impl Drop for Operator {
     fn drop(&mut self) {

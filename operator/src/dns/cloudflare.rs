@@ -13,7 +13,7 @@
 //! by their unquoted text, and TXT content is written in presentation form ([`txt::presentation`]:
 //! quoted character-strings of at most 255 bytes). A TTL of 1 means "automatic" at Cloudflare and is read as 300.
 
-use std::{collections::HashMap, sync::Mutex, time::Duration};
+use std::{collections::HashMap, sync::Mutex};
 
 use mx_pod::trust::Trust;
 use reqwest::{Method, Url};
@@ -21,7 +21,8 @@ use serde::{Deserialize, de::DeserializeOwned};
 use serde_json::{Value, json};
 
 use super::{
-    Changes, DnsError, DnsErrorKind, DnsProvider, RData, Record, RecordType, normalize_name, txt,
+    Changes, DnsError, DnsErrorKind, DnsProvider, RData, Record, RecordType, http, normalize_name,
+    txt,
 };
 
 const NAME: &str = "cloudflare";
@@ -112,11 +113,7 @@ impl Cloudflare {
         trust: &Trust,
     ) -> Self {
         Self {
-            http: trust
-                .https()
-                .timeout(Duration::from_secs(15))
-                .build()
-                .expect("reqwest client builds"),
+            http: http::client(trust),
             base: api_base
                 .unwrap_or(DEFAULT_API_BASE)
                 .trim_end_matches('/')
@@ -128,17 +125,8 @@ impl Cloudflare {
     }
 
     fn url(&self, path: &str, query: &[(&str, &str)]) -> Result<Url, DnsError> {
-        let mut url = Url::parse(&format!("{}{path}", self.base)).map_err(|e| {
-            DnsError::new(
-                NAME,
-                DnsErrorKind::Protocol,
-                format!("invalid API URL {}{path}: {e}", self.base),
-            )
-        })?;
-        if !query.is_empty() {
-            url.query_pairs_mut().extend_pairs(query);
-        }
-        Ok(url)
+        let url = format!("{}{path}", self.base);
+        http::url(NAME, &url, query, || format!("invalid API URL {url}"))
     }
 
     /// One API call: the `result` (and `result_info`) of a successful answer, else the error.
@@ -153,16 +141,11 @@ impl Cloudflare {
         if let Some(body) = body {
             req = req.json(body);
         }
-        let resp = req
-            .send()
-            .await
-            .map_err(|e| DnsError::transport(NAME, what, e))?;
-        let status = resp.status().as_u16();
-        let retry = header(&resp, "retry-after");
-        let text = resp
-            .text()
-            .await
-            .map_err(|e| DnsError::transport(NAME, what, e))?;
+        let http::Answer {
+            status,
+            retry_after: retry,
+            text,
+        } = http::exchange(NAME, req, what).await?;
         let st: Option<Status> = serde_json::from_str(&text).ok();
         match st {
             None if (200..300).contains(&status) => {
@@ -258,10 +241,6 @@ impl Cloudflare {
         }
         Ok(out)
     }
-}
-
-fn header(resp: &reqwest::Response, name: &str) -> Option<String> {
-    resp.headers().get(name)?.to_str().ok().map(str::to_string)
 }
 
 /// A failed call: the HTTP status decides the kind, Cloudflare's error codes refine it, and its

@@ -1,7 +1,11 @@
 //! Unit tests of [`super`] (the cloudflare provider), kept out of the provider's file.
 
 use super::*;
-use std::sync::Arc;
+use crate::dns::test_fixtures::{
+    add_backup_mx_error, apex_error, assert_refused, assert_unknown_issuer, closed_port, mx,
+    trusting, unknown_issuer_leaf,
+};
+use std::{sync::Arc, time::Duration};
 
 use axum::{
     Json, Router,
@@ -257,11 +261,6 @@ impl Api {
     }
 }
 
-/// The trust of a client that knows `ca` (the Mozilla roots and it, as `spec.caBundle`).
-fn trusting(ca: &TestCa) -> Trust {
-    Trust::with_pem(ca.pem().as_bytes(), "test CA").unwrap()
-}
-
 /// A fake holding example.com's primary MX, an SPF record stored bare and one stored quoted,
 /// and an automatic-TTL A record, served over HTTPS with a certificate from a test CA; and
 /// where to reach it, trusting that CA.
@@ -316,10 +315,6 @@ async fn serve_with(leaf: &Leaf) -> (Shared, String) {
         .with_state(shared.clone());
     let https = testkit::serve_https(app, leaf).await;
     (shared, format!("{}/client/v4", https.url))
-}
-
-fn mx(name: &str, prio: u16, host: &str, ttl: u32) -> Record {
-    Record::new(name, ttl, RData::Mx(prio, host.into()))
 }
 
 fn txt(name: &str, text: &str) -> Record {
@@ -481,7 +476,7 @@ async fn reads_every_page() {
 async fn wrong_token_is_auth() {
     let (_fake, api) = serve().await;
     let cf = api.client("wrong", None);
-    let e = cf.records("example.com", "example.com").await.unwrap_err();
+    let e = apex_error(&cf).await;
     assert_eq!(e.kind, DnsErrorKind::Auth);
     assert!(e.message.contains("Authentication error"), "{e}");
     assert!(e.message.contains("HTTP 401"), "{e}");
@@ -491,17 +486,7 @@ async fn wrong_token_is_auth() {
 async fn rate_limit_carries_retry_after() {
     let (fake, api) = serve().await;
     fake.lock().unwrap().rate_limited = true;
-    let cf = api.client(TOKEN, Some(ZONE_ID));
-    let e = cf
-        .apply(
-            "example.com",
-            &Changes {
-                add: vec![mx("example.com", 20, "mx2.example.com", 300)],
-                remove: vec![],
-            },
-        )
-        .await
-        .unwrap_err();
+    let e = add_backup_mx_error(&api.client(TOKEN, Some(ZONE_ID))).await;
     assert_eq!(
         e.kind,
         DnsErrorKind::RateLimited(Some(Duration::from_secs(7)))
@@ -522,7 +507,7 @@ async fn unknown_zone_is_zone_not_found() {
 
     // a configured id the API does not know: code 7003
     let cf = api.client(TOKEN, Some("0000"));
-    let e = cf.records("example.com", "example.com").await.unwrap_err();
+    let e = apex_error(&cf).await;
     assert_eq!(e.kind, DnsErrorKind::ZoneNotFound);
     assert!(e.message.contains("Could not route"), "{e}");
 }
@@ -572,34 +557,23 @@ fn maps_errors() {
 
 #[tokio::test]
 async fn unreachable_api() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    drop(listener);
+    let addr = closed_port().await;
     let cf = Cloudflare::new(
         Some(&format!("https://{addr}/client/v4")),
         TOKEN,
         None,
         &Trust::webpki(),
     );
-    let e = cf.records("example.com", "example.com").await.unwrap_err();
-    assert_eq!(e.kind, DnsErrorKind::Unreachable);
-    assert!(e.message.contains("Connection refused"), "{e}");
+    assert_refused(&apex_error(&cf).await);
 }
 
 #[tokio::test]
 async fn a_certificate_from_an_unknown_ca_is_a_tls_error() {
-    let known = TestCa::new("the CA in spec.caBundle");
-    let unknown = TestCa::new("another CA");
-    let (fake, base) = serve_with(&unknown.issue(&["127.0.0.1", "localhost"])).await;
+    let (leaf, known) = unknown_issuer_leaf();
+    let (fake, base) = serve_with(&leaf).await;
     let cf = Cloudflare::new(Some(&base), TOKEN, None, &trusting(&known));
-    let e = cf.records("example.com", "example.com").await.unwrap_err();
-    assert_eq!(e.kind, DnsErrorKind::Tls, "{e}");
-    assert_eq!(e.kind.reason(), "ProviderTlsFailed");
-    assert!(
-        e.message
-            .contains("invalid peer certificate: UnknownIssuer"),
-        "{e}"
-    );
+    let e = apex_error(&cf).await;
+    assert_unknown_issuer(&e);
     assert!(e.message.contains("GET zones?name=example.com"), "{e}");
     assert_eq!(
         fake.lock().unwrap().zone_lookups,
@@ -613,7 +587,7 @@ async fn a_certificate_for_another_name_is_a_tls_error() {
     let ca = TestCa::new("cloudflare fake CA");
     let (fake, base) = serve_with(&ca.issue(&["api.cloudflare.test"])).await;
     let cf = Cloudflare::new(Some(&base), TOKEN, None, &trusting(&ca));
-    let e = cf.records("example.com", "example.com").await.unwrap_err();
+    let e = apex_error(&cf).await;
     assert_eq!(e.kind, DnsErrorKind::Tls, "{e}");
     assert!(
         e.message

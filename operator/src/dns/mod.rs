@@ -31,12 +31,15 @@
 //! are ours either way, so the crate would only replace the four thin clients.
 
 pub mod cloudflare;
+mod http;
 pub mod inmemory;
 pub mod ownership;
 pub mod plan;
 pub mod powerdns;
 pub mod rfc2136;
 pub mod route53;
+#[cfg(test)]
+mod test_fixtures;
 pub mod txt;
 pub mod verify;
 

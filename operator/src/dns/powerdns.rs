@@ -14,7 +14,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::{
-    Changes, DnsError, DnsErrorKind, DnsProvider, RData, Record, RecordType, normalize_name,
+    Changes, DnsError, DnsErrorKind, DnsProvider, RData, Record, RecordType, http, normalize_name,
 };
 
 const NAME: &str = "powerdns";
@@ -55,11 +55,7 @@ impl PowerDns {
     /// `trust` (the BackupMx's: the Mozilla roots and `spec.caBundle`).
     pub fn new(url: &str, server_id: &str, api_key: &str, trust: &Trust) -> Self {
         Self {
-            http: trust
-                .https()
-                .timeout(std::time::Duration::from_secs(15))
-                .build()
-                .expect("reqwest client builds"),
+            http: http::client(trust),
             base: url.trim_end_matches('/').to_string(),
             server_id: server_id.to_string(),
             api_key: api_key.to_string(),
@@ -85,7 +81,7 @@ impl PowerDns {
             .await
             .map_err(|e| DnsError::transport(NAME, &format!("GET {url}"), e))?;
         let status = resp.status().as_u16();
-        let retry = header(&resp, "retry-after");
+        let retry = http::header(&resp, "retry-after");
         let body = resp.text().await.unwrap_or_default();
         if status == 422 && body.contains("Could not find domain") {
             return Err(DnsError::new(
@@ -119,10 +115,6 @@ impl PowerDns {
         }
         Ok(out)
     }
-}
-
-fn header(resp: &reqwest::Response, name: &str) -> Option<String> {
-    resp.headers().get(name)?.to_str().ok().map(str::to_string)
 }
 
 #[async_trait::async_trait]
@@ -204,7 +196,7 @@ impl DnsProvider for PowerDns {
         if (200..300).contains(&status) {
             return Ok(());
         }
-        let retry = header(&resp, "retry-after");
+        let retry = http::header(&resp, "retry-after");
         let body = resp.text().await.unwrap_or_default();
         Err(DnsError::from_http(
             NAME,

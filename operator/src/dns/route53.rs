@@ -24,7 +24,7 @@ use mx_pod::trust::Trust;
 use reqwest::{Method, Url};
 
 use super::{
-    Changes, DnsError, DnsErrorKind, DnsProvider, RData, Record, RecordType, normalize_name,
+    Changes, DnsError, DnsErrorKind, DnsProvider, RData, Record, RecordType, http, normalize_name,
 };
 
 const NAME: &str = "route53";
@@ -171,11 +171,7 @@ impl Route53 {
     ) -> Self {
         let region = region.trim();
         Self {
-            http: trust
-                .https()
-                .timeout(Duration::from_secs(15))
-                .build()
-                .expect("reqwest client builds"),
+            http: http::client(trust),
             endpoint: endpoint
                 .unwrap_or(DEFAULT_ENDPOINT)
                 .trim_end_matches('/')
@@ -200,21 +196,13 @@ impl Route53 {
     }
 
     fn url(&self, path: &str, query: &[(&str, &str)]) -> Result<Url, DnsError> {
-        let mut url = Url::parse(&format!(
+        let url = format!(
             "{}/2013-04-01/hostedzone/{}{path}",
             self.endpoint, self.zone_id
-        ))
-        .map_err(|e| {
-            DnsError::new(
-                NAME,
-                DnsErrorKind::Protocol,
-                format!("invalid endpoint {}: {e}", self.endpoint),
-            )
-        })?;
-        if !query.is_empty() {
-            url.query_pairs_mut().extend_pairs(query);
-        }
-        Ok(url)
+        );
+        http::url(NAME, &url, query, || {
+            format!("invalid endpoint {}", self.endpoint)
+        })
     }
 
     /// Sends one signed request; the body of a successful answer.
@@ -247,24 +235,16 @@ impl Route53 {
         if post {
             req = req.header("content-type", "application/xml").body(body);
         }
-        let resp = req
-            .send()
-            .await
-            .map_err(|e| DnsError::transport(NAME, what, e))?;
-        let status = resp.status().as_u16();
-        let retry = resp
-            .headers()
-            .get("retry-after")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
-        let text = resp
-            .text()
-            .await
-            .map_err(|e| DnsError::transport(NAME, what, e))?;
-        if (200..300).contains(&status) {
-            Ok(text)
+        let answer = http::exchange(NAME, req, what).await?;
+        if (200..300).contains(&answer.status) {
+            Ok(answer.text)
         } else {
-            Err(api_error(status, retry.as_deref(), &text, what))
+            Err(api_error(
+                answer.status,
+                answer.retry_after.as_deref(),
+                &answer.text,
+                what,
+            ))
         }
     }
 

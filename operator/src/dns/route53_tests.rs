@@ -1,6 +1,10 @@
 //! Unit tests of [`super`] (the route53 provider), kept out of the provider's file.
 
 use super::*;
+use crate::dns::test_fixtures::{
+    add_backup_mx_error, apex_error, assert_refused, assert_unknown_issuer, closed_port, mx,
+    trusting, unknown_issuer_leaf,
+};
 use std::{
     sync::{Arc, Mutex},
     time::UNIX_EPOCH,
@@ -501,11 +505,6 @@ struct Endpoint {
     trust: Trust,
 }
 
-/// The trust of a client that knows `ca` (the Mozilla roots and it, as `spec.caBundle`).
-fn trusting(ca: &TestCa) -> Trust {
-    Trust::with_pem(ca.pem().as_bytes(), "test CA").unwrap()
-}
-
 /// A fake holding example.com's primary MX and SPF, a wildcard, and more names after it,
 /// served over HTTPS with a certificate from a test CA; and where to reach it, trusting
 /// that CA.
@@ -558,10 +557,6 @@ fn client(endpoint: &Endpoint, secret: &str, token: Option<&str>) -> Route53 {
         token,
         &endpoint.trust,
     )
-}
-
-fn mx(name: &str, prio: u16, host: &str, ttl: u32) -> Record {
-    Record::new(name, ttl, RData::Mx(prio, host.into()))
 }
 
 fn txt(name: &str, text: &str, ttl: u32) -> Record {
@@ -666,18 +661,14 @@ async fn add_read_remove_keeps_the_primary() {
 #[tokio::test]
 async fn bad_secret_is_auth() {
     let (_fake, endpoint) = serve(None).await;
-    let r53 = client(&endpoint, "not-the-secret", None);
-    let e = r53.records("example.com", "example.com").await.unwrap_err();
+    let e = apex_error(&client(&endpoint, "not-the-secret", None)).await;
     assert_eq!(e.kind, DnsErrorKind::Auth);
     assert!(e.message.contains("SignatureDoesNotMatch"), "{e}");
     assert!(e.message.contains("HTTP 403"), "{e}");
 
     // a session token is expected but not sent
     let (_fake, endpoint) = serve(Some(TOKEN)).await;
-    let e = client(&endpoint, SECRET, None)
-        .records("example.com", "example.com")
-        .await
-        .unwrap_err();
+    let e = apex_error(&client(&endpoint, SECRET, None)).await;
     assert_eq!(e.kind, DnsErrorKind::Auth);
     assert!(e.message.contains("InvalidClientTokenId"), "{e}");
 }
@@ -686,10 +677,7 @@ async fn bad_secret_is_auth() {
 async fn throttling_is_rate_limited() {
     let (fake, endpoint) = serve(None).await;
     fake.lock().unwrap().throttle = true;
-    let e = client(&endpoint, SECRET, None)
-        .records("example.com", "example.com")
-        .await
-        .unwrap_err();
+    let e = apex_error(&client(&endpoint, SECRET, None)).await;
     assert_eq!(e.kind, DnsErrorKind::RateLimited(None));
     assert!(e.message.contains("Rate exceeded"), "{e}");
 }
@@ -706,7 +694,7 @@ async fn unknown_zone_is_zone_not_found() {
         None,
         &endpoint.trust,
     );
-    let e = r53.records("example.com", "example.com").await.unwrap_err();
+    let e = apex_error(&r53).await;
     assert_eq!(e.kind, DnsErrorKind::ZoneNotFound);
     assert!(
         e.message.contains("No hosted zone found with ID: ZNOPE"),
@@ -719,17 +707,7 @@ async fn refused_batch_is_rejected_with_the_message() {
     let (fake, endpoint) = serve(None).await;
     fake.lock().unwrap().reject =
         Some("RRSet of type CNAME with DNS name mx2.example.com. is not permitted".into());
-    let r53 = client(&endpoint, SECRET, None);
-    let e = r53
-        .apply(
-            "example.com",
-            &Changes {
-                add: vec![mx("example.com", 20, "mx2.example.com", 300)],
-                remove: vec![],
-            },
-        )
-        .await
-        .unwrap_err();
+    let e = add_backup_mx_error(&client(&endpoint, SECRET, None)).await;
     assert_eq!(e.kind, DnsErrorKind::Rejected);
     assert!(
         e.message
@@ -769,47 +747,24 @@ async fn alias_sets_are_not_touched() {
 
 #[tokio::test]
 async fn unreachable_endpoint() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    drop(listener);
+    let addr = closed_port().await;
     let endpoint = Endpoint {
         url: format!("https://{addr}"),
         trust: Trust::webpki(),
     };
-    let e = client(&endpoint, SECRET, None)
-        .records("example.com", "example.com")
-        .await
-        .unwrap_err();
-    assert_eq!(e.kind, DnsErrorKind::Unreachable);
-    assert!(e.message.contains("Connection refused"), "{e}");
+    assert_refused(&apex_error(&client(&endpoint, SECRET, None)).await);
 }
 
 #[tokio::test]
 async fn a_certificate_from_an_unknown_ca_is_a_tls_error() {
-    let known = TestCa::new("the CA in spec.caBundle");
-    let unknown = TestCa::new("another CA");
-    let (fake, url) = serve_with(None, &unknown.issue(&["127.0.0.1", "localhost"])).await;
+    let (leaf, known) = unknown_issuer_leaf();
+    let (fake, url) = serve_with(None, &leaf).await;
     let endpoint = Endpoint {
         url,
         trust: trusting(&known),
     };
-    let e = client(&endpoint, SECRET, None)
-        .apply(
-            "example.com",
-            &Changes {
-                add: vec![mx("example.com", 20, "mx2.example.com", 300)],
-                remove: vec![],
-            },
-        )
-        .await
-        .unwrap_err();
-    assert_eq!(e.kind, DnsErrorKind::Tls, "{e}");
-    assert_eq!(e.kind.reason(), "ProviderTlsFailed");
-    assert!(
-        e.message
-            .contains("invalid peer certificate: UnknownIssuer"),
-        "{e}"
-    );
+    let e = add_backup_mx_error(&client(&endpoint, SECRET, None)).await;
+    assert_unknown_issuer(&e);
     assert!(e.message.contains("GET rrset?name=example.com."), "{e}");
     let f = fake.lock().unwrap();
     assert_eq!(
@@ -858,6 +813,33 @@ fn parses_errors() {
     );
 }
 
+fn batch_change(
+    action: &'static str,
+    name: &str,
+    rtype: RecordType,
+    ttl: u32,
+    values: &[&str],
+) -> Change {
+    Change {
+        action,
+        name: name.into(),
+        rtype,
+        ttl,
+        values: values.iter().map(|v| v.to_string()).collect(),
+    }
+}
+
+/// The apex's MX RRset upserted with the primary's and the backup's MX.
+fn both_mx() -> Change {
+    batch_change(
+        "UPSERT",
+        "example.com",
+        RecordType::Mx,
+        3600,
+        &["10 mx1.example.com.", "20 mx2.example.com."],
+    )
+}
+
 #[test]
 fn plans_upserts_and_exact_deletes() {
     let current = vec![
@@ -884,20 +866,14 @@ fn plans_upserts_and_exact_deletes() {
     assert_eq!(
         plan_changes(&current, &changes).unwrap(),
         vec![
-            Change {
-                action: "DELETE",
-                name: "_backupmx.example.com".into(),
-                rtype: RecordType::Txt,
-                ttl: 600,
-                values: vec!["\"heritage=\" \"backupmx\"".into()],
-            },
-            Change {
-                action: "UPSERT",
-                name: "example.com".into(),
-                rtype: RecordType::Mx,
-                ttl: 3600,
-                values: vec!["10 mx1.example.com.".into(), "20 mx2.example.com.".into()],
-            },
+            batch_change(
+                "DELETE",
+                "_backupmx.example.com",
+                RecordType::Txt,
+                600,
+                &["\"heritage=\" \"backupmx\""]
+            ),
+            both_mx(),
         ]
     );
     let xml = change_batch_xml(&plan_changes(&current, &changes).unwrap());
@@ -913,20 +889,14 @@ fn plans_upserts_and_exact_deletes() {
 #[test]
 fn change_batch_is_the_documented_xml_with_text_escaped() {
     let xml = change_batch_xml(&[
-        Change {
-            action: "UPSERT",
-            name: "example.com".into(),
-            rtype: RecordType::Mx,
-            ttl: 3600,
-            values: vec!["10 mx1.example.com.".into(), "20 mx2.example.com.".into()],
-        },
-        Change {
-            action: "DELETE",
-            name: "_backupmx.example.com".into(),
-            rtype: RecordType::Txt,
-            ttl: 300,
-            values: vec![RData::Txt("a<b & \"c\" 'd'>".into()).presentation()],
-        },
+        both_mx(),
+        batch_change(
+            "DELETE",
+            "_backupmx.example.com",
+            RecordType::Txt,
+            300,
+            &[&RData::Txt("a<b & \"c\" 'd'>".into()).presentation()],
+        ),
     ]);
     assert_eq!(
         xml,

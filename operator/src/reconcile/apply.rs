@@ -33,7 +33,7 @@ use k8s_openapi::api::{
 };
 use kube::{
     Api, ResourceExt,
-    api::{DeleteParams, DynamicObject, ListParams, Patch, PatchParams, Preconditions},
+    api::{DeleteParams, DynamicObject, Patch, PatchParams, Preconditions},
     runtime::controller::Action,
 };
 use tracing::{debug, info};
@@ -55,7 +55,6 @@ use crate::{
         config::{config_hash, configmap, mxpod_config},
         network::{headless_service, network_policy, smtp_service},
         secret::{new_token, secret, token_of},
-        selector_string,
         workload::{apply_body, pdb, statefulset},
     },
     validate::{ValidSpec, validate},
@@ -212,12 +211,7 @@ async fn objects(
 async fn pods(bmx: &BackupMx, ctx: &Context, objects: &Objects) -> Result<Pods> {
     let ns = bmx.namespace().ok_or(Error::NoNamespace)?;
     let statefulset = Names::of(bmx).statefulset;
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
-    let pods = pods
-        .list(&ListParams::default().labels(&selector_string(bmx)))
-        .await
-        .map_err(Error::kube("list mx-pods"))?
-        .items;
+    let pods = super::mx_pods(bmx, ctx, &ns).await?;
     let queues = ctx.pods.queues(&pods, Some(&objects.token)).await;
     let sts_api: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), &ns);
     let current_replicas = sts_api

@@ -15,10 +15,9 @@
 //! Volume claims are never deleted: they are not owned by the BackupMx. With
 //! `deletionPolicy: Orphan` deletion does not wait, and mail still queued stays on those volumes.
 
-use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::api::core::v1::Secret;
 use kube::{
     Api, ResourceExt,
-    api::ListParams,
     runtime::{controller::Action, events::EventType},
 };
 use tracing::{info, warn};
@@ -28,7 +27,7 @@ use crate::{
     crd::{BackupMx, DeletionPolicy},
     error::{Error, Result},
     pod_admin::pod_ip,
-    render::{Names, secret::token_of, selector_string},
+    render::{Names, secret::token_of},
 };
 
 /// Cleans up before `bmx` is deleted; an `Err(WaitingForDelivery)` keeps the finalizer.
@@ -87,12 +86,7 @@ pub async fn cleanup(bmx: &BackupMx, ctx: &Context) -> Result<Action> {
         return finish(bmx, ctx).await;
     }
 
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
-    let pods = pods
-        .list(&ListParams::default().labels(&selector_string(bmx)))
-        .await
-        .map_err(Error::kube("list mx-pods"))?
-        .items;
+    let pods = super::mx_pods(bmx, ctx, &ns).await?;
     let token = if pods.is_empty() {
         None
     } else {

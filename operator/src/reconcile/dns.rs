@@ -396,20 +396,6 @@ pub async fn sync(
                 Some(e.kind.retry_after()),
             ));
         }
-        let added: Vec<String> = p
-            .changes
-            .add
-            .iter()
-            .filter(|r| r.record_type() != RecordType::Txt)
-            .map(|r| r.to_string())
-            .collect();
-        let removed: Vec<String> = p
-            .changes
-            .remove
-            .iter()
-            .filter(|r| r.record_type() != RecordType::Txt)
-            .map(|r| r.to_string())
-            .collect();
         let reason = if owned_before
             && previous
                 .map(|x| x.synced_for.as_deref() == Some(synced_for.as_str()))
@@ -421,7 +407,11 @@ pub async fn sync(
         };
         events.push(Note::normal(
             reason,
-            format!("added: {}; removed: {}", list(&added), list(&removed)),
+            format!(
+                "added: {}; removed: {}",
+                list_but_txt(&p.changes.add),
+                list_but_txt(&p.changes.remove)
+            ),
         ));
     }
     for w in &p.warnings {
@@ -441,45 +431,38 @@ pub async fn sync(
             })
             .collect()
     };
-    let (verified, condition) = match servers {
-        Ok(servers) => match verify::missing(&servers, &p.published).await {
-            Ok(m) if m.is_empty() => (
-                true,
-                status::condition(
-                    bmx,
-                    DNS_READY,
-                    ConditionStatus::True,
-                    "Published",
-                    format!(
-                        "{} record(s) published and answered by the authoritative servers",
-                        p.published.len()
-                    ),
+    // no servers to ask, or asking them failed: both are a failed verification
+    let missing = match servers {
+        Ok(servers) => verify::missing(&servers, &p.published).await,
+        Err(e) => Err(e),
+    };
+    let (verified, condition) = match missing {
+        Ok(m) if m.is_empty() => (
+            true,
+            status::condition(
+                bmx,
+                DNS_READY,
+                ConditionStatus::True,
+                "Published",
+                format!(
+                    "{} record(s) published and answered by the authoritative servers",
+                    p.published.len()
                 ),
             ),
-            Ok(m) => (
-                false,
-                status::condition(
-                    bmx,
-                    DNS_READY,
-                    ConditionStatus::False,
-                    "Propagating",
-                    format!(
-                        "not yet answered by the authoritative servers: {}",
-                        list(&m.iter().map(|r| r.to_string()).collect::<Vec<_>>())
-                    ),
+        ),
+        Ok(m) => (
+            false,
+            status::condition(
+                bmx,
+                DNS_READY,
+                ConditionStatus::False,
+                "Propagating",
+                format!(
+                    "not yet answered by the authoritative servers: {}",
+                    list(&m.iter().map(|r| r.to_string()).collect::<Vec<_>>())
                 ),
             ),
-            Err(e) => (
-                false,
-                status::condition(
-                    bmx,
-                    DNS_READY,
-                    ConditionStatus::False,
-                    "VerificationFailed",
-                    e,
-                ),
-            ),
-        },
+        ),
         Err(e) => (
             false,
             status::condition(
@@ -511,6 +494,17 @@ fn list(v: &[String]) -> String {
     } else {
         v.join(", ")
     }
+}
+
+/// The records of a change as its event lists them: without the ownership TXT records, which
+/// only mirror the others.
+fn list_but_txt(records: &[Record]) -> String {
+    let shown: Vec<String> = records
+        .iter()
+        .filter(|r| r.record_type() != RecordType::Txt)
+        .map(|r| r.to_string())
+        .collect();
+    list(&shown)
 }
 
 /// The event reason for a condition reason: one of the known ones, `DNSError` for any other.

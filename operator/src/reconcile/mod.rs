@@ -38,7 +38,7 @@ use k8s_openapi::api::{
 };
 use kube::{
     Api, Client, Resource, ResourceExt,
-    api::{Patch, PatchParams},
+    api::{ListParams, Patch, PatchParams},
     runtime::{
         Controller,
         controller::Action,
@@ -57,7 +57,7 @@ use crate::{
     error::{Error, ErrorKind, Result},
     metrics::Metrics,
     pod_admin::PodAdmin,
-    render::FIELD_MANAGER,
+    render::{FIELD_MANAGER, selector_string},
 };
 
 /// Finalizer the operator puts on every BackupMx.
@@ -218,6 +218,17 @@ pub async fn write_status(bmx: &BackupMx, status: BackupMxStatus, ctx: &Context)
     .await
     .map_err(Error::kube("patch BackupMx status"))?;
     Ok(())
+}
+
+/// The mx-pods of `bmx` in `ns` (by the labels its StatefulSet gives them): what the pods
+/// step reads their queues from, and what deletion waits on.
+pub async fn mx_pods(bmx: &BackupMx, ctx: &Context, ns: &str) -> Result<Vec<Pod>> {
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+    Ok(pods
+        .list(&ListParams::default().labels(&selector_string(bmx)))
+        .await
+        .map_err(Error::kube("list mx-pods"))?
+        .items)
 }
 
 /// Publishes an event about `bmx`; a failure to publish is logged, never fatal.

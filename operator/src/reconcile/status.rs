@@ -278,7 +278,9 @@ pub fn applied(bmx: &BackupMx, seen: &Observed) -> BackupMxStatus {
                     r.decision.message.clone(),
                 ),
             );
-            if !r.draining.is_empty() {
+            // Draining: True while pods drain, False once they are done (written only when it
+            // was there before)
+            let draining = if !r.draining.is_empty() {
                 let left: Vec<String> = r
                     .draining
                     .iter()
@@ -289,32 +291,29 @@ pub fn applied(bmx: &BackupMx, seen: &Observed) -> BackupMxStatus {
                         )
                     })
                     .collect();
-                set_condition(
-                    &mut conditions,
-                    &previous,
-                    condition(
-                        bmx,
-                        DRAINING,
-                        ConditionStatus::True,
-                        "ScaleDown",
-                        format!(
-                            "draining before the scale-down to {} pod(s); messages left: {}",
-                            bmx.spec.replicas,
-                            left.join(", ")
-                        ),
+                Some((
+                    ConditionStatus::True,
+                    "ScaleDown",
+                    format!(
+                        "draining before the scale-down to {} pod(s); messages left: {}",
+                        bmx.spec.replicas,
+                        left.join(", ")
                     ),
-                );
+                ))
             } else if previous.iter().any(|c| c.type_ == DRAINING) {
+                Some((
+                    ConditionStatus::False,
+                    "Idle",
+                    "no pod is draining".to_string(),
+                ))
+            } else {
+                None
+            };
+            if let Some((status, reason, message)) = draining {
                 set_condition(
                     &mut conditions,
                     &previous,
-                    condition(
-                        bmx,
-                        DRAINING,
-                        ConditionStatus::False,
-                        "Idle",
-                        "no pod is draining",
-                    ),
+                    condition(bmx, DRAINING, status, reason, message),
                 );
             }
             (

@@ -18,7 +18,7 @@ use std::{
 };
 
 use backupmx_tests::{
-    kube::{Operator, cluster, condition, eventually, start_operator_as, text},
+    kube::{EXAMPLE_OBJECTS, Operator, cluster, condition, eventually, start_operator_as, text},
     repo,
 };
 use serde_json::{Value, json};
@@ -1326,15 +1326,7 @@ async fn assert_reconciled_fully(operator: &Operator, rel: &str, mail: &str) {
     assert_eq!(bmx["metadata"]["finalizers"][0], "backupmx.io/cleanup");
     let (_, reason, _) = condition(&bmx, "Ready").expect("Ready condition written");
     assert_eq!(reason, "PodsNotReady", "no kubelet here: pods stay pending");
-    for what in [
-        "statefulset/example",
-        "service/example-smtp",
-        "service/example-pods",
-        "configmap/example-config",
-        "secret/example-admin-token",
-        "poddisruptionbudgets.v1beta1.policy/example",
-        "networkpolicy/example-mx-pod",
-    ] {
+    for what in EXAMPLE_OBJECTS {
         let obj = get_json(mail, what)
             .unwrap_or_else(|| panic!("{what} was not made:\n{}", operator.log_text()));
         assert_eq!(

@@ -194,15 +194,8 @@ async fn network_policy_fences_the_admin_port_follows_the_spec_and_goes_when_dis
     let file = dir.path().join("theirs.json");
     std::fs::write(&file, theirs.to_string()).unwrap();
     cluster.kubectl_ok(&["-n", &ns, "apply", "-f", &file.to_string_lossy()]);
-    let passes = operator.reconciles(&ns, "example").await;
-    cluster.kubectl_ok(&["-n", &ns, "annotate", "bmx/example", "test/poke=1"]);
     // a pass that started after the policy was made, and has finished
-    eventually(
-        "another reconcile pass",
-        Duration::from_secs(30),
-        || async { (operator.finished_reconciles(&ns, "example").await > passes).then_some(()) },
-    )
-    .await;
+    operator.another_pass(cluster, &ns, "example").await;
     let kept = cluster.get(&ns, POLICY).expect("their policy kept");
     assert!(kept["metadata"]["ownerReferences"].is_null(), "{kept}");
     assert_eq!(kept["spec"]["podSelector"], json!({}));

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use backupmx_tests::{
-    kube::{Operator, cluster, condition, eventually, resource_versions},
+    kube::{EXAMPLE_OBJECTS, Operator, cluster, condition, eventually, resource_versions},
     repo,
 };
 use serde_json::{Value, json};
@@ -166,16 +166,7 @@ async fn example_becomes_owned_objects_and_a_second_pass_changes_nothing() {
     assert_eq!(reconcile_line["span"]["name"], "reconcile");
 
     // idempotence: another pass (an annotation triggers one) changes no resourceVersion
-    let objects = [
-        "statefulset/example",
-        "service/example-smtp",
-        "service/example-pods",
-        "configmap/example-config",
-        "secret/example-admin-token",
-        "poddisruptionbudgets.v1beta1.policy/example",
-        "networkpolicy/example-mx-pod",
-        "bmx/example",
-    ];
+    let objects: Vec<&str> = EXAMPLE_OBJECTS.into_iter().chain(["bmx/example"]).collect();
     // the StatefulSet controller writes the StatefulSet's status once it has made the pods
     eventually(
         "the StatefulSet controller to settle",
@@ -189,15 +180,7 @@ async fn example_becomes_owned_objects_and_a_second_pass_changes_nothing() {
     )
     .await;
     let before = resource_versions(cluster, &ns, &objects);
-    let passes = operator.reconciles(&ns, "example").await;
-    cluster.kubectl_ok(&["-n", &ns, "annotate", "bmx/example", "test/poke=1"]);
-    // finished, so whatever it wrote is written
-    eventually(
-        "another reconcile pass",
-        Duration::from_secs(30),
-        || async { (operator.finished_reconciles(&ns, "example").await > passes).then_some(()) },
-    )
-    .await;
+    operator.another_pass(cluster, &ns, "example").await;
     let mut after = resource_versions(cluster, &ns, &objects);
     // the annotation itself bumped the BackupMx once; compare it against that
     let annotated_rv = after.remove("bmx/example").unwrap();
