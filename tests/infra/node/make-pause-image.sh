@@ -12,7 +12,7 @@ REF=${2:-k8s.gcr.io/pause:3.2}
 HERE=$(cd "$(dirname "$0")" && pwd)
 # the docker-archive writer of images/make-image.sh
 # shellcheck source=images/archive-lib.sh
-. "$HERE/../../images/archive-lib.sh"
+. "$HERE/../../../images/archive-lib.sh"
 W=$(mktemp -d)
 trap 'rm -rf "$W"' EXIT
 R=$W/rootfs
