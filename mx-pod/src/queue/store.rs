@@ -96,10 +96,11 @@ pub enum StoreError {
 
 impl StoreError {
     fn from_io(e: &io::Error) -> Self {
-        // ENOSPC, EDQUOT, EFBIG
-        match e.raw_os_error() {
-            Some(28) | Some(122) | Some(27) => StoreError::Full(e.to_string()),
-            _ => StoreError::Io(e.to_string()),
+        // ENOSPC, EDQUOT (see `is_out_of_space`), and EFBIG: the file may not grow either
+        if is_out_of_space(e) || e.kind() == io::ErrorKind::FileTooLarge {
+            StoreError::Full(e.to_string())
+        } else {
+            StoreError::Io(e.to_string())
         }
     }
 }
@@ -1472,6 +1473,24 @@ fn create_segment(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn out_of_space_errors_are_full_and_others_are_io() {
+        // ENOSPC, EDQUOT, EFBIG: the queue is full (452); EIO, EACCES: a write failure
+        for errno in [28, 122, 27] {
+            let e = io::Error::from_raw_os_error(errno);
+            assert!(
+                matches!(StoreError::from_io(&e), StoreError::Full(_)),
+                "{e}"
+            );
+        }
+        assert!(is_out_of_space(&io::Error::from_raw_os_error(28)));
+        assert!(!is_out_of_space(&io::Error::from_raw_os_error(27)));
+        for errno in [5, 13] {
+            let e = io::Error::from_raw_os_error(errno);
+            assert!(matches!(StoreError::from_io(&e), StoreError::Io(_)), "{e}");
+        }
+    }
     use crate::queue::message::RcptStatus;
 
     fn envelope(id: u64) -> Envelope {
